@@ -1,0 +1,360 @@
+"""Typed, strict configuration: one frozen dataclass per `params.yaml` section.
+
+Defaults live here and only here. `load_params` refuses unknown keys, missing required keys and
+values of the wrong type with a `ConfigError` that names the section and key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ConfigError(ValueError):
+    """A `params.yaml` section or key is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Section `data`: which dataset, where it lives, which subset."""
+
+    name: str = "fashion_mnist"
+    root: str | None = None  # None = the dataset's default root (see pipeline.datasets)
+    max_train_samples: int | None = None  # None = all; else a class-balanced, seeded subset
+    max_test_samples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("max_train_samples", "max_test_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key}: must be null or a positive integer, got {value}")
+
+
+@dataclass(frozen=True)
+class PrepareDataConfig:
+    """Section `prepare_data`: writing the FFCV betons."""
+
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """One entry of `teacher_train.teachers`: a teacher trained with cross-entropy, or loaded."""
+
+    arch: str
+    checkpoint: str | None = None  # a given checkpoint file skips training
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the run, for `step`
+    gamma: float = 0.1  # lr factor at each milestone, for `step`
+    augment: bool = True  # pad-4 crop + flip for 32x32 data, flip only otherwise
+    seed: int = 0
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        _positive(self, "teacher_train.teachers", ("epochs", "batch_size", "lr"))
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    """Section `teacher_train`: every teacher, by name."""
+
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+
+    def teacher(self, name: str) -> TeacherConfig:
+        if name not in self.teachers:
+            raise ConfigError(
+                f"teacher_train.teachers: no teacher named {name!r}; known: {sorted(self.teachers)}"
+            )
+        return self.teachers[name]
+
+
+@dataclass(frozen=True)
+class TeacherDumpConfig:
+    """Section `teacher_dump`: the one teacher forward pass that fills the logit store."""
+
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = 1024
+    chunk_size: int = 16384  # rows of N per zarr chunk (one chunk = one unit of resume)
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        _positive(self, "teacher_dump", ("batch_size", "chunk_size"))
+
+
+@dataclass(frozen=True)
+class AdjustConfig:
+    """Section `adjust` (Knowledge Adjustment, arXiv:1911.07471 §3.1)."""
+
+    methods: tuple[Literal["ps", "lsr", "none"], ...] = ("ps", "lsr")
+    epsilon: float = 0.1  # LSR smoothing mass, in (0, 1)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.epsilon < 1.0:
+            raise ConfigError(f"adjust.epsilon: must lie in (0, 1), got {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class TemperatureConfig:
+    """Section `temperature` (Dynamic Temperature Distillation, arXiv:1911.07471 §3.2)."""
+
+    base_temperature: float = 4.0  # tau_0
+    beta: float = 1.0  # temperature change per unit of weight above/below the mean
+    gamma: float = 1.0  # FLSW exponent
+    min_temperature: float = 1.0
+    max_temperature: float = 8.0
+    histogram_bins: int = 40
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_temperature <= self.base_temperature <= self.max_temperature:
+            raise ConfigError(
+                "temperature: need 0 < min_temperature <= base_temperature <= max_temperature, got "
+                f"{self.min_temperature}, {self.base_temperature}, {self.max_temperature}"
+            )
+        _positive(self, "temperature", ("histogram_bins",))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One student experiment. Unset (null) fields fall back to `student_train` defaults."""
+
+    teacher: str | None = None
+    kd: bool = True
+    adjust: Literal["ps", "lsr", "none"] = "none"
+    dtd: Literal["off", "static", "flsw", "cwsm"] = "off"
+    arch: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    alpha: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class StudentTrainConfig:
+    """Section `student_train`: shared student settings plus the experiment matrix."""
+
+    arch: str = "cnn_tiny"
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    alpha: float = 0.9  # weight of the KD term; (1 - alpha) on cross-entropy
+    seed: int = 0
+    augment: bool = True
+    num_workers: int = 2
+    device: Device = "auto"
+    experiments: dict[str, ExperimentConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _positive(self, "student_train", ("epochs", "batch_size", "lr"))
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"student_train.alpha: must lie in [0, 1], got {self.alpha}")
+
+    def experiment(self, name: str) -> "ResolvedExperiment":
+        """The experiment `name` with every unset field filled from the shared defaults."""
+        if name not in self.experiments:
+            raise ConfigError(
+                f"student_train.experiments: no experiment named {name!r}; "
+                f"known: {sorted(self.experiments)}"
+            )
+        exp = self.experiments[name]
+        if exp.kd and exp.teacher is None:
+            raise ConfigError(f"student_train.experiments.{name}.teacher: required when kd is true")
+        if not exp.kd and (exp.adjust != "none" or exp.dtd != "off"):
+            raise ConfigError(
+                f"student_train.experiments.{name}: adjust/dtd need kd: true "
+                f"(got adjust={exp.adjust}, dtd={exp.dtd})"
+            )
+        pick = lambda key: getattr(self, key) if getattr(exp, key) is None else getattr(exp, key)  # noqa: E731
+        resolved = ResolvedExperiment(
+            name=name, teacher=exp.teacher, kd=exp.kd, adjust=exp.adjust, dtd=exp.dtd,
+            arch=pick("arch"), epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
+            alpha=pick("alpha"), seed=pick("seed"), momentum=self.momentum,
+            weight_decay=self.weight_decay, augment=self.augment, num_workers=self.num_workers,
+            device=self.device,
+        )
+        _positive(resolved, f"student_train.experiments.{name}", ("epochs", "batch_size", "lr"))
+        return resolved
+
+
+@dataclass(frozen=True)
+class ResolvedExperiment:
+    """A student experiment with shared defaults applied (what `student_train.run` receives)."""
+
+    name: str
+    teacher: str | None
+    kd: bool
+    adjust: Literal["ps", "lsr", "none"]
+    dtd: Literal["off", "static", "flsw", "cwsm"]
+    arch: str
+    epochs: int
+    batch_size: int
+    lr: float
+    alpha: float
+    seed: int
+    momentum: float
+    weight_decay: float
+    augment: bool
+    num_workers: int
+    device: Device
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Section `report`: the summary table and plots."""
+
+    baseline: str = "ce"  # experiment the Δ column is measured against
+    kd_baseline: str = "kd"
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole `params.yaml`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare_data: PrepareDataConfig = field(default_factory=PrepareDataConfig)
+    teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    teacher_dump: TeacherDumpConfig = field(default_factory=TeacherDumpConfig)
+    adjust: AdjustConfig = field(default_factory=AdjustConfig)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    student_train: StudentTrainConfig = field(default_factory=StudentTrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def _positive(obj: Any, section: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{key}: must be positive, got {value}")
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against the type `hint` and convert containers; raise ConfigError if off."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: must not be null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: must be a list, got {value!r}")
+        item_hint = args[0]
+        return tuple(_convert(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: must be a mapping, got {value!r}")
+        key_hint, item_hint = args
+        return {
+            _convert(k, key_hint, where): _convert(v, item_hint, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
+
+
+def from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, strictly (unknown/missing keys raise ConfigError)."""
+    label = where or "params.yaml"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{label}: must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(fields)})"
+        raise ConfigError(f"{label}: unknown key {key!r}{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{where}.{name}" if where else name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{label}: missing required key {name!r}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{label}: {exc}") from exc
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read and validate `params.yaml`.
+
+    Args:
+        path: the YAML file.
+        overrides: optional `{"section.key": value}` applied after reading (dotted paths).
+    Raises:
+        ConfigError: the file is missing, not YAML, or any section fails validation.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the parameters file ({exc.strerror})") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return from_dict(Params, raw, "")
