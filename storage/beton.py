@@ -1,0 +1,123 @@
+"""FFCV `.beton` files: images, labels and `sample_index`, written once per dataset split.
+
+Soft labels never go into the beton (DESIGN.md §1): the trainer gathers them from the stores by
+`sample_index`, so one beton serves every teacher, KA mode and DTD mode.
+
+FFCV traps handled here (see shared/FFCV-NOTES.md): inputs are validated before ffcv sees them
+(an exception inside an ffcv worker hangs instead of failing); numba operations stay before
+`ToTensor`; `drop_last` is explicit; importing ffcv or building a `Loader` resets torch's thread
+count, so `make_loader` restores it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.atomic import OutputError, describe_os_error
+
+logger = logging.getLogger(__name__)
+
+
+class BetonError(ValueError):
+    """A beton cannot be written or read (bad input arrays, missing file)."""
+
+
+class _Rows:
+    """Indexed view handed to ffcv's writer: row i -> (image, label, sample_index)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+        return self.images[i], int(self.labels[i]), int(i)
+
+
+def write_beton(path: str | Path, images: np.ndarray, labels: np.ndarray, num_workers: int = 2) -> None:
+    """Write a beton of (image, label, sample_index) rows; sample_index = row position.
+
+    Args:
+        path: destination `.beton`; written to `<path>.partial` and renamed when complete.
+        images: (N, H, W, C) uint8, C in {1, 3}. labels: (N,) integer >= 0.
+        num_workers: ffcv writer processes.
+    Raises:
+        BetonError: empty input, wrong dtype or shape, negative labels.
+        OutputError: the folder is not writable or the disk is full.
+    """
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.writer import DatasetWriter
+
+    path = Path(path)
+    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
+        raise BetonError(f"{path}: images must be uint8 (N, H, W, 1|3), got {images.dtype} {images.shape}")
+    if labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu":
+        raise BetonError(f"{path}: labels must be integer (N,) = ({images.shape[0]},), got "
+                         f"{labels.dtype} {labels.shape}")
+    if images.shape[0] == 0:
+        raise BetonError(f"{path}: refusing to write an empty split")
+    if labels.min() < 0:
+        raise BetonError(f"{path}: negative label {int(labels.min())}")
+    tmp = path.with_name(path.name + ".partial")
+    fields = {
+        "image": NDArrayField(dtype=np.dtype("uint8"), shape=tuple(images.shape[1:])),
+        "label": IntField(),
+        "sample_index": IntField(),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers))
+        writer.from_indexed_dataset(_Rows(np.ascontiguousarray(images), labels), chunksize=1000)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
+    logger.info("%s: %d rows written", path, images.shape[0])
+
+
+def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bool,
+                image_shape: tuple[int, int, int], num_workers: int = 2, seed: int = 0,
+                drop_last: bool = False, torch_threads: int | None = None) -> Any:
+    """An ffcv `Loader` yielding (images uint8 (B, C, H, W), labels int64 (B,), sample_index (B,)).
+
+    Augmentation (training only): random horizontal flip, plus pad-4 random crop
+    (`RandomTranslate(padding=4)`) for images of side >= 32, as in the standard CIFAR recipe.
+    Batch buffers are reused by ffcv between iterations: clone what you keep.
+
+    `torch_threads` (default: every core this process may use) is re-applied after the loader
+    is built, since ffcv resets torch's thread count.
+
+    Raises:
+        BetonError: the beton file is missing.
+    """
+    import torch
+    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToTensor, ToTorchImage
+
+    path = Path(path)
+    if not path.is_file():
+        raise BetonError(f"{path}: no beton; run `lessons prepare-data` first")
+    image_ops: list[Any] = [NDArrayDecoder()]
+    if augment:
+        image_ops.append(RandomHorizontalFlip())
+        if image_shape[0] >= 32:
+            image_ops.append(RandomTranslate(padding=4, fill=(0,) * image_shape[2]))
+    image_ops += [ToTensor(), ToTorchImage(channels_last=False)]
+    loader = Loader(
+        str(path), batch_size=batch_size, num_workers=max(1, num_workers),
+        order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=seed,
+        drop_last=drop_last,
+        pipelines={
+            "image": image_ops,
+            "label": [IntDecoder(), ToTensor(), Squeeze(1)],
+            "sample_index": [IntDecoder(), ToTensor(), Squeeze(1)],
+        },
+    )
+    torch.set_num_threads(torch_threads or len(os.sched_getaffinity(0)))  # ffcv reset it
+    return loader

@@ -1,0 +1,72 @@
+"""HDF5 import/export: teacher logits computed elsewhere in, any store out.
+
+Export writes every array of a store as an HDF5 dataset and every attribute as a JSON string
+attribute (so nested attributes survive), which `read_h5` reads back bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from storage.atomic import OutputError, describe_os_error
+from storage.soft_labels import SoftLabelStore
+
+logger = logging.getLogger(__name__)
+
+
+class H5Error(ValueError):
+    """An HDF5 file is missing, unreadable or lacks the datasets asked for."""
+
+
+def export_h5(store: SoftLabelStore, path: str | Path) -> None:
+    """Write every array and attribute of `store` to `path` (HDF5), atomically.
+
+    Raises:
+        OutputError: not writable or disk full; no half-written file is left.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp, "w") as f:
+            for name in sorted(store.group.array_keys()):
+                f.create_dataset(name, data=store.read(name), compression="gzip", compression_opts=4)
+            for key, value in sorted(store.attrs.items()):
+                f.attrs[key] = json.dumps(value)
+            f.attrs["lessons_export"] = json.dumps(True)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
+    logger.info("%s: exported %s", path, store.path)
+
+
+def read_h5(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """All datasets (in memory) and attributes of an HDF5 file.
+
+    Attributes written by `export_h5` are decoded from JSON; foreign attributes are returned as is.
+
+    Raises:
+        H5Error: missing or not an HDF5 file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise H5Error(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {name: f[name][...] for name in f.keys() if isinstance(f[name], h5py.Dataset)}
+            raw_attrs = dict(f.attrs)
+    except OSError as exc:
+        raise H5Error(f"{path}: not a readable HDF5 file ({exc})") from exc
+    exported = "lessons_export" in raw_attrs
+    attrs: dict[str, Any] = {}
+    for key, value in raw_attrs.items():
+        if key == "lessons_export":
+            continue
+        attrs[key] = json.loads(value) if exported else (value.item() if hasattr(value, "item") else value)
+    return arrays, attrs

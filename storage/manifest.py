@@ -1,0 +1,67 @@
+"""Dataset fingerprints and `manifest.json`, the record of what a prepared dataset is.
+
+The fingerprint is what ties every store to the exact images and labels it was computed from:
+sha256 over a version tag, the image array's shape and dtype, the labels and the image bytes,
+in canonical order. Changing one pixel, one label, the order or the subset changes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.atomic import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """`manifest.json` is missing, unreadable or of another version."""
+
+
+def dataset_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 hex digest identifying one split.
+
+    Args:
+        images: (N, H, W, C) uint8. labels: (N,) integer.
+    Returns:
+        64 hex characters; equal iff shapes, dtypes, labels and every image byte are equal.
+    """
+    digest = hashlib.sha256(b"lessons-dataset-fingerprint-v1\n")
+    digest.update(json.dumps([list(images.shape), str(images.dtype), list(labels.shape)]).encode())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    images = np.ascontiguousarray(images)
+    step = 4096  # hash in slices so a large dataset is never copied whole
+    for start in range(0, images.shape[0], step):
+        digest.update(images[start:start + step].tobytes())
+    return digest.hexdigest()
+
+
+def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
+    """Write `manifest.json` atomically, with `manifest_version` added."""
+    atomic_write_json(path, {**manifest, "manifest_version": MANIFEST_VERSION})
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read `manifest.json` written by `prepare-data`.
+
+    Raises:
+        ManifestError: missing, not JSON, or another manifest version.
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{path}: no dataset manifest; run `lessons prepare-data` first") from exc
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: unreadable manifest ({exc}); rerun `lessons prepare-data`") from exc
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: manifest version {manifest.get('manifest_version')!r}, "
+                            f"expected {MANIFEST_VERSION}; rerun `lessons prepare-data`")
+    return manifest

@@ -1,0 +1,343 @@
+"""Zarr v3 soft-label stores: complete-or-absent, self-describing, checked on every open.
+
+Schema (DESIGN.md §3). Every store is one zarr group whose arrays all share the sample axis N
+and are chunked along N only, with the same chunk rows, so one writer owns whole chunks:
+
+    logits.zarr      logits (V, N, C) float16|float32, labels (N,) int64, sample_index (N,) int64,
+                     view_params (V, N, P) int16
+    adjusted-M.zarr  target_logits (V, N, C), fixed_target (V, N) bool, rewritten (V, N) bool
+    dtd.zarr         teacher_* statistics, omega_teacher, static_temperature (V, N) float32
+
+Attributes never hold timestamps or host names (DVC hashes must be stable). A writer builds
+`<out>.partial/`, marks each finished chunk under `<out>.partial/.lessons/done/`, and renames
+the folder into place only when every chunk is marked; a rerun with the same plan resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from storage.atomic import (
+    OutputError,
+    atomic_write_bytes,
+    atomic_write_json,
+    describe_os_error,
+    exclusive_lock,
+    partial_path,
+    replace_dir,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+_MARKS = ".lessons"
+
+
+class StoreError(ValueError):
+    """A store is missing, unfinished, of another schema, or does not match what it is used with."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a store: its full shape, dtype and which axis is the sample axis N."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    sample_axis: int = 0
+
+    def chunks(self, chunk_rows: int) -> tuple[int, ...]:
+        return tuple(
+            min(chunk_rows, n) if axis == self.sample_axis else max(n, 1)
+            for axis, n in enumerate(self.shape)
+        )
+
+    def fill_value(self) -> Any:
+        kind = np.dtype(self.dtype).kind
+        return {"f": float("nan"), "i": -1, "u": 0, "b": False}[kind]
+
+
+def _compressor(dtype: str) -> zarr.codecs.BloscCodec:
+    # Byte shuffle groups the exponent bytes of floats together: ~1.3-2x smaller logits.
+    itemsize = np.dtype(dtype).itemsize
+    return zarr.codecs.BloscCodec(
+        cname="zstd", clevel=3, shuffle="shuffle" if itemsize > 1 else "noshuffle", typesize=itemsize
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    """Attributes as plain JSON (tuples to lists, numpy scalars to Python)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+class StoreWriter:
+    """Writes one store chunk by chunk into `<out>.partial/`, resumably; `finalize` publishes it.
+
+    Use as a context manager: it holds an exclusive lock on `out` for its lifetime.
+
+    Args:
+        out: final path of the store (a folder, e.g. `stores/cnn/logits.zarr`).
+        kind: `logits`, `adjusted` or `dtd` (checked by readers).
+        arrays: name -> ArraySpec; all must share the same N.
+        attrs: store attributes (JSON-able, no timestamps).
+        chunk_rows: rows of N per chunk (the unit of writing and of resume).
+    Raises:
+        OutputError: `out` is being written by another process, or is not writable.
+        StoreError: inconsistent array specs.
+    """
+
+    def __init__(self, out: str | Path, *, kind: str, arrays: Mapping[str, ArraySpec],
+                 attrs: Mapping[str, Any], chunk_rows: int) -> None:
+        self.out = Path(out)
+        self.partial = partial_path(self.out)
+        sizes = {spec.shape[spec.sample_axis] for spec in arrays.values()}
+        if len(sizes) != 1:
+            raise StoreError(f"{out}: arrays disagree on the number of samples: {sorted(sizes)}")
+        self.num_samples = sizes.pop()
+        if self.num_samples < 1:
+            raise StoreError(f"{out}: refusing to write an empty store (N = 0)")
+        if chunk_rows < 1:
+            raise StoreError(f"{out}: chunk_rows must be positive, got {chunk_rows}")
+        self.chunk_rows = int(chunk_rows)
+        self.arrays = dict(arrays)
+        self.attrs = _jsonable(
+            {**attrs, "kind": kind, "schema_version": SCHEMA_VERSION, "num_samples": self.num_samples,
+             "chunk_rows": self.chunk_rows}
+        )
+        self.num_chunks = -(-self.num_samples // self.chunk_rows)
+        self._lock = exclusive_lock(self.out)
+        self._group: zarr.Group | None = None
+
+    # -- context management -------------------------------------------------------------
+    def __enter__(self) -> "StoreWriter":
+        self._lock.__enter__()
+        try:
+            self._open()
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._lock.__exit__(*exc_info)
+
+    def _plan(self) -> dict[str, Any]:
+        return {
+            "attrs": self.attrs,
+            "arrays": {k: dataclasses.asdict(v) for k, v in sorted(self.arrays.items())},
+        }
+
+    def _open(self) -> None:
+        plan = self._plan()
+        plan_file = self.partial / _MARKS / "plan.json"
+        try:
+            if self.partial.exists():
+                try:
+                    same = json.loads(plan_file.read_text()) == _jsonable(plan)
+                except (OSError, ValueError):
+                    same = False
+                if same:
+                    done = len(self.completed_chunks())
+                    logger.info("%s: resuming, %d of %d chunks already written", self.out, done,
+                                self.num_chunks)
+                    self._group = zarr.open_group(self.partial, mode="r+")
+                    return
+                logger.warning("%s: discarding an unfinished write made with other settings", self.out)
+                shutil.rmtree(self.partial)
+            group = zarr.open_group(self.partial, mode="w", zarr_format=3)
+            for name, spec in self.arrays.items():
+                group.create_array(
+                    name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks(self.chunk_rows),
+                    fill_value=spec.fill_value(), compressors=_compressor(spec.dtype),
+                )
+            (self.partial / _MARKS / "done").mkdir(parents=True)
+            atomic_write_json(plan_file, plan)
+            self._group = group
+        except OSError as exc:
+            raise OutputError(exc.errno, describe_os_error(exc, self.partial)) from exc
+
+    # -- chunks ---------------------------------------------------------------------------
+    def rows(self, chunk: int) -> slice:
+        """The N-rows of chunk `chunk`."""
+        return slice(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.num_samples))
+
+    def completed_chunks(self) -> set[int]:
+        marks = self.partial / _MARKS / "done"
+        return {int(p.name) for p in marks.iterdir()} if marks.exists() else set()
+
+    def pending_chunks(self) -> list[int]:
+        done = self.completed_chunks()
+        return [c for c in range(self.num_chunks) if c not in done]
+
+    def write_chunk(self, chunk: int, values: Mapping[str, np.ndarray]) -> None:
+        """Write every array's rows of `chunk`, then mark the chunk done.
+
+        Raises:
+            StoreError: a missing or extra array, a shape or dtype that does not fit, NaN/inf in
+                float data, or a value beyond float16 range for a float16 array.
+            OutputError: disk full or not writable.
+        """
+        assert self._group is not None, "use StoreWriter as a context manager"
+        if set(values) != set(self.arrays):
+            raise StoreError(
+                f"{self.out}: chunk {chunk} must give arrays {sorted(self.arrays)}, got {sorted(values)}"
+            )
+        rows = self.rows(chunk)
+        try:
+            for name, value in values.items():
+                spec = self.arrays[name]
+                value = self._checked(name, spec, np.asarray(value), rows)
+                index = tuple(rows if axis == spec.sample_axis else slice(None)
+                              for axis in range(len(spec.shape)))
+                self._group[name][index] = value
+            atomic_write_bytes(self.partial / _MARKS / "done" / str(chunk), b"")
+        except OSError as exc:
+            raise OutputError(exc.errno, describe_os_error(exc, self.partial)) from exc
+
+    def _checked(self, name: str, spec: ArraySpec, value: np.ndarray, rows: slice) -> np.ndarray:
+        expected = list(spec.shape)
+        expected[spec.sample_axis] = rows.stop - rows.start
+        if list(value.shape) != expected:
+            raise StoreError(f"{self.out}: array {name!r} chunk has shape {value.shape}, "
+                             f"expected {tuple(expected)}")
+        target = np.dtype(spec.dtype)
+        if target.kind == "f":
+            if value.dtype.kind not in "fiu":
+                raise StoreError(f"{self.out}: array {name!r} must be numeric, got {value.dtype}")
+            bad = ~np.isfinite(value)
+            if bad.any():
+                raise StoreError(f"{self.out}: array {name!r} has {int(bad.sum())} NaN/inf values; "
+                                 "fix the producer (a diverged teacher?) before caching")
+            if target == np.float16:
+                peak = float(np.abs(value).max()) if value.size else 0.0
+                if peak > FLOAT16_MAX:
+                    raise StoreError(
+                        f"{self.out}: array {name!r} has |value| {peak:.4g} beyond the float16 "
+                        f"range ({FLOAT16_MAX:g}); set teacher_dump.dtype: float32"
+                    )
+        elif target.kind in "iu" and value.dtype.kind not in "iub":
+            raise StoreError(f"{self.out}: array {name!r} must be integer, got {value.dtype}")
+        return value.astype(target, copy=False)
+
+    def finalize(self) -> None:
+        """Publish the store: check every chunk is marked, record completeness, rename into place.
+
+        Raises:
+            StoreError: some chunks were never written.
+        """
+        assert self._group is not None
+        pending = self.pending_chunks()
+        if pending:
+            raise StoreError(f"{self.out}: {len(pending)} chunks were never written "
+                             f"(first: {pending[0]}); the store is left unfinished in {self.partial}")
+        try:
+            self._group.attrs.update({**self.attrs, "complete": True})
+            shutil.rmtree(self.partial / _MARKS)
+            replace_dir(self.partial, self.out)
+        except OSError as exc:
+            raise OutputError(exc.errno, describe_os_error(exc, self.out)) from exc
+        logger.info("%s: written (%d samples, %d chunks)", self.out, self.num_samples, self.num_chunks)
+
+
+class SoftLabelStore:
+    """A finished store opened read-only. Use `open_store` to get one (it validates)."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self.group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+
+    @property
+    def kind(self) -> str:
+        return self.attrs["kind"]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.attrs["num_samples"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.attrs["chunk_rows"])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self.group:
+            raise StoreError(f"{self.path}: no array {name!r} in this {self.kind} store")
+        return self.group[name]
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole array `name` in memory."""
+        return self.array(name)[...]
+
+    def expect(self, **expected: Any) -> None:
+        """Refuse the store when an attribute differs from what it is combined with.
+
+        Keyword names are attribute names (e.g. `dataset_fingerprint`, `num_classes`); the
+        error names both sides. Raises StoreError.
+        """
+        for key, want in expected.items():
+            have = self.attrs.get(key)
+            if have != want:
+                raise StoreError(
+                    f"{self.path}: {key} is {_short(have)} in the store but {_short(want)} in what it "
+                    f"is used with; the store is stale or from another run: rebuild it (dvc repro)"
+                )
+
+    def expect_sample_index(self, sample_index: np.ndarray) -> None:
+        """Refuse the store unless its `sample_index` equals `sample_index` element for element."""
+        have = self.read("sample_index")
+        if have.shape != sample_index.shape or not np.array_equal(have, sample_index):
+            raise StoreError(
+                f"{self.path}: sample_index does not match the dataset ({have.shape[0]} rows in the "
+                f"store, {sample_index.shape[0]} in the dataset); rebuild the store for this dataset"
+            )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "...'"
+
+
+def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
+    """Open a finished store read-only and check its schema.
+
+    Raises:
+        StoreError: the folder is missing, only a `.partial` exists, it is not a zarr group, it
+            was written by another schema version, it is incomplete, or it is of another kind.
+    """
+    path = Path(path)
+    if not path.exists():
+        hint = (" (an unfinished write exists beside it: rerun the stage to resume)"
+                if partial_path(path).exists() else "; run the stage that writes it first")
+        raise StoreError(f"{path}: no such store{hint}")
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as exc:  # zarr raises several types for a folder that is not a group
+        raise StoreError(f"{path}: not a zarr store ({type(exc).__name__}); rebuild it") from exc
+    attrs = dict(group.attrs)
+    version = attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"{path}: schema_version {version!r} but this lessons reads "
+                         f"{SCHEMA_VERSION}; rebuild the store with this version")
+    if attrs.get("complete") is not True:
+        raise StoreError(f"{path}: the store is incomplete (never finalized); rebuild it")
+    if kind is not None and attrs.get("kind") != kind:
+        raise StoreError(f"{path}: a {attrs.get('kind')!r} store where a {kind!r} store is expected")
+    return SoftLabelStore(path, group)
+
+
+def iter_chunks(num_samples: int, chunk_rows: int) -> Iterable[slice]:
+    """Row slices of `chunk_rows` covering [0, num_samples)."""
+    for start in range(0, num_samples, chunk_rows):
+        yield slice(start, min(start + chunk_rows, num_samples))
