@@ -96,6 +96,11 @@ class TeacherDumpConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "teacher_dump", ("batch_size", "chunk_size"))
+        if self.chunk_size % self.batch_size:
+            raise ConfigError(
+                f"teacher_dump.chunk_size: must be a multiple of batch_size ({self.batch_size}) so "
+                f"a resumed dump is byte-identical, got {self.chunk_size}"
+            )
 
 
 @dataclass(frozen=True)

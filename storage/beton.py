@@ -82,13 +82,15 @@ def write_beton(path: str | Path, images: np.ndarray, labels: np.ndarray, num_wo
 
 def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bool,
                 image_shape: tuple[int, int, int], num_workers: int = 2, seed: int = 0,
-                drop_last: bool = False, torch_threads: int | None = None) -> Any:
+                drop_last: bool = False, torch_threads: int | None = None,
+                indices: Any = None) -> Any:
     """An ffcv `Loader` yielding (images uint8 (B, C, H, W), labels int64 (B,), sample_index (B,)).
 
     Augmentation (training only): random horizontal flip, plus pad-4 random crop
     (`RandomTranslate(padding=4)`) for images of side >= 32, as in the standard CIFAR recipe.
     Batch buffers are reused by ffcv between iterations: clone what you keep.
 
+    `indices` restricts the loader to those rows (in that order when not shuffled).
     `torch_threads` (default: every core this process may use) is re-applied after the loader
     is built, since ffcv resets torch's thread count.
 
@@ -112,7 +114,7 @@ def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bo
     loader = Loader(
         str(path), batch_size=batch_size, num_workers=max(1, num_workers),
         order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=seed,
-        drop_last=drop_last,
+        drop_last=drop_last, indices=indices,
         pipelines={
             "image": image_ops,
             "label": [IntDecoder(), ToTensor(), Squeeze(1)],

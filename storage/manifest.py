@@ -43,6 +43,15 @@ def dataset_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
     """Write `manifest.json` atomically, with `manifest_version` added."""
     atomic_write_json(path, {**manifest, "manifest_version": MANIFEST_VERSION})
@@ -65,3 +74,41 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ManifestError(f"{path}: manifest version {manifest.get('manifest_version')!r}, "
                             f"expected {MANIFEST_VERSION}; rerun `lessons prepare-data`")
     return manifest
+
+
+def read_prepared(data_dir: str | Path, verify_betons: bool = True) -> dict[str, Any]:
+    """The manifest of a prepared dataset folder, after checking its betons are the ones it lists.
+
+    Raises:
+        ManifestError: no manifest, a beton missing, or a beton whose sha256 differs from the
+            manifest's (the folder was partly overwritten: rerun `lessons prepare-data`).
+    """
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir / "manifest.json")
+    if verify_betons:
+        for split, info in manifest["splits"].items():
+            beton = data_dir / f"{split}.beton"
+            if not beton.is_file():
+                raise ManifestError(f"{beton}: missing; rerun `lessons prepare-data`")
+            if file_sha256(beton) != info.get("beton_sha256"):
+                raise ManifestError(f"{beton}: does not match {data_dir / 'manifest.json'} "
+                                    "(sha256 differs); rerun `lessons prepare-data`")
+    return manifest
+
+
+def read_labels(data_dir: str | Path, split: str, manifest: dict[str, Any]) -> np.ndarray:
+    """The (N,) int64 labels of `split` in sample_index order, checked against the manifest.
+
+    Raises:
+        ManifestError: the file is missing or its length or class counts differ from the manifest.
+    """
+    path = Path(data_dir) / f"{split}-labels.npy"
+    try:
+        labels = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: cannot read labels ({exc}); rerun `lessons prepare-data`") from exc
+    info = manifest["splits"][split]
+    counts = np.bincount(labels, minlength=manifest["num_classes"]).tolist() if labels.size else []
+    if labels.shape != (info["num_samples"],) or counts != info["class_counts"]:
+        raise ManifestError(f"{path}: does not match the manifest; rerun `lessons prepare-data`")
+    return labels.astype(np.int64, copy=False)

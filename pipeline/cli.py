@@ -1,0 +1,197 @@
+"""`lessons <stage>`: one click command per pipeline stage (also `python -m pipeline <stage>`).
+
+Commands are thin: parse paths, load the typed config from `params.yaml`, call the stage's
+`run`. Hyper-parameters come only from `params.yaml`; options carry paths. Known errors reach
+the user as one line and exit status 1; `-v` shows the traceback.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from pipeline.config import ConfigError, Params, load_params
+from pipeline.log import configure_logging
+
+logger = logging.getLogger("lessons")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input or environment, not a bug in lessons."""
+    from nets import UnknownArchitectureError
+    from pipeline.datasets import DatasetError
+    from stages.functional import InvalidLogitsError
+    from stages.training import CheckpointError
+    from storage import ManifestError, OutputError, StoreError
+    from storage.beton import BetonError
+    from storage.h5 import H5Error
+
+    return (ConfigError, DatasetError, StoreError, ManifestError, CheckpointError, OutputError,
+            BetonError, H5Error, InvalidLogitsError, UnknownArchitectureError, FloatingPointError,
+            OSError)
+
+
+def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn known errors into a one-line `Error: ...` and exit status 1 (traceback with -v)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        try:
+            return command(*args, **kwargs)
+        except _user_errors() as exc:
+            if ctx.obj.get("verbose"):
+                raise
+            from storage import OutputError
+
+            message = exc.strerror if isinstance(exc, OutputError) else str(exc)
+            raise click.ClickException(" ".join(message.split())) from exc
+
+    return wrapper
+
+
+def _params(ctx: click.Context) -> Params:
+    if "params" not in ctx.obj:
+        ctx.obj["params"] = load_params(ctx.obj["params_path"])
+    return ctx.obj["params"]
+
+
+def _device(name: str) -> Any:
+    from pipeline.seeding import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _ready_torch() -> None:
+    """Import ffcv first (it resets torch's threads), then give torch every core."""
+    import ffcv  # noqa: F401
+
+    from pipeline.seeding import use_all_cores
+
+    use_all_cores()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", "params_path", default="params.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="The parameters file.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, params_path: str, verbose: bool) -> None:
+    """lessons: offline soft labels for knowledge distillation (arXiv:1911.07471).
+
+    Stages, in pipeline order: prepare-data, teacher-train, teacher-dump, adjust, temperature,
+    student-train, report. `dvc repro` runs them all from dvc.yaml.
+    """
+    configure_logging(verbose)
+    ctx.ensure_object(dict)
+    ctx.obj.update(params_path=params_path, verbose=verbose)
+
+
+@main.command("prepare-data")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Dataset folder to write (e.g. data/fashion_mnist).")
+@click.pass_context
+@friendly
+def prepare_data_command(ctx: click.Context, out_dir: str) -> None:
+    """Load the dataset of params `data` and write its betons and manifest."""
+    from pipeline.datasets import load_dataset
+    from stages import prepare_data
+
+    params = _params(ctx)
+    dataset = load_dataset(params.data)
+    manifest = prepare_data.run(params.prepare_data, dataset, params.data, out_dir)
+    click.echo(f"{out_dir}: {manifest['splits']['train']['num_samples']} train / "
+               f"{manifest['splits']['test']['num_samples']} test images of {manifest['dataset']}")
+
+
+@main.command("teacher-train")
+@click.option("--teacher", required=True, help="Name of the teacher in teacher_train.teachers.")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--checkpoint-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--curve-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
+@click.pass_context
+@friendly
+def teacher_train_command(ctx: click.Context, teacher: str, data_dir: str, checkpoint_out: str,
+                          metrics_out: str, curve_out: str, resume: bool) -> None:
+    """Train a teacher with cross-entropy (or load the checkpoint params.yaml names)."""
+    _ready_torch()
+    from stages import teacher_train
+
+    config = _params(ctx).teacher_train.teacher(teacher)
+    metrics = teacher_train.run(config, name=teacher, data_dir=data_dir, checkpoint_out=checkpoint_out,
+                                metrics_out=metrics_out, curve_out=curve_out,
+                                device=_device(config.device), resume=resume)
+    click.echo(f"teacher {teacher}: test top-1 {metrics['test_top1']:.4f} -> {checkpoint_out}")
+
+
+@main.command("teacher-dump")
+@click.option("--teacher", required=True, help="Name of the teacher (recorded in the store).")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "train_out", required=True, type=click.Path(), help="Train-split store.")
+@click.option("--test-out", required=True, type=click.Path(), help="Test-split store.")
+@click.pass_context
+@friendly
+def teacher_dump_command(ctx: click.Context, teacher: str, data_dir: str, checkpoint: str,
+                         train_out: str, test_out: str) -> None:
+    """Run the teacher once and write its logits to zarr stores (resumes an interrupted dump)."""
+    _ready_torch()
+    from stages import teacher_dump
+
+    config = _params(ctx).teacher_dump
+    report = teacher_dump.run(config, teacher=teacher, data_dir=data_dir, checkpoint=checkpoint,
+                              train_out=train_out, test_out=test_out, device=_device(config.device))
+    click.echo(f"teacher {teacher}: logits in {train_out} and {test_out} "
+               f"({report['images_per_s']:.0f} img/s)")
+
+
+@main.command("import-logits")
+@click.argument("h5_file", type=click.Path(dir_okay=False))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(), help="Store to write.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--teacher", default="imported", show_default=True, help="Name recorded in the store.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
+              help="Storage dtype (default: teacher_dump.dtype).")
+@click.pass_context
+@friendly
+def import_logits_command(ctx: click.Context, h5_file: str, data_dir: str, out: str, split: str,
+                          teacher: str, dtype: str | None) -> None:
+    """Turn teacher logits computed elsewhere (HDF5) into a checked store for this dataset."""
+    from stages import interchange
+
+    config = _params(ctx).teacher_dump
+    rows = interchange.import_logits(h5_file, data_dir=data_dir, out=out, split=split,
+                                     teacher=teacher, dtype=dtype or config.dtype,
+                                     chunk_rows=config.chunk_size)
+    click.echo(f"{out}: {rows} rows imported from {h5_file}")
+
+
+@main.command("export")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("h5_file", type=click.Path(dir_okay=False))
+@friendly
+def export_command(store: str, h5_file: str) -> None:
+    """Write any store (arrays and attributes) to an HDF5 file."""
+    from storage import open_store
+    from storage.h5 import export_h5
+
+    export_h5(open_store(store), h5_file)
+    click.echo(f"{h5_file}: exported {store}")
+
+
+def run_main() -> None:  # pragma: no cover - thin wrapper for `python -m pipeline`
+    main(prog_name="lessons", obj={})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_main())

@@ -1,0 +1,100 @@
+"""Stage `prepare_data`: write the FFCV betons and `manifest.json` of one dataset.
+
+Output folder `data/<dataset>/`: `train.beton`, `test.beton` (image, label, sample_index) and
+`{train,test}-labels.npy` (int64 labels in sample_index order) and
+`manifest.json` (sizes, classes, image shape, per-channel pixel mean/std of the train split,
+each split's dataset fingerprint and each beton's sha256). The folder is built as
+`<out>.partial/` and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage import dataset_fingerprint, partial_path, write_manifest
+from storage.manifest import file_sha256
+from storage.atomic import OutputError, describe_os_error, exclusive_lock, replace_dir
+from storage.beton import write_beton
+
+logger = logging.getLogger(__name__)
+
+
+def pixel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 (N, H, W, C) images, in [0, 1] units, float64 sums."""
+    count = images.shape[0] * images.shape[1] * images.shape[2]
+    total = np.zeros(images.shape[-1])
+    squares = np.zeros(images.shape[-1])
+    for start in range(0, images.shape[0], 8192):
+        block = images[start:start + 8192].astype(np.float64) / 255.0
+        total += block.sum(axis=(0, 1, 2))
+        squares += (block**2).sum(axis=(0, 1, 2))
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 1e-12))
+    return mean.tolist(), std.tolist()
+
+
+def build_manifest(dataset: Any, data_config: Any) -> dict[str, Any]:
+    """The manifest of `dataset` (a pipeline.datasets.Dataset), without beton hashes."""
+    mean, std = pixel_stats(dataset.train.images)
+    splits = {}
+    for split_name in ("train", "test"):
+        split = getattr(dataset, split_name)
+        splits[split_name] = {
+            "num_samples": int(split.labels.shape[0]),
+            "fingerprint": dataset_fingerprint(split.images, split.labels),
+            "class_counts": np.bincount(split.labels, minlength=dataset.num_classes).tolist(),
+        }
+    return {
+        "dataset": dataset.name,
+        "data": dataclasses.asdict(data_config),
+        "num_classes": dataset.num_classes,
+        "class_names": list(dataset.class_names),
+        "image_shape": list(dataset.image_shape),
+        "pixel_mean": mean,
+        "pixel_std": std,
+        "splits": splits,
+    }
+
+
+def run(config: Any, dataset: Any, data_config: Any, out_dir: str | Path) -> dict[str, Any]:
+    """Write `out_dir/{train,test}.beton` and `out_dir/manifest.json` atomically.
+
+    Args:
+        config: PrepareDataConfig. dataset: a loaded pipeline.datasets.Dataset.
+        data_config: the DataConfig it was loaded with (recorded in the manifest).
+        out_dir: the dataset folder, e.g. `data/fashion_mnist`.
+    Returns:
+        the manifest.
+    Raises:
+        OutputError: `out_dir` is locked by another process, not writable, or the disk is full.
+    """
+    out_dir = Path(out_dir)
+    work = partial_path(out_dir)
+    manifest = build_manifest(dataset, data_config)
+    with exclusive_lock(out_dir):
+        try:
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            for split_name in ("train", "test"):
+                split = getattr(dataset, split_name)
+                beton = work / f"{split_name}.beton"
+                write_beton(beton, split.images, split.labels, num_workers=config.num_workers)
+                manifest["splits"][split_name]["beton_sha256"] = file_sha256(beton)
+                np.save(work / f"{split_name}-labels.npy", split.labels.astype(np.int64))
+            write_manifest(work / "manifest.json", manifest)
+            replace_dir(work, out_dir)
+        except OSError as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            if isinstance(exc, OutputError):
+                raise
+            raise OutputError(exc.errno, describe_os_error(exc, out_dir)) from exc
+    logger.info("%s: %s ready (%d train, %d test, %d classes, images %s)", out_dir, dataset.name,
+                manifest["splits"]["train"]["num_samples"], manifest["splits"]["test"]["num_samples"],
+                manifest["num_classes"], "x".join(map(str, manifest["image_shape"])))
+    return manifest

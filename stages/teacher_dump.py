@@ -1,0 +1,140 @@
+"""Stage `teacher_dump`: run a teacher once, in eval mode, and store its logits (DESIGN.md §3).
+
+Writes `stores/<teacher>/logits.zarr` (train split) and `stores/<teacher>/test-logits.zarr`
+(test split, for agreement metrics): `logits` (V, N, C), `labels` (N,), `sample_index` (N,),
+`view_params` (V, N, P) with V = 1 and P = 0 (the plain image). Each chunk of N rows is
+forwarded in batches that start at the chunk's first row, so a resumed dump computes exactly
+the batches an uninterrupted one would and the stores are byte-identical.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.progress import progress
+from stages.training import channel_stats, load_checkpoint, normalize
+from storage import ArraySpec, StoreWriter
+from storage.beton import make_loader
+from storage.manifest import file_sha256, read_prepared
+from storage.versions import library_versions
+
+logger = logging.getLogger(__name__)
+
+VIEW_SPEC = {"kind": "identity", "num_views": 1, "view_param_names": []}
+
+
+def store_attrs(*, manifest: dict[str, Any], split: str, teacher: str, checkpoint_meta: dict[str, Any],
+                checkpoint_sha256: str, dtype: str) -> dict[str, Any]:
+    """The attributes of a teacher logit store (no timestamps or host names)."""
+    return {
+        "split": split,
+        "dataset": manifest["dataset"],
+        "dataset_fingerprint": manifest["splits"][split]["fingerprint"],
+        "num_classes": manifest["num_classes"],
+        "num_views": 1,
+        "view_spec": VIEW_SPEC,
+        "logits_dtype": dtype,
+        "teacher": {
+            "name": teacher,
+            "arch": checkpoint_meta["arch"],
+            "checkpoint_sha256": checkpoint_sha256,
+            "pixel_mean": manifest["pixel_mean"],
+            "pixel_std": manifest["pixel_std"],
+            "image_shape": manifest["image_shape"],
+        },
+        "versions": library_versions(),
+    }
+
+
+def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: int,
+               attrs: dict[str, Any], config: Any, mean: torch.Tensor, std: torch.Tensor,
+               device: torch.device, image_shape: tuple[int, int, int]) -> dict[str, float]:
+    """Forward every pending chunk of one split and write it; returns timing figures."""
+    num_classes = attrs["num_classes"]
+    arrays = {
+        "logits": ArraySpec((1, num_samples, num_classes), config.dtype, sample_axis=1),
+        "labels": ArraySpec((num_samples,), "int64"),
+        "sample_index": ArraySpec((num_samples,), "int64"),
+        "view_params": ArraySpec((1, num_samples, 0), "int16", sample_axis=1),
+    }
+    timing = {"load_s": 0.0, "forward_s": 0.0, "write_s": 0.0, "rows": 0}
+    with StoreWriter(out, kind="logits", arrays=arrays, attrs=attrs, chunk_rows=config.chunk_size) as writer:
+        pending = writer.pending_chunks()
+        if pending:
+            indices = np.concatenate([np.arange(writer.rows(c).start, writer.rows(c).stop) for c in pending])
+            loader = make_loader(beton, batch_size=config.batch_size, shuffle=False, augment=False,
+                                 image_shape=image_shape, indices=indices)
+            batches = iter(progress(loader, desc=f"dump {out.parent.name}/{out.name}", total=len(loader),
+                                    unit="img", unit_scale=config.batch_size, log=logger))
+            for chunk in pending:
+                rows = writer.rows(chunk)
+                logits = np.empty((rows.stop - rows.start, num_classes), dtype=np.float32)
+                labels = np.empty(rows.stop - rows.start, dtype=np.int64)
+                filled = 0
+                while filled < logits.shape[0]:
+                    tick = time.perf_counter()
+                    images, batch_labels, sample_index = next(batches)
+                    got = sample_index.numpy() - rows.start
+                    if not np.array_equal(got, np.arange(filled, filled + got.shape[0])):
+                        raise RuntimeError(f"{beton}: loader returned rows out of order")
+                    tock = time.perf_counter()
+                    with torch.inference_mode():
+                        out_logits = model(normalize(images.to(device), mean, std)).float().cpu().numpy()
+                    timing["forward_s"] += time.perf_counter() - tock
+                    timing["load_s"] += tock - tick
+                    logits[filled:filled + got.shape[0]] = out_logits
+                    labels[filled:filled + got.shape[0]] = batch_labels.numpy()
+                    filled += got.shape[0]
+                tick = time.perf_counter()
+                writer.write_chunk(chunk, {
+                    "logits": logits[None], "labels": labels,
+                    "sample_index": np.arange(rows.start, rows.stop, dtype=np.int64),
+                    "view_params": np.zeros((1, logits.shape[0], 0), dtype=np.int16),
+                })
+                timing["write_s"] += time.perf_counter() - tick
+                timing["rows"] += logits.shape[0]
+        writer.finalize()
+    return timing
+
+
+def run(config: Any, *, teacher: str, data_dir: str | Path, checkpoint: str | Path,
+        train_out: str | Path, test_out: str | Path, device: torch.device) -> dict[str, Any]:
+    """Dump the logits of teacher `teacher` over both splits.
+
+    Args:
+        config: TeacherDumpConfig. checkpoint: the teacher checkpoint (from teacher_train).
+        train_out / test_out: the two store paths.
+    Returns:
+        {"train": timing, "test": timing, "images_per_s": float}.
+    Raises:
+        ManifestError, CheckpointError, StoreError (NaN/inf or float16 overflow), OutputError.
+    """
+    data_dir = Path(data_dir)
+    manifest = read_prepared(data_dir)
+    model, meta = load_checkpoint(checkpoint, manifest=manifest)
+    if meta.get("dataset_fingerprint") not in (None, manifest["splits"]["train"]["fingerprint"]):
+        logger.warning("teacher %s was trained on another train split than %s (fingerprints differ)",
+                       teacher, data_dir)
+    model.to(device).eval()
+    sha256 = file_sha256(checkpoint)
+    mean, std = channel_stats(manifest, device)
+    report: dict[str, Any] = {}
+    started = time.perf_counter()
+    for split, out in (("train", train_out), ("test", test_out)):
+        attrs = store_attrs(manifest=manifest, split=split, teacher=teacher, checkpoint_meta=meta,
+                            checkpoint_sha256=sha256, dtype=config.dtype)
+        report[split] = dump_split(model, beton=data_dir / f"{split}.beton", out=Path(out),
+                                   num_samples=manifest["splits"][split]["num_samples"], attrs=attrs,
+                                   config=config, mean=mean, std=std, device=device,
+                                   image_shape=tuple(manifest["image_shape"]))
+    elapsed = time.perf_counter() - started
+    rows = report["train"]["rows"] + report["test"]["rows"]
+    report["images_per_s"] = rows / max(elapsed, 1e-9)
+    logger.info("teacher %s: dumped %d rows in %.1f s (%.0f img/s)", teacher, rows, elapsed,
+                report["images_per_s"])
+    return report

@@ -1,0 +1,105 @@
+"""Stage `teacher_train`: train one teacher with cross-entropy, or take a given checkpoint.
+
+Writes `checkpoints/teachers/<name>.pt` (format: stages.training) and
+`metrics/teachers/<name>.json` (train/test top-1, checkpoint sha256, wall time, images/s) plus
+the per-epoch curve `metrics/teachers/<name>-curve.json` (a DVC plot).
+Training: SGD with Nesterov momentum and weight decay, cosine or step schedule per step, keyed
+pad-4 crop + flip augmentation (flip only below 32x32), He et al. 2016's CIFAR recipe.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import nets
+from stages.training import (
+    Fit,
+    channel_stats,
+    fit,
+    load_checkpoint,
+    predict,
+    save_checkpoint,
+    topk_accuracy,
+)
+from storage.atomic import atomic_write_json
+from storage.beton import make_loader
+from storage.manifest import read_prepared
+
+logger = logging.getLogger(__name__)
+
+
+def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | Path,
+        metrics_out: str | Path, curve_out: str | Path, device: torch.device,
+        resume: bool = False) -> dict[str, Any]:
+    """Train (or load) teacher `name` and write its checkpoint and metrics.
+
+    Args:
+        config: TeacherConfig. data_dir: the prepared dataset folder.
+        checkpoint_out / metrics_out / curve_out: output files (written atomically).
+        device: where to train. resume: continue from `<checkpoint_out>.state` if present.
+    Returns:
+        the metrics dict.
+    Raises:
+        ManifestError: the dataset is not prepared or its betons changed.
+        CheckpointError: a given checkpoint does not fit the architecture or dataset.
+        UnknownArchitectureError: `config.arch` is not registered.
+    """
+    manifest = read_prepared(data_dir)
+    data_dir, checkpoint_out = Path(data_dir), Path(checkpoint_out)
+    height, _, channels = manifest["image_shape"]
+    num_train = manifest["splits"]["train"]["num_samples"]
+    num_test = manifest["splits"]["test"]["num_samples"]
+    mean, std = channel_stats(manifest, device)
+    eval_loader = lambda split: make_loader(  # noqa: E731
+        data_dir / f"{split}.beton", batch_size=512, shuffle=False, augment=False,
+        image_shape=tuple(manifest["image_shape"]))
+    curve: list[dict[str, Any]] = []
+    if config.checkpoint is not None:
+        model, _ = load_checkpoint(config.checkpoint, arch=config.arch, manifest=manifest)
+        model.to(device)
+        test_logits, test_labels = predict(model, eval_loader("test"), num_test, mean, std, device)
+        wall_s, images_per_s, epochs = 0.0, 0.0, 0
+        logger.info("teacher %s: loaded %s instead of training", name, config.checkpoint)
+    else:
+        torch.manual_seed(config.seed)
+        model = nets.build_net(config.arch, manifest["num_classes"], in_channels=channels,
+                               image_size=height).to(device)
+        fit_config = Fit(epochs=config.epochs, lr=config.lr, momentum=config.momentum,
+                         weight_decay=config.weight_decay, schedule=config.schedule,
+                         milestones=config.milestones, gamma=config.gamma, seed=config.seed,
+                         augment=config.augment, image_shape=tuple(manifest["image_shape"]),
+                         batch_size=config.batch_size)
+        train_loader = make_loader(data_dir / "train.beton", batch_size=config.batch_size,
+                                   shuffle=True, augment=False, seed=config.seed,
+                                   image_shape=tuple(manifest["image_shape"]), drop_last=True)
+        state_path = checkpoint_out.with_name(checkpoint_out.name + ".state")
+        result = fit(model, fit_config, train_loader=train_loader, test_loader=eval_loader("test"),
+                     num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
+                     loss_fn=lambda logits, labels, _index: F.cross_entropy(logits, labels),
+                     state_path=state_path, resume=resume, desc=f"teacher {name}")
+        test_logits, test_labels = result["test_logits"], result["test_labels"]
+        curve, wall_s, images_per_s, epochs = (result["curve"], result["wall_s"],
+                                               result["images_per_s"], config.epochs)
+    train_logits, train_labels = predict(model, eval_loader("train"), num_train, mean, std, device)
+    sha256 = save_checkpoint(checkpoint_out, model, arch=config.arch, manifest=manifest,
+                             extra={"teacher": name})
+    metrics = {
+        "teacher": name, "arch": config.arch, "epochs": epochs,
+        "train_top1": topk_accuracy(train_logits, train_labels, 1),
+        "test_top1": topk_accuracy(test_logits, test_labels, 1),
+        "test_top5": topk_accuracy(test_logits, test_labels, 5),
+        "checkpoint_sha256": sha256, "wall_s": round(wall_s, 2),
+        "images_per_s": round(images_per_s, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    atomic_write_json(curve_out, curve)
+    atomic_write_json(metrics_out, metrics)
+    if config.checkpoint is None:
+        checkpoint_out.with_name(checkpoint_out.name + ".state").unlink(missing_ok=True)
+    logger.info("teacher %s: test top-1 %.4f (train %.4f)", name, metrics["test_top1"],
+                metrics["train_top1"])
+    return metrics

@@ -1,0 +1,310 @@
+"""What teacher and student training share: input normalisation, the optimiser and schedule,
+evaluation over a whole split, and checkpoint files.
+
+A checkpoint is one `torch.save` file holding the state dict and what is needed to rebuild and
+check the net: architecture, classes, input shape, normalisation and the train split's
+fingerprint. Its sha256 identifies the teacher in every store written from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import nets
+from stages.progress import progress
+from stages.views import apply_views, augmentation_params
+from storage.atomic import atomic_write_bytes
+from storage.manifest import file_sha256  # noqa: F401  (re-exported for stages)
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or for another architecture or dataset."""
+
+
+def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 (B, C, H, W) -> float32 (images/255 − mean)/std, per channel (mean, std: (C,))."""
+    x = images.float().div_(255.0)
+    return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+
+
+def channel_stats(manifest: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of the train split, from the manifest, as (C,) float32."""
+    mean = torch.tensor(manifest["pixel_mean"], dtype=torch.float32, device=device)
+    std = torch.tensor(manifest["pixel_std"], dtype=torch.float32, device=device)
+    return mean, std
+
+
+def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; no weight decay on biases and BatchNorm parameters."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def learning_rate(base_lr: float, progress: float, schedule: str = "cosine",
+                  milestones: Iterable[float] = (0.5, 0.75), gamma: float = 0.1,
+                  warmup: float = 0.0) -> float:
+    """The learning rate at `progress` ∈ [0, 1] of the run (per step, not per epoch).
+
+    cosine: base·½(1 + cos(π·p)); step: base·gamma^(milestones passed). A linear warm-up over
+    the first `warmup` fraction multiplies either.
+    """
+    if schedule == "cosine":
+        lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    else:
+        lr = base_lr * gamma ** sum(progress >= m for m in milestones)
+    if warmup > 0 and progress < warmup:
+        lr *= progress / warmup
+    return lr
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: Iterable, num_samples: int, mean: Tensor, std: Tensor,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of every sample of a sequential loader, in sample_index order.
+
+    Returns:
+        logits (N, C) float32 and labels (N,) int64, row i = sample_index i.
+    Raises:
+        RuntimeError: the loader did not cover every sample exactly once.
+    """
+    model.eval()
+    logits_parts, index_parts, label_parts = [], [], []
+    for images, labels, sample_index in loader:
+        out = model(normalize(images.to(device, non_blocking=True), mean, std))
+        logits_parts.append(out.float().cpu())
+        label_parts.append(labels.clone())
+        index_parts.append(sample_index.clone())
+    order = torch.cat(index_parts).numpy()
+    if order.shape[0] != num_samples or not np.array_equal(np.sort(order), np.arange(num_samples)):
+        raise RuntimeError(f"evaluation covered {order.shape[0]} rows, expected each of {num_samples} once")
+    logits = torch.cat(logits_parts).numpy()
+    labels = torch.cat(label_parts).numpy().astype(np.int64)
+    inverse = np.argsort(order, kind="stable")
+    return logits[inverse], labels[inverse]
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Fraction of rows whose label is among the k largest logits. logits (N, C), labels (N,)."""
+    k = min(k, logits.shape[1])
+    topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return float((topk == labels[:, None]).any(axis=1).mean())
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, manifest: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> str:
+    """Write a checkpoint atomically and return its sha256."""
+    payload = {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "arch": arch,
+        "num_classes": manifest["num_classes"],
+        "image_shape": list(manifest["image_shape"]),
+        "pixel_mean": manifest["pixel_mean"],
+        "pixel_std": manifest["pixel_std"],
+        "dataset_fingerprint": manifest["splits"]["train"]["fingerprint"],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **(extra or {}),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def load_checkpoint(path: str | Path, *, arch: str | None = None,
+                    manifest: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the net of a checkpoint and check it fits `arch` and the manifest's dataset.
+
+    A bare state dict (a checkpoint made elsewhere) is accepted when `arch` and `manifest` are
+    given; its keys and shapes must then fit `arch` exactly.
+
+    Returns:
+        (model on CPU in eval mode, checkpoint metadata without the state dict).
+    Raises:
+        CheckpointError: unreadable file, another architecture, class count or input shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(payload).__name__}")
+    if "state_dict" in payload and "arch" in payload:
+        meta = {k: v for k, v in payload.items() if k != "state_dict"}
+        state = payload["state_dict"]
+    else:  # a bare state dict
+        if arch is None or manifest is None:
+            raise CheckpointError(f"{path}: a bare state dict needs the architecture to be named")
+        meta = {"arch": arch, "num_classes": manifest["num_classes"],
+                "image_shape": list(manifest["image_shape"])}
+        state = payload
+    if arch is not None and meta["arch"] != arch:
+        raise CheckpointError(f"{path}: checkpoint is a {meta['arch']!r}, params.yaml says {arch!r}")
+    if manifest is not None:
+        if meta["num_classes"] != manifest["num_classes"]:
+            raise CheckpointError(f"{path}: checkpoint has {meta['num_classes']} classes, the dataset "
+                                  f"has {manifest['num_classes']}")
+        if list(meta["image_shape"]) != list(manifest["image_shape"]):
+            raise CheckpointError(f"{path}: checkpoint expects images {tuple(meta['image_shape'])}, "
+                                  f"the dataset has {tuple(manifest['image_shape'])}")
+    height, _, channels = meta["image_shape"]
+    model = nets.build_net(meta["arch"], meta["num_classes"], in_channels=channels, image_size=height)
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{path}: weights do not fit {meta['arch']!r}: "
+                              f"{first[1].strip() if len(first) > 1 else first[0]}") from exc
+    return model.eval(), meta
+
+
+def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
+                loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], prepare: Callable[[Tensor, Tensor], Tensor],
+                lr_at: Callable[[int], float], step: int, device: torch.device,
+                on_batch: Callable[[int], None] | None = None) -> tuple[float, int, int]:
+    """One pass over `loader`, per-step learning rate.
+
+    Args:
+        loss_fn: (logits, labels, sample_index) -> scalar loss.
+        prepare: (uint8 images, sample_index) -> normalised float inputs (augmentation inside).
+        lr_at: global step -> learning rate. step: global step at the start of the epoch.
+    Returns:
+        (mean loss, number of samples seen, global step at the end).
+    Raises:
+        FloatingPointError: the loss became NaN or inf (lr too high?).
+    """
+    model.train()
+    total_loss, seen = 0.0, 0
+    for images, labels, sample_index in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        inputs = prepare(images.to(device, non_blocking=True), sample_index)
+        labels = labels.to(device, non_blocking=True)
+        logits = model(inputs)
+        loss = loss_fn(logits, labels, sample_index)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        batch = labels.shape[0]
+        total_loss += loss.item() * batch
+        seen += batch
+        step += 1
+        if on_batch is not None:
+            on_batch(batch)
+    return total_loss / max(seen, 1), seen, step
+
+
+class Fit:
+    """Everything `fit` needs besides the model and the loss (one teacher or student run)."""
+
+    def __init__(self, *, epochs: int, lr: float, momentum: float, weight_decay: float,
+                 schedule: str = "cosine", milestones: Iterable[float] = (0.5, 0.75),
+                 gamma: float = 0.1, seed: int = 0, augment: bool = True,
+                 image_shape: tuple[int, int, int], batch_size: int) -> None:
+        self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
+        self.schedule, self.milestones, self.gamma, self.seed = schedule, tuple(milestones), gamma, seed
+        self.augment, self.image_shape, self.batch_size = augment, tuple(image_shape), batch_size
+
+    @property
+    def padding(self) -> int:
+        """Pad-4 random crops for 32x32 and larger images (the CIFAR recipe), none below."""
+        return 4 if self.augment and self.image_shape[0] >= 32 else 0
+
+
+def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: Any,
+        num_train: int, num_test: int, mean: Tensor, std: Tensor, device: torch.device,
+        loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], state_path: Path | None = None,
+        resume: bool = False, desc: str = "train",
+        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train `model` for `fit_config.epochs` epochs, evaluating on the test split after each.
+
+    The training state (weights, optimiser, curve, step) is saved atomically to `state_path`
+    after every epoch; with `resume`, a saved state is loaded and training continues from the
+    next epoch, so the result equals an uninterrupted run (same order, same keyed views).
+
+    Returns:
+        {"curve": [{"epoch", "train_loss", "test_top1", "test_top5", "lr", "elapsed_s"}...],
+         "wall_s", "images_per_s" (training steps only), "test_logits" (N_test, C) float32,
+         "test_labels"}.
+    """
+    fit_config_padding = fit_config.padding
+    flip = fit_config.augment
+    steps_per_epoch = max(1, len(train_loader))
+    total_steps = fit_config.epochs * steps_per_epoch
+    optimizer = sgd(model, fit_config.lr, fit_config.momentum, fit_config.weight_decay)
+    curve: list[dict[str, Any]] = []
+    start_epoch, step, elapsed_s, train_time_s, train_seen = 0, 0, 0.0, 0.0, 0
+    if resume and state_path is not None and Path(state_path).is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, curve = state["epoch"], state["step"], list(state["curve"])
+        elapsed_s, train_time_s, train_seen = state["elapsed_s"], state["train_time_s"], state["train_seen"]
+        logger.info("%s: resuming after epoch %d of %d", desc, start_epoch, fit_config.epochs)
+    train_loader.next_epoch = start_epoch  # ffcv's order for epoch e is drawn from (seed + e)
+
+    def prepare(images: Tensor, sample_index: Tensor, epoch: int) -> Tensor:
+        if fit_config.augment:
+            params = augmentation_params(fit_config.seed, epoch, sample_index.numpy(),
+                                         padding=fit_config_padding, flip=flip)
+            images = apply_views(images, torch.from_numpy(params), padding=fit_config_padding)
+        return normalize(images, mean, std)
+
+    lr_at = lambda s: learning_rate(fit_config.lr, s / total_steps, fit_config.schedule,  # noqa: E731
+                                    fit_config.milestones, fit_config.gamma)
+    test_logits = test_labels = None
+    for epoch in range(start_epoch, fit_config.epochs):
+        started = time.perf_counter()
+        batches = progress(train_loader, desc=f"{desc} epoch {epoch + 1}/{fit_config.epochs}",
+                           total=steps_per_epoch, unit="img", unit_scale=fit_config.batch_size, log=logger)
+        train_loss, seen, step = train_epoch(
+            model, batches, optimizer, loss_fn=loss_fn,
+            prepare=lambda images, index, e=epoch: prepare(images, index, e),
+            lr_at=lr_at, step=step, device=device)
+        train_s = time.perf_counter() - started
+        test_logits, test_labels = predict(model, test_loader, num_test, mean, std, device)
+        epoch_s = time.perf_counter() - started
+        elapsed_s += epoch_s
+        train_time_s += train_s
+        train_seen += seen
+        row = {
+            "epoch": epoch + 1, "train_loss": round(train_loss, 6),
+            "test_top1": topk_accuracy(test_logits, test_labels, 1),
+            "test_top5": topk_accuracy(test_logits, test_labels, 5),
+            "lr": lr_at(step - 1), "elapsed_s": round(elapsed_s, 3),
+        }
+        curve.append(row)
+        logger.info("%s epoch %d/%d: loss %.4f, test top-1 %.4f, %.0f img/s", desc, epoch + 1,
+                    fit_config.epochs, train_loss, row["test_top1"], seen / max(train_s, 1e-9))
+        if state_path is not None:
+            buffer = io.BytesIO()
+            torch.save({"epoch": epoch + 1, "step": step, "curve": curve, "elapsed_s": elapsed_s,
+                        "train_time_s": train_time_s, "train_seen": train_seen,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+            atomic_write_bytes(state_path, buffer.getvalue())
+        if on_epoch is not None:
+            on_epoch(row)
+    if test_logits is None:  # resumed after the last epoch: evaluate the restored weights
+        test_logits, test_labels = predict(model, test_loader, num_test, mean, std, device)
+    return {"curve": curve, "wall_s": elapsed_s, "images_per_s": train_seen / max(train_time_s, 1e-9),
+            "test_logits": test_logits, "test_labels": test_labels}
