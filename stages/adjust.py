@@ -1,0 +1,168 @@
+"""Stage `adjust`: Knowledge Adjustment (KA) of the teacher's soft labels.
+
+*Preparing Lessons: Improve Knowledge Distillation with Better Supervision* (Wen, Lai, Qian;
+arXiv:1911.07471) §3.1 and DESIGN §4: where the teacher is wrong, either swap its predicted and
+true class logits (Probability Shift, PS) or replace its distribution by a smoothed one-hot
+(Label Smoothing Regularization, LSR). The pure math sits at the top of this module; `run()` below
+loops over store blocks and writes.
+
+Every function here is row-wise: processing any split of the rows and concatenating gives the
+same bits as processing the whole array.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from stages.functional import InvalidLogitsError, teacher_is_wrong
+
+logger = logging.getLogger(__name__)
+
+AdjustMethod = Literal["ps", "lsr", "none"]
+
+
+def probability_shift(teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    """Swap the predicted and true class logits where the teacher is wrong (KA-PS, paper §3.1).
+
+    For a wrong row (label's logit strictly below the row max), the value at the teacher's
+    predicted class (argmax, first max on ties) and the value at the label are exchanged; every
+    other entry keeps its value. Swapping the two logits swaps the two probabilities at every
+    temperature, so the result is stored as logits and softened later by any τ (DESIGN §4).
+
+    Args:
+        teacher_logits: (N, C) floating, finite; any float dtype (no arithmetic is done).
+        labels: (N,) integer in [0, C).
+    Returns:
+        (N, C), same dtype and device; a new tensor. Every entry is a bit-exact copy of an input
+        entry of the same row; rows where the teacher is right are unchanged; in every row the
+        label's value equals the row max (the label is a mode) and the multiset of values is kept.
+    Raises:
+        InvalidLogitsError: wrong shapes/dtypes, a label outside [0, C), NaN/inf logits.
+    """
+    return _shift_rows(teacher_logits, labels, teacher_is_wrong(teacher_logits, labels))
+
+
+def _shift_rows(teacher_logits: Tensor, labels: Tensor, wrong: Tensor) -> Tensor:
+    """PS on already validated inputs, given the (N,) bool mask of wrong rows."""
+    label_col = labels.long().unsqueeze(1)
+    pred_col = teacher_logits.argmax(dim=1, keepdim=True)
+    label_value = teacher_logits.gather(1, label_col)
+    pred_value = teacher_logits.gather(1, pred_col)
+    classes = torch.arange(teacher_logits.shape[1], device=teacher_logits.device).unsqueeze(0)
+    wrong_col = wrong.unsqueeze(1)
+    at_pred = wrong_col & (classes == pred_col)
+    at_label = wrong_col & (classes == label_col)
+    shifted = torch.where(at_pred, label_value, teacher_logits)
+    return torch.where(at_label, pred_value, shifted)
+
+
+def _check_epsilon(epsilon: float) -> float:
+    epsilon = float(epsilon)
+    if not 0.0 < epsilon < 1.0:
+        raise ValueError(f"epsilon: the LSR smoothing mass must lie in (0, 1), got {epsilon}")
+    return epsilon
+
+
+def label_smoothing(
+    teacher_logits: Tensor, labels: Tensor, epsilon: float
+) -> tuple[Tensor, Tensor]:
+    """Replace wrong teacher rows by log((1−ε)·onehot(y) + ε/C) (KA-LSR, paper §3.1).
+
+    The smoothed distribution is computed in float64 and its log cast to the input dtype. It is
+    a fixed distribution that the KD loss must not re-soften by τ, hence `fixed_target`
+    (DESIGN §4). With a float16 input the stored log-probabilities are rounded to float16; the
+    KD loss re-normalises them with log_softmax.
+
+    Args:
+        teacher_logits: (N, C) floating, finite.
+        labels: (N,) integer in [0, C).
+        epsilon: smoothing mass, in (0, 1).
+    Returns:
+        (target_logits, fixed_target):
+        target_logits: (N, C), same dtype as `teacher_logits`; wrong rows hold the log of a
+            distribution that sums to 1 (exactly, up to float64 rounding, before the cast) and
+            peaks at the label; right rows are bit-exact copies of the input.
+        fixed_target: (N,) bool, True exactly on the rewritten (wrong) rows.
+    Raises:
+        InvalidLogitsError: wrong shapes/dtypes, a label outside [0, C), NaN/inf logits.
+        ValueError: epsilon outside (0, 1).
+    """
+    epsilon = _check_epsilon(epsilon)
+    wrong = teacher_is_wrong(teacher_logits, labels)  # validates
+    num_classes = teacher_logits.shape[1]
+    off_value = epsilon / num_classes
+    on_value = (1.0 - epsilon) + off_value
+    classes = torch.arange(num_classes, device=teacher_logits.device).unsqueeze(0)
+    at_label = classes == labels.long().unsqueeze(1)
+    smoothed = torch.where(
+        at_label,
+        torch.tensor(math.log(on_value), dtype=torch.float64, device=teacher_logits.device),
+        torch.tensor(math.log(off_value), dtype=torch.float64, device=teacher_logits.device),
+    ).to(teacher_logits.dtype)
+    target_logits = torch.where(wrong.unsqueeze(1), smoothed, teacher_logits)
+    return target_logits, wrong
+
+
+@dataclass(frozen=True, eq=False)
+class AdjustedTargets:
+    """Result of Knowledge Adjustment on one block of rows (DESIGN §3 `adjusted-<method>.zarr`).
+
+    Attributes:
+        target_logits: (N, C), dtype of the teacher logits; what the KD loss softens (or, where
+            `fixed_target`, uses as a log-distribution unsoftened).
+        fixed_target: (N,) bool; True where the target must not be softened by τ (LSR rows).
+        rewritten: (N,) bool; True where KA changed the row (the teacher was wrong).
+    """
+
+    target_logits: Tensor
+    fixed_target: Tensor
+    rewritten: Tensor
+
+    def __post_init__(self) -> None:
+        rows = self.target_logits.shape[:1]
+        if self.fixed_target.shape != rows or self.rewritten.shape != rows:
+            raise InvalidLogitsError(
+                f"AdjustedTargets: fixed_target {tuple(self.fixed_target.shape)} and rewritten "
+                f"{tuple(self.rewritten.shape)} must both have shape {tuple(rows)}"
+            )
+
+
+def knowledge_adjustment(
+    teacher_logits: Tensor,
+    labels: Tensor,
+    method: AdjustMethod,
+    epsilon: float = 0.1,
+) -> AdjustedTargets:
+    """Apply one KA method to a block of teacher logits (paper §3.1, DESIGN §4).
+
+    Args:
+        teacher_logits: (N, C) floating, finite (for a (V, N, C) store, flatten to (V·N, C) and
+            repeat the labels V times).
+        labels: (N,) integer in [0, C).
+        method: "ps" (probability shift), "lsr" (label smoothing, fixed targets) or "none".
+        epsilon: LSR smoothing mass in (0, 1); checked only for "lsr".
+    Returns:
+        AdjustedTargets. "none": target_logits is a copy of the input, nothing rewritten or fixed.
+        "ps": fixed_target all False, rewritten = teacher wrong. "lsr": fixed_target = rewritten
+        = teacher wrong.
+    Raises:
+        InvalidLogitsError: wrong shapes/dtypes, a label outside [0, C), NaN/inf logits.
+        ValueError: an unknown method, or epsilon outside (0, 1) for "lsr".
+    """
+    if method == "ps":
+        wrong = teacher_is_wrong(teacher_logits, labels)  # validates
+        shifted = _shift_rows(teacher_logits, labels, wrong)
+        return AdjustedTargets(shifted, torch.zeros_like(wrong), wrong)
+    if method == "lsr":
+        target_logits, fixed = label_smoothing(teacher_logits, labels, epsilon)
+        return AdjustedTargets(target_logits, fixed, fixed.clone())
+    if method == "none":
+        wrong = teacher_is_wrong(teacher_logits, labels)  # validates
+        nothing = torch.zeros_like(wrong)
+        return AdjustedTargets(teacher_logits.clone(), nothing, nothing.clone())
+    raise ValueError(f"method: expected one of 'ps', 'lsr', 'none', got {method!r}")
