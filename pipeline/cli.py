@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from storage.beton import BetonError
     from storage.h5 import H5Error
 
-    return (ConfigError, DatasetError, StoreError, ManifestError, CheckpointError, OutputError,
+    return (ValueError, ConfigError, DatasetError, StoreError, ManifestError, CheckpointError, OutputError,
             BetonError, H5Error, InvalidLogitsError, UnknownArchitectureError, FloatingPointError,
             OSError)
 
@@ -152,6 +152,47 @@ def teacher_dump_command(ctx: click.Context, teacher: str, data_dir: str, checkp
                               train_out=train_out, test_out=test_out, device=_device(config.device))
     click.echo(f"teacher {teacher}: logits in {train_out} and {test_out} "
                f"({report['images_per_s']:.0f} img/s)")
+
+
+@main.command("adjust")
+@click.option("--method", required=True, type=click.Choice(["ps", "lsr", "none"]),
+              help="Knowledge Adjustment method (a matrix item of adjust.methods).")
+@click.option("--logits", "logits_path", required=True, type=click.Path(), help="Teacher logit store.")
+@click.option("--out", required=True, type=click.Path(), help="Adjusted store to write.")
+@click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--scheduler", default=None, help="dask.distributed scheduler address (default: local threads).")
+@click.pass_context
+@friendly
+def adjust_command(ctx: click.Context, method: str, logits_path: str, out: str, metrics_out: str,
+                   scheduler: str | None) -> None:
+    """Knowledge Adjustment: rewrite the teacher targets that are wrong (PS or LSR)."""
+    from stages import adjust
+
+    summary = adjust.run(_params(ctx).adjust, method=method, logits_path=logits_path, out=out,
+                         metrics_out=metrics_out, scheduler=scheduler)
+    click.echo(f"{out}: {method} rewrote {summary['rewritten_views']} views "
+               f"({100 * summary['rewritten_fraction']:.2f}%)")
+
+
+@main.command("temperature")
+@click.option("--logits", "logits_path", required=True, type=click.Path(), help="Teacher logit store.")
+@click.option("--out", required=True, type=click.Path(), help="DTD store to write.")
+@click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--histogram-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--plot-out", default=None, type=click.Path(dir_okay=False), help="PNG histogram.")
+@click.option("--scheduler", default=None, help="dask.distributed scheduler address (default: local threads).")
+@click.pass_context
+@friendly
+def temperature_command(ctx: click.Context, logits_path: str, out: str, metrics_out: str,
+                        histogram_out: str, plot_out: str | None, scheduler: str | None) -> None:
+    """Dynamic Temperature Distillation: precompute teacher-side per-sample statistics."""
+    from stages import temperature
+
+    summary = temperature.run(_params(ctx).temperature, logits_path=logits_path, out=out,
+                              metrics_out=metrics_out, histogram_out=histogram_out,
+                              plot_out=plot_out, scheduler=scheduler)
+    click.echo(f"{out}: static temperature mean {summary['static_temperature_mean']:.3f} "
+               f"(p5 {summary['static_temperature_p05']:.3f}, p95 {summary['static_temperature_p95']:.3f})")
 
 
 @main.command("import-logits")

@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from stages.functional import InvalidLogitsError, teacher_is_wrong
+from stages.parallel import dask_scheduler
+from storage import ArraySpec, StoreWriter, atomic_write_json, open_store
+from storage.versions import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +172,107 @@ def knowledge_adjustment(
         nothing = torch.zeros_like(wrong)
         return AdjustedTargets(teacher_logits.clone(), nothing, nothing.clone())
     raise ValueError(f"method: expected one of 'ps', 'lsr', 'none', got {method!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage `adjust`: I/O around the pure functions above.
+# ---------------------------------------------------------------------------------------------
+
+
+def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: str, epsilon: float) -> np.ndarray:
+    """One (V, n, C) block, labels (1, n, 1) -> packed (V, n, C + 3) float32: target logits,
+    fixed, rewritten, wrong."""
+    views, rows, num_classes = logits.shape
+    flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)
+    flat_labels = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1)).repeat(views)
+    adjusted = knowledge_adjustment(flat, flat_labels, method, epsilon)
+    wrong = teacher_is_wrong(flat, flat_labels)
+    packed = torch.cat([adjusted.target_logits.float(), adjusted.fixed_target.float()[:, None],
+                        adjusted.rewritten.float()[:, None], wrong.float()[:, None]], dim=1)
+    return packed.reshape(views, rows, num_classes + 3).numpy()
+
+
+def adjustment_summary(counts: dict[str, Any], total_views: int) -> dict[str, Any]:
+    """Counts of a KA store: views rewritten, fraction, per-class rewrites, teacher accuracy.
+
+    Args:
+        counts: {"rewritten": int, "wrong": int (views where the teacher is wrong),
+            "per_class": (C,) rewrites by true class}. total_views: V·N.
+    """
+    return {
+        "rewritten_views": int(counts["rewritten"]),
+        "rewritten_fraction": float(counts["rewritten"]) / total_views,
+        "teacher_train_accuracy": 1.0 - float(counts["wrong"]) / total_views,
+        "rewrites_per_class": [int(round(c)) for c in np.asarray(counts["per_class"])],
+    }
+
+
+def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
+        metrics_out: str | Path, scheduler: str | None = None) -> dict[str, Any]:
+    """Rewrite the wrong teacher distributions of a logit store (KA, arXiv:1911.07471 §3.1).
+
+    Reads `logits.zarr` chunk by chunk as a dask array (output chunks = input chunks, so peak
+    memory does not grow with N) and writes `adjusted-<method>.zarr`: `target_logits`
+    (V, N, C, the input's dtype), `fixed_target` (V, N) bool, `rewritten` (V, N) bool, with the
+    input's fingerprint, teacher and counts in the attributes, and the counts as JSON metrics.
+
+    Args:
+        config: AdjustConfig (epsilon). method: ps | lsr | none.
+        scheduler: None for dask's local threaded scheduler, or a `dask.distributed` address.
+    Raises:
+        StoreError: the input is missing, unfinished, or not a train-split logit store.
+        InvalidLogitsError: NaN/inf logits or labels outside [0, C) in the input.
+    """
+    import dask.array as da
+
+    if method not in ("ps", "lsr", "none"):
+        raise ValueError(f"adjust: unknown method {method!r}; use ps, lsr or none")
+    source = open_store(logits_path, kind="logits")
+    logits_array = source.array("logits")
+    views, samples, num_classes = logits_array.shape
+    labels = source.read("labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise InvalidLogitsError(f"{logits_path}: labels outside [0, {num_classes}) in the store; "
+                                 "rebuild it from the prepared dataset")
+    chunk_rows = source.chunk_rows
+    logits = da.from_zarr(logits_array)
+    labels_da = da.from_array(labels, chunks=(chunk_rows,))
+    packed = da.map_blocks(
+        _adjust_block, logits, labels_da[None, :, None], method=method, epsilon=config.epsilon,
+        dtype=np.float32, chunks=(logits.chunks[0], logits.chunks[1], (num_classes + 3,)),
+    )
+    dtype = str(logits_array.dtype)
+    attrs = {
+        key: source.attrs[key]
+        for key in ("split", "dataset", "dataset_fingerprint", "num_classes", "num_views", "view_spec",
+                    "teacher")
+        if key in source.attrs
+    }
+    attrs.update(method=method, epsilon=config.epsilon if method == "lsr" else None,
+                 source_store=Path(logits_path).name, versions=library_versions())
+    arrays = {
+        "target_logits": ArraySpec((views, samples, num_classes), dtype, sample_axis=1),
+        "fixed_target": ArraySpec((views, samples), "bool", sample_axis=1),
+        "rewritten": ArraySpec((views, samples), "bool", sample_axis=1),
+    }
+    started = time.perf_counter()
+    rewritten = packed[..., num_classes + 1] > 0.5
+    with dask_scheduler(scheduler) as dask_sched, StoreWriter(
+            out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer:
+        counts = writer.write_dask({
+            "target_logits": packed[..., :num_classes],
+            "fixed_target": packed[..., num_classes] > 0.5,
+            "rewritten": rewritten,
+        }, scheduler=dask_sched, reductions={
+            "wrong": (packed[..., num_classes + 2] > 0.5).sum(),
+            "per_class": da.bincount(labels_da, weights=rewritten.sum(axis=0), minlength=num_classes),
+            "rewritten": rewritten.sum(),
+        })
+        summary = adjustment_summary(counts, views * samples)
+        writer.finalize(extra_attrs=summary)
+    summary.update(method=method, elapsed_s=round(time.perf_counter() - started, 3))
+    atomic_write_json(metrics_out, summary)
+    logger.info("adjust %s: rewrote %d of %d views (%.2f%%), teacher train accuracy %.4f", method,
+                summary["rewritten_views"], views * samples, 100 * summary["rewritten_fraction"],
+                summary["teacher_train_accuracy"])
+    return summary

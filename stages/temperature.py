@@ -12,12 +12,19 @@ All math runs in float32 (float64 for float64 input) whatever the storage dtype.
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from stages.functional import InvalidLogitsError, check_logits, compute_dtype
+from stages.parallel import dask_scheduler
+from storage import ArraySpec, StoreWriter, atomic_write_json, open_store
+from storage.versions import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -206,3 +213,138 @@ def teacher_statistics(teacher_logits: Tensor) -> dict[str, Tensor]:
         "teacher_margin": margin,
         "teacher_logit_norm": norm,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage `temperature`: I/O around the pure functions above.
+# ---------------------------------------------------------------------------------------------
+
+#: The per-(view, sample) arrays of `dtd.zarr`, in the packed order of `_statistics_block`.
+STATISTICS = ("teacher_max_prob", "teacher_entropy", "teacher_margin", "teacher_logit_norm",
+              "omega_teacher")
+QUANTILES = (5, 25, 50, 75, 95)
+
+
+def _statistics_block(logits: np.ndarray) -> np.ndarray:
+    """(V, n, C) logits -> (V, n, 5) float32: the STATISTICS, in order."""
+    views, rows, num_classes = logits.shape
+    flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)
+    stats = teacher_statistics(flat)
+    columns = [stats[name].float() for name in STATISTICS[:-1]] + [teacher_only_weights(flat).float()]
+    return torch.stack(columns, dim=1).reshape(views, rows, len(STATISTICS)).numpy()
+
+
+def _temperature_block(omega: np.ndarray, *, reference_mean: float, config: Any) -> np.ndarray:
+    weights = torch.from_numpy(np.ascontiguousarray(omega)).reshape(-1)
+    temperature = dynamic_temperature(
+        weights, base_temperature=config.base_temperature, beta=config.beta,
+        min_temperature=config.min_temperature, max_temperature=config.max_temperature,
+        reference_mean=reference_mean)
+    return temperature.float().reshape(omega.shape).numpy()
+
+
+def _summary(values: Any, name: str, dask_sched: Any) -> dict[str, Any]:
+    """Mean, std, min, max and quantiles of a dask array (out of core)."""
+    import dask
+    import dask.array as da
+
+    flat = values.reshape(-1)
+    mean, std, low, high, quantiles = dask.compute(
+        flat.mean(), flat.std(), flat.min(), flat.max(),
+        da.percentile(flat, list(QUANTILES), method="linear"), scheduler=dask_sched)
+    return {f"{name}_mean": float(mean), f"{name}_std": float(std), f"{name}_min": float(low),
+            f"{name}_max": float(high),
+            **{f"{name}_p{q:02d}": float(v) for q, v in zip(QUANTILES, quantiles)}}
+
+
+def run(config: Any, *, logits_path: str | Path, out: str | Path, metrics_out: str | Path,
+        histogram_out: str | Path, plot_out: str | Path | None = None,
+        scheduler: str | None = None) -> dict[str, Any]:
+    """Precompute the teacher-side DTD statistics of a logit store (arXiv:1911.07471 §3.2).
+
+    Writes `dtd.zarr` with, per (view, sample), float32 (V, N): `teacher_max_prob`,
+    `teacher_entropy` (nats), `teacher_margin`, `teacher_logit_norm`, `omega_teacher`
+    (ω^T = 1/(max softmax(t) + 1e-3)) and `static_temperature`
+    (τ^T = clamp(τ0 + (mean_dataset ω^T − ω^T)·β, τmin, τmax)); the dataset-level mean, std,
+    min, max and quantiles of ω^T and τ^T in the attributes and in `metrics_out`; a histogram
+    of τ^T as DVC plot data (`histogram_out`) and, if `plot_out` is given, as a PNG.
+
+    The statistics describe the teacher as dumped (before KA), so one dtd.zarr serves every KA
+    method. Chunks of N follow the input's; peak memory does not grow with N.
+
+    Raises:
+        StoreError: the input is missing, unfinished or not a logit store.
+        InvalidLogitsError: NaN/inf logits.
+    """
+    import dask.array as da
+
+    source = open_store(logits_path, kind="logits")
+    logits_array = source.array("logits")
+    views, samples, num_classes = logits_array.shape
+    chunk_rows = source.chunk_rows
+    logits = da.from_zarr(logits_array)
+    packed = da.map_blocks(_statistics_block, logits, dtype=np.float32,
+                           chunks=(logits.chunks[0], logits.chunks[1], (len(STATISTICS),)))
+    attrs = {key: source.attrs[key] for key in ("split", "dataset", "dataset_fingerprint",
+                                                "num_classes", "num_views", "view_spec", "teacher")
+             if key in source.attrs}
+    attrs.update(source_store=Path(logits_path).name, versions=library_versions(),
+                 temperature={"base_temperature": config.base_temperature, "beta": config.beta,
+                              "min_temperature": config.min_temperature,
+                              "max_temperature": config.max_temperature})
+    arrays = {name: ArraySpec((views, samples), "float32", sample_axis=1)
+              for name in (*STATISTICS, "static_temperature")}
+    started = time.perf_counter()
+    with dask_scheduler(scheduler) as dask_sched, StoreWriter(
+            out, kind="dtd", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer:
+        totals = writer.write_dask({name: packed[..., k] for k, name in enumerate(STATISTICS)},
+                                   scheduler=dask_sched,
+                                   reductions={"omega_sum": packed[..., -1].sum(dtype=np.float64)})
+        omega_mean = float(totals["omega_sum"]) / (views * samples)
+        omega = da.from_zarr(writer.partial_array("omega_teacher"))
+        temperature = omega.map_blocks(_temperature_block, reference_mean=omega_mean, config=config,
+                                       dtype=np.float32)
+        writer.write_dask({"static_temperature": temperature}, scheduler=dask_sched)
+        stored_t = da.from_zarr(writer.partial_array("static_temperature"))
+        summary = {**_summary(omega, "omega_teacher", dask_sched),
+                   **_summary(stored_t, "static_temperature", dask_sched)}
+        counts, edges = da.histogram(stored_t, bins=config.histogram_bins,
+                                     range=(config.min_temperature, config.max_temperature))
+        counts = counts.compute(scheduler=dask_sched)
+        writer.finalize(extra_attrs={"summary": summary})
+    histogram = [{"temperature": round(float((lo + hi) / 2), 6), "count": int(c)}
+                 for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+    atomic_write_json(histogram_out, histogram)
+    summary["elapsed_s"] = round(time.perf_counter() - started, 3)
+    atomic_write_json(metrics_out, summary)
+    if plot_out is not None:
+        plot_temperature_histogram(histogram, plot_out, title=f"{attrs.get('teacher', {}).get('name', '')}")
+    logger.info("temperature: static tau mean %.3f, std %.3f, p5 %.3f, p95 %.3f",
+                summary["static_temperature_mean"], summary["static_temperature_std"],
+                summary["static_temperature_p05"], summary["static_temperature_p95"])
+    return summary
+
+
+def plot_temperature_histogram(histogram: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Bar chart of the static temperature histogram, as a PNG (written atomically)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from storage.atomic import atomic_write_bytes
+
+    centers = [row["temperature"] for row in histogram]
+    width = (centers[1] - centers[0]) if len(centers) > 1 else 0.1
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(centers, [row["count"] for row in histogram], width=width * 0.9)
+    ax.set_xlabel("static temperature τ^T")
+    ax.set_ylabel("views")
+    ax.set_title(f"DTD teacher-only temperature {title}".strip())
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

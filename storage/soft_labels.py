@@ -116,6 +116,7 @@ class StoreWriter:
         self.num_chunks = -(-self.num_samples // self.chunk_rows)
         self._lock = exclusive_lock(self.out)
         self._group: zarr.Group | None = None
+        self._written: set[str] = set()
 
     # -- context management -------------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
@@ -228,9 +229,69 @@ class StoreWriter:
             raise StoreError(f"{self.out}: array {name!r} must be integer, got {value.dtype}")
         return value.astype(target, copy=False)
 
-    def finalize(self) -> None:
+    def write_dask(self, values: Mapping[str, Any], scheduler: Any = None,
+                   reductions: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Store dask arrays (one per array name, or a subset) into the store, then mark chunks.
+
+        Every dask chunk must coincide with a zarr chunk (misaligned parallel writes to zarr lose
+        rows silently), which is asserted before anything is written. All chunks are marked done
+        only when every array of the store has been written by this or earlier calls.
+
+        Args:
+            values: name -> dask.array.Array of the array's full shape.
+            scheduler: passed to dask (None = the default threaded scheduler, or the active
+                `dask.distributed.Client`).
+            reductions: name -> dask object computed in the same pass (e.g. a count over an
+                input that the stored arrays are computed from, so the input is read once).
+        Returns:
+            the computed reductions.
+        Raises:
+            StoreError: an unknown name, a shape or chunking that does not fit.
+        """
+        import dask.array as da
+
+        assert self._group is not None, "use StoreWriter as a context manager"
+        sources, targets = [], []
+        for name, value in values.items():
+            if name not in self.arrays:
+                raise StoreError(f"{self.out}: no array {name!r} in this store")
+            spec = self.arrays[name]
+            if tuple(value.shape) != spec.shape:
+                raise StoreError(f"{self.out}: array {name!r} has shape {value.shape}, expected {spec.shape}")
+            zarr_chunks = spec.chunks(self.chunk_rows)
+            expected = tuple(
+                tuple(min(c, n - start) for start in range(0, n, c)) if n else (0,)
+                for c, n in zip(zarr_chunks, spec.shape)
+            )
+            if tuple(value.chunks) != expected:
+                raise StoreError(f"{self.out}: array {name!r} dask chunks {value.chunks} do not "
+                                 f"coincide with the zarr chunks {zarr_chunks}")
+            sources.append(value.astype(spec.dtype))
+            targets.append(self._group[name])
+        import dask
+
+        names = list(reductions or {})
+        try:
+            stored = da.store(sources, targets, lock=False, compute=False)
+            results = dask.compute(stored, *[reductions[n] for n in names], scheduler=scheduler)[1:]
+        except OSError as exc:
+            raise OutputError(exc.errno, describe_os_error(exc, self.partial)) from exc
+        self._written.update(values)
+        if self._written >= set(self.arrays):
+            for chunk in range(self.num_chunks):
+                atomic_write_bytes(self.partial / _MARKS / "done" / str(chunk), b"")
+        return dict(zip(names, results))
+
+    def partial_array(self, name: str) -> zarr.Array:
+        """An array of the store being written (to read back what was stored)."""
+        assert self._group is not None
+        return self._group[name]
+
+    def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> None:
         """Publish the store: check every chunk is marked, record completeness, rename into place.
 
+        Args:
+            extra_attrs: attributes known only at the end (counts, summary statistics).
         Raises:
             StoreError: some chunks were never written.
         """
@@ -240,7 +301,8 @@ class StoreWriter:
             raise StoreError(f"{self.out}: {len(pending)} chunks were never written "
                              f"(first: {pending[0]}); the store is left unfinished in {self.partial}")
         try:
-            self._group.attrs.update({**self.attrs, "complete": True})
+            self._group.attrs.update({**self.attrs, **_jsonable(dict(extra_attrs or {})),
+                                      "complete": True})
             shutil.rmtree(self.partial / _MARKS)
             replace_dir(self.partial, self.out)
         except OSError as exc:

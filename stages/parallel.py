@@ -1,0 +1,36 @@
+"""Where dask runs: the local threaded scheduler, or a `dask.distributed` cluster by address."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def dask_scheduler(address: str | None) -> Iterator[Any]:
+    """Yield the `scheduler=` value for dask calls.
+
+    Args:
+        address: None for the local threaded scheduler; else a scheduler address such as
+            `tcp://10.0.0.5:8786` (needs the `distributed` extra), used for the duration.
+    Raises:
+        ValueError: `distributed` is not installed or the scheduler cannot be reached.
+    """
+    if address is None:
+        yield "threads"
+        return
+    try:
+        from distributed import Client
+    except ImportError as exc:
+        raise ValueError("--scheduler needs dask.distributed: pip install 'lessons[distributed]'") from exc
+    try:
+        client = Client(address, timeout="10s", set_as_default=False)
+    except OSError as exc:
+        raise ValueError(f"cannot reach the dask scheduler at {address} ({exc})") from exc
+    logger.info("dask: using the cluster at %s", address)
+    try:
+        yield client
+    finally:
+        client.close()
