@@ -1,0 +1,499 @@
+"""Stage `report`: one summary of every student experiment next to its teacher (DESIGN §7).
+
+*Preparing Lessons: Improve Knowledge Distillation with Better Supervision* (Wen, Lai, Qian;
+arXiv:1911.07471) compares plain training (`ce`), plain KD (`kd`) and KD with Knowledge
+Adjustment (KA, §3.1) and Dynamic Temperature Distillation (DTD, §3.2). This stage reads the
+metrics JSON files the other stages wrote and writes `summary.md` (teacher, KA, DTD and student
+tables) with three PNGs beside it: `accuracy.png`, `curves.png`, `temperature.png`.
+
+The pure functions at the top turn metrics dicts into table rows, table text and PNG bytes;
+`run()` at the bottom reads the files, checks them and writes every output atomically. Runs of
+one experiment that differ only in seed are aggregated: mean ± sample std (ddof = 1) of top-1
+over the n seeds. PNGs carry no timestamp or software metadata, so the same inputs give the
+same bytes (stable DVC hashes).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+from storage.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from pipeline.config import ReportConfig
+
+logger = logging.getLogger(__name__)
+
+#: Shown in a table cell whose value is unknown (no baseline, no teacher, metric not recorded).
+MISSING = "–"
+SUMMARY_NAME = "summary.md"
+ACCURACY_PNG, CURVES_PNG, TEMPERATURE_PNG = "accuracy.png", "curves.png", "temperature.png"
+#: Student settings that must agree between runs aggregated under one experiment name.
+EXPERIMENT_KEYS = ("teacher", "kd", "adjust", "dtd", "arch", "epochs", "lr", "alpha")
+#: (header, body) of a Markdown table; body cells are display strings.
+Table = tuple[list[str], list[list[Any]]]
+
+
+@dataclass(frozen=True)
+class ExperimentRow:
+    """One student experiment, aggregated over its seeds. Accuracies are fractions in [0, 1].
+
+    `top1_std` is the sample standard deviation (ddof = 1) over seeds, None when n = 1; the
+    optional teacher-side fields are means over the runs that recorded them, None if none did.
+    """
+
+    experiment: str
+    teacher: str | None
+    kd: bool
+    adjust: str
+    dtd: str
+    seeds: tuple[Any, ...]
+    top1_mean: float
+    top1_std: float | None
+    top5_mean: float | None
+    teacher_top1: float | None
+    agreement_top1: float | None
+    mean_kl_teacher: float | None  # KL(teacher ‖ student) at τ = 1, nats
+    wall_s: float | None
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+# --- aggregation and ordering ------------------------------------------------------------------
+
+
+def _mean_of(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    values = [float(r[key]) for r in records if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[ExperimentRow]:
+    """Group student metrics dicts by experiment name; mean ± std of top-1 over seeds.
+
+    Args:
+        students: metrics dicts as `student_train` writes them (keys `experiment`, `test_top1`
+            required; `seed`, `teacher`, `kd`, `adjust`, `dtd`, `test_top5`, `teacher_test_top1`,
+            `agreement_top1`, `mean_kl_teacher`, `wall_s` optional).
+    Returns:
+        One row per experiment, in first-seen order. top1_mean is the mean over seeds, top1_std
+        the sample std (ddof = 1) for n > 1, else None.
+    Raises:
+        ValueError: two runs of one experiment share a seed, or differ in a setting other than
+            the seed (`EXPERIMENT_KEYS`).
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for record in students:
+        groups.setdefault(str(record["experiment"]), []).append(record)
+    rows = []
+    for name, records in groups.items():
+        first = records[0]
+        seeds = tuple(r.get("seed") for r in records)
+        if len(set(map(repr, seeds))) != len(seeds):
+            raise ValueError(f"experiment {name!r}: several metrics files have the same seed "
+                             f"({', '.join(map(repr, seeds))}); pass each run once")
+        for record in records[1:]:
+            for key in EXPERIMENT_KEYS:
+                if record.get(key) != first.get(key):
+                    raise ValueError(
+                        f"experiment {name!r}: runs differ in {key} ({first.get(key)!r} vs "
+                        f"{record.get(key)!r}); only the seed may differ, rename one experiment")
+        top1 = [float(r["test_top1"]) for r in records]
+        rows.append(ExperimentRow(
+            experiment=name, teacher=first.get("teacher"), kd=bool(first.get("kd", False)),
+            adjust=str(first.get("adjust", "none")), dtd=str(first.get("dtd", "off")),
+            seeds=seeds, top1_mean=statistics.fmean(top1),
+            top1_std=statistics.stdev(top1) if len(top1) > 1 else None,
+            top5_mean=_mean_of(records, "test_top5"),
+            teacher_top1=_mean_of(records, "teacher_test_top1"),
+            agreement_top1=_mean_of(records, "agreement_top1"),
+            mean_kl_teacher=_mean_of(records, "mean_kl_teacher"),
+            wall_s=_mean_of(records, "wall_s"),
+        ))
+    return rows
+
+
+def order_rows(rows: Iterable[ExperimentRow], baseline: str, kd_baseline: str) -> list[ExperimentRow]:
+    """The baseline first, the KD baseline second, then every other experiment by name."""
+    rank = {baseline: 0, kd_baseline: 1}
+    return sorted(rows, key=lambda row: (rank.get(row.experiment, 2), row.experiment))
+
+
+def delta_pp(row: ExperimentRow, reference: ExperimentRow | None) -> float | None:
+    """Mean top-1 of `row` minus that of `reference`, in percentage points (None: no reference)."""
+    if reference is None:
+        return None
+    return 100.0 * (row.top1_mean - reference.top1_mean)
+
+
+# --- formatting --------------------------------------------------------------------------------
+
+
+def format_percent(fraction: float | None, digits: int = 2) -> str:
+    """0.871 -> "87.10"; None -> "–"."""
+    return MISSING if fraction is None else f"{100.0 * fraction:.{digits}f}"
+
+
+def format_signed(points: float | None) -> str:
+    """2.0 -> "+2.00", -0.5 -> "-0.50", None -> "–"; a value that rounds to zero is "+0.00"."""
+    if points is None:
+        return MISSING
+    text = f"{points:+.2f}"
+    return "+0.00" if text == "-0.00" else text
+
+
+def format_number(value: float | None, digits: int) -> str:
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def format_top1(row: ExperimentRow) -> str:
+    """Top-1 in %: "82.00" for one seed, "82.00 ± 1.00" (mean ± sample std) for several."""
+    if row.top1_std is None:
+        return format_percent(row.top1_mean)
+    return f"{format_percent(row.top1_mean)} ± {format_percent(row.top1_std)}"
+
+
+def _cell(value: Any) -> str:
+    text = MISSING if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; None cells render as "–", pipes are escaped."""
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def student_table(rows: Sequence[ExperimentRow], baseline: str, kd_baseline: str,
+                  teacher_top1: Mapping[str, float] | None = None) -> Table:
+    """Header and body of the main table, one row per experiment in the given order.
+
+    Args:
+        rows: aggregated experiments (see `aggregate_experiments`, `order_rows`).
+        baseline / kd_baseline: experiment names the two Δ columns are measured against.
+        teacher_top1: teacher name -> test top-1, used where a student did not record it.
+    Returns:
+        (header, body); Δ columns in percentage points of mean top-1, "–" when the reference
+        experiment is absent.
+    """
+    teacher_top1 = teacher_top1 or {}
+    by_name = {row.experiment: row for row in rows}
+    header = ["experiment", "n", "teacher", "KD", "KA", "DTD", "teacher top-1", "student top-1",
+              "top-5", f"Δ vs {baseline}", f"Δ vs {kd_baseline}", "agreement",
+              "KL(teacher‖student)", "time (s)"]
+    body = []
+    for row in rows:
+        teacher_acc = row.teacher_top1
+        if teacher_acc is None and row.teacher is not None:
+            teacher_acc = teacher_top1.get(row.teacher)
+        body.append([
+            row.experiment, str(row.n), row.teacher or MISSING, "yes" if row.kd else "no",
+            row.adjust, row.dtd, format_percent(teacher_acc), format_top1(row),
+            format_percent(row.top5_mean),
+            format_signed(delta_pp(row, by_name.get(baseline))),
+            format_signed(delta_pp(row, by_name.get(kd_baseline))),
+            format_percent(row.agreement_top1), format_number(row.mean_kl_teacher, 4),
+            format_number(row.wall_s, 1),
+        ])
+    return header, body
+
+
+def teacher_table(teachers: Mapping[str, Mapping[str, Any]]) -> Table:
+    """Header and body of the teacher table, by teacher name."""
+    header = ["teacher", "arch", "test top-1", "train top-1", "epochs", "wall time (s)"]
+    body = [[name, m.get("arch"), format_percent(m.get("test_top1")),
+             format_percent(m.get("train_top1")), m.get("epochs"),
+             format_number(m.get("wall_s"), 1)] for name, m in sorted(teachers.items())]
+    return header, body
+
+
+def adjust_table(adjust: Sequence[tuple[str, Mapping[str, Any]]]) -> Table:
+    """Header and body of the KA table from (teacher, metrics) pairs (arXiv:1911.07471 §3.1)."""
+    header = ["teacher", "method", "rewritten views", "% rewritten", "teacher train accuracy"]
+    body = [[teacher, m["method"], m["rewritten_views"], format_percent(m["rewritten_fraction"]),
+             format_percent(m.get("teacher_train_accuracy"))]
+            for teacher, m in sorted(adjust, key=lambda item: (item[0], str(item[1]["method"])))]
+    return header, body
+
+
+def temperature_lines(temperature: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One Markdown bullet per teacher: static τ^T mean ± std and p5 / p50 / p95 (§3.2)."""
+    return [f"- {name}: static τ = {m['static_temperature_mean']:.3f} ± "
+            f"{m['static_temperature_std']:.3f}; p5 / p50 / p95 = "
+            f"{m['static_temperature_p05']:.3f} / {m['static_temperature_p50']:.3f} / "
+            f"{m['static_temperature_p95']:.3f}" for name, m in sorted(temperature.items())]
+
+
+def summary_markdown(rows: Sequence[ExperimentRow], *, baseline: str, kd_baseline: str,
+                     teachers: Mapping[str, Mapping[str, Any]] | None = None,
+                     adjust: Sequence[tuple[str, Mapping[str, Any]]] = (),
+                     temperature: Mapping[str, Mapping[str, Any]] | None = None,
+                     dataset: str | None = None) -> str:
+    """The whole `summary.md` text; sections without input are left out."""
+    teachers, temperature = teachers or {}, temperature or {}
+    parts = ["# Lessons report: knowledge distillation with KA and DTD (arXiv:1911.07471)"]
+    if dataset:
+        parts.append(f"Dataset: {dataset}.")
+    if teachers:
+        parts += ["## Teachers", markdown_table(*teacher_table(teachers))]
+    if adjust:
+        parts += ["## Knowledge Adjustment (KA, §3.1)", markdown_table(*adjust_table(adjust))]
+    if temperature:
+        parts += ["## Dynamic Temperature Distillation (DTD, §3.2)",
+                  "Teacher-only static temperature τ^T over all training views:\n\n"
+                  + "\n".join(temperature_lines(temperature))]
+    teacher_top1 = {name: m["test_top1"] for name, m in teachers.items() if "test_top1" in m}
+    parts += [
+        "## Students",
+        "Accuracies in %, test split. n: seeds; with n > 1, student top-1 is mean ± sample std "
+        "over seeds and the other columns are means. Δ: difference of mean top-1 in percentage "
+        f"points against `{baseline}` and `{kd_baseline}` ({MISSING}: that experiment is absent). "
+        "Agreement: top-1 agreement with the teacher; KL(teacher‖student) in nats at τ = 1.",
+        markdown_table(*student_table(rows, baseline, kd_baseline, teacher_top1)),
+        "## Plots",
+        f"![Student top-1 per experiment]({ACCURACY_PNG})\n\n"
+        f"![Student test top-1 per epoch]({CURVES_PNG})\n\n"
+        f"![DTD static temperature distribution]({TEMPERATURE_PNG})",
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+# --- plots (PNG bytes, Agg, no metadata) -------------------------------------------------------
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)  # Agg without pyplot: no global state, no GUI backend
+    return fig
+
+
+def _png_bytes(fig: Any) -> bytes:
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def accuracy_png(rows: Sequence[ExperimentRow], teacher_top1: Mapping[str, float]) -> bytes:
+    """Bar chart of mean student top-1 (%) per experiment, sample-std error bars where n > 1,
+    and a dashed line at each teacher's test top-1 (`teacher_top1`: name -> fraction)."""
+    fig = _figure(max(5.0, 0.9 * len(rows) + 2.0), 4.0)
+    ax = fig.add_subplot()
+    heights = [100.0 * row.top1_mean for row in rows]
+    errors = [100.0 * (row.top1_std or 0.0) for row in rows]
+    positions = list(range(len(rows)))
+    ax.bar(positions, heights, color="tab:blue")
+    spread = [(x, h, e) for x, h, e, row in zip(positions, heights, errors, rows) if row.n > 1]
+    if spread:
+        ax.errorbar([x for x, _, _ in spread], [h for _, h, _ in spread],
+                    yerr=[e for _, _, e in spread], fmt="none", ecolor="black", capsize=4)
+    for x, height, error, row in zip(positions, heights, errors, rows):
+        ax.annotate(f"{height:.2f}" + (f"\nn={row.n}" if row.n > 1 else ""), (x, height + error),
+                    textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+    references = sorted({row.teacher for row in rows if row.teacher in teacher_top1})
+    for k, name in enumerate(references):
+        level = 100.0 * teacher_top1[name]
+        ax.axhline(level, linestyle="--", color=f"C{(k + 1) % 10}",
+                   label=f"teacher {name} ({level:.2f})")
+    levels = heights + [100.0 * teacher_top1[name] for name in references]
+    low = min(h - e for h, e in zip(heights, errors)) if heights else 0.0
+    high = max((h + e for h, e in zip(heights, errors)), default=100.0)
+    ax.set_ylim(max(0.0, min([low, *levels]) - 5.0), min(100.0, max([high, *levels]) + 3.0))
+    ax.set_xticks(positions, [row.experiment for row in rows], rotation=30, ha="right")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Student top-1 per experiment")
+    if references:
+        ax.legend(loc="lower right", fontsize=8)
+    return _png_bytes(fig)
+
+
+def curves_png(curves: Mapping[str, Sequence[tuple[float, float]]]) -> bytes:
+    """Test top-1 (%) per epoch, one line per experiment (`curves`: name -> [(epoch, top1)])."""
+    fig = _figure(6.5, 4.0)
+    ax = fig.add_subplot()
+    for name, points in curves.items():
+        ax.plot([p[0] for p in points], [100.0 * p[1] for p in points], marker="o", markersize=3,
+                label=name)
+    if curves:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no training curves given", ha="center", va="center",
+                transform=ax.transAxes)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%) (mean over seeds)")
+    ax.set_title("Student test top-1 per epoch")
+    return _png_bytes(fig)
+
+
+def temperature_png(histograms: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
+    """One bar chart per teacher of the static temperature histogram (bin centre, count)."""
+    names = sorted(histograms)
+    fig = _figure(max(5.0, 4.5 * len(names)), 3.5)
+    if not names:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no temperature histogram given", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+    for k, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), k + 1)
+        centers = [float(b["temperature"]) for b in histograms[name]]
+        width = min((b - a for a, b in zip(centers, centers[1:])), default=0.1)
+        ax.bar(centers, [b["count"] for b in histograms[name]], width=0.9 * width)
+        ax.set_xlabel("static temperature τ^T")
+        ax.set_ylabel("views")
+        ax.set_title(f"DTD static temperature: {name}")
+    return _png_bytes(fig)
+
+
+def mean_curve(curves: Sequence[Sequence[Mapping[str, Any]]]) -> list[tuple[float, float]]:
+    """Mean test top-1 per epoch over the seeds' curves (each epoch over the curves that have it)."""
+    by_epoch: dict[float, list[float]] = {}
+    for curve in curves:
+        for point in curve:
+            by_epoch.setdefault(point["epoch"], []).append(float(point["test_top1"]))
+    return [(epoch, statistics.fmean(values)) for epoch, values in sorted(by_epoch.items())]
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse one JSON file. Raises ValueError naming the file when it is missing or not JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found; run the stage that writes it first") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a JSON file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def _read_dict(path: str | Path, required: Sequence[str]) -> dict[str, Any]:
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    missing = [key for key in required if key not in obj]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    for key in required:
+        if key.endswith(("top1", "_mean", "_std", "_p05", "_p50", "_p95", "fraction")) and (
+                isinstance(obj[key], bool) or not isinstance(obj[key], (int, float))):
+            raise ValueError(f"{path}: {key} must be a number, got {obj[key]!r}")
+    return obj
+
+
+def _read_list(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]]:
+    obj = read_json(path)
+    if not isinstance(obj, list) or not all(isinstance(item, dict) for item in obj):
+        raise ValueError(f"{path}: expected a JSON list of objects")
+    for item in obj:
+        missing = [key for key in required if key not in item]
+        if missing:
+            raise ValueError(f"{path}: an entry lacks key(s) {', '.join(missing)}")
+    return obj
+
+
+def _adjust_teacher(path: Path, method: str) -> str:
+    """`<teacher>-<method>.json` -> teacher (the whole stem if it does not end in -<method>)."""
+    suffix = f"-{method}"
+    return path.stem[:-len(suffix)] if path.stem.endswith(suffix) else path.stem
+
+
+# --- stage -------------------------------------------------------------------------------------
+
+
+def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Sequence[str | Path],
+        adjust_metrics: Sequence[str | Path], temperature_metrics: Sequence[str | Path],
+        temperature_histograms: Sequence[str | Path], out_dir: str | Path,
+        curves: Sequence[str | Path] = (), dataset: str | None = None) -> Path:
+    """Write `summary.md`, `accuracy.png`, `curves.png` and `temperature.png` into `out_dir`.
+
+    Args:
+        config: ReportConfig, or anything with `baseline` and `kd_baseline` (experiment names).
+        students: `metrics/students/<name>.json` files; several runs of one experiment that
+            differ only in seed are aggregated (mean ± sample std of top-1, n).
+        teachers: `metrics/teachers/<teacher>.json` files.
+        adjust_metrics: `metrics/adjust/<teacher>-<method>.json` files.
+        temperature_metrics: `metrics/temperature/<teacher>.json` files.
+        temperature_histograms: `plots/temperature/<teacher>.json` files.
+        out_dir: output folder, created if absent (e.g. `reports/`).
+        curves: `plots/students/<name>.json` files; a curve belongs to the student metrics file
+            with the same stem, else to the experiment of that name.
+        dataset: dataset name for the summary; default: a `dataset` key of any metrics file.
+    Returns:
+        The path of `summary.md` (written last, after the PNGs).
+    Raises:
+        ValueError: no student metrics; a file missing, not JSON, or lacking a required key;
+            inconsistent runs of one experiment (see `aggregate_experiments`).
+        OutputError: `out_dir` is not writable.
+    """
+    if not students:
+        raise ValueError("report: no student metrics given; run `lessons student-train` first")
+    student_paths = [Path(p) for p in students]
+    records = [_read_dict(p, ("experiment", "test_top1")) for p in student_paths]
+    teacher_metrics = {}
+    for path in map(Path, teachers):
+        metrics = _read_dict(path, ("test_top1",))
+        teacher_metrics[str(metrics.get("teacher") or path.stem)] = metrics
+    adjust = []
+    for path in map(Path, adjust_metrics):
+        metrics = _read_dict(path, ("method", "rewritten_views", "rewritten_fraction"))
+        adjust.append((_adjust_teacher(path, str(metrics["method"])), metrics))
+    temperature = {Path(p).stem: _read_dict(p, tuple(f"static_temperature_{s}" for s in
+                                                     ("mean", "std", "p05", "p50", "p95")))
+                   for p in temperature_metrics}
+    histograms = {Path(p).stem: _read_list(p, ("temperature", "count"))
+                  for p in temperature_histograms}
+
+    rows = order_rows(aggregate_experiments(records), config.baseline, config.kd_baseline)
+    experiment_of_stem = {path.stem: str(r["experiment"]) for path, r in zip(student_paths, records)}
+    known = {row.experiment for row in rows}
+    curves_by_experiment: dict[str, list[list[dict[str, Any]]]] = {}
+    for path in map(Path, curves):
+        curve = _read_list(path, ("epoch", "test_top1"))
+        name = experiment_of_stem.get(path.stem, path.stem)
+        if name not in known:
+            logger.warning("%s: no student metrics for experiment %r; curve left out", path, name)
+            continue
+        curves_by_experiment.setdefault(name, []).append(curve)
+    if dataset is None:
+        dataset = next((str(m["dataset"]) for m in [*records, *teacher_metrics.values()]
+                        if m.get("dataset")), None)
+
+    teacher_top1 = {name: float(m["test_top1"]) for name, m in teacher_metrics.items()}
+    for row in rows:  # a student's own record of its teacher, where no teacher file was given
+        if row.teacher is not None and row.teacher_top1 is not None:
+            teacher_top1.setdefault(row.teacher, row.teacher_top1)
+    ordered_curves = {row.experiment: mean_curve(curves_by_experiment[row.experiment])
+                      for row in rows if row.experiment in curves_by_experiment}
+    out_dir = Path(out_dir)
+    atomic_write_bytes(out_dir / ACCURACY_PNG, accuracy_png(rows, teacher_top1))
+    atomic_write_bytes(out_dir / CURVES_PNG, curves_png(ordered_curves))
+    atomic_write_bytes(out_dir / TEMPERATURE_PNG, temperature_png(histograms))
+    summary = summary_markdown(rows, baseline=config.baseline, kd_baseline=config.kd_baseline,
+                               teachers=teacher_metrics, adjust=adjust, temperature=temperature,
+                               dataset=dataset)
+    summary_path = out_dir / SUMMARY_NAME
+    atomic_write_bytes(summary_path, summary.encode("utf-8"))
+    logger.info("report: %d experiments (%d runs) -> %s", len(rows), len(records), summary_path)
+    return summary_path

@@ -1,0 +1,220 @@
+"""Unit tests for the report stage (stages.report): table values by hand, files on disk."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from stages.report import (
+    MISSING,
+    aggregate_experiments,
+    format_signed,
+    order_rows,
+    run,
+    student_table,
+    summary_markdown,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CONFIG = SimpleNamespace(baseline="ce", kd_baseline="kd")
+
+
+def student(experiment: str, top1: float, seed: int = 0, **extra) -> dict:
+    kd = experiment != "ce"
+    record = {"experiment": experiment, "teacher": "cnn_small", "kd": kd,
+              "adjust": "ps" if "ps" in experiment else "none",
+              "dtd": "flsw" if "flsw" in experiment else "off", "arch": "cnn_tiny", "epochs": 3,
+              "seed": seed, "lr": 0.05, "alpha": 0.9 if kd else 0.0, "test_top1": top1,
+              "test_top5": 0.99, "wall_s": 50.0, "images_per_s": 4000.0, "parameters": 12345}
+    record.update(extra)
+    return record
+
+
+def column(header: list[str], body: list[list[str]], name: str) -> dict[str, str]:
+    """experiment -> the cell of column `name`."""
+    k = header.index(name)
+    return {cells[0]: cells[k] for cells in body}
+
+
+def table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    rows = order_rows(aggregate_experiments(records), "ce", "kd")
+    return student_table(rows, "ce", "kd")
+
+
+# --- table values ------------------------------------------------------------------------------
+
+
+def test_delta_columns_are_percentage_point_differences_of_top1():
+    header, body = table([student("kd_ps", 0.83), student("ce", 0.80), student("kd", 0.82)])
+    assert column(header, body, "Δ vs ce") == {"ce": "+0.00", "kd": "+2.00", "kd_ps": "+3.00"}
+    assert column(header, body, "Δ vs kd") == {"ce": "-2.00", "kd": "+0.00", "kd_ps": "+1.00"}
+    assert column(header, body, "student top-1") == {"ce": "80.00", "kd": "82.00", "kd_ps": "83.00"}
+
+
+def test_rows_are_baseline_then_kd_baseline_then_by_name():
+    header, body = table([student(name, 0.8) for name in ("kd_ps", "kd_lsr", "kd", "ce", "a_kd")])
+    assert [cells[0] for cells in body] == ["ce", "kd", "a_kd", "kd_lsr", "kd_ps"]
+
+
+def test_runs_differing_only_in_seed_give_mean_sample_std_and_n():
+    records = [student("kd_ps", 0.80, seed=0), student("kd_ps", 0.84, seed=1),
+               student("kd_ps", 0.82, seed=2), student("ce", 0.79)]
+    (ce, kd_ps) = order_rows(aggregate_experiments(records), "ce", "kd")
+    # mean 0.82; deviations -0.02, +0.02, 0 -> sample variance 0.0008 / 2 = 0.0004, std 0.02.
+    assert (kd_ps.n, ce.n) == (3, 1)
+    assert kd_ps.top1_mean == pytest.approx(0.82, abs=1e-12)
+    assert kd_ps.top1_std == pytest.approx(0.02, abs=1e-12)
+    assert ce.top1_std is None
+    header, body = student_table([ce, kd_ps], "ce", "kd")
+    assert column(header, body, "student top-1")["kd_ps"] == "82.00 ± 2.00"
+    assert column(header, body, "n") == {"ce": "1", "kd_ps": "3"}
+    assert column(header, body, "Δ vs ce")["kd_ps"] == "+3.00"
+
+
+def test_a_missing_baseline_renders_a_dash_in_its_delta_column():
+    header, body = table([student("ce", 0.80), student("kd_ps", 0.83)])
+    assert column(header, body, "Δ vs kd") == {"ce": MISSING, "kd_ps": MISSING}
+    assert column(header, body, "Δ vs ce")["kd_ps"] == "+3.00"
+
+
+def test_teacher_columns_show_a_dash_when_the_student_has_no_teacher():
+    header, body = table([student("ce", 0.80, teacher=None)])
+    assert column(header, body, "teacher")["ce"] == MISSING
+    assert column(header, body, "teacher top-1")["ce"] == MISSING
+    assert column(header, body, "agreement")["ce"] == MISSING
+
+
+def test_teacher_side_columns_are_formatted_from_the_student_metrics():
+    record = student("kd", 0.82, teacher_test_top1=0.91, agreement_top1=0.93, mean_kl_teacher=0.12)
+    header, body = table([record])
+    assert [column(header, body, name)["kd"] for name in
+            ("teacher top-1", "agreement", "KL(teacher‖student)", "time (s)")] == \
+        ["91.00", "93.00", "0.1200", "50.0"]
+
+
+def test_a_negative_delta_that_rounds_to_zero_is_shown_as_plus_zero():
+    assert format_signed(-0.001) == "+0.00"
+    assert format_signed(-0.5) == "-0.50"
+    assert format_signed(None) == MISSING
+
+
+def test_runs_of_one_experiment_with_the_same_seed_are_rejected():
+    with pytest.raises(ValueError, match="same seed"):
+        aggregate_experiments([student("kd", 0.8, seed=1), student("kd", 0.81, seed=1)])
+
+
+def test_runs_of_one_experiment_with_different_settings_are_rejected():
+    with pytest.raises(ValueError, match="differ in alpha"):
+        aggregate_experiments([student("kd", 0.8, seed=0), student("kd", 0.8, seed=1, alpha=0.5)])
+
+
+def test_summary_markdown_names_every_experiment_and_the_dataset():
+    rows = aggregate_experiments([student("ce", 0.8), student("kd_ps_flsw", 0.83)])
+    text = summary_markdown(rows, baseline="ce", kd_baseline="kd", dataset="fashion_mnist")
+    assert "Dataset: fashion_mnist." in text
+    assert "| ce |" in text and "| kd_ps_flsw |" in text
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> dict:
+    """A small pipeline output tree: 3 experiments (kd_ps with two seeds), one teacher."""
+    metrics, plots = tmp_path / "metrics", tmp_path / "plots"
+    runs = {"ce": student("ce", 0.80), "kd": student("kd", 0.82, teacher_test_top1=0.91),
+            "kd_ps": student("kd_ps", 0.83), "kd_ps-seed1": student("kd_ps", 0.85, seed=1)}
+    students = [write_json(metrics / "students" / f"{stem}.json", r) for stem, r in runs.items()]
+    curves = [write_json(plots / "students" / f"{stem}.json",
+                         [{"epoch": e, "train_loss": 1.0 / e, "test_top1": r["test_top1"] - 0.1 / e,
+                           "test_top5": 0.99, "lr": 0.05, "elapsed_s": 10.0 * e}
+                          for e in (1, 2, 3)]) for stem, r in runs.items()]
+    teacher = write_json(metrics / "teachers" / "cnn_small.json", {
+        "teacher": "cnn_small", "arch": "cnn_small", "epochs": 3, "train_top1": 0.95,
+        "test_top1": 0.91, "test_top5": 0.998, "checkpoint_sha256": "ab" * 32, "wall_s": 120.5,
+        "images_per_s": 5000.0, "parameters": 99999})
+    adjust = write_json(metrics / "adjust" / "cnn_small-ps.json", {
+        "method": "ps", "rewritten_views": 500, "rewritten_fraction": 0.05,
+        "teacher_train_accuracy": 0.95, "rewrites_per_class": [50] * 10, "elapsed_s": 1.0})
+    temperature = write_json(metrics / "temperature" / "cnn_small.json", {
+        "omega_teacher_mean": 1.2, "static_temperature_mean": 4.0,
+        "static_temperature_std": 0.25, "static_temperature_p05": 3.5,
+        "static_temperature_p50": 4.1, "static_temperature_p95": 4.4, "elapsed_s": 2.0})
+    histogram = write_json(plots / "temperature" / "cnn_small.json",
+                           [{"temperature": 1.0 + 0.5 * k, "count": k * (14 - k)} for k in range(15)])
+    return dict(students=students, teachers=[teacher], adjust_metrics=[adjust],
+                temperature_metrics=[temperature], temperature_histograms=[histogram],
+                curves=curves, out_dir=tmp_path / "reports")
+
+
+def test_run_writes_a_summary_with_every_section_and_three_valid_pngs(inputs):
+    summary_path = run(CONFIG, **inputs)
+    out_dir = inputs["out_dir"]
+    assert summary_path == out_dir / "summary.md"
+    text = summary_path.read_text(encoding="utf-8")
+    for needle in ("## Teachers", "| cnn_small | cnn_small | 91.00 | 95.00 | 3 | 120.5 |",
+                   "| cnn_small | ps | 500 | 5.00 | 95.00 |", "static τ = 4.000 ± 0.250",
+                   "p5 / p50 / p95 = 3.500 / 4.100 / 4.400", "(accuracy.png)", "(curves.png)",
+                   "(temperature.png)"):
+        assert needle in text
+    student_lines = [line for line in text.splitlines() if line.startswith(("| ce ", "| kd"))]
+    assert [line.split(" | ")[0] for line in student_lines] == ["| ce", "| kd", "| kd_ps"]
+    # kd_ps: mean of 0.83 and 0.85 = 0.84, sample std sqrt(2 * 0.01^2 / 1) = 1.41 pp, n = 2.
+    assert "| kd_ps | 2 | cnn_small | yes | ps | off | 91.00 | 84.00 ± 1.41 | 99.00 | +4.00 | +2.00 |" \
+        in text
+    for name in ("accuracy.png", "curves.png", "temperature.png"):
+        assert (out_dir / name).read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "accuracy.png", "curves.png", "summary.md", "temperature.png"]  # no temporary files left
+
+
+def test_run_is_byte_for_byte_reproducible(inputs, tmp_path):
+    run(CONFIG, **inputs)
+    first = {p.name: p.read_bytes() for p in inputs["out_dir"].iterdir()}
+    run(CONFIG, **{**inputs, "out_dir": tmp_path / "again"})
+    second = {p.name: p.read_bytes() for p in (tmp_path / "again").iterdir()}
+    assert first == second
+
+
+def test_run_without_student_metrics_raises():
+    with pytest.raises(ValueError, match="no student metrics"):
+        run(CONFIG, students=[], teachers=[], adjust_metrics=[], temperature_metrics=[],
+            temperature_histograms=[], out_dir="unused")
+
+
+def test_run_names_a_missing_file(inputs, tmp_path):
+    missing = tmp_path / "metrics" / "students" / "absent.json"
+    with pytest.raises(ValueError, match=f"{missing}: file not found"):
+        run(CONFIG, **{**inputs, "students": [*inputs["students"], missing]})
+    assert not inputs["out_dir"].exists()  # nothing written before the inputs are checked
+
+
+def test_run_names_a_file_that_is_not_json(inputs, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{broken}: not valid JSON"):
+        run(CONFIG, **{**inputs, "temperature_metrics": [broken]})
+
+
+def test_run_names_a_file_without_the_required_keys(inputs, tmp_path):
+    wrong = write_json(tmp_path / "wrong.json", {"experiment": "kd"})
+    with pytest.raises(ValueError, match=f"{wrong}: missing key.*test_top1"):
+        run(CONFIG, **{**inputs, "students": [wrong]})
+
+
+def test_run_with_only_student_metrics_still_writes_every_output(inputs, tmp_path):
+    out_dir = tmp_path / "minimal"
+    run(CONFIG, students=inputs["students"][:1], teachers=[], adjust_metrics=[],
+        temperature_metrics=[], temperature_histograms=[], out_dir=out_dir)
+    text = (out_dir / "summary.md").read_text(encoding="utf-8")
+    assert "| ce |" in text and "## Teachers" not in text
+    for name in ("accuracy.png", "curves.png", "temperature.png"):
+        assert (out_dir / name).read_bytes()[:8] == PNG_MAGIC
