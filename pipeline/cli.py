@@ -195,6 +195,66 @@ def temperature_command(ctx: click.Context, logits_path: str, out: str, metrics_
                f"(p5 {summary['static_temperature_p05']:.3f}, p95 {summary['static_temperature_p95']:.3f})")
 
 
+@main.command("student-train")
+@click.option("--experiment", required=True, help="Name in student_train.experiments.")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--stores", "stores_root", default="stores", show_default=True, type=click.Path(),
+              help="Folder holding one store folder per teacher.")
+@click.option("--checkpoint-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--curve-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue an interrupted run of the same experiment from its last epoch.")
+@click.pass_context
+@friendly
+def student_train_command(ctx: click.Context, experiment: str, data_dir: str, stores_root: str,
+                          checkpoint_out: str, metrics_out: str, curve_out: str, resume: bool) -> None:
+    """Train a student from the precomputed lessons (KD + KA + DTD), or with plain CE."""
+    _ready_torch()
+    from stages import student_train
+
+    params = _params(ctx)
+    resolved = params.student_train.experiment(experiment)
+    if resolved.teacher is not None and resolved.teacher not in params.teacher_train.teachers:
+        raise ConfigError(f"student_train.experiments.{experiment}.teacher: no teacher named "
+                          f"{resolved.teacher!r}; known: {sorted(params.teacher_train.teachers)}")
+    stores_dir = Path(stores_root) / resolved.teacher if resolved.teacher is not None else None
+    metrics = student_train.run(resolved, temperature_config=params.temperature, data_dir=data_dir,
+                                stores_dir=stores_dir, checkpoint_out=checkpoint_out,
+                                metrics_out=metrics_out, curve_out=curve_out,
+                                device=_device(resolved.device), resume=resume)
+    click.echo(f"student {experiment}: test top-1 {metrics['test_top1']:.4f} -> {metrics_out}")
+
+
+@main.command("report")
+@click.option("--students", "students_dir", default="metrics/students", show_default=True,
+              type=click.Path(file_okay=False), help="Student metrics (*.json).")
+@click.option("--curves", "curves_dir", default="plots/students", show_default=True,
+              type=click.Path(file_okay=False), help="Student learning curves (*.json).")
+@click.option("--metrics-root", default="metrics", show_default=True, type=click.Path(file_okay=False),
+              help="Holds teachers/, adjust/ and temperature/ metrics.")
+@click.option("--histograms", "histograms_dir", default="plots/temperature", show_default=True,
+              type=click.Path(file_okay=False), help="DTD temperature histograms (*.json).")
+@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False))
+@click.pass_context
+@friendly
+def report_command(ctx: click.Context, students_dir: str, curves_dir: str, metrics_root: str,
+                   histograms_dir: str, out_dir: str) -> None:
+    """Write reports/summary.md and plots: every student experiment side by side."""
+    from stages import report
+
+    params = _params(ctx)
+    files = lambda folder: sorted(Path(folder).glob("*.json"))  # noqa: E731
+    metrics_root_path = Path(metrics_root)
+    teachers = [p for p in files(metrics_root_path / "teachers") if not p.stem.endswith("-curve")]
+    summary = report.run(params.report, students=files(students_dir), teachers=teachers,
+                         adjust_metrics=files(metrics_root_path / "adjust"),
+                         temperature_metrics=files(metrics_root_path / "temperature"),
+                         temperature_histograms=files(histograms_dir), out_dir=out_dir,
+                         curves=files(curves_dir), dataset=params.data.name)
+    click.echo(f"Report: {summary}")
+
+
 @main.command("import-logits")
 @click.argument("h5_file", type=click.Path(dir_okay=False))
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))

@@ -270,6 +270,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: must not be null")
     if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() not in args:
+            # YAML 1.1 reads a bare off/on/no/yes as a boolean; DVC (YAML 1.2) reads a string.
+            value = {False: "off", True: "on"}[value] if ("off" in args or "on" in args) else value
         if value not in args:
             raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
         return value

@@ -83,7 +83,7 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
                     if not np.array_equal(got, np.arange(filled, filled + got.shape[0])):
                         raise RuntimeError(f"{beton}: loader returned rows out of order")
                     tock = time.perf_counter()
-                    with torch.inference_mode():
+                    with torch.no_grad():  # inference tensors would break ffcv buffers
                         out_logits = model(normalize(images.to(device), mean, std)).float().cpu().numpy()
                     timing["forward_s"] += time.perf_counter() - tock
                     timing["load_s"] += tock - tick

@@ -80,7 +80,8 @@ def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | P
         result = fit(model, fit_config, train_loader=train_loader, test_loader=eval_loader("test"),
                      num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
                      loss_fn=lambda logits, labels, _index: F.cross_entropy(logits, labels),
-                     state_path=state_path, resume=resume, desc=f"teacher {name}")
+                     state_path=state_path, resume=resume, desc=f"teacher {name}",
+                     run_key=f"{config!r}|{manifest['splits']['train']['fingerprint']}")
         test_logits, test_labels = result["test_logits"], result["test_labels"]
         curve, wall_s, images_per_s, epochs = (result["curve"], result["wall_s"],
                                                result["images_per_s"], config.epochs)

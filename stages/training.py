@@ -73,7 +73,7 @@ def learning_rate(base_lr: float, progress: float, schedule: str = "cosine",
     return lr
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ffcv fills its buffers from another thread
 def predict(model: nn.Module, loader: Iterable, num_samples: int, mean: Tensor, std: Tensor,
             device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Logits of every sample of a sequential loader, in sample_index order.
@@ -234,13 +234,14 @@ class Fit:
 def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: Any,
         num_train: int, num_test: int, mean: Tensor, std: Tensor, device: torch.device,
         loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], state_path: Path | None = None,
-        resume: bool = False, desc: str = "train",
+        resume: bool = False, run_key: str = "", desc: str = "train",
         on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `model` for `fit_config.epochs` epochs, evaluating on the test split after each.
 
     The training state (weights, optimiser, curve, step) is saved atomically to `state_path`
     after every epoch; with `resume`, a saved state is loaded and training continues from the
-    next epoch, so the result equals an uninterrupted run (same order, same keyed views).
+    next epoch, so the result equals an uninterrupted run (same order, same keyed views). A
+    state saved under another `run_key` (other settings, data or teacher) is ignored.
 
     Returns:
         {"curve": [{"epoch", "train_loss", "test_top1", "test_top5", "lr", "elapsed_s"}...],
@@ -254,8 +255,13 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
     optimizer = sgd(model, fit_config.lr, fit_config.momentum, fit_config.weight_decay)
     curve: list[dict[str, Any]] = []
     start_epoch, step, elapsed_s, train_time_s, train_seen = 0, 0, 0.0, 0.0, 0
+    state = None
     if resume and state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, map_location=device, weights_only=True)
+        if state.get("run_key") != run_key:
+            logger.warning("%s: ignoring %s, saved by a run with other settings", desc, state_path)
+            state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, curve = state["epoch"], state["step"], list(state["curve"])
@@ -298,7 +304,7 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
                     fit_config.epochs, train_loss, row["test_top1"], seen / max(train_s, 1e-9))
         if state_path is not None:
             buffer = io.BytesIO()
-            torch.save({"epoch": epoch + 1, "step": step, "curve": curve, "elapsed_s": elapsed_s,
+            torch.save({"run_key": run_key, "epoch": epoch + 1, "step": step, "curve": curve, "elapsed_s": elapsed_s,
                         "train_time_s": train_time_s, "train_seen": train_seen,
                         "model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
             atomic_write_bytes(state_path, buffer.getvalue())

@@ -83,6 +83,7 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
             tmp_name = f.name
             f.write(payload)
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide outputs from other users
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)

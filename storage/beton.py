@@ -80,6 +80,52 @@ def write_beton(path: str | Path, images: np.ndarray, labels: np.ndarray, num_wo
     logger.info("%s: %d rows written", path, images.shape[0])
 
 
+class GuardedLoader:
+    """An ffcv `Loader` whose iteration fails instead of hanging when its pipeline thread dies.
+
+    ffcv runs the pipeline in a thread that feeds a queue; an exception there (printed to stderr
+    by the thread) leaves the consumer blocked forever. Here the queue is polled and the thread's
+    liveness checked, so such a failure raises `RuntimeError` within a second.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def next_epoch(self) -> int:
+        return self.loader.next_epoch
+
+    @next_epoch.setter
+    def next_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+    def __iter__(self) -> Any:
+        import queue
+
+        from ffcv.loader import epoch_iterator
+
+        it = iter(self.loader)
+        while True:
+            try:
+                item = it.output_queue.get(timeout=0.5)
+            except queue.Empty:
+                if not it.is_alive() and it.output_queue.empty():
+                    it.close()
+                    raise RuntimeError("the ffcv loader thread died (its error is printed above); "
+                                       "check the beton and the pipeline") from None
+                continue
+            if item is None:
+                it.close()
+                return
+            slot, batch = item
+            if epoch_iterator.IS_CUDA:
+                it.current_stream.wait_stream(it.cuda_streams[slot])
+            yield batch
+
+
 def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bool,
                 image_shape: tuple[int, int, int], num_workers: int = 2, seed: int = 0,
                 drop_last: bool = False, torch_threads: int | None = None,
@@ -111,7 +157,7 @@ def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bo
         if image_shape[0] >= 32:
             image_ops.append(RandomTranslate(padding=4, fill=(0,) * image_shape[2]))
     image_ops += [ToTensor(), ToTorchImage(channels_last=False)]
-    loader = Loader(
+    loader = GuardedLoader(Loader(
         str(path), batch_size=batch_size, num_workers=max(1, num_workers),
         order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=seed,
         drop_last=drop_last, indices=indices,
@@ -120,6 +166,6 @@ def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bo
             "label": [IntDecoder(), ToTensor(), Squeeze(1)],
             "sample_index": [IntDecoder(), ToTensor(), Squeeze(1)],
         },
-    )
+    ))
     torch.set_num_threads(torch_threads or len(os.sched_getaffinity(0)))  # ffcv reset it
     return loader

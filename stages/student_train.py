@@ -1,0 +1,226 @@
+"""Stage `student_train`: train one student experiment from the precomputed lessons.
+
+The student reads images from the dataset's FFCV beton and, for every batch, gathers its
+targets by `sample_index` from tensors loaded once per run: the KA store's `target_logits` and
+`fixed_target`, the DTD store's `static_temperature`, and the raw teacher logits (for FLSW).
+The teacher network is never loaded. Every store is checked against the beton's manifest
+(dataset fingerprint, sample_index, classes) and against each other (same teacher checkpoint)
+before training starts.
+
+Loss (DESIGN §4, arXiv:1911.07471 §3): L = (1−α)·CE(s, y) + α·(1/B)·Σ τ_x²·KL(q_x ‖ p^{τ_x}(s)),
+with τ_x from `dtd`: off (τ0), static (teacher-only τ^T), flsw or cwsm (online, batch mean).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import nets
+from stages.functional import kd_loss
+from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
+from stages.training import Fit, channel_stats, fit, save_checkpoint, topk_accuracy
+from storage import StoreError, atomic_write_json, open_store
+from storage.beton import make_loader
+from storage.manifest import read_prepared
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lessons:
+    """The per-sample supervision of one experiment, indexed by sample_index, on one device.
+
+    target_logits: (N, C) float32 (KA-adjusted teacher logits, or log q for fixed rows).
+    fixed_target: (N,) bool (LSR rows: use softmax(target) without softening).
+    teacher_logits: (N, C) float32, the teacher as dumped (for FLSW), or None.
+    static_temperature: (N,) float32 τ^T, or None.
+    """
+
+    target_logits: Tensor
+    fixed_target: Tensor
+    teacher_logits: Tensor | None
+    static_temperature: Tensor | None
+
+
+def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *, lessons: Lessons,
+                  alpha: float, dtd: str, temperature_config: Any) -> Tensor:
+    """The KD loss of one batch with targets gathered by `sample_index` (pure; DESIGN §4).
+
+    Args:
+        student_logits: (B, C) float. labels: (B,) int64. sample_index: (B,) int64 on any device.
+        lessons: the experiment's supervision. dtd: off | static | flsw | cwsm.
+        temperature_config: TemperatureConfig (τ0, β, γ, clamp range).
+    Returns:
+        scalar loss.
+    """
+    index = sample_index.to(lessons.target_logits.device)
+    targets = lessons.target_logits[index]
+    fixed = lessons.fixed_target[index]
+    clamp = dict(base_temperature=temperature_config.base_temperature, beta=temperature_config.beta,
+                 min_temperature=temperature_config.min_temperature,
+                 max_temperature=temperature_config.max_temperature)
+    if dtd == "off":
+        temperature: float | Tensor = temperature_config.base_temperature
+    elif dtd == "static":
+        assert lessons.static_temperature is not None
+        temperature = lessons.static_temperature[index]
+    elif dtd == "flsw":
+        assert lessons.teacher_logits is not None
+        weights = flsw_weights(student_logits.detach(), lessons.teacher_logits[index], temperature_config.gamma)
+        temperature = dynamic_temperature(weights, **clamp)
+    elif dtd == "cwsm":
+        temperature = dynamic_temperature(cwsm_weights(student_logits.detach()), **clamp)
+    else:
+        raise ValueError(f"unknown dtd mode {dtd!r}")
+    return kd_loss(student_logits, targets, labels, alpha=alpha, temperature=temperature,
+                   fixed_target=fixed, validate=False)
+
+
+def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, Any],
+                 device: torch.device) -> tuple[Lessons, dict[str, Any]]:
+    """Load and cross-check the stores of one teacher for one experiment.
+
+    Reads `logits.zarr`, `adjusted-<adjust>.zarr` (unless adjust is none) and `dtd.zarr`
+    (for dtd static). Only view 0 is used (V = 1 stores).
+
+    Returns:
+        (lessons on `device`, {"teacher": ..., "checkpoint_sha256": ...}).
+    Raises:
+        StoreError: a store is missing or unfinished, or its fingerprint, class count,
+            sample_index or teacher checkpoint does not match.
+    """
+    train = manifest["splits"]["train"]
+    expected = dict(dataset_fingerprint=train["fingerprint"], num_classes=manifest["num_classes"])
+    logits_store = open_store(store_dir / "logits.zarr", kind="logits")
+    logits_store.expect(**expected, split="train")
+    logits_store.expect_sample_index(np.arange(train["num_samples"], dtype=np.int64))
+    teacher = logits_store.attrs["teacher"]
+    teacher_logits = torch.from_numpy(logits_store.array("logits")[0].astype(np.float32))
+    if adjust == "none":
+        target_logits, fixed = teacher_logits, torch.zeros(teacher_logits.shape[0], dtype=torch.bool)
+    else:
+        adjusted = open_store(store_dir / f"adjusted-{adjust}.zarr", kind="adjusted")
+        adjusted.expect(**expected, method=adjust, teacher=teacher)
+        target_logits = torch.from_numpy(adjusted.array("target_logits")[0].astype(np.float32))
+        fixed = torch.from_numpy(adjusted.array("fixed_target")[0])
+    static = None
+    if dtd == "static":
+        dtd_store = open_store(store_dir / "dtd.zarr", kind="dtd")
+        dtd_store.expect(**expected, teacher=teacher)
+        static = torch.from_numpy(dtd_store.array("static_temperature")[0])
+    lessons = Lessons(
+        target_logits=target_logits.to(device), fixed_target=fixed.to(device),
+        teacher_logits=teacher_logits.to(device) if dtd == "flsw" else None,
+        static_temperature=static.to(device) if static is not None else None,
+    )
+    return lessons, teacher
+
+
+def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement and mean KL(teacher ‖ student) at τ = 1 (nats), over (N, C) logits."""
+    s = torch.from_numpy(student_logits).double()
+    t = torch.from_numpy(teacher_logits).double()
+    log_p, log_q = F.log_softmax(s, dim=1), F.log_softmax(t, dim=1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)
+    return {"agreement_top1": float((s.argmax(1) == t.argmax(1)).double().mean()),
+            "mean_kl_teacher": float(kl.mean())}
+
+
+def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, stores_dir: str | Path | None,
+        checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path,
+        device: torch.device, resume: bool = True) -> dict[str, Any]:
+    """Train student `experiment.name` and write its checkpoint, metrics and curve.
+
+    Args:
+        experiment: ResolvedExperiment. temperature_config: TemperatureConfig.
+        data_dir: the prepared dataset folder. stores_dir: `stores/<teacher>` (None for CE
+            without a teacher).
+        resume: continue from `<checkpoint_out>.state` when it was saved by the same
+            experiment on the same data and stores (otherwise start afresh).
+    Returns:
+        the metrics dict.
+    Raises:
+        ManifestError, StoreError (stale or misaligned stores), UnknownArchitectureError.
+    """
+    data_dir, checkpoint_out = Path(data_dir), Path(checkpoint_out)
+    manifest = read_prepared(data_dir)
+    image_shape = tuple(manifest["image_shape"])
+    height, _, channels = image_shape
+    num_train = manifest["splits"]["train"]["num_samples"]
+    num_test = manifest["splits"]["test"]["num_samples"]
+    lessons, teacher, teacher_test = None, None, None
+    if stores_dir is not None:
+        stores_dir = Path(stores_dir)
+        if experiment.kd:
+            lessons, teacher = load_lessons(stores_dir, adjust=experiment.adjust, dtd=experiment.dtd,
+                                            manifest=manifest, device=device)
+        test_store = open_store(stores_dir / "test-logits.zarr", kind="logits")
+        test_store.expect(dataset_fingerprint=manifest["splits"]["test"]["fingerprint"],
+                          num_classes=manifest["num_classes"], split="test")
+        if teacher is not None and test_store.attrs["teacher"] != teacher:
+            raise StoreError(f"{stores_dir / 'test-logits.zarr'}: from another teacher checkpoint than "
+                             f"{stores_dir / 'logits.zarr'}; rerun teacher-dump")
+        teacher = test_store.attrs["teacher"]
+        teacher_test = test_store.array("logits")[0].astype(np.float32)
+    elif experiment.kd:
+        raise StoreError(f"experiment {experiment.name}: kd needs the teacher's stores")
+
+    if experiment.kd:
+        assert lessons is not None
+        loss_fn = lambda logits, labels, index: kd_batch_loss(  # noqa: E731
+            logits, labels, index, lessons=lessons, alpha=experiment.alpha, dtd=experiment.dtd,
+            temperature_config=temperature_config)
+    else:
+        loss_fn = lambda logits, labels, _index: F.cross_entropy(logits, labels)  # noqa: E731
+
+    torch.manual_seed(experiment.seed)
+    model = nets.build_net(experiment.arch, manifest["num_classes"], in_channels=channels,
+                           image_size=height).to(device)
+    fit_config = Fit(epochs=experiment.epochs, lr=experiment.lr, momentum=experiment.momentum,
+                     weight_decay=experiment.weight_decay, seed=experiment.seed,
+                     augment=experiment.augment, image_shape=image_shape,
+                     batch_size=experiment.batch_size)
+    train_loader = make_loader(data_dir / "train.beton", batch_size=experiment.batch_size, shuffle=True,
+                               augment=False, image_shape=image_shape, seed=experiment.seed,
+                               drop_last=True, num_workers=experiment.num_workers)
+    test_loader = make_loader(data_dir / "test.beton", batch_size=512, shuffle=False, augment=False,
+                              image_shape=image_shape, num_workers=experiment.num_workers)
+    run_key = hashlib.sha256(json.dumps({
+        "experiment": dataclasses.asdict(experiment), "temperature": dataclasses.asdict(temperature_config),
+        "train_fingerprint": manifest["splits"]["train"]["fingerprint"], "teacher": teacher,
+    }, sort_keys=True, default=str).encode()).hexdigest()
+    mean, std = channel_stats(manifest, device)
+    result = fit(model, fit_config, train_loader=train_loader, test_loader=test_loader,
+                 num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
+                 loss_fn=loss_fn, state_path=checkpoint_out.with_name(checkpoint_out.name + ".state"),
+                 resume=resume, run_key=run_key, desc=f"student {experiment.name}")
+    test_logits, test_labels = result["test_logits"], result["test_labels"]
+    metrics: dict[str, Any] = {
+        "experiment": experiment.name, "teacher": teacher["name"] if teacher else None,
+        "kd": experiment.kd, "adjust": experiment.adjust, "dtd": experiment.dtd,
+        "arch": experiment.arch, "epochs": experiment.epochs, "seed": experiment.seed,
+        "lr": experiment.lr, "alpha": experiment.alpha if experiment.kd else 0.0,
+        "test_top1": topk_accuracy(test_logits, test_labels, 1),
+        "test_top5": topk_accuracy(test_logits, test_labels, 5),
+        "wall_s": round(result["wall_s"], 2), "images_per_s": round(result["images_per_s"], 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if teacher_test is not None:
+        metrics["teacher_test_top1"] = topk_accuracy(teacher_test, test_labels, 1)
+        metrics.update(teacher_agreement(test_logits, teacher_test))
+    save_checkpoint(checkpoint_out, model, arch=experiment.arch, manifest=manifest,
+                    extra={"experiment": experiment.name})
+    atomic_write_json(curve_out, result["curve"])
+    atomic_write_json(metrics_out, metrics)
+    checkpoint_out.with_name(checkpoint_out.name + ".state").unlink(missing_ok=True)
+    logger.info("student %s: test top-1 %.4f", experiment.name, metrics["test_top1"])
+    return metrics
