@@ -1,0 +1,77 @@
+"""Typed, strict params.yaml loading."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, Params, TeacherDumpConfig, from_dict, load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert set(params.student_train.experiments) == {"ce", "kd", "kd_ps", "kd_lsr", "kd_flsw", "kd_ps_flsw"}
+    assert params.adjust.methods == ("ps", "lsr")
+    kd_ps_flsw = params.student_train.experiment("kd_ps_flsw")
+    assert (kd_ps_flsw.adjust, kd_ps_flsw.dtd, kd_ps_flsw.arch) == ("ps", "flsw", params.student_train.arch)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"dat": {}}, "params.yaml: unknown key 'dat' (did you mean 'data'?)"),
+    ({"data": {"nmae": "x"}}, "data: unknown key 'nmae' (did you mean 'name'?)"),
+    ({"teacher_train": {"teachers": {"t": {"epochs": 1}}}}, "teacher_train.teachers.t: missing required key 'arch'"),
+    ({"adjust": {"methods": ["ps", "pz"]}}, "adjust.methods[1]: must be one of ['ps', 'lsr', 'none'], got 'pz'"),
+    ({"adjust": {"epsilon": 1.5}}, "adjust.epsilon: must lie in (0, 1), got 1.5"),
+    ({"data": {"max_train_samples": "all"}}, "data.max_train_samples: must be an integer, got 'all'"),
+    ({"data": {"max_train_samples": 0}}, "data.max_train_samples: must be null or a positive integer, got 0"),
+    ({"student_train": {"epochs": True}}, "student_train.epochs: must be an integer, got True"),
+    ({"temperature": {"min_temperature": 0.0}}, "temperature: need 0 < min_temperature"),
+    ({"teacher_dump": {"batch_size": 1000, "chunk_size": 16384}}, "must be a multiple of batch_size (1000)"),
+])
+def test_bad_params_raise_one_error_naming_the_section_and_key(raw, message):
+    with pytest.raises(ConfigError) as info:
+        from_dict(Params, raw, "")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_bare_off_read_as_false_by_yaml_means_the_string_off(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("student_train:\n  experiments:\n    a: {teacher: t, dtd: off}\n")
+    assert load_params(path).student_train.experiments["a"].dtd == "off"
+
+
+def test_experiment_fields_fall_back_to_shared_defaults_and_override_them():
+    params = from_dict(Params, {"student_train": {"lr": 0.1, "experiments": {
+        "a": {"teacher": "t"}, "b": {"teacher": "t", "lr": 0.01, "seed": 3}}}}, "")
+    assert params.student_train.experiment("a").lr == 0.1
+    assert (params.student_train.experiment("b").lr, params.student_train.experiment("b").seed) == (0.01, 3)
+    with pytest.raises(ConfigError, match="no experiment named 'c'"):
+        params.student_train.experiment("c")
+
+
+def test_kd_without_a_teacher_and_ce_with_adjustment_are_refused():
+    params = from_dict(Params, {"student_train": {"experiments": {
+        "a": {"kd": True}, "b": {"kd": False, "adjust": "ps"}}}}, "")
+    with pytest.raises(ConfigError, match="teacher: required when kd is true"):
+        params.student_train.experiment("a")
+    with pytest.raises(ConfigError, match="adjust/dtd need kd: true"):
+        params.student_train.experiment("b")
+
+
+def test_a_missing_or_broken_params_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the parameters file"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+
+
+def test_dotted_overrides_apply_after_reading(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  name: npz\n")
+    params = load_params(path, overrides={"data.max_train_samples": 50, "teacher_dump.dtype": "float32"})
+    assert params.data.max_train_samples == 50 and params.teacher_dump == TeacherDumpConfig(dtype="float32")
