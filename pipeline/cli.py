@@ -197,6 +197,8 @@ def temperature_command(ctx: click.Context, logits_path: str, out: str, metrics_
 
 @main.command("student-train")
 @click.option("--experiment", required=True, help="Name in student_train.experiments.")
+@click.option("--seed", type=int, default=None,
+              help="One of student_train.seeds (a matrix item; default: the first).")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--stores", "stores_root", default="stores", show_default=True, type=click.Path(),
               help="Folder holding one store folder per teacher.")
@@ -207,14 +209,17 @@ def temperature_command(ctx: click.Context, logits_path: str, out: str, metrics_
               help="Continue an interrupted run of the same experiment from its last epoch.")
 @click.pass_context
 @friendly
-def student_train_command(ctx: click.Context, experiment: str, data_dir: str, stores_root: str,
+def student_train_command(ctx: click.Context, experiment: str, seed: int | None, data_dir: str,
+                          stores_root: str,
                           checkpoint_out: str, metrics_out: str, curve_out: str, resume: bool) -> None:
     """Train a student from the precomputed lessons (KD + KA + DTD), or with plain CE."""
     _ready_torch()
     from stages import student_train
 
     params = _params(ctx)
-    resolved = params.student_train.experiment(experiment)
+    if seed is not None and seed not in params.student_train.seeds:
+        raise ConfigError(f"--seed {seed}: not in student_train.seeds {list(params.student_train.seeds)}")
+    resolved = params.student_train.experiment(experiment, seed)
     if resolved.teacher is not None and resolved.teacher not in params.teacher_train.teachers:
         raise ConfigError(f"student_train.experiments.{experiment}.teacher: no teacher named "
                           f"{resolved.teacher!r}; known: {sorted(params.teacher_train.teachers)}")

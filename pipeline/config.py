@@ -148,7 +148,6 @@ class ExperimentConfig:
     batch_size: int | None = None
     lr: float | None = None
     alpha: float | None = None
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +161,7 @@ class StudentTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     alpha: float = 0.9  # weight of the KD term; (1 - alpha) on cross-entropy
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # every experiment runs once per seed (a dvc matrix axis)
     augment: bool = True
     num_workers: int = 2
     device: Device = "auto"
@@ -170,11 +169,15 @@ class StudentTrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "student_train", ("epochs", "batch_size", "lr"))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"student_train.seeds: must be a non-empty list of distinct integers, "
+                              f"got {list(self.seeds)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"student_train.alpha: must lie in [0, 1], got {self.alpha}")
 
-    def experiment(self, name: str) -> "ResolvedExperiment":
-        """The experiment `name` with every unset field filled from the shared defaults."""
+    def experiment(self, name: str, seed: int | None = None) -> "ResolvedExperiment":
+        """The experiment `name` (for `seed`, default the first of `seeds`) with every unset
+        field filled from the shared defaults."""
         if name not in self.experiments:
             raise ConfigError(
                 f"student_train.experiments: no experiment named {name!r}; "
@@ -192,7 +195,7 @@ class StudentTrainConfig:
         resolved = ResolvedExperiment(
             name=name, teacher=exp.teacher, kd=exp.kd, adjust=exp.adjust, dtd=exp.dtd,
             arch=pick("arch"), epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
-            alpha=pick("alpha"), seed=pick("seed"), momentum=self.momentum,
+            alpha=pick("alpha"), seed=self.seeds[0] if seed is None else seed, momentum=self.momentum,
             weight_decay=self.weight_decay, augment=self.augment, num_workers=self.num_workers,
             device=self.device,
         )

@@ -63,7 +63,7 @@ def test_dvc_repro_runs_every_stage_and_writes_the_report(project: Path):
     experiments = yaml.safe_load((project / "params.yaml").read_text())["student_train"]["experiments"]
     for name in experiments:
         assert f"| {name} |" in summary
-        metrics = json.loads((project / "metrics" / "students" / f"{name}.json").read_text())
+        metrics = json.loads((project / "metrics" / "students" / f"{name}-seed0.json").read_text())
         assert 0.3 < metrics["test_top1"] <= 1.0, (name, metrics["test_top1"])  # 10 classes: chance is 0.1
         assert metrics["teacher"] == "cnn_small"
     for png in ("accuracy.png", "curves.png", "temperature.png"):
@@ -90,9 +90,9 @@ def test_changing_one_students_lr_reruns_only_that_student_and_the_report(projec
         status = _sh(["dvc", "status"], project)
         changed = {line.strip().rstrip(":") for line in status.splitlines()
                    if line and not line.startswith(("\t", " "))}
-        assert changed == {"student_train@kd_ps"}, status
+        assert changed == {"student_train@kd_ps-0"}, status
         out = _sh(["dvc", "repro"], project)
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-        assert ran == {"student_train@kd_ps", "report"}, out
+        assert ran == {"student_train@kd_ps-0", "report"}, out
     finally:
         params_path.write_text(original)

@@ -28,6 +28,7 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
     ({"data": {"max_train_samples": "all"}}, "data.max_train_samples: must be an integer, got 'all'"),
     ({"data": {"max_train_samples": 0}}, "data.max_train_samples: must be null or a positive integer, got 0"),
     ({"student_train": {"epochs": True}}, "student_train.epochs: must be an integer, got True"),
+    ({"student_train": {"seeds": [1, 1]}}, "student_train.seeds: must be a non-empty list of distinct"),
     ({"temperature": {"min_temperature": 0.0}}, "temperature: need 0 < min_temperature"),
     ({"teacher_dump": {"batch_size": 1000, "chunk_size": 16384}}, "must be a multiple of batch_size (1000)"),
 ])
@@ -46,9 +47,10 @@ def test_a_bare_off_read_as_false_by_yaml_means_the_string_off(tmp_path):
 
 def test_experiment_fields_fall_back_to_shared_defaults_and_override_them():
     params = from_dict(Params, {"student_train": {"lr": 0.1, "experiments": {
-        "a": {"teacher": "t"}, "b": {"teacher": "t", "lr": 0.01, "seed": 3}}}}, "")
+        "a": {"teacher": "t"}, "b": {"teacher": "t", "lr": 0.01}}, "seeds": [4, 5]}}, "")
     assert params.student_train.experiment("a").lr == 0.1
-    assert (params.student_train.experiment("b").lr, params.student_train.experiment("b").seed) == (0.01, 3)
+    assert params.student_train.experiment("a").seed == 4
+    assert (params.student_train.experiment("b", 5).lr, params.student_train.experiment("b", 5).seed) == (0.01, 5)
     with pytest.raises(ConfigError, match="no experiment named 'c'"):
         params.student_train.experiment("c")
 
