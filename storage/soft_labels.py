@@ -79,6 +79,34 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
+def check_values(value: np.ndarray, dtype: str, *, where: str) -> None:
+    """Refuse values that a store of `dtype` cannot hold faithfully.
+
+    Args:
+        value: the array to be stored. dtype: the store array's dtype. where: message prefix.
+    Raises:
+        StoreError: non-numeric data for a float array, NaN/inf, a value beyond float16 range
+            for a float16 array, or non-integer data for an integer array.
+    """
+    target = np.dtype(dtype)
+    if target.kind == "f":
+        if value.dtype.kind not in "fiu":
+            raise StoreError(f"{where} must be numeric, got {value.dtype}")
+        bad = ~np.isfinite(value)
+        if bad.any():
+            raise StoreError(f"{where} has {int(bad.sum())} NaN/inf values; "
+                             "fix the producer (a diverged teacher?) before caching")
+        if target == np.float16:
+            peak = float(np.abs(value).max()) if value.size else 0.0
+            if peak > FLOAT16_MAX:
+                raise StoreError(
+                    f"{where} has |value| {peak:.4g} beyond the float16 "
+                    f"range ({FLOAT16_MAX:g}); set teacher_dump.dtype: float32"
+                )
+    elif target.kind in "iu" and value.dtype.kind not in "iub":
+        raise StoreError(f"{where} must be integer, got {value.dtype}")
+
+
 class StoreWriter:
     """Writes one store chunk by chunk into `<out>.partial/`, resumably; `finalize` publishes it.
 
@@ -129,7 +157,13 @@ class StoreWriter:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._lock.__exit__(*exc_info)
+        try:
+            if exc_info[0] is not None and self.partial.exists() and not self.completed_chunks():
+                # A failed write that finished no chunk holds nothing worth resuming: leave no
+                # partial output behind (bad input, a full disk), only the work of marked chunks.
+                shutil.rmtree(self.partial, ignore_errors=True)
+        finally:
+            self._lock.__exit__(*exc_info)
 
     def _plan(self) -> dict[str, Any]:
         return {
@@ -210,24 +244,8 @@ class StoreWriter:
         if list(value.shape) != expected:
             raise StoreError(f"{self.out}: array {name!r} chunk has shape {value.shape}, "
                              f"expected {tuple(expected)}")
-        target = np.dtype(spec.dtype)
-        if target.kind == "f":
-            if value.dtype.kind not in "fiu":
-                raise StoreError(f"{self.out}: array {name!r} must be numeric, got {value.dtype}")
-            bad = ~np.isfinite(value)
-            if bad.any():
-                raise StoreError(f"{self.out}: array {name!r} has {int(bad.sum())} NaN/inf values; "
-                                 "fix the producer (a diverged teacher?) before caching")
-            if target == np.float16:
-                peak = float(np.abs(value).max()) if value.size else 0.0
-                if peak > FLOAT16_MAX:
-                    raise StoreError(
-                        f"{self.out}: array {name!r} has |value| {peak:.4g} beyond the float16 "
-                        f"range ({FLOAT16_MAX:g}); set teacher_dump.dtype: float32"
-                    )
-        elif target.kind in "iu" and value.dtype.kind not in "iub":
-            raise StoreError(f"{self.out}: array {name!r} must be integer, got {value.dtype}")
-        return value.astype(target, copy=False)
+        check_values(value, spec.dtype, where=f"{self.out}: array {name!r}")
+        return value.astype(np.dtype(spec.dtype), copy=False)
 
     def write_dask(self, values: Mapping[str, Any], scheduler: Any = None,
                    reductions: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -342,28 +360,72 @@ class SoftLabelStore:
         """The whole array `name` in memory."""
         return self.array(name)[...]
 
-    def expect(self, **expected: Any) -> None:
+    def expect(self, *, against: str = "what it is used with", **expected: Any) -> None:
         """Refuse the store when an attribute differs from what it is combined with.
 
-        Keyword names are attribute names (e.g. `dataset_fingerprint`, `num_classes`); the
-        error names both sides. Raises StoreError.
+        Keyword names are attribute names (e.g. `dataset_fingerprint`, `num_classes`); `against`
+        names the other side (a manifest, another store). The error names both sides and, for a
+        nested attribute such as `teacher`, the first entry that differs. Raises StoreError.
         """
         for key, want in expected.items():
             have = self.attrs.get(key)
             if have != want:
+                path, have, want = _first_difference(key, have, want)
                 raise StoreError(
-                    f"{self.path}: {key} is {_short(have)} in the store but {_short(want)} in what it "
-                    f"is used with; the store is stale or from another run: rebuild it (dvc repro)"
+                    f"{self.path}: {path} is {_short(have)} in the store but {_short(want)} in "
+                    f"{against}; the store is stale or from another run: rebuild it (dvc repro)"
                 )
 
-    def expect_sample_index(self, sample_index: np.ndarray) -> None:
+    def expect_sample_index(self, sample_index: np.ndarray, *, against: str = "the dataset") -> None:
         """Refuse the store unless its `sample_index` equals `sample_index` element for element."""
         have = self.read("sample_index")
-        if have.shape != sample_index.shape or not np.array_equal(have, sample_index):
+        if have.shape != sample_index.shape:
             raise StoreError(
-                f"{self.path}: sample_index does not match the dataset ({have.shape[0]} rows in the "
-                f"store, {sample_index.shape[0]} in the dataset); rebuild the store for this dataset"
+                f"{self.path}: sample_index does not match {against} ({have.shape[0]} rows in the "
+                f"store, {sample_index.shape[0]} in {against}); rebuild the store for this dataset"
             )
+        if not np.array_equal(have, sample_index):
+            row = int(np.flatnonzero(have != sample_index)[0])
+            raise StoreError(
+                f"{self.path}: sample_index does not match {against} (row {row} holds sample "
+                f"{int(have[row])} in the store, {int(sample_index[row])} in {against}); the rows are "
+                "in another order or subset: rebuild the store for this dataset"
+            )
+
+    def check_layout(self) -> None:
+        """Refuse a store whose arrays disagree with its own attributes.
+
+        Every array must have `num_samples` rows on its sample axis (axis 0 of a 1-D array,
+        axis 1 otherwise); a logit store's `logits` must be (num_views, N, num_classes) and its
+        `sample_index` the canonical 0..N-1 (consumers pair row n with sample n).
+
+        Raises:
+            StoreError: naming the array and both shapes.
+        """
+        n = self.num_samples
+        for name in sorted(self.group.array_keys()):
+            shape = self.group[name].shape
+            rows = shape[0] if len(shape) == 1 else shape[1] if len(shape) > 1 else None
+            if rows != n:
+                raise StoreError(f"{self.path}: array {name!r} has shape {shape} but the store says "
+                                 f"num_samples = {n}; the store is damaged: rebuild it")
+        if self.kind == "logits":
+            want = (self.attrs.get("num_views"), n, self.attrs.get("num_classes"))
+            shape = self.array("logits").shape
+            if tuple(shape) != want:
+                raise StoreError(f"{self.path}: logits have shape {tuple(shape)} but the attributes "
+                                 f"say (num_views, N, num_classes) = {want}; rebuild the store")
+            self.expect_sample_index(np.arange(n, dtype=np.int64), against="the canonical order 0..N-1")
+
+
+def _first_difference(key: str, have: Any, want: Any) -> tuple[str, Any, Any]:
+    """The dotted path of the first entry where two (nested) attribute values differ."""
+    while isinstance(have, dict) and isinstance(want, dict):
+        sub = next((k for k in sorted(set(have) | set(want), key=str) if have.get(k) != want.get(k)), None)
+        if sub is None:
+            break
+        key, have, want = f"{key}.{sub}", have.get(sub), want.get(sub)
+    return key, have, want
 
 
 def _short(value: Any) -> str:
