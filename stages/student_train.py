@@ -100,29 +100,45 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
     """
     train = manifest["splits"]["train"]
     expected = dict(dataset_fingerprint=train["fingerprint"], num_classes=manifest["num_classes"])
-    logits_store = open_store(store_dir / "logits.zarr", kind="logits")
-    logits_store.expect(**expected, split="train")
-    logits_store.expect_sample_index(np.arange(train["num_samples"], dtype=np.int64))
+    dataset = f"the prepared dataset ({manifest['dataset']})"
+    logits_path = store_dir / "logits.zarr"
+    logits_store = open_store(logits_path, kind="logits")
+    logits_store.expect(**expected, split="train", against=dataset)
+    logits_store.expect_sample_index(np.arange(train["num_samples"], dtype=np.int64), against=dataset)
     teacher = logits_store.attrs["teacher"]
-    teacher_logits = torch.from_numpy(logits_store.array("logits")[0].astype(np.float32))
+    teacher_logits = _finite(logits_store, "logits")
     if adjust == "none":
         target_logits, fixed = teacher_logits, torch.zeros(teacher_logits.shape[0], dtype=torch.bool)
     else:
         adjusted = open_store(store_dir / f"adjusted-{adjust}.zarr", kind="adjusted")
-        adjusted.expect(**expected, method=adjust, teacher=teacher)
-        target_logits = torch.from_numpy(adjusted.array("target_logits")[0].astype(np.float32))
+        adjusted.expect(**expected, method=adjust, against=dataset)
+        adjusted.expect(teacher=teacher, against=str(logits_path))
+        target_logits = _finite(adjusted, "target_logits")
         fixed = torch.from_numpy(adjusted.array("fixed_target")[0])
     static = None
     if dtd == "static":
         dtd_store = open_store(store_dir / "dtd.zarr", kind="dtd")
-        dtd_store.expect(**expected, teacher=teacher)
-        static = torch.from_numpy(dtd_store.array("static_temperature")[0])
+        dtd_store.expect(**expected, against=dataset)
+        dtd_store.expect(teacher=teacher, against=str(logits_path))
+        static = _finite(dtd_store, "static_temperature")
     lessons = Lessons(
         target_logits=target_logits.to(device), fixed_target=fixed.to(device),
         teacher_logits=teacher_logits.to(device) if dtd == "flsw" else None,
         static_temperature=static.to(device) if static is not None else None,
     )
     return lessons, teacher
+
+
+def _finite(store: Any, name: str) -> Tensor:
+    """View 0 of array `name` as float32, refused when it holds NaN/inf (a damaged store:
+    zarr reads a missing chunk as NaN, and training on it would only report a NaN loss)."""
+    values = store.array(name)[0].astype(np.float32)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
+        raise StoreError(f"{store.path}: {name} has NaN/inf in {rows.size} rows (first: sample "
+                         f"{int(rows[0])}); the store is damaged (a missing chunk?): rebuild it")
+    return torch.from_numpy(values)
 
 
 def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
@@ -165,7 +181,8 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
                                             manifest=manifest, device=device)
         test_store = open_store(stores_dir / "test-logits.zarr", kind="logits")
         test_store.expect(dataset_fingerprint=manifest["splits"]["test"]["fingerprint"],
-                          num_classes=manifest["num_classes"], split="test")
+                          num_classes=manifest["num_classes"], split="test",
+                          against=f"the prepared dataset ({manifest['dataset']})")
         if teacher is not None and test_store.attrs["teacher"] != teacher:
             raise StoreError(f"{stores_dir / 'test-logits.zarr'}: from another teacher checkpoint than "
                              f"{stores_dir / 'logits.zarr'}; rerun teacher-dump")
