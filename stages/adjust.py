@@ -24,7 +24,7 @@ from torch import Tensor
 
 from stages.functional import InvalidLogitsError, teacher_is_wrong
 from stages.parallel import dask_scheduler
-from storage import ArraySpec, StoreWriter, atomic_write_json, open_store
+from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, open_store
 from storage.versions import library_versions
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,8 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
         config: AdjustConfig (epsilon). method: ps | lsr | none.
         scheduler: None for dask's local threaded scheduler, or a `dask.distributed` address.
     Raises:
-        StoreError: the input is missing, unfinished, or not a train-split logit store.
+        StoreError: the input is missing, unfinished, or not a train-split logit store, or its
+            arrays disagree with its attributes or its sample_index is not the canonical order.
         InvalidLogitsError: NaN/inf logits or labels outside [0, C) in the input.
     """
     import dask.array as da
@@ -228,6 +229,10 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
     if method not in ("ps", "lsr", "none"):
         raise ValueError(f"adjust: unknown method {method!r}; use ps, lsr or none")
     source = open_store(logits_path, kind="logits")
+    source.check_layout()
+    if source.attrs.get("split") != "train":
+        raise StoreError(f"{logits_path}: a {source.attrs.get('split')!r}-split logit store; KA rewrites "
+                         "the train split's targets: pass the teacher's logits.zarr")
     logits_array = source.array("logits")
     views, samples, num_classes = logits_array.shape
     labels = source.read("labels")

@@ -273,12 +273,14 @@ def run(config: Any, *, logits_path: str | Path, out: str | Path, metrics_out: s
     method. Chunks of N follow the input's; peak memory does not grow with N.
 
     Raises:
-        StoreError: the input is missing, unfinished or not a logit store.
+        StoreError: the input is missing, unfinished or not a logit store, or its arrays disagree
+            with its attributes or its sample_index is not the canonical order.
         InvalidLogitsError: NaN/inf logits.
     """
     import dask.array as da
 
     source = open_store(logits_path, kind="logits")
+    source.check_layout()
     logits_array = source.array("logits")
     views, samples, num_classes = logits_array.shape
     chunk_rows = source.chunk_rows
