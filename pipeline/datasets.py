@@ -24,6 +24,7 @@ import logging
 import pickle
 import struct
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,7 +328,7 @@ def _load_npz(root: Path) -> tuple[tuple[str, ...], _Source, _Source]:
     try:
         with np.load(root, allow_pickle=False) as packed:
             arrays = {key: packed[key] for key in packed.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DatasetError(f"{root}: not a readable .npz file ({exc}); "
                            "replace it with an intact copy") from exc
     jpeg_keys = [f"{s}_{k}" for s in ("train", "test") for k in ("jpeg", "offsets", "labels")]
