@@ -37,7 +37,7 @@ def describe_os_error(exc: OSError, path: str | Path) -> str:
     """One line for an OS error while writing `path`, with the fix."""
     if exc.errno == errno.ENOSPC:
         return f"{path}: no space left on the device; free some disk space and run again"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
         return f"{path}: not writable ({exc.strerror}); choose a writable output path"
     return f"{path}: {exc.strerror or exc}"
 
