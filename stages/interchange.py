@@ -14,6 +14,7 @@ import numpy as np
 
 from stages.teacher_dump import VIEW_SPEC
 from storage import ArraySpec, StoreError, StoreWriter
+from storage.soft_labels import check_values
 from storage.h5 import H5Error, read_h5
 from storage.manifest import file_sha256, read_labels, read_prepared
 from storage.versions import library_versions
@@ -29,7 +30,10 @@ def import_logits(h5_file: str | Path, *, data_dir: str | Path, out: str | Path,
         the number of rows (N).
     Raises:
         H5Error: the file lacks `logits`, or lacks both `sample_index` and `labels`.
-        StoreError: N, C, sample_index or labels do not match the dataset; NaN/inf logits.
+        H5Error: `labels`, `sample_index` or `view_params` of the wrong shape or dtype.
+        StoreError: N, C, sample_index, labels or an exported store's dataset fingerprint do not
+            match the dataset; labels outside [0, C); NaN/inf logits, or logits beyond float16
+            range for a float16 store (checked before anything is written).
     """
     manifest = read_prepared(data_dir, verify_betons=False)
     labels = read_labels(data_dir, split, manifest)
@@ -50,16 +54,31 @@ def import_logits(h5_file: str | Path, *, data_dir: str | Path, out: str | Path,
     if num_classes != expected_c:
         raise StoreError(f"{h5_file}: {num_classes} classes of logits but {manifest['dataset']} "
                          f"has {expected_c}")
+    fingerprint = manifest["splits"][split]["fingerprint"]
+    if attrs.get("dataset_fingerprint") not in (None, fingerprint):
+        raise StoreError(f"{h5_file}: exported from a store of dataset fingerprint "
+                         f"{str(attrs['dataset_fingerprint'])[:16]}... but the {split} split of "
+                         f"{data_dir} has {fingerprint[:16]}...; the logits belong to another "
+                         "dataset, subset or order")
     if "sample_index" not in arrays and "labels" not in arrays:
         raise H5Error(f"{h5_file}: needs a 'sample_index' or a 'labels' dataset to check alignment")
+    for name in ("sample_index", "labels"):
+        if name in arrays and (arrays[name].shape != (num_samples,) or arrays[name].dtype.kind not in "iu"):
+            raise H5Error(f"{h5_file}: {name!r} must be integer ({num_samples},) like the logits' rows, "
+                          f"got {arrays[name].dtype} {arrays[name].shape}")
     order = np.arange(num_samples)
     if "sample_index" in arrays:
         sample_index = np.asarray(arrays["sample_index"]).astype(np.int64)
-        if sample_index.shape != (num_samples,) or not np.array_equal(np.sort(sample_index), order):
+        if not np.array_equal(np.sort(sample_index), order):
             raise StoreError(f"{h5_file}: 'sample_index' is not a permutation of 0..{num_samples - 1}")
         order = np.argsort(sample_index, kind="stable")
     if "labels" in arrays:
         given = np.asarray(arrays["labels"]).astype(np.int64)[order]
+        outside = np.flatnonzero((given < 0) | (given >= num_classes))
+        if outside.size:
+            raise StoreError(f"{h5_file}: label {given[outside[0]]} of sample {outside[0]} is outside "
+                             f"[0, {num_classes}) ({outside.size} such rows); the labels are not class "
+                             f"ids of {manifest['dataset']}")
         wrong = np.flatnonzero(given != labels)
         if wrong.size:
             raise StoreError(f"{h5_file}: labels differ from the dataset at {wrong.size} rows (first: "
@@ -77,10 +96,15 @@ def import_logits(h5_file: str | Path, *, data_dir: str | Path, out: str | Path,
         "versions": library_versions(),
     }
     view_params = arrays.get("view_params")
-    if view_params is None or view_params.shape[:2] != (num_views, num_samples):
+    if view_params is None:
         view_params = np.zeros((num_views, num_samples, 0), dtype=np.int16)
+    elif view_params.ndim != 3 or view_params.shape[:2] != (num_views, num_samples) \
+            or view_params.dtype.kind not in "iuf":
+        raise H5Error(f"{h5_file}: 'view_params' must be numeric (V, N, P) = ({num_views}, {num_samples}, P) "
+                      f"like the logits, got {view_params.dtype} {view_params.shape}")
     else:
         view_params = view_params[:, order]
+    check_values(logits, dtype, where=f"{h5_file}: 'logits'")  # before any output exists
     specs = {
         "logits": ArraySpec((num_views, num_samples, num_classes), dtype, sample_axis=1),
         "labels": ArraySpec((num_samples,), "int64"),
