@@ -207,7 +207,9 @@ class StoreWriter:
 
     def completed_chunks(self) -> set[int]:
         marks = self.partial / _MARKS / "done"
-        return {int(p.name) for p in marks.iterdir()} if marks.exists() else set()
+        # Only whole marks count: a process killed inside atomic_write_bytes leaves its
+        # `.<chunk>.<random>` temporary file here, which must neither count nor break a resume.
+        return {int(p.name) for p in marks.iterdir() if p.name.isdigit()} if marks.exists() else set()
 
     def pending_chunks(self) -> list[int]:
         done = self.completed_chunks()
