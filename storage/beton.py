@@ -10,6 +10,7 @@ count, so `make_loader` restores it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -75,7 +76,8 @@ def write_beton(path: str | Path, images: np.ndarray, labels: np.ndarray, num_wo
         writer.from_indexed_dataset(_Rows(np.ascontiguousarray(images), labels), chunksize=1000)
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. ENOTDIR: the cause, not a second error
+            tmp.unlink()
         raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
     logger.info("%s: %d rows written", path, images.shape[0])
 

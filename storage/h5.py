@@ -5,6 +5,7 @@ attribute (so nested attributes survive), which `read_h5` reads back bit for bit
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -41,7 +42,8 @@ def export_h5(store: SoftLabelStore, path: str | Path) -> None:
             f.attrs["lessons_export"] = json.dumps(True)
         tmp.replace(path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. ENOTDIR: the cause, not a second error
+            tmp.unlink()
         raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
     logger.info("%s: exported %s", path, store.path)
 
