@@ -1,0 +1,154 @@
+"""Interrupted work: a SIGKILLed stage leaves nothing that looks finished, and a rerun resumes
+and produces exactly what an uninterrupted run produces."""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from storage import StoreError, open_store
+from tests.reliability.conftest import (
+    CHUNK,
+    NUM_TRAIN,
+    cli,
+    ok,
+    spawn_cli,
+    tree_digest,
+    wait_for,
+    write_params,
+)
+
+
+
+def _kill(proc) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow  # a real `lessons` process (~20 s)
+def test_a_teacher_dump_killed_after_one_chunk_resumes_and_ends_byte_identical(tmp_path, pipeline):
+    out, test_out = tmp_path / "stores" / "t" / "logits.zarr", tmp_path / "stores" / "t" / "test-logits.zarr"
+    marks = out.with_name(out.name + ".partial") / ".lessons" / "done"
+    args = ("teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
+            "--out", out, "--test-out", test_out)
+    log = tmp_path / "child.log"
+    proc = spawn_cli(pipeline.params_path, *args, cwd=tmp_path, pause_s=60, log=log)
+    try:
+        wait_for(lambda: marks.is_dir() and any(m.name.isdigit() for m in marks.iterdir()), proc, 240,
+                 "the first chunk mark", log)
+    finally:
+        _kill(proc)
+
+    # Nothing that looks finished: no store, and reading one is refused with the resume hint.
+    assert not out.exists() and not test_out.exists()
+    with pytest.raises(StoreError, match="unfinished write exists beside it"):
+        open_store(out)
+    done = sum(m.name.isdigit() for m in marks.iterdir())
+    num_chunks = -(-NUM_TRAIN // CHUNK)
+    assert 1 <= done < num_chunks
+
+    result = ok(cli(pipeline.params_path, *args))
+    assert f"resuming, {done} of {num_chunks} chunks already written" in result.output
+    assert not out.with_name(out.name + ".partial").exists()
+    resumed, reference = open_store(out), open_store(pipeline.teacher_stores / "logits.zarr")
+    for name in ("logits", "labels", "sample_index", "view_params"):
+        a, b = resumed.read(name), reference.read(name)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    # The files themselves (chunks, metadata, attributes) are byte-identical too.
+    assert tree_digest(out) == tree_digest(pipeline.teacher_stores / "logits.zarr")
+    assert tree_digest(test_out) == tree_digest(pipeline.teacher_stores / "test-logits.zarr")
+
+
+def _student_args(root: Path, name: str, stores: Path, data: Path) -> tuple:
+    return ("student-train", "--experiment", "kd_ps_2ep", "--data", data, "--stores", stores,
+            "--checkpoint-out", root / f"{name}.pt", "--metrics-out", root / f"{name}.json",
+            "--curve-out", root / f"{name}-curve.json")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow  # a real `lessons` process (~20 s)
+def test_a_student_killed_after_epoch_one_of_two_resumes_to_the_uninterrupted_result(tmp_path, pipeline):
+    stores, data = pipeline.stores, pipeline.data
+    killed = _student_args(tmp_path, "resumed", stores, data)
+    state = tmp_path / "resumed.pt.state"
+    log = tmp_path / "child.log"
+    proc = spawn_cli(pipeline.params_path, *killed, cwd=tmp_path, pause_s=60, log=log)
+    try:
+        wait_for(state.is_file, proc, 240, "the epoch-1 training state", log)
+    finally:
+        _kill(proc)
+    # Killed between epochs: no checkpoint or metrics that look finished.
+    assert not (tmp_path / "resumed.pt").exists() and not (tmp_path / "resumed.json").exists()
+
+    result = ok(cli(pipeline.params_path, *killed))  # resume is the default
+    assert "resuming after epoch 1 of 2" in result.output
+    assert not state.exists()
+    ok(cli(pipeline.params_path, *_student_args(tmp_path, "straight", stores, data)))
+
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    straight = json.loads((tmp_path / "straight.json").read_text())
+    timing = {"wall_s", "images_per_s"}
+    assert {k: v for k, v in resumed.items() if k not in timing} == \
+        {k: v for k, v in straight.items() if k not in timing}
+    curve = lambda name: [{k: v for k, v in row.items() if k != "elapsed_s"}  # noqa: E731
+                          for row in json.loads((tmp_path / f"{name}-curve.json").read_text())]
+    assert curve("resumed") == curve("straight") and len(curve("resumed")) == 2
+    a, b = _weights(tmp_path / "resumed.pt"), _weights(tmp_path / "straight.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _interrupt_after_first_chunk(monkeypatch, params, args) -> None:
+    """Run a dump in this process that gets Ctrl-C right after its first chunk is marked."""
+    import storage.soft_labels as soft_labels
+
+    write_chunk = soft_labels.StoreWriter.write_chunk
+
+    def interrupted(self, chunk, values):
+        write_chunk(self, chunk, values)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(soft_labels.StoreWriter, "write_chunk", interrupted)
+        result = cli(params, *args)
+    assert isinstance(result.exception, KeyboardInterrupt) or result.exit_code != 0
+
+
+def _dump_args(pipeline, out: Path) -> tuple:
+    return ("teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
+            "--out", out, "--test-out", out.with_name("test-" + out.name))
+
+
+def test_a_ctrl_c_keeps_the_finished_chunk_and_a_stray_temporary_mark_does_not_break_the_resume(
+        tmp_path, pipeline, monkeypatch):
+    out = tmp_path / "logits.zarr"
+    marks = out.with_name(out.name + ".partial") / ".lessons" / "done"
+    _interrupt_after_first_chunk(monkeypatch, pipeline.params_path, _dump_args(pipeline, out))
+    assert not out.exists()
+    assert [m.name for m in marks.iterdir()] == ["0"]
+    (marks / ".1.x8k2_q0a").write_bytes(b"")  # what a kill inside atomic_write_bytes leaves
+
+    result = ok(cli(pipeline.params_path, *_dump_args(pipeline, out)))
+    assert f"resuming, 1 of {-(-NUM_TRAIN // CHUNK)} chunks already written" in result.output
+    assert tree_digest(out) == tree_digest(pipeline.teacher_stores / "logits.zarr")
+
+
+def test_an_unfinished_dump_is_discarded_by_a_rerun_with_other_settings(tmp_path, pipeline, monkeypatch):
+    out = tmp_path / "logits.zarr"
+    _interrupt_after_first_chunk(monkeypatch, pipeline.params_path, _dump_args(pipeline, out))
+    write_params(tmp_path / "float32.yaml", pipeline.params, teacher_dump={"dtype": "float32"})
+    result = ok(cli(tmp_path / "float32.yaml", *_dump_args(pipeline, out)))
+    assert "discarding an unfinished write made with other settings" in result.output
+    logits = open_store(out).read("logits")
+    assert logits.dtype == np.float32
+    reference = open_store(pipeline.teacher_stores / "logits.zarr").read("logits")
+    np.testing.assert_array_equal(logits.astype(np.float16), reference)
