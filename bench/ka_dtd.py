@@ -1,0 +1,221 @@
+"""KA + DTD stages over a large logit store: seconds and peak RSS against the zarr I/O floor.
+
+For N = 50 000 and N = 2 000 000 rows of C = 100 float16 logits (a store written chunk by chunk
+with `storage.StoreWriter`, as `teacher_dump` writes it, never whole in memory), two contenders
+run, each in its own subprocess (so its peak RSS is its own), interleaved:
+
+  stages  `stages.adjust.run` (method ps) then `stages.temperature.run`, as `lessons adjust` and
+          `lessons temperature` run them (dask, local threaded scheduler).
+  floor   the bare I/O those stages cannot avoid: read the logits chunk by chunk with zarr and write
+          a same-shaped float16 array plus the small (V, N) arrays (2 bool, 6 float32), same chunks
+          and codec (Blosc zstd 3, byte shuffle).
+
+Figures: stages seconds ÷ floor seconds (target ≤ 1.5); the stages' peak RSS at 2M (target
+< 1 GiB) and its change between 50k and 2M (target within 20 %).
+
+    python -m bench.ka_dtd [--quick] [--reps N] [--out FILE]
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+
+NAME = "ka_dtd"
+NUM_CLASSES = 100
+TARGET_TIME = 1.5
+TARGET_RSS_GROWTH = 0.2
+TARGET_RSS_BYTES = 1 << 30
+SMALL_ARRAYS = {"fixed_target": "bool", "rewritten": "bool", "teacher_max_prob": "float32",
+                "teacher_entropy": "float32", "teacher_margin": "float32", "teacher_logit_norm": "float32",
+                "omega_teacher": "float32", "static_temperature": "float32"}
+
+
+def write_logits_store(path: Path, num_samples: int, chunk_rows: int, seed: int = 0) -> None:
+    """A float16 (1, N, C) teacher logit store, one chunk of rows in memory at a time.
+
+    Rows look like a trained teacher's: N(0, 2) noise plus a margin of 8 at the predicted class,
+    which is the label for 80 % of the rows (the rest are the rows KA rewrites).
+    """
+    import numpy as np
+
+    from storage import ArraySpec, StoreWriter
+
+    arrays = {
+        "logits": ArraySpec((1, num_samples, NUM_CLASSES), "float16", sample_axis=1),
+        "labels": ArraySpec((num_samples,), "int64"),
+        "sample_index": ArraySpec((num_samples,), "int64"),
+        "view_params": ArraySpec((1, num_samples, 0), "int16", sample_axis=1),
+    }
+    attrs = {"split": "train", "dataset": "synthetic", "dataset_fingerprint": f"bench-{num_samples}",
+             "num_classes": NUM_CLASSES, "num_views": 1,
+             "view_spec": {"kind": "identity", "num_views": 1, "view_param_names": []},
+             "logits_dtype": "float16", "teacher": {"name": "bench", "arch": "none"}}
+    with StoreWriter(path, kind="logits", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer:
+        for chunk in writer.pending_chunks():
+            rows = writer.rows(chunk)
+            rng = np.random.default_rng(np.random.SeedSequence([seed, chunk]))
+            count = rows.stop - rows.start
+            labels = rng.integers(0, NUM_CLASSES, count)
+            predicted = np.where(rng.random(count) < 0.8, labels, rng.integers(0, NUM_CLASSES, count))
+            logits = rng.standard_normal((count, NUM_CLASSES), dtype=np.float32) * 2.0
+            logits[np.arange(count), predicted] += 8.0
+            writer.write_chunk(chunk, {
+                "logits": logits[None].astype(np.float16), "labels": labels,
+                "sample_index": np.arange(rows.start, rows.stop, dtype=np.int64),
+                "view_params": np.zeros((1, count, 0), dtype=np.int16)})
+        writer.finalize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def child_stages(logits: Path, work: Path) -> dict[str, Any]:
+    from pipeline.config import AdjustConfig, TemperatureConfig
+    from stages import adjust, temperature
+
+    baseline = _peak_rss_bytes()
+    started = time.perf_counter()
+    adjust.run(AdjustConfig(), method="ps", logits_path=logits, out=work / "adjusted-ps.zarr",
+               metrics_out=work / "adjust.json")
+    middle = time.perf_counter()
+    temperature.run(TemperatureConfig(), logits_path=logits, out=work / "dtd.zarr",
+                    metrics_out=work / "dtd.json", histogram_out=work / "dtd-histogram.json")
+    ended = time.perf_counter()
+    return {"elapsed_s": ended - started, "adjust_s": middle - started, "temperature_s": ended - middle,
+            "peak_rss_bytes": _peak_rss_bytes(), "rss_after_imports_bytes": baseline}
+
+
+def child_floor(logits: Path, work: Path) -> dict[str, Any]:
+    import numpy as np
+    import zarr
+
+    from storage import open_store
+    from storage.soft_labels import _compressor
+
+    baseline = _peak_rss_bytes()
+    started = time.perf_counter()
+    source = open_store(logits, kind="logits").array("logits")
+    views, samples, num_classes = source.shape
+    rows = source.chunks[1]
+    group = zarr.open_group(work / "floor.zarr", mode="w", zarr_format=3)
+    target = group.create_array("target_logits", shape=source.shape, dtype=source.dtype,
+                                chunks=(views, rows, num_classes), compressors=_compressor(str(source.dtype)))
+    small = {name: group.create_array(name, shape=(views, samples), dtype=dtype, chunks=(views, rows),
+                                      compressors=_compressor(dtype))
+             for name, dtype in SMALL_ARRAYS.items()}
+    for start in range(0, samples, rows):
+        block = source[:, start:start + rows]
+        target[:, start:start + rows] = block
+        column = block[..., 0]
+        for name, array in small.items():
+            array[:, start:start + rows] = column > 0 if array.dtype == np.bool_ else column.astype(np.float32)
+    return {"elapsed_s": time.perf_counter() - started, "peak_rss_bytes": _peak_rss_bytes(),
+            "rss_after_imports_bytes": baseline}
+
+
+def _child_main(argv: list[str]) -> None:
+    kind, logits, work = argv[0], Path(argv[1]), Path(argv[2])
+    # Import what the stages import before measuring, so both contenders carry the same libraries.
+    import dask.array  # noqa: F401
+    import torch  # noqa: F401
+
+    import stages.adjust  # noqa: F401
+    import stages.temperature  # noqa: F401
+
+    work.mkdir(parents=True, exist_ok=True)
+    result = (child_stages if kind == "stages" else child_floor)(logits, work)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(kind: str, logits: Path, work: Path) -> dict[str, Any]:
+    """Run one contender in a fresh subprocess; returns its timings and peak RSS."""
+    shutil.rmtree(work, ignore_errors=True)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bench.ka_dtd", "--child", kind, str(logits), str(work)],
+                          cwd=common.REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(common.REPO_ROOT)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-4000:]}")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    result["process_s"] = time.perf_counter() - started
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        _child_main(argv[1:])
+        return {}
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    reps = args.reps or (1 if args.quick else 3)
+    sizes = [2_000, 20_000] if args.quick else [50_000, 2_000_000]
+    chunk_rows = 1024 if args.quick else 16384  # teacher_dump.chunk_size's default
+    started = time.perf_counter()
+    with common.tempdir(NAME) as tmp:
+        tmp = Path(tmp)
+        stores = {}
+        for size in sizes:
+            tick = time.perf_counter()
+            stores[size] = tmp / f"logits-{size}.zarr"
+            write_logits_store(stores[size], size, chunk_rows)
+            print(f"wrote a {size} x {NUM_CLASSES} float16 store in {time.perf_counter() - tick:.1f} s")
+        contenders = {f"{kind}_{size}": (lambda kind=kind, size=size: run_child(kind, stores[size], tmp / "work"))
+                      for size in sizes for kind in ("floor", "stages")}
+        samples = common.interleave(contenders, reps, warmup=False)
+    per_size: dict[str, Any] = {}
+    for size in sizes:
+        stages_runs, floor_runs = samples[f"stages_{size}"], samples[f"floor_{size}"]
+        ratio = common.ratio_summary([s["elapsed_s"] for s in stages_runs], [f["elapsed_s"] for f in floor_runs])
+        per_size[str(size)] = {
+            "num_samples": size, "num_classes": NUM_CLASSES, "dtype": "float16", "chunk_rows": chunk_rows,
+            "stages_s": common.summary([s["elapsed_s"] for s in stages_runs]),
+            "adjust_s": common.summary([s["adjust_s"] for s in stages_runs]),
+            "temperature_s": common.summary([s["temperature_s"] for s in stages_runs]),
+            "floor_s": common.summary([f["elapsed_s"] for f in floor_runs]),
+            "stages_over_floor": ratio,
+            "stages_peak_rss_bytes": common.summary([s["peak_rss_bytes"] for s in stages_runs]),
+            "floor_peak_rss_bytes": common.summary([f["peak_rss_bytes"] for f in floor_runs]),
+            "rss_after_imports_bytes": common.summary([s["rss_after_imports_bytes"] for s in stages_runs]),
+            "verdict_time": "pass" if ratio["median"] <= TARGET_TIME else "miss",
+        }
+    small, large = (per_size[str(s)] for s in sizes)
+    growth = large["stages_peak_rss_bytes"]["median"] / small["stages_peak_rss_bytes"]["median"] - 1
+    result = {
+        "quick": args.quick, "reps": reps, "sizes": per_size,
+        "target_stages_over_floor": TARGET_TIME,
+        "stages_rss_growth": growth, "target_rss_growth": TARGET_RSS_GROWTH,
+        "verdict_rss_growth": "pass" if abs(growth) <= TARGET_RSS_GROWTH else "miss",
+        "stages_peak_rss_large_bytes": large["stages_peak_rss_bytes"]["median"],
+        "target_rss_bytes": TARGET_RSS_BYTES,
+        "verdict_rss": "pass" if large["stages_peak_rss_bytes"]["median"] < TARGET_RSS_BYTES else "miss",
+    }
+    for size in sizes:
+        entry = per_size[str(size)]
+        print(f"N={size}: stages {common.fmt(entry['stages_s'])} s (adjust {entry['adjust_s']['median']:.2f}, "
+              f"temperature {entry['temperature_s']['median']:.2f}), floor {common.fmt(entry['floor_s'])} s, "
+              f"ratio {common.fmt(entry['stages_over_floor'])} (target <= {TARGET_TIME}: {entry['verdict_time']}), "
+              f"peak RSS {entry['stages_peak_rss_bytes']['median'] / 2**20:.0f} MiB "
+              f"(floor {entry['floor_peak_rss_bytes']['median'] / 2**20:.0f} MiB)")
+    print(f"peak RSS growth {small['num_samples']} -> {large['num_samples']}: {100 * growth:+.1f} % "
+          f"({result['verdict_rss_growth']}); < 1 GiB at {large['num_samples']}: {result['verdict_rss']}")
+    common.write_result(NAME, result, args.out, started)
+    return result
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
