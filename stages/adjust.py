@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from stages.functional import InvalidLogitsError, teacher_is_wrong
-from stages.parallel import dask_scheduler
+from stages.parallel import block_rows, dask_scheduler, prefixed
 from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, open_store
 from storage.versions import library_versions
 
@@ -179,13 +179,17 @@ def knowledge_adjustment(
 # ---------------------------------------------------------------------------------------------
 
 
-def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: str, epsilon: float) -> np.ndarray:
+def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: str, epsilon: float,
+                  block_info: Any = None) -> np.ndarray:
     """One (V, n, C) block, labels (1, n, 1) -> packed (V, n, C + 3) float32: target logits,
     fixed, rewritten, wrong."""
     views, rows, num_classes = logits.shape
     flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)
     flat_labels = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1)).repeat(views)
-    adjusted = knowledge_adjustment(flat, flat_labels, method, epsilon)
+    try:
+        adjusted = knowledge_adjustment(flat, flat_labels, method, epsilon)
+    except InvalidLogitsError as exc:  # say where in the store (rows below are block-relative)
+        raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
     wrong = teacher_is_wrong(flat, flat_labels)
     packed = torch.cat([adjusted.target_logits.float(), adjusted.fixed_target.float()[:, None],
                         adjusted.rewritten.float()[:, None], wrong.float()[:, None]], dim=1)
@@ -263,7 +267,8 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
     started = time.perf_counter()
     rewritten = packed[..., num_classes + 1] > 0.5
     with dask_scheduler(scheduler) as dask_sched, StoreWriter(
-            out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer:
+            out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer, \
+            prefixed(str(logits_path), InvalidLogitsError):
         counts = writer.write_dask({
             "target_logits": packed[..., :num_classes],
             "fixed_target": packed[..., num_classes] > 0.5,

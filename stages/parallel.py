@@ -34,3 +34,23 @@ def dask_scheduler(address: str | None) -> Iterator[Any]:
         yield client
     finally:
         client.close()
+
+
+def block_rows(block_info: Any, axis: int = 1) -> str:
+    """`samples a..b: ` for the dask block described by `block_info` (map_blocks passes it), so
+    an error raised inside a block can say where in the store it is; empty when unknown."""
+    try:
+        start, stop = block_info[0]["array-location"][axis]
+    except (TypeError, KeyError, IndexError):
+        return ""
+    return f"samples {start}..{stop - 1}: "
+
+
+@contextlib.contextmanager
+def prefixed(prefix: str, *types: type[Exception]) -> Iterator[None]:
+    """Re-raise an exception of one of `types` raised inside with `prefix: ` before its message
+    (e.g. the store a dask block came from)."""
+    try:
+        yield
+    except types as exc:
+        raise type(exc)(f"{prefix}: {exc}") from exc

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stages.functional import InvalidLogitsError, check_logits, compute_dtype
-from stages.parallel import dask_scheduler
+from stages.parallel import block_rows, dask_scheduler, prefixed
 from storage import ArraySpec, StoreWriter, atomic_write_json, open_store
 from storage.versions import library_versions
 
@@ -225,11 +225,14 @@ STATISTICS = ("teacher_max_prob", "teacher_entropy", "teacher_margin", "teacher_
 QUANTILES = (5, 25, 50, 75, 95)
 
 
-def _statistics_block(logits: np.ndarray) -> np.ndarray:
+def _statistics_block(logits: np.ndarray, block_info: Any = None) -> np.ndarray:
     """(V, n, C) logits -> (V, n, 5) float32: the STATISTICS, in order."""
     views, rows, num_classes = logits.shape
     flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)
-    stats = teacher_statistics(flat)
+    try:
+        stats = teacher_statistics(flat)
+    except InvalidLogitsError as exc:  # say where in the store (rows below are block-relative)
+        raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
     columns = [stats[name].float() for name in STATISTICS[:-1]] + [teacher_only_weights(flat).float()]
     return torch.stack(columns, dim=1).reshape(views, rows, len(STATISTICS)).numpy()
 
@@ -298,7 +301,8 @@ def run(config: Any, *, logits_path: str | Path, out: str | Path, metrics_out: s
               for name in (*STATISTICS, "static_temperature")}
     started = time.perf_counter()
     with dask_scheduler(scheduler) as dask_sched, StoreWriter(
-            out, kind="dtd", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer:
+            out, kind="dtd", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer, \
+            prefixed(str(logits_path), InvalidLogitsError):
         totals = writer.write_dask({name: packed[..., k] for k, name in enumerate(STATISTICS)},
                                    scheduler=dask_sched,
                                    reductions={"omega_sum": packed[..., -1].sum(dtype=np.float64)})
