@@ -42,8 +42,9 @@ SMALL_ARRAYS = {"fixed_target": "bool", "rewritten": "bool", "teacher_max_prob":
                 "omega_teacher": "float32", "static_temperature": "float32"}
 
 
-def write_logits_store(path: Path, num_samples: int, chunk_rows: int, seed: int = 0) -> None:
-    """A float16 (1, N, C) teacher logit store, one chunk of rows in memory at a time.
+def write_logits_store(path: Path, num_samples: int, chunk_rows: int, seed: int = 0,
+                       num_classes: int = NUM_CLASSES, dtype: str = "float16") -> None:
+    """A (1, N, C) teacher logit store, one chunk of rows in memory at a time.
 
     Rows look like a trained teacher's: N(0, 2) noise plus a margin of 8 at the predicted class,
     which is the label for 80 % of the rows (the rest are the rows KA rewrites).
@@ -53,26 +54,26 @@ def write_logits_store(path: Path, num_samples: int, chunk_rows: int, seed: int 
     from storage import ArraySpec, StoreWriter
 
     arrays = {
-        "logits": ArraySpec((1, num_samples, NUM_CLASSES), "float16", sample_axis=1),
+        "logits": ArraySpec((1, num_samples, num_classes), dtype, sample_axis=1),
         "labels": ArraySpec((num_samples,), "int64"),
         "sample_index": ArraySpec((num_samples,), "int64"),
         "view_params": ArraySpec((1, num_samples, 0), "int16", sample_axis=1),
     }
     attrs = {"split": "train", "dataset": "synthetic", "dataset_fingerprint": f"bench-{num_samples}",
-             "num_classes": NUM_CLASSES, "num_views": 1,
+             "num_classes": num_classes, "num_views": 1,
              "view_spec": {"kind": "identity", "num_views": 1, "view_param_names": []},
-             "logits_dtype": "float16", "teacher": {"name": "bench", "arch": "none"}}
+             "logits_dtype": dtype, "teacher": {"name": "bench", "arch": "none"}}
     with StoreWriter(path, kind="logits", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer:
         for chunk in writer.pending_chunks():
             rows = writer.rows(chunk)
             rng = np.random.default_rng(np.random.SeedSequence([seed, chunk]))
             count = rows.stop - rows.start
-            labels = rng.integers(0, NUM_CLASSES, count)
-            predicted = np.where(rng.random(count) < 0.8, labels, rng.integers(0, NUM_CLASSES, count))
-            logits = rng.standard_normal((count, NUM_CLASSES), dtype=np.float32) * 2.0
+            labels = rng.integers(0, num_classes, count)
+            predicted = np.where(rng.random(count) < 0.8, labels, rng.integers(0, num_classes, count))
+            logits = rng.standard_normal((count, num_classes), dtype=np.float32) * 2.0
             logits[np.arange(count), predicted] += 8.0
             writer.write_chunk(chunk, {
-                "logits": logits[None].astype(np.float16), "labels": labels,
+                "logits": logits[None].astype(dtype), "labels": labels,
                 "sample_index": np.arange(rows.start, rows.stop, dtype=np.int64),
                 "view_params": np.zeros((1, count, 0), dtype=np.int16)})
         writer.finalize()
