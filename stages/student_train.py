@@ -27,7 +27,7 @@ from torch import Tensor
 import nets
 from stages.functional import kd_loss
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
-from stages.training import Fit, channel_stats, fit, save_checkpoint, topk_accuracy
+from stages.training import Fit, channel_stats, fit, owns_outputs, save_checkpoint, topk_accuracy
 from storage import StoreError, atomic_write_json, open_store
 from storage.beton import make_loader
 from storage.manifest import read_prepared
@@ -151,6 +151,7 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
             "mean_kl_teacher": float(kl.mean())}
 
 
+@owns_outputs
 def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, stores_dir: str | Path | None,
         checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path,
         device: torch.device, resume: bool = True) -> dict[str, Any]:

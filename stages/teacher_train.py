@@ -21,6 +21,7 @@ from stages.training import (
     channel_stats,
     fit,
     load_checkpoint,
+    owns_outputs,
     predict,
     save_checkpoint,
     topk_accuracy,
@@ -32,6 +33,7 @@ from storage.manifest import read_prepared
 logger = logging.getLogger(__name__)
 
 
+@owns_outputs
 def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | Path,
         metrics_out: str | Path, curve_out: str | Path, device: torch.device,
         resume: bool = False) -> dict[str, Any]:

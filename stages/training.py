@@ -7,6 +7,7 @@ fingerprint. Its sha256 identifies the teacher in every store written from it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 import nets
 from stages.progress import progress
 from stages.views import apply_views, augmentation_params
-from storage.atomic import atomic_write_bytes
+from storage.atomic import atomic_write_bytes, ensure_parents, exclusive_lock
 from storage.manifest import file_sha256  # noqa: F401  (re-exported for stages)
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,23 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or for another architecture or dataset."""
+
+
+def owns_outputs(run: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a training stage's `run`: create the folders of `checkpoint_out`, `metrics_out`
+    and `curve_out` first and hold `<checkpoint_out>.lock` for the whole run, so an unwritable
+    output fails before any training and a second run writing the same outputs is refused at
+    once (OutputError) instead of interleaving training states and result files."""
+
+    @functools.wraps(run)
+    def locked(*args: Any, checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path,
+               **kwargs: Any) -> Any:
+        ensure_parents(checkpoint_out, metrics_out, curve_out)
+        with exclusive_lock(checkpoint_out):
+            return run(*args, checkpoint_out=checkpoint_out, metrics_out=metrics_out, curve_out=curve_out,
+                       **kwargs)
+
+    return locked
 
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:

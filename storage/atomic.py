@@ -70,6 +70,23 @@ def exclusive_lock(out: str | Path) -> Iterator[None]:
         os.close(fd)  # releases the flock; the file stays (unlinking it would race a waiter)
 
 
+def ensure_parents(*paths: str | Path) -> None:
+    """Create the folders of output files now, so an unwritable output fails before any work.
+
+    Raises:
+        OutputError: a folder cannot be created (e.g. a regular file is in the way) or is not
+            writable.
+    """
+    for path in paths:
+        parent = Path(path).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(parent, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except OSError as exc:
+            raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
+
+
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
     """Write `payload` to `path` via a temporary file in the same folder and `os.replace`.
 
