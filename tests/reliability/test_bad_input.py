@@ -422,6 +422,27 @@ def test_an_output_path_under_a_regular_file_is_one_line_not_writable(tmp_path, 
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.parametrize("command, blocked", [
+    ("teacher-train", "checkpoint"), ("student-train", "checkpoint"), ("student-train", "metrics"),
+])
+def test_an_unwritable_training_output_fails_before_any_training(tmp_path, pipeline, command, blocked):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("I am a file")
+    paths = {name: tmp_path / f"{name}.out" for name in ("checkpoint", "metrics", "curve")}
+    paths[blocked] = blocker / "sub" / f"{blocked}.out"
+    outputs = ["--checkpoint-out", paths["checkpoint"], "--metrics-out", paths["metrics"],
+               "--curve-out", paths["curve"]]
+    if command == "teacher-train":
+        args = ["teacher-train", "--teacher", "t", "--data", pipeline.data, *outputs]
+    else:
+        args = ["student-train", "--experiment", "kd_ps_static", "--data", pipeline.data, "--stores",
+                pipeline.stores, *outputs]
+    result = cli(pipeline.params_path, *args)
+    one_line_error(result, str(blocker / "sub"), "not writable")
+    assert "epoch 1/" not in result.output  # refused before the first epoch, not after it
+    assert not any(p.exists() for p in paths.values())
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_an_output_in_a_read_only_folder_is_one_line_not_writable(tmp_path, pipeline):
     folder = tmp_path / "ro"

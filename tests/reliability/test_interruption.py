@@ -16,6 +16,7 @@ from tests.reliability.conftest import (
     NUM_TRAIN,
     cli,
     ok,
+    one_line_error,
     spawn_cli,
     tree_digest,
     wait_for,
@@ -41,6 +42,10 @@ def test_a_teacher_dump_killed_after_one_chunk_resumes_and_ends_byte_identical(t
     try:
         wait_for(lambda: marks.is_dir() and any(m.name.isdigit() for m in marks.iterdir()), proc, 240,
                  "the first chunk mark", log)
+        # While it runs, a second dump of the same store is refused at once, touching nothing.
+        before = tree_digest(marks.parent.parent)
+        one_line_error(cli(pipeline.params_path, *args), "another process is writing this output")
+        assert tree_digest(marks.parent.parent) == before
     finally:
         _kill(proc)
 
@@ -83,6 +88,11 @@ def test_a_student_killed_after_epoch_one_of_two_resumes_to_the_uninterrupted_re
     proc = spawn_cli(pipeline.params_path, *killed, cwd=tmp_path, pause_s=60, log=log)
     try:
         wait_for(state.is_file, proc, 240, "the epoch-1 training state", log)
+        # While it runs, a second run writing the same checkpoint is refused before training.
+        saved = state.read_bytes()
+        second = cli(pipeline.params_path, *killed)
+        one_line_error(second, "resumed.pt: another process is writing this output")
+        assert "epoch 1/2" not in second.output and state.read_bytes() == saved
     finally:
         _kill(proc)
     # Killed between epochs: no checkpoint or metrics that look finished.
