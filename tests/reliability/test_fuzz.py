@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import config as config_module
@@ -155,6 +155,20 @@ def logit_batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, labels
 
 
+def _batch(rows: list[list[float]], labels: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(rows, dtype=torch.float64).to(dtype), torch.tensor(labels)
+
+
+F16_MAX = 65504.0
+#: Edge cases every run checks: one class, two tied classes, ±float16 max, ±1e30.
+EDGES = [
+    _batch([[F16_MAX], [-F16_MAX]], [0, 0], torch.float16),
+    _batch([[F16_MAX, F16_MAX], [-F16_MAX, F16_MAX], [0.0, 0.0]], [1, 0, 1], torch.float16),
+    _batch([[1e30, -1e30], [-1e30, 1e30]], [1, 1], torch.float32),
+    _batch([[1e30, 1e30, -1e30], [0.0, 0.0, 0.0]], [2, 1], torch.float64),
+]
+
+
 def _finite(*tensors: torch.Tensor) -> None:
     for t in tensors:
         assert bool(torch.isfinite(t.double()).all()), t
@@ -163,6 +177,10 @@ def _finite(*tensors: torch.Tensor) -> None:
 @FUZZ
 @given(batch=logit_batches(), method=st.sampled_from(["ps", "lsr", "none"]),
        epsilon=st.floats(1e-6, 1 - 1e-6))
+@example(batch=EDGES[0], method="lsr", epsilon=0.1)
+@example(batch=EDGES[1], method="ps", epsilon=0.1)
+@example(batch=EDGES[2], method="ps", epsilon=0.1)
+@example(batch=EDGES[3], method="lsr", epsilon=0.5)
 def test_knowledge_adjustment_gives_finite_targets_with_the_label_as_a_mode(batch, method, epsilon):
     logits, labels = batch
     result = knowledge_adjustment(logits, labels, method, epsilon)
@@ -186,6 +204,10 @@ def test_knowledge_adjustment_gives_finite_targets_with_the_label_as_a_mode(batc
 
 @FUZZ
 @given(batch=logit_batches())
+@example(batch=EDGES[0])
+@example(batch=EDGES[1])
+@example(batch=EDGES[2])
+@example(batch=EDGES[3])
 def test_teacher_statistics_are_finite_and_in_their_documented_ranges(batch):
     logits, _ = batch
     n, c = logits.shape
@@ -205,6 +227,8 @@ def test_teacher_statistics_are_finite_and_in_their_documented_ranges(batch):
 @FUZZ
 @given(batch=logit_batches(), gamma=st.floats(0, 4), base=st.floats(0.5, 10), beta=st.floats(-5, 5),
        low=st.floats(0.05, 2), span=st.floats(0, 10), reference=st.booleans())
+@example(batch=EDGES[1], gamma=2.0, base=4.0, beta=1.0, low=1.0, span=7.0, reference=False)
+@example(batch=EDGES[2], gamma=1.0, base=4.0, beta=5.0, low=0.05, span=0.0, reference=True)
 def test_dynamic_temperatures_are_finite_and_inside_the_clamp(batch, gamma, base, beta, low, span, reference):
     logits, _ = batch
     student = logits.flip(0)
@@ -274,3 +298,17 @@ def test_bad_math_input_raises_the_documented_errors(call):
     with pytest.raises((InvalidLogitsError, ValueError)) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("edge", range(len(EDGES)))
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 20.0])
+def test_the_kd_loss_on_edge_logits_is_finite(edge, temperature):
+    targets, labels = EDGES[edge]
+    for student in (targets, -targets, targets.flip(0)):
+        student = student.clone().requires_grad_(True)
+        fixed = torch.arange(targets.shape[0]) % 2 == 0
+        loss = kd_loss(student, targets, labels, alpha=0.9, temperature=temperature, fixed_target=fixed)
+        _finite(loss)
+        assert float(loss.detach()) >= 0
+        loss.backward()
+        _finite(student.grad)
