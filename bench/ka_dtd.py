@@ -129,6 +129,8 @@ def child_floor(logits: Path, work: Path) -> dict[str, Any]:
 
 def _child_main(argv: list[str]) -> None:
     kind, logits, work = argv[0], Path(argv[1]), Path(argv[2])
+    if os.environ.get("LESSONS_BENCH_CODE"):  # the stages of another revision (--baseline-ref)
+        sys.path.insert(0, os.environ["LESSONS_BENCH_CODE"])
     # Import what the stages import before measuring, so both contenders carry the same libraries.
     import dask.array  # noqa: F401
     import torch  # noqa: F401
@@ -141,13 +143,18 @@ def _child_main(argv: list[str]) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(kind: str, logits: Path, work: Path) -> dict[str, Any]:
-    """Run one contender in a fresh subprocess; returns its timings and peak RSS."""
+def run_child(kind: str, logits: Path, work: Path, code: Path | None = None) -> dict[str, Any]:
+    """Run one contender in a fresh subprocess; returns its timings and peak RSS.
+
+    `code`: a folder holding another revision's `stages/`, `storage/`, `pipeline/` to run instead.
+    """
     shutil.rmtree(work, ignore_errors=True)
     started = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}
+    if code is not None:
+        env["LESSONS_BENCH_CODE"] = str(code)
     proc = subprocess.run([sys.executable, "-m", "bench.ka_dtd", "--child", kind, str(logits), str(work)],
-                          cwd=common.REPO_ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(common.REPO_ROOT)})
+                          cwd=common.REPO_ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-4000:]}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
@@ -162,7 +169,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if argv[:1] == ["--child"]:
         _child_main(argv[1:])
         return {}
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    cli = common.parser(__doc__.splitlines()[0])
+    cli.add_argument("--baseline-ref", default=None,
+                     help="also run the stages of this git revision (a before/after contender)")
+    args = cli.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
     sizes = [2_000, 20_000] if args.quick else [50_000, 2_000_000]
     chunk_rows = 1024 if args.quick else 16384  # teacher_dump.chunk_size's default
@@ -177,6 +187,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"wrote a {size} x {NUM_CLASSES} float16 store in {time.perf_counter() - tick:.1f} s")
         contenders = {f"{kind}_{size}": (lambda kind=kind, size=size: run_child(kind, stores[size], tmp / "work"))
                       for size in sizes for kind in ("floor", "stages")}
+        if args.baseline_ref:
+            baseline = tmp / "baseline"
+            baseline.mkdir()
+            archive = subprocess.run(["git", "archive", args.baseline_ref, "stages", "storage", "pipeline", "nets"],
+                                     cwd=common.REPO_ROOT, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+            for size in sizes:
+                contenders[f"baseline_{size}"] = (lambda size=size: run_child(
+                    "stages", stores[size], tmp / "work", code=baseline))
         samples = common.interleave(contenders, reps, warmup=False)
     per_size: dict[str, Any] = {}
     for size in sizes:
@@ -194,6 +213,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rss_after_imports_bytes": common.summary([s["rss_after_imports_bytes"] for s in stages_runs]),
             "verdict_time": "pass" if ratio["median"] <= TARGET_TIME else "miss",
         }
+        if args.baseline_ref:
+            before = samples[f"baseline_{size}"]
+            per_size[str(size)]["baseline"] = {
+                "ref": args.baseline_ref,
+                "stages_s": common.summary([b["elapsed_s"] for b in before]),
+                "adjust_s": common.summary([b["adjust_s"] for b in before]),
+                "temperature_s": common.summary([b["temperature_s"] for b in before]),
+                "stages_over_floor": common.ratio_summary([b["elapsed_s"] for b in before],
+                                                          [f["elapsed_s"] for f in floor_runs]),
+                "peak_rss_bytes": common.summary([b["peak_rss_bytes"] for b in before]),
+                "speedup": common.ratio_summary([b["elapsed_s"] for b in before],
+                                                [s["elapsed_s"] for s in stages_runs]),
+            }
     small, large = (per_size[str(s)] for s in sizes)
     growth = large["stages_peak_rss_bytes"]["median"] / small["stages_peak_rss_bytes"]["median"] - 1
     result = {
@@ -212,6 +244,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"ratio {common.fmt(entry['stages_over_floor'])} (target <= {TARGET_TIME}: {entry['verdict_time']}), "
               f"peak RSS {entry['stages_peak_rss_bytes']['median'] / 2**20:.0f} MiB "
               f"(floor {entry['floor_peak_rss_bytes']['median'] / 2**20:.0f} MiB)")
+        if "baseline" in entry:
+            before = entry["baseline"]
+            print(f"  before ({before['ref']}): {common.fmt(before['stages_s'])} s, ratio "
+                  f"{common.fmt(before['stages_over_floor'])}, peak RSS {before['peak_rss_bytes']['median'] / 2**20:.0f} MiB;"
+                  f" speedup {common.fmt(before['speedup'])}")
     print(f"peak RSS growth {small['num_samples']} -> {large['num_samples']}: {100 * growth:+.1f} % "
           f"({result['verdict_rss_growth']}); < 1 GiB at {large['num_samples']}: {result['verdict_rss']}")
     common.write_result(NAME, result, args.out, started)
