@@ -11,12 +11,13 @@ same bits as processing the whole array.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -54,17 +55,20 @@ def probability_shift(teacher_logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def _shift_rows(teacher_logits: Tensor, labels: Tensor, wrong: Tensor) -> Tensor:
-    """PS on already validated inputs, given the (N,) bool mask of wrong rows."""
-    label_col = labels.long().unsqueeze(1)
-    pred_col = teacher_logits.argmax(dim=1, keepdim=True)
-    label_value = teacher_logits.gather(1, label_col)
-    pred_value = teacher_logits.gather(1, pred_col)
-    classes = torch.arange(teacher_logits.shape[1], device=teacher_logits.device).unsqueeze(0)
-    wrong_col = wrong.unsqueeze(1)
-    at_pred = wrong_col & (classes == pred_col)
-    at_label = wrong_col & (classes == label_col)
-    shifted = torch.where(at_pred, label_value, teacher_logits)
-    return torch.where(at_label, pred_value, shifted)
+    """PS on already validated inputs, given the (N,) bool mask of wrong rows.
+
+    Only the wrong rows are gathered and rewritten (a teacher is right on most rows); on a wrong
+    row the predicted class (first max) differs from the label, so the two writes never overlap.
+    """
+    shifted = teacher_logits.clone()
+    rows = wrong.nonzero().squeeze(1)
+    if rows.numel():
+        block = teacher_logits[rows]
+        label_col = labels[rows].long().unsqueeze(1)
+        pred_col = block.argmax(dim=1, keepdim=True)
+        swapped = block.scatter(1, pred_col, block.gather(1, label_col))
+        shifted[rows] = swapped.scatter_(1, label_col, block.gather(1, pred_col))
+    return shifted
 
 
 def _check_epsilon(epsilon: float) -> float:
@@ -186,14 +190,49 @@ def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: str, epsilo
     views, rows, num_classes = logits.shape
     flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)
     flat_labels = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1)).repeat(views)
-    try:
-        adjusted = knowledge_adjustment(flat, flat_labels, method, epsilon)
-    except InvalidLogitsError as exc:  # say where in the store (rows below are block-relative)
-        raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
-    wrong = teacher_is_wrong(flat, flat_labels)
-    packed = torch.cat([adjusted.target_logits.float(), adjusted.fixed_target.float()[:, None],
-                        adjusted.rewritten.float()[:, None], wrong.float()[:, None]], dim=1)
+    with one_torch_thread():
+        try:
+            if method == "ps":
+                # PS only moves values: a float16 block is shifted in float32 (CPU half kernels
+                # are several times slower) and cast back, which gives the same bits.
+                work = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+                wrong = _block_wrong(work, flat_labels)
+                target_logits = _shift_rows(work, flat_labels, wrong).to(flat.dtype)
+                fixed, rewritten = torch.zeros_like(wrong), wrong
+            else:
+                adjusted = knowledge_adjustment(flat, flat_labels, method, epsilon)
+                target_logits, fixed, rewritten = (adjusted.target_logits, adjusted.fixed_target,
+                                                   adjusted.rewritten)
+                wrong = rewritten if method == "lsr" else teacher_is_wrong(flat, flat_labels)
+        except InvalidLogitsError as exc:  # say where in the store (rows below are block-relative)
+            raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
+        packed = torch.cat([target_logits.float(), fixed.float()[:, None], rewritten.float()[:, None],
+                            wrong.float()[:, None]], dim=1)
     return packed.reshape(views, rows, num_classes + 3).numpy()
+
+
+def _block_wrong(logits: Tensor, labels: Tensor) -> Tensor:
+    """`teacher_is_wrong` for a block whose labels `run` has range-checked, validating cheaply:
+    the full check (and its message naming the bad rows) runs only when a row max of |logit| is
+    NaN or inf, which is exactly when a row holds NaN or inf."""
+    if not bool(torch.isfinite(logits.abs().amax(dim=1)).all()):
+        return teacher_is_wrong(logits, labels)  # raises InvalidLogitsError
+    return logits.gather(1, labels.long().unsqueeze(1)).squeeze(1) < logits.amax(dim=1)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch single-threaded in the calling thread (a dask task), restoring it after.
+
+    dask already runs one block per core; torch's intra-op threads on top oversubscribe the
+    cores, and OpenMP threads spinning at barriers then make a block several times slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def adjustment_summary(counts: dict[str, Any], total_views: int) -> dict[str, Any]:

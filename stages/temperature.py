@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stages.functional import InvalidLogitsError, check_logits, compute_dtype
+from stages.adjust import one_torch_thread
 from stages.parallel import block_rows, dask_scheduler, prefixed
 from storage import ArraySpec, StoreWriter, atomic_write_json, open_store
 from storage.versions import library_versions
@@ -192,27 +193,32 @@ def teacher_statistics(teacher_logits: Tensor) -> dict[str, Tensor]:
         InvalidLogitsError: bad shape or NaN/inf logits.
     """
     check_logits(teacher_logits, "teacher_logits")
-    dtype = compute_dtype(teacher_logits)
-    logits = teacher_logits.to(dtype)
+    return _statistics(teacher_logits.to(compute_dtype(teacher_logits)))[0]
+
+
+def _statistics(logits: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """`teacher_statistics` of checked float32/float64 logits, plus their (N, C) log_softmax."""
     log_prob = F.log_softmax(logits, dim=1)
     prob = log_prob.exp()
     plogp = torch.where(prob > 0, prob * log_prob, torch.zeros_like(prob))
     entropy = (-plogp.sum(dim=1)).clamp_min(0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
     if logits.shape[1] >= 2:
-        top2 = prob.topk(2, dim=1).values
-        max_prob = top2[:, 0]
-        margin = top2[:, 0] - top2[:, 1]
+        # The two largest probabilities (what topk(2) gives, ties included), several times faster;
+        # `prob` is not used below, so its top entry is masked in place.
+        max_prob, top_class = prob.max(dim=1)
+        second = prob.scatter_(1, top_class.unsqueeze(1), float("-inf")).amax(dim=1)
+        margin = max_prob - second
     else:
         max_prob = prob[:, 0]
         margin = max_prob.clone()
-    scale = logits.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    scale = logits.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
     norm = torch.linalg.vector_norm(logits / scale, dim=1) * scale.squeeze(1)
     return {
         "teacher_max_prob": max_prob,
         "teacher_entropy": entropy,
         "teacher_margin": margin,
         "teacher_logit_norm": norm,
-    }
+    }, log_prob
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,12 +235,21 @@ def _statistics_block(logits: np.ndarray, block_info: Any = None) -> np.ndarray:
     """(V, n, C) logits -> (V, n, 5) float32: the STATISTICS, in order."""
     views, rows, num_classes = logits.shape
     flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)
-    try:
-        stats = teacher_statistics(flat)
-    except InvalidLogitsError as exc:  # say where in the store (rows below are block-relative)
-        raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
-    columns = [stats[name].float() for name in STATISTICS[:-1]] + [teacher_only_weights(flat).float()]
-    return torch.stack(columns, dim=1).reshape(views, rows, len(STATISTICS)).numpy()
+    with one_torch_thread():
+        logits32 = flat.to(compute_dtype(flat))
+        # A row holds NaN or inf exactly when its max |logit| does; the full check (and its
+        # message naming the rows) runs only then.
+        if not bool(torch.isfinite(logits32.abs().amax(dim=1)).all()):
+            try:
+                check_logits(flat, "teacher_logits")
+            except InvalidLogitsError as exc:  # say where in the store (rows are block-relative)
+                raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
+        stats, log_prob = _statistics(logits32)
+        # ω^T from the same log_softmax: the bits of teacher_only_weights(flat), half the work.
+        omega = 1.0 / (log_prob.amax(dim=1).exp() + CONFIDENCE_EPS)
+        columns = [stats[name].float() for name in STATISTICS[:-1]] + [omega.float()]
+        packed = torch.stack(columns, dim=1)
+    return packed.reshape(views, rows, len(STATISTICS)).numpy()
 
 
 def _temperature_block(omega: np.ndarray, *, reference_mean: float, config: Any) -> np.ndarray:
@@ -246,18 +261,20 @@ def _temperature_block(omega: np.ndarray, *, reference_mean: float, config: Any)
     return temperature.float().reshape(omega.shape).numpy()
 
 
-def _summary(values: Any, name: str, dask_sched: Any) -> dict[str, Any]:
-    """Mean, std, min, max and quantiles of a dask array (out of core)."""
-    import dask
+def _summary_parts(values: Any, name: str) -> dict[str, Any]:
+    """The dask reductions behind `_summary`: mean, std, min, max and quantiles (out of core)."""
     import dask.array as da
 
     flat = values.reshape(-1)
-    mean, std, low, high, quantiles = dask.compute(
-        flat.mean(), flat.std(), flat.min(), flat.max(),
-        da.percentile(flat, list(QUANTILES), method="linear"), scheduler=dask_sched)
-    return {f"{name}_mean": float(mean), f"{name}_std": float(std), f"{name}_min": float(low),
-            f"{name}_max": float(high),
-            **{f"{name}_p{q:02d}": float(v) for q, v in zip(QUANTILES, quantiles)}}
+    return {f"{name}_mean": flat.mean(), f"{name}_std": flat.std(), f"{name}_min": flat.min(),
+            f"{name}_max": flat.max(),
+            f"{name}_quantiles": da.percentile(flat, list(QUANTILES), method="linear")}
+
+
+def _summary(parts: dict[str, Any], name: str) -> dict[str, Any]:
+    """Mean, std, min, max and quantiles of `name` from the computed `_summary_parts`."""
+    return {**{f"{name}_{key}": float(parts[f"{name}_{key}"]) for key in ("mean", "std", "min", "max")},
+            **{f"{name}_p{q:02d}": float(v) for q, v in zip(QUANTILES, parts[f"{name}_quantiles"])}}
 
 
 def run(config: Any, *, logits_path: str | Path, out: str | Path, metrics_out: str | Path,
@@ -310,13 +327,15 @@ def run(config: Any, *, logits_path: str | Path, out: str | Path, metrics_out: s
         omega = da.from_zarr(writer.partial_array("omega_teacher"))
         temperature = omega.map_blocks(_temperature_block, reference_mean=omega_mean, config=config,
                                        dtype=np.float32)
-        writer.write_dask({"static_temperature": temperature}, scheduler=dask_sched)
-        stored_t = da.from_zarr(writer.partial_array("static_temperature"))
-        summary = {**_summary(omega, "omega_teacher", dask_sched),
-                   **_summary(stored_t, "static_temperature", dask_sched)}
-        counts, edges = da.histogram(stored_t, bins=config.histogram_bins,
+        counts, edges = da.histogram(temperature, bins=config.histogram_bins,
                                      range=(config.min_temperature, config.max_temperature))
-        counts = counts.compute(scheduler=dask_sched)
+        # One pass writes τ^T and computes both summaries and the histogram (`temperature` holds
+        # exactly the float32 values stored), instead of reading ω^T and τ^T back three times.
+        parts = writer.write_dask({"static_temperature": temperature}, scheduler=dask_sched, reductions={
+            **_summary_parts(omega, "omega_teacher"), **_summary_parts(temperature, "static_temperature"),
+            "histogram": counts})
+        summary = {**_summary(parts, "omega_teacher"), **_summary(parts, "static_temperature")}
+        counts = parts["histogram"]
         writer.finalize(extra_attrs={"summary": summary})
     histogram = [{"temperature": round(float((lo + hi) / 2), 6), "count": int(c)}
                  for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
