@@ -90,8 +90,9 @@ class GuardedLoader:
     liveness checked, so such a failure raises `RuntimeError` within a second.
     """
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: Any, torch_threads: int | None = None) -> None:
         self.loader = loader
+        self.torch_threads = torch_threads  # re-applied after each `iter`, which resets it
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -110,6 +111,10 @@ class GuardedLoader:
         from ffcv.loader import epoch_iterator
 
         it = iter(self.loader)
+        if self.torch_threads is not None:  # ffcv's __iter__ set torch to num_workers threads
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         while True:
             try:
                 item = it.output_queue.get(timeout=0.5)
@@ -140,7 +145,8 @@ def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bo
 
     `indices` restricts the loader to those rows (in that order when not shuffled).
     `torch_threads` (default: every core this process may use) is re-applied after the loader
-    is built, since ffcv resets torch's thread count.
+    is built and each time an epoch starts, since ffcv resets torch's thread count then (to
+    `num_workers` threads).
 
     Raises:
         BetonError: the beton file is missing.
@@ -159,6 +165,7 @@ def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bo
         if image_shape[0] >= 32:
             image_ops.append(RandomTranslate(padding=4, fill=(0,) * image_shape[2]))
     image_ops += [ToTensor(), ToTorchImage(channels_last=False)]
+    threads = torch_threads or len(os.sched_getaffinity(0))
     loader = GuardedLoader(Loader(
         str(path), batch_size=batch_size, num_workers=max(1, num_workers),
         order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=seed,
@@ -168,6 +175,6 @@ def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bo
             "label": [IntDecoder(), ToTensor(), Squeeze(1)],
             "sample_index": [IntDecoder(), ToTensor(), Squeeze(1)],
         },
-    ))
-    torch.set_num_threads(torch_threads or len(os.sched_getaffinity(0)))  # ffcv reset it
+    ), torch_threads=threads)
+    torch.set_num_threads(threads)  # ffcv reset it
     return loader
