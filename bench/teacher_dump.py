@@ -4,15 +4,21 @@ Contenders, interleaved in one run, per (dataset, teacher):
   dump   the real dump: the project's ffcv loader over the beton, normalise, forward, float16
          store written through StoreWriter (a fresh store per repetition); its own
          load_s / forward_s / write_s give the share of time in each part.
-  floor  `model(x)` under no_grad over the same images, preloaded and normalised, same batch.
-Figure: dump images/s ÷ floor images/s (target ≥ 0.9). The torch thread count seen at every
-forward call (a forward pre-hook) is recorded for both.
+  floor_nchw  `model(x)` under no_grad over the same images, preloaded and normalised, same
+              batch, default (NCHW) memory format: the bare loop.
+  floor_cl    the same with model and batches in channels-last format (faster on CPU).
+  dump@REF    with --baseline-ref: `stages/teacher_dump.py` of that git revision (before/after).
+Figure: dump images/s ÷ the faster floor's images/s in the same repetition (target ≥ 0.9). The
+torch thread count seen at every forward call (a forward pre-hook) is recorded.
 
-    python -m bench.teacher_dump [--quick] [--reps N] [--out FILE]
+    python -m bench.teacher_dump [--quick] [--reps N] [--out FILE] [--baseline-ref REF]
 """
 from __future__ import annotations
 
+import copy
+import importlib.util
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,12 +37,25 @@ def _setups(quick: bool) -> list[dict[str, Any]]:
     if quick:
         return [{"dataset": "fashion_mnist", "teacher": "cnn_small", "num_samples": 512, "batch_size": 128}]
     return [
-        {"dataset": "fashion_mnist", "teacher": "cnn_small", "num_samples": 16384, "batch_size": 1024},
-        {"dataset": "cifar10", "teacher": "resnet20", "num_samples": 4096, "batch_size": 1024},
+        # The whole Fashion-MNIST train split, as the default pipeline dumps it; a CIFAR-10 subset.
+        {"dataset": "fashion_mnist", "teacher": "cnn_small", "num_samples": None, "batch_size": 1024},
+        {"dataset": "cifar10", "teacher": "resnet20", "num_samples": 4096, "batch_size": 512},
     ]
 
 
-def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
+def _baseline_dump_split(ref: str, work: Path) -> Any:
+    """`dump_split` from `stages/teacher_dump.py` at git revision `ref` (other modules: current)."""
+    source = subprocess.run(["git", "show", f"{ref}:stages/teacher_dump.py"], cwd=common.REPO_ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    path = work / "teacher_dump_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("teacher_dump_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dump_split
+
+
+def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str | None = None) -> dict[str, Any]:
     import torch
 
     import nets
@@ -61,66 +80,101 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
     attrs = store_attrs(manifest=manifest, split="train", teacher=setup["teacher"],
                         checkpoint_meta={"arch": setup["teacher"]}, checkpoint_sha256="0" * 64,
                         dtype=config.dtype)
-    images = torch.from_numpy(dataset.train.images).permute(0, 3, 1, 2).contiguous()
+    # (N, H, W, C) -> (N, C, H, W) with standard strides (for C = 1, `.contiguous()` after a
+    # permute would keep channels-last strides and make this the channels-last floor).
+    images = torch.empty((num_samples, channels, height, height), dtype=torch.uint8)
+    images.copy_(torch.from_numpy(dataset.train.images).permute(0, 3, 1, 2))
     batches = [normalize(images[i:i + config.batch_size], mean, std)
                for i in range(0, num_samples, config.batch_size)]
+    channels_last = torch.channels_last
+    batches_cl = [x.contiguous(memory_format=channels_last) for x in batches]
+    model_nchw = copy.deepcopy(model)
+    model_cl = copy.deepcopy(model).to(memory_format=channels_last)
     threads_seen: list[int] = []
-    model.register_forward_pre_hook(lambda _m, _x: threads_seen.append(torch.get_num_threads()))
+    for net in (model, model_nchw, model_cl):
+        net.register_forward_pre_hook(lambda _m, _x: threads_seen.append(torch.get_num_threads()))
     counter = iter(range(10**9))
 
-    def dump() -> dict[str, float]:
-        out = work / "stores" / f"logits-{next(counter)}.zarr"
-        threads_seen.clear()
-        started = time.perf_counter()
-        timing = dump_split(model, beton=data_dir / "train.beton", out=out, num_samples=num_samples,
-                            attrs=attrs, config=config, mean=mean, std=std, device=device,
-                            image_shape=tuple(manifest["image_shape"]))
-        elapsed = time.perf_counter() - started
-        assert timing["rows"] == num_samples, timing
-        shutil.rmtree(out)
-        return {"images_per_s": num_samples / elapsed, "elapsed_s": elapsed,
-                "load_s": timing["load_s"], "forward_s": timing["forward_s"],
-                "write_s": timing["write_s"], "threads": min(threads_seen)}
+    def dump_with(dump_fn: Any, net: torch.nn.Module) -> Any:
+        def dump() -> dict[str, float]:
+            out = work / "stores" / f"logits-{next(counter)}.zarr"
+            threads_seen.clear()
+            started = time.perf_counter()
+            timing = dump_fn(net, beton=data_dir / "train.beton", out=out, num_samples=num_samples,
+                             attrs=attrs, config=config, mean=mean, std=std, device=device,
+                             image_shape=tuple(manifest["image_shape"]))
+            elapsed = time.perf_counter() - started
+            assert timing["rows"] == num_samples, timing
+            shutil.rmtree(out)
+            return {"images_per_s": num_samples / elapsed, "elapsed_s": elapsed,
+                    "load_s": timing["load_s"], "forward_s": timing["forward_s"],
+                    "write_s": timing["write_s"], "threads": min(threads_seen)}
+        return dump
 
-    def floor() -> dict[str, float]:
-        threads_seen.clear()
-        started = time.perf_counter()
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-        elapsed = time.perf_counter() - started
-        return {"images_per_s": num_samples / elapsed, "elapsed_s": elapsed, "threads": min(threads_seen)}
+    def floor_with(net: torch.nn.Module, inputs: list[torch.Tensor]) -> Any:
+        def floor() -> dict[str, float]:
+            threads_seen.clear()
+            started = time.perf_counter()
+            with torch.no_grad():
+                for x in inputs:
+                    net(x)
+            elapsed = time.perf_counter() - started
+            return {"images_per_s": num_samples / elapsed, "elapsed_s": elapsed, "threads": min(threads_seen)}
+        return floor
+
+    contenders = {"dump": dump_with(dump_split, model), "floor_nchw": floor_with(model_nchw, batches),
+                  "floor_cl": floor_with(model_cl, batches_cl)}
+    if baseline_ref:
+        contenders[f"dump@{baseline_ref}"] = dump_with(_baseline_dump_split(baseline_ref, work),
+                                                       copy.deepcopy(model_nchw))
 
     print(f"{setup['dataset']} {setup['teacher']}: N={num_samples}, batch {config.batch_size}, "
           f"torch threads {torch.get_num_threads()}")
-    samples = common.interleave({"dump": dump, "floor": floor}, reps)
-    dumps, floors = samples["dump"], samples["floor"]
-    ratio = common.ratio_summary([d["images_per_s"] for d in dumps], [f["images_per_s"] for f in floors])
+    samples = common.interleave(contenders, reps)
+    dumps = samples["dump"]
+    best_floor = [max(a["images_per_s"], b["images_per_s"])
+                  for a, b in zip(samples["floor_nchw"], samples["floor_cl"])]
+    ratio = common.ratio_summary([d["images_per_s"] for d in dumps], best_floor)
     shares = {part: common.summary([d[part] / d["elapsed_s"] for d in dumps])
               for part in ("load_s", "forward_s", "write_s")}
     result = {
         **setup, "num_samples": num_samples, "chunk_size": config.chunk_size, "dtype": config.dtype,
-        "dump_images_per_s": common.summary([d["images_per_s"] for d in dumps]),
-        "floor_images_per_s": common.summary([f["images_per_s"] for f in floors]),
+        "images_per_s": {name: common.summary([r["images_per_s"] for r in runs]) for name, runs in samples.items()},
         "ratio_dump_over_floor": ratio,
+        "ratio_dump_over_floor_nchw": common.ratio_summary(
+            [d["images_per_s"] for d in dumps], [f["images_per_s"] for f in samples["floor_nchw"]]),
         "share_of_dump_time": {k.replace("_s", ""): v for k, v in shares.items()},
         "other_share": common.summary([1 - sum(d[p] for p in ("load_s", "forward_s", "write_s")) / d["elapsed_s"]
                                        for d in dumps]),
-        "torch_threads_in_loop": {"dump": sorted({d["threads"] for d in dumps}),
-                                  "floor": sorted({f["threads"] for f in floors})},
+        "torch_threads_in_loop": {name: sorted({r["threads"] for r in runs}) for name, runs in samples.items()},
         "target": TARGET, "verdict": common.verdict(ratio["median"], TARGET),
     }
+    if baseline_ref:
+        before = samples[f"dump@{baseline_ref}"]
+        result["baseline"] = {
+            "ref": baseline_ref,
+            "ratio_dump_over_floor": common.ratio_summary([b["images_per_s"] for b in before], best_floor),
+            "speedup": common.ratio_summary([d["images_per_s"] for d in dumps], [b["images_per_s"] for b in before]),
+            "share_of_dump_time": {part.replace("_s", ""): common.summary([b[part] / b["elapsed_s"] for b in before])
+                                   for part in ("load_s", "forward_s", "write_s")},
+        }
+        print(f"  before ({baseline_ref}): dump/floor {common.fmt(result['baseline']['ratio_dump_over_floor'])}, "
+              f"speedup {common.fmt(result['baseline']['speedup'])}")
     print(f"  dump/floor {common.fmt(ratio)} (target >= {TARGET}: {result['verdict']}); shares "
           + ", ".join(f"{k} {v['median']:.2f}" for k, v in result["share_of_dump_time"].items()))
     return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    reps = args.reps or (2 if args.quick else 5)
+    cli = common.parser(__doc__.splitlines()[0])
+    cli.add_argument("--baseline-ref", default=None,
+                     help="also run stages/teacher_dump.py of this git revision (before/after)")
+    args = cli.parse_args(argv)
+    reps = args.reps or (2 if args.quick else 3)
     started = time.perf_counter()
     with common.tempdir(NAME) as tmp:
-        results = [bench_setup(setup, reps, Path(tmp) / str(i)) for i, setup in enumerate(_setups(args.quick))]
+        results = [bench_setup(setup, reps, Path(tmp) / str(i), args.baseline_ref)
+                   for i, setup in enumerate(_setups(args.quick))]
     result = {"quick": args.quick, "reps": reps, "setups": results}
     common.write_result(NAME, result, args.out, started)
     return result
