@@ -33,6 +33,11 @@ def _install_pauses(pause_s: float) -> None:
 
 
 if __name__ == "__main__":
+    # Import ffcv before anything imports torch, exactly as `lessons` does (pipeline.cli's
+    # _ready_torch): the import order decides which OpenMP runtime torch's kernels use, and
+    # with it the float rounding of multi-threaded training.
+    import ffcv  # noqa: F401
+
     pause = float(os.environ.get("LESSONS_TEST_PAUSE_S") or 0)
     if pause > 0:
         _install_pauses(pause)
