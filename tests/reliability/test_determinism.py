@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -53,3 +54,35 @@ def test_temperature_twice_gives_identical_arrays_files_and_histograms(tmp_path,
     assert np.isfinite(a.read("static_temperature")).all()
     assert tree_digest(tmp_path / "a" / "dtd.zarr") == tree_digest(tmp_path / "b" / "dtd.zarr")
     assert (tmp_path / "a" / "h.json").read_bytes() == (tmp_path / "b" / "h.json").read_bytes()
+
+
+_THREADS_PROBE = """
+import sys, time
+import ffcv, torch
+from ffcv.loader.epoch_iterator import EpochIterator
+from storage.beton import make_loader
+
+run = EpochIterator.run
+def late_run(self):  # an epoch thread that starts late, as on a busy machine
+    time.sleep(0.2)
+    return run(self)
+EpochIterator.run = late_run
+loader = make_loader(sys.argv[1], batch_size=32, shuffle=True, augment=False, image_shape=(28, 28, 1),
+                     num_workers=1, torch_threads=2)
+print(sorted({torch.get_num_threads() for _epoch in range(2) for _batch in loader}))
+"""
+
+
+@pytest.mark.slow  # a fresh Python process (the race shows in a process's first epochs)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to tell 1 from 2 threads")
+def test_every_training_batch_runs_with_the_thread_count_the_loader_was_built_for(pipeline):
+    """ffcv's epoch thread resets torch's thread count as it starts; when that raced with the
+    loader's own setting, whole epochs ran with 1 thread or 2 at random, so the float rounding --
+    and a resumed student's weights -- differed from run to run."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", _THREADS_PROBE, str(pipeline.data / "train.beton")],
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip().splitlines()[-1] == "[2]", probe.stdout
