@@ -33,9 +33,8 @@ def _install_pauses(pause_s: float) -> None:
 
 
 if __name__ == "__main__":
-    # Import ffcv before anything imports torch, exactly as `lessons` does (pipeline.cli's
-    # _ready_torch): the import order decides which OpenMP runtime torch's kernels use, and
-    # with it the float rounding of multi-threaded training.
+    # Start like a `lessons` process: ffcv is imported before the stage and storage modules
+    # (pipeline.cli's _ready_torch), so the child's timing and thread set-up are the real ones.
     import ffcv  # noqa: F401
 
     pause = float(os.environ.get("LESSONS_TEST_PAUSE_S") or 0)
