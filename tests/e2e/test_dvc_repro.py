@@ -38,11 +38,11 @@ def _copy_project(dst: Path) -> None:
 
 def _shrink(params_path: Path) -> None:
     params = yaml.safe_load(params_path.read_text())
-    params["data"].update(max_train_samples=1200, max_test_samples=400)
+    params["data"].update(max_train_samples=2000, max_test_samples=500)
     for teacher in params["teacher_train"]["teachers"].values():
         teacher.update(epochs=2, batch_size=64)
     params["teacher_dump"].update(batch_size=256, chunk_size=512)
-    params["student_train"].update(epochs=1, batch_size=64, num_workers=1)
+    params["student_train"].update(epochs=2, batch_size=64, num_workers=1)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -64,14 +64,14 @@ def test_dvc_repro_runs_every_stage_and_writes_the_report(project: Path):
     for name in experiments:
         assert f"| {name} |" in summary
         metrics = json.loads((project / "metrics" / "students" / f"{name}-seed0.json").read_text())
-        assert 0.3 < metrics["test_top1"] <= 1.0, (name, metrics["test_top1"])  # 10 classes: chance is 0.1
+        assert 0.25 < metrics["test_top1"] <= 1.0, (name, metrics["test_top1"])  # 10 classes: chance is 0.1
         assert metrics["teacher"] == "cnn_small"
     for png in ("accuracy.png", "curves.png", "temperature.png"):
         assert (project / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     teacher = json.loads((project / "metrics" / "teachers" / "cnn_small.json").read_text())
-    assert teacher["test_top1"] > 0.5
+    assert teacher["test_top1"] > 0.6
     ps = json.loads((project / "metrics" / "adjust" / "cnn_small-ps.json").read_text())
-    assert ps["rewritten_views"] == round((1 - ps["teacher_train_accuracy"]) * 1200)
+    assert ps["rewritten_views"] == round((1 - ps["teacher_train_accuracy"]) * 2000)
 
 
 def test_a_second_dvc_repro_runs_nothing(project: Path):
