@@ -186,6 +186,16 @@ def work(tmp_path: Path, pipeline: Pipeline) -> Path:
     return tmp_path
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child Python: it imports this checkout's code first, like the test
+    process does, whichever checkout `pip install -e` last pointed `lessons` at."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def spawn_cli(params: Path, *args: str, cwd: Path, pause_s: float = 0.0,
               log: Path | None = None) -> subprocess.Popen:
     """Start `lessons` in a real child process (tests/reliability/slow_cli.py).
@@ -193,7 +203,7 @@ def spawn_cli(params: Path, *args: str, cwd: Path, pause_s: float = 0.0,
     With `pause_s`, the child sleeps that long after each finished store chunk and after each
     saved training state, so a test can SIGKILL it at a known point.
     """
-    env = {**os.environ, "LESSONS_TEST_PAUSE_S": str(pause_s), "PYTHONUNBUFFERED": "1"}
+    env = {**child_env(), "LESSONS_TEST_PAUSE_S": str(pause_s), "PYTHONUNBUFFERED": "1"}
     stream = open(log, "wb") if log is not None else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("slow_cli.py")), "--params", str(params),

@@ -82,7 +82,9 @@ def test_every_training_batch_runs_with_the_thread_count_the_loader_was_built_fo
     import subprocess
     import sys
 
+    from tests.reliability.conftest import child_env
+
     probe = subprocess.run([sys.executable, "-c", _THREADS_PROBE, str(pipeline.data / "train.beton")],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, env=child_env())
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip().splitlines()[-1] == "[2]", probe.stdout
