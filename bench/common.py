@@ -58,7 +58,7 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 
 def interleave(contenders: Mapping[str, Callable[[], float | dict[str, float]]], reps: int,
                *, warmup: bool | Mapping[str, Callable[[], Any]] = True,
-               log: Callable[[str], None] = print) -> dict[str, list[Any]]:
+               log: Callable[[str], None] | None = None) -> dict[str, list[Any]]:
     """Run each contender once per repetition, interleaved, rotating the start.
 
     Args:
@@ -68,6 +68,7 @@ def interleave(contenders: Mapping[str, Callable[[], float | dict[str, float]]],
     Returns:
         name -> list of `reps` measurements.
     """
+    log = log or (lambda line: print(line, flush=True))
     names = list(contenders)
     if warmup:
         for name in names:
