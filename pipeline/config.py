@@ -70,6 +70,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "teacher_train.teachers", ("epochs", "batch_size", "lr"))
+        _check_schedule(self, "teacher_train.teachers")
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,9 @@ class StudentTrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the run, for `step`
+    gamma: float = 0.1  # lr factor at each milestone, for `step`
     alpha: float = 0.9  # weight of the KD term; (1 - alpha) on cross-entropy
     seeds: tuple[int, ...] = (0,)  # every experiment runs once per seed (a dvc matrix axis)
     augment: bool = True
@@ -170,6 +174,7 @@ class StudentTrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "student_train", ("epochs", "batch_size", "lr"))
+        _check_schedule(self, "student_train")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"student_train.seeds: must be a non-empty list of distinct integers, "
                               f"got {list(self.seeds)}")
@@ -197,8 +202,8 @@ class StudentTrainConfig:
             name=name, teacher=exp.teacher, kd=exp.kd, adjust=exp.adjust, dtd=exp.dtd,
             arch=pick("arch"), epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
             alpha=pick("alpha"), seed=self.seeds[0] if seed is None else seed, momentum=self.momentum,
-            weight_decay=self.weight_decay, augment=self.augment, num_workers=self.num_workers,
-            device=self.device,
+            weight_decay=self.weight_decay, schedule=self.schedule, milestones=self.milestones,
+            gamma=self.gamma, augment=self.augment, num_workers=self.num_workers, device=self.device,
         )
         _positive(resolved, f"student_train.experiments.{name}", ("epochs", "batch_size", "lr"))
         return resolved
@@ -221,6 +226,9 @@ class ResolvedExperiment:
     seed: int
     momentum: float
     weight_decay: float
+    schedule: Literal["cosine", "step"]
+    milestones: tuple[float, ...]
+    gamma: float
     augment: bool
     num_workers: int
     device: Device
@@ -246,6 +254,17 @@ class Params:
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
     student_train: StudentTrainConfig = field(default_factory=StudentTrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def _check_schedule(obj: Any, section: str) -> None:
+    """`milestones` are increasing fractions of the run in (0, 1); `gamma` is an lr factor in (0, 1]."""
+    m = list(obj.milestones)
+    if any(not 0.0 < x < 1.0 for x in m) or m != sorted(set(m)):
+        raise ConfigError(f"{section}.milestones: must be increasing fractions of the run in (0, 1), "
+                          f"e.g. [0.5, 0.75]; got {m}")
+    if not 0.0 < obj.gamma <= 1.0:
+        raise ConfigError(f"{section}.gamma: the lr factor at each milestone must lie in (0, 1], "
+                          f"got {obj.gamma}")
 
 
 def _positive(obj: Any, section: str, keys: tuple[str, ...]) -> None:

@@ -204,7 +204,8 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     model = nets.build_net(experiment.arch, manifest["num_classes"], in_channels=channels,
                            image_size=height).to(device)
     fit_config = Fit(epochs=experiment.epochs, lr=experiment.lr, momentum=experiment.momentum,
-                     weight_decay=experiment.weight_decay, seed=experiment.seed,
+                     weight_decay=experiment.weight_decay, schedule=experiment.schedule,
+                     milestones=experiment.milestones, gamma=experiment.gamma, seed=experiment.seed,
                      augment=experiment.augment, image_shape=image_shape,
                      batch_size=experiment.batch_size)
     train_loader = make_loader(data_dir / "train.beton", batch_size=experiment.batch_size, shuffle=True,

@@ -31,6 +31,12 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
     ({"student_train": {"seeds": [1, 1]}}, "student_train.seeds: must be a non-empty list of distinct"),
     ({"temperature": {"min_temperature": 0.0}}, "temperature: need 0 < min_temperature"),
     ({"teacher_dump": {"batch_size": 1000, "chunk_size": 16384}}, "must be a multiple of batch_size (1000)"),
+    ({"student_train": {"schedule": "linear"}}, "student_train.schedule: must be one of ['cosine', 'step']"),
+    ({"student_train": {"milestones": [0.75, 0.5]}}, "student_train.milestones: must be increasing fractions"),
+    ({"student_train": {"milestones": [150, 180]}}, "student_train.milestones: must be increasing fractions"),
+    ({"student_train": {"gamma": 0.0}}, "student_train.gamma: the lr factor at each milestone must lie in (0, 1]"),
+    ({"teacher_train": {"teachers": {"t": {"arch": "x", "milestones": [1.0]}}}},
+     "teacher_train.teachers.milestones: must be increasing fractions"),
 ])
 def test_bad_params_raise_one_error_naming_the_section_and_key(raw, message):
     with pytest.raises(ConfigError) as info:
@@ -53,6 +59,15 @@ def test_experiment_fields_fall_back_to_shared_defaults_and_override_them():
     assert (params.student_train.experiment("b", 5).lr, params.student_train.experiment("b", 5).seed) == (0.01, 5)
     with pytest.raises(ConfigError, match="no experiment named 'c'"):
         params.student_train.experiment("c")
+
+
+def test_the_student_lr_schedule_is_shared_by_every_experiment():
+    params = from_dict(Params, {"student_train": {"schedule": "step", "milestones": [0.6, 0.9], "gamma": 0.2,
+                                                  "experiments": {"a": {"teacher": "t"}}}}, "")
+    a = params.student_train.experiment("a")
+    assert (a.schedule, a.milestones, a.gamma) == ("step", (0.6, 0.9), 0.2)
+    default = from_dict(Params, {"student_train": {"experiments": {"a": {"teacher": "t"}}}}, "")
+    assert default.student_train.experiment("a").schedule == "cosine"
 
 
 def test_kd_without_a_teacher_and_ce_with_adjustment_are_refused():
