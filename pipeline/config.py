@@ -150,6 +150,9 @@ class ExperimentConfig:
     batch_size: int | None = None
     lr: float | None = None
     alpha: float | None = None
+    # KA-LSR rows: null = soften the student by the row's τ and weight by τ² (DESIGN §4); a
+    # number = use this τ instead on fixed-target rows only (1.0: unsoftened student, weight 1).
+    fixed_target_temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,12 @@ class StudentTrainConfig:
     def __post_init__(self) -> None:
         _positive(self, "student_train", ("epochs", "batch_size", "lr"))
         _check_schedule(self, "student_train")
+        for name, exp in self.experiments.items():
+            value = exp.fixed_target_temperature
+            if value is not None and (exp.adjust != "lsr" or not (value > 0 and math.isfinite(value))):
+                raise ConfigError(
+                    f"student_train.experiments.{name}.fixed_target_temperature: a positive number, and "
+                    f"only with adjust: lsr (got {value}, adjust={exp.adjust})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"student_train.seeds: must be a non-empty list of distinct integers, "
                               f"got {list(self.seeds)}")
@@ -200,6 +209,7 @@ class StudentTrainConfig:
         pick = lambda key: getattr(self, key) if getattr(exp, key) is None else getattr(exp, key)  # noqa: E731
         resolved = ResolvedExperiment(
             name=name, teacher=exp.teacher, kd=exp.kd, adjust=exp.adjust, dtd=exp.dtd,
+            fixed_target_temperature=exp.fixed_target_temperature,
             arch=pick("arch"), epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
             alpha=pick("alpha"), seed=self.seeds[0] if seed is None else seed, momentum=self.momentum,
             weight_decay=self.weight_decay, schedule=self.schedule, milestones=self.milestones,
@@ -218,6 +228,7 @@ class ResolvedExperiment:
     kd: bool
     adjust: Literal["ps", "lsr", "none"]
     dtd: Literal["off", "static", "flsw", "cwsm"]
+    fixed_target_temperature: float | None
     arch: str
     epochs: int
     batch_size: int

@@ -34,7 +34,8 @@ MISSING = "–"
 SUMMARY_NAME = "summary.md"
 ACCURACY_PNG, CURVES_PNG, TEMPERATURE_PNG = "accuracy.png", "curves.png", "temperature.png"
 #: Student settings that must agree between runs aggregated under one experiment name.
-EXPERIMENT_KEYS = ("teacher", "kd", "adjust", "dtd", "arch", "epochs", "lr", "alpha")
+EXPERIMENT_KEYS = ("teacher", "kd", "adjust", "dtd", "fixed_target_temperature", "arch", "epochs", "lr",
+                   "alpha")
 #: (header, body) of a Markdown table; body cells are display strings.
 Table = tuple[list[str], list[list[Any]]]
 
@@ -74,6 +75,14 @@ def _mean_of(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _adjust_label(record: Mapping[str, Any]) -> str:
+    """The KA column: the method, and the student's temperature on fixed rows when overridden."""
+    label = str(record.get("adjust", "none"))
+    if record.get("fixed_target_temperature") is not None:
+        label += f" (fixed rows at τ {float(record['fixed_target_temperature']):g})"
+    return label
+
+
 def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[ExperimentRow]:
     """Group student metrics dicts by experiment name; mean ± std of top-1 over seeds.
 
@@ -107,7 +116,7 @@ def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[Experim
         top1 = [float(r["test_top1"]) for r in records]
         rows.append(ExperimentRow(
             experiment=name, teacher=first.get("teacher"), kd=bool(first.get("kd", False)),
-            adjust=str(first.get("adjust", "none")), dtd=str(first.get("dtd", "off")),
+            adjust=_adjust_label(first), dtd=str(first.get("dtd", "off")),
             seeds=seeds, top1_mean=statistics.fmean(top1),
             top1_std=statistics.stdev(top1) if len(top1) > 1 else None,
             top5_mean=_mean_of(records, "test_top5"),

@@ -52,13 +52,18 @@ class Lessons:
 
 
 def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *, lessons: Lessons,
-                  alpha: float, dtd: str, temperature_config: Any) -> Tensor:
+                  alpha: float, dtd: str, temperature_config: Any,
+                  fixed_target_temperature: float | None = None) -> Tensor:
     """The KD loss of one batch with targets gathered by `sample_index` (pure; DESIGN §4).
 
     Args:
         student_logits: (B, C) float. labels: (B,) int64. sample_index: (B,) int64 on any device.
         lessons: the experiment's supervision. dtd: off | static | flsw | cwsm.
         temperature_config: TemperatureConfig (τ0, β, γ, clamp range).
+        fixed_target_temperature: None (DESIGN §4: a fixed-target row's student side is
+            softened by the row's τ_x and its KL weighted by τ_x²), or a τ > 0 used instead on
+            fixed-target (KA-LSR) rows only, for the student's softmax and the τ² weight alike
+            (1.0: the student's plain distribution matched to the smoothed label, weight 1).
     Returns:
         scalar loss.
     """
@@ -81,6 +86,10 @@ def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, 
         temperature = dynamic_temperature(cwsm_weights(student_logits.detach()), **clamp)
     else:
         raise ValueError(f"unknown dtd mode {dtd!r}")
+    if fixed_target_temperature is not None:
+        per_row = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
+        temperature = torch.where(fixed, torch.full_like(student_logits[:, 0], fixed_target_temperature),
+                                  per_row.expand(student_logits.shape[0]))
     return kd_loss(student_logits, targets, labels, alpha=alpha, temperature=temperature,
                    fixed_target=fixed, validate=False)
 
@@ -196,7 +205,8 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
         assert lessons is not None
         loss_fn = lambda logits, labels, index: kd_batch_loss(  # noqa: E731
             logits, labels, index, lessons=lessons, alpha=experiment.alpha, dtd=experiment.dtd,
-            temperature_config=temperature_config)
+            temperature_config=temperature_config,
+            fixed_target_temperature=experiment.fixed_target_temperature)
     else:
         loss_fn = lambda logits, labels, _index: F.cross_entropy(logits, labels)  # noqa: E731
 
@@ -226,6 +236,7 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     metrics: dict[str, Any] = {
         "experiment": experiment.name, "teacher": teacher["name"] if teacher else None,
         "kd": experiment.kd, "adjust": experiment.adjust, "dtd": experiment.dtd,
+        "fixed_target_temperature": experiment.fixed_target_temperature,
         "arch": experiment.arch, "epochs": experiment.epochs, "seed": experiment.seed,
         "lr": experiment.lr, "alpha": experiment.alpha if experiment.kd else 0.0,
         "test_top1": topk_accuracy(test_logits, test_labels, 1),

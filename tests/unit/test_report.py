@@ -53,6 +53,12 @@ def test_delta_columns_are_percentage_point_differences_of_top1():
     assert column(header, body, "student top-1") == {"ce": "80.00", "kd": "82.00", "kd_ps": "83.00"}
 
 
+def test_the_ka_column_names_an_overridden_fixed_row_temperature():
+    header, body = table([student("kd_lsr", 0.8, adjust="lsr"),
+                          student("kd_lsr_t1", 0.8, adjust="lsr", fixed_target_temperature=1.0)])
+    assert column(header, body, "KA") == {"kd_lsr": "lsr", "kd_lsr_t1": "lsr (fixed rows at τ 1)"}
+
+
 def test_rows_are_baseline_then_kd_baseline_then_by_name():
     header, body = table([student(name, 0.8) for name in ("kd_ps", "kd_lsr", "kd", "ce", "a_kd")])
     assert [cells[0] for cells in body] == ["ce", "kd", "a_kd", "kd_lsr", "kd_ps"]

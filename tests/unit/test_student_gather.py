@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.config import TemperatureConfig
@@ -49,6 +50,41 @@ def test_shuffling_a_batch_permutes_nothing_but_the_order():
         b = kd_batch_loss(student[perm], labels[perm], index[perm], lessons=lessons, alpha=0.9, dtd=dtd,
                           temperature_config=config)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def test_a_fixed_target_temperature_applies_to_lsr_rows_only_for_the_student_side_and_the_weight():
+    # Independent float64 numpy: fixed rows KL(q || softmax(s / 1)) with weight 1; other rows
+    # tau0^2 KL(softmax(t / tau0) || softmax(s / tau0)); batchmean; alpha = 1 leaves the KD term.
+    lessons = _lessons(3)
+    index = torch.arange(0, 64)
+    student = torch.randn(64, C, generator=torch.Generator().manual_seed(5)) * 2
+    labels = torch.randint(0, C, (64,), generator=torch.Generator().manual_seed(6))
+    fixed = lessons.fixed_target[index].numpy()
+    assert 0 < fixed.sum() < 64
+    s, t = student.double().numpy(), lessons.target_logits[index].double().numpy()
+    tau = np.where(fixed, 1.0, 4.0)[:, None]
+    log_q = np.where(fixed[:, None], _log_softmax(t), _log_softmax(t / tau))
+    kl = (np.exp(log_q) * (log_q - _log_softmax(s / tau))).sum(axis=1)
+    want = float((tau[:, 0] ** 2 * kl).sum() / 64)
+    got = kd_batch_loss(student, labels, index, lessons=lessons, alpha=1.0, dtd="off",
+                        temperature_config=TemperatureConfig(), fixed_target_temperature=1.0)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    default = kd_batch_loss(student, labels, index, lessons=lessons, alpha=1.0, dtd="off",
+                            temperature_config=TemperatureConfig())
+    assert float(default) != pytest.approx(want, rel=1e-3)  # DESIGN §4 default: τ0 on every row
+    # With per-sample temperatures (static DTD) the non-fixed rows keep their own τ.
+    static = kd_batch_loss(student, labels, index, lessons=lessons, alpha=1.0, dtd="static",
+                           temperature_config=TemperatureConfig(), fixed_target_temperature=1.0)
+    expected = kd_loss(student, lessons.target_logits[index], labels, alpha=1.0,
+                       temperature=torch.where(lessons.fixed_target[index], 1.0,
+                                               lessons.static_temperature[index]),
+                       fixed_target=lessons.fixed_target[index])
+    torch.testing.assert_close(static, expected)
 
 
 def test_the_shuffled_ffcv_loader_returns_each_image_with_its_own_sample_index_and_label(tmp_path):
