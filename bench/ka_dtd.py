@@ -104,7 +104,7 @@ def child_floor(logits: Path, work: Path) -> dict[str, Any]:
     import zarr
 
     from storage import open_store
-    from storage.soft_labels import _compressor
+    from storage.soft_labels import _compressors
 
     baseline = _peak_rss_bytes()
     started = time.perf_counter()
@@ -113,9 +113,9 @@ def child_floor(logits: Path, work: Path) -> dict[str, Any]:
     rows = source.chunks[1]
     group = zarr.open_group(work / "floor.zarr", mode="w", zarr_format=3)
     target = group.create_array("target_logits", shape=source.shape, dtype=source.dtype,
-                                chunks=(views, rows, num_classes), compressors=_compressor(str(source.dtype)))
+                                chunks=(views, rows, num_classes), compressors=_compressors(str(source.dtype)))
     small = {name: group.create_array(name, shape=(views, samples), dtype=dtype, chunks=(views, rows),
-                                      compressors=_compressor(dtype))
+                                      compressors=_compressors(dtype))
              for name, dtype in SMALL_ARRAYS.items()}
     for start in range(0, samples, rows):
         block = source[:, start:start + rows]

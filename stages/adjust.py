@@ -25,7 +25,7 @@ from torch import Tensor
 
 from stages.functional import InvalidLogitsError, teacher_is_wrong
 from stages.parallel import block_rows, dask_scheduler, prefixed
-from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, open_store
+from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.versions import library_versions
 
 logger = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
     rewritten = packed[..., num_classes + 1] > 0.5
     with dask_scheduler(scheduler) as dask_sched, StoreWriter(
             out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer, \
-            prefixed(str(logits_path), InvalidLogitsError):
+            prefixed(str(logits_path), InvalidLogitsError), checked_reads(logits_path):
         counts = writer.write_dask({
             "target_logits": packed[..., :num_classes],
             "fixed_target": packed[..., num_classes] > 0.5,

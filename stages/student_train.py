@@ -123,7 +123,7 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
         adjusted.expect(**expected, method=adjust, against=dataset)
         adjusted.expect(teacher=teacher, against=str(logits_path))
         target_logits = _finite(adjusted, "target_logits")
-        fixed = torch.from_numpy(adjusted.array("fixed_target")[0])
+        fixed = torch.from_numpy(adjusted.read_view("fixed_target"))
     static = None
     if dtd == "static":
         dtd_store = open_store(store_dir / "dtd.zarr", kind="dtd")
@@ -141,7 +141,7 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
 def _finite(store: Any, name: str) -> Tensor:
     """View 0 of array `name` as float32, refused when it holds NaN/inf (a damaged store:
     zarr reads a missing chunk as NaN, and training on it would only report a NaN loss)."""
-    values = store.array(name)[0].astype(np.float32)
+    values = store.read_view(name).astype(np.float32)
     bad = ~np.isfinite(values)
     if bad.any():
         rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
@@ -197,7 +197,7 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
             raise StoreError(f"{stores_dir / 'test-logits.zarr'}: from another teacher checkpoint than "
                              f"{stores_dir / 'logits.zarr'}; rerun teacher-dump")
         teacher = test_store.attrs["teacher"]
-        teacher_test = test_store.array("logits")[0].astype(np.float32)
+        teacher_test = test_store.read_view("logits").astype(np.float32)
     elif experiment.kd:
         raise StoreError(f"experiment {experiment.name}: kd needs the teacher's stores")
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from stages.functional import InvalidLogitsError, check_logits, compute_dtype
 from stages.adjust import one_torch_thread
 from stages.parallel import block_rows, dask_scheduler, prefixed
-from storage import ArraySpec, StoreWriter, atomic_write_json, open_store
+from storage import ArraySpec, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.versions import library_versions
 
 logger = logging.getLogger(__name__)
@@ -319,7 +319,7 @@ def run(config: Any, *, logits_path: str | Path, out: str | Path, metrics_out: s
     started = time.perf_counter()
     with dask_scheduler(scheduler) as dask_sched, StoreWriter(
             out, kind="dtd", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer, \
-            prefixed(str(logits_path), InvalidLogitsError):
+            prefixed(str(logits_path), InvalidLogitsError), checked_reads(logits_path):
         totals = writer.write_dask({name: packed[..., k] for k, name in enumerate(STATISTICS)},
                                    scheduler=dask_sched,
                                    reductions={"omega_sum": packed[..., -1].sum(dtype=np.float64)})

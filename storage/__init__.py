@@ -10,11 +10,12 @@ from storage.soft_labels import (
     SoftLabelStore,
     StoreError,
     StoreWriter,
+    checked_reads,
     open_store,
 )
 
 __all__ = [
     "SCHEMA_VERSION", "ArraySpec", "ManifestError", "OutputError", "SoftLabelStore", "StoreError",
-    "StoreWriter", "atomic_write_json", "dataset_fingerprint", "exclusive_lock", "open_store",
+    "StoreWriter", "atomic_write_json", "checked_reads", "dataset_fingerprint", "exclusive_lock", "open_store",
     "partial_path", "read_manifest", "write_manifest",
 ]

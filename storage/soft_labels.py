@@ -14,6 +14,7 @@ the folder into place only when every chunk is marked; a rerun with the same pla
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import zarr
@@ -67,12 +68,32 @@ class ArraySpec:
         return {"f": float("nan"), "i": -1, "u": 0, "b": False}[kind]
 
 
-def _compressor(dtype: str) -> zarr.codecs.BloscCodec:
-    # Byte shuffle groups the exponent bytes of floats together: ~1.3-2x smaller logits.
+def _compressors(dtype: str) -> tuple[Any, ...]:
+    # Byte shuffle groups the exponent bytes of floats together: ~1.3-2x smaller logits. The
+    # crc32c codec appends a checksum to every compressed chunk and zarr verifies it on each
+    # read, so a chunk damaged on disk is an error, never silently different logits.
     itemsize = np.dtype(dtype).itemsize
-    return zarr.codecs.BloscCodec(
-        cname="zstd", clevel=3, shuffle="shuffle" if itemsize > 1 else "noshuffle", typesize=itemsize
+    return (
+        zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle" if itemsize > 1 else "noshuffle",
+                               typesize=itemsize),
+        zarr.codecs.Crc32cCodec(),
     )
+
+
+@contextlib.contextmanager
+def checked_reads(path: str | Path) -> Iterator[None]:
+    """Turn zarr's checksum mismatch on a chunk of the store at `path` into a one-line StoreError.
+
+    Raises:
+        StoreError: a chunk read inside the block fails its crc32c check (damaged on disk).
+    """
+    try:
+        yield
+    except ValueError as exc:
+        if isinstance(exc, StoreError) or "checksum" not in str(exc).lower():
+            raise
+        raise StoreError(f"{path}: a chunk fails its crc32c checksum (the file was damaged on disk); "
+                         "rebuild the store (dvc repro --force the stage that writes it)") from exc
 
 
 def _jsonable(obj: Any) -> Any:
@@ -193,7 +214,7 @@ class StoreWriter:
             for name, spec in self.arrays.items():
                 group.create_array(
                     name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks(self.chunk_rows),
-                    fill_value=spec.fill_value(), compressors=_compressor(spec.dtype),
+                    fill_value=spec.fill_value(), compressors=_compressors(spec.dtype),
                 )
             (self.partial / _MARKS / "done").mkdir(parents=True)
             atomic_write_json(plan_file, plan)
@@ -374,8 +395,22 @@ class SoftLabelStore:
         return self.group[name]
 
     def read(self, name: str) -> np.ndarray:
-        """The whole array `name` in memory."""
-        return self.array(name)[...]
+        """The whole array `name` in memory (every chunk's checksum verified).
+
+        Raises:
+            StoreError: no such array, or a chunk fails its checksum.
+        """
+        with checked_reads(self.path):
+            return self.array(name)[...]
+
+    def read_view(self, name: str, view: int = 0) -> np.ndarray:
+        """View `view` of a (V, N, ...) array in memory, e.g. (N, C) logits (checksums verified).
+
+        Raises:
+            StoreError: no such array, or a chunk fails its checksum.
+        """
+        with checked_reads(self.path):
+            return self.array(name)[view]
 
     def expect(self, *, against: str = "what it is used with", **expected: Any) -> None:
         """Refuse the store when an attribute differs from what it is combined with.

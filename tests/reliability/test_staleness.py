@@ -231,3 +231,39 @@ def test_import_logits_refuses_foreign_logits_whose_labels_do_not_match(tmp_path
                    "first: sample 5")
     assert leftovers(out) == []
     ok(cli(pipeline.params_path, "import-logits", path, "--data", pipeline.data, "--out", out))
+
+
+def _damage_one_chunk(array_dir: Path) -> Path:
+    """Flip one byte in the middle of the array's first chunk file (bit rot, a bad copy)."""
+    chunk = sorted(p for p in (array_dir / "c").rglob("*") if p.is_file())[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    chunk.write_bytes(bytes(data))
+    return chunk
+
+
+@pytest.mark.parametrize("command", ["student-train", "adjust", "temperature", "export"])
+def test_a_chunk_damaged_on_disk_is_refused_by_its_checksum(tmp_path, pipeline, work, command):
+    logits = work / "stores" / "t" / "logits.zarr"
+    _damage_one_chunk(logits / "logits")
+    out = tmp_path / "out.zarr"
+    if command == "student-train":
+        result = _student(pipeline.params_path, "kd", data=pipeline.data, stores=work / "stores", out=tmp_path)
+    elif command == "export":
+        result = cli(pipeline.params_path, "export", logits, tmp_path / "out.h5")
+    else:
+        extra = ["--method", "ps"] if command == "adjust" else ["--histogram-out", tmp_path / "h.json"]
+        result = cli(pipeline.params_path, command, *extra, "--logits", logits, "--out", out,
+                     "--metrics-out", tmp_path / "m.json")
+    one_line_error(result, "logits.zarr", "fails its crc32c checksum", "rebuild the store")
+    assert leftovers(out) == [] and not (tmp_path / "m.json").exists()
+    _assert_no_student_outputs(tmp_path)
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_every_store_array_is_written_with_a_crc32c_checksum_codec(pipeline):
+    for name in ("logits.zarr", "adjusted-ps.zarr", "dtd.zarr"):
+        group = zarr.open_group(pipeline.teacher_stores / name, mode="r")
+        for array_name, array in group.arrays():
+            codecs = [c["name"] for c in array.metadata.to_dict()["codecs"]]
+            assert codecs[-1] == "crc32c", (name, array_name, codecs)
