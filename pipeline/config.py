@@ -49,6 +49,9 @@ class PrepareDataConfig:
 
     num_workers: int = 2
 
+    def __post_init__(self) -> None:
+        _positive(self, "prepare_data", ("num_workers",))
+
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -70,6 +73,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "teacher_train.teachers", ("epochs", "batch_size", "lr"))
+        _check_optimizer(self, "teacher_train.teachers")
         _check_schedule(self, "teacher_train.teachers")
 
 
@@ -135,6 +139,9 @@ class TemperatureConfig:
                 f"{self.min_temperature}, {self.base_temperature}, {self.max_temperature}"
             )
         _positive(self, "temperature", ("histogram_bins",))
+        if not self.gamma >= 0.0:
+            raise ConfigError(f"temperature.gamma: the FLSW exponent must be >= 0, got {self.gamma}")
+
 
 
 @dataclass(frozen=True)
@@ -176,9 +183,13 @@ class StudentTrainConfig:
     experiments: dict[str, ExperimentConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _positive(self, "student_train", ("epochs", "batch_size", "lr"))
+        _positive(self, "student_train", ("epochs", "batch_size", "lr", "num_workers"))
+        _check_optimizer(self, "student_train")
         _check_schedule(self, "student_train")
         for name, exp in self.experiments.items():
+            _positive(exp, f"student_train.experiments.{name}", ("epochs", "batch_size", "lr"))
+            if exp.alpha is not None and not 0.0 <= exp.alpha <= 1.0:
+                raise ConfigError(f"student_train.experiments.{name}.alpha: must lie in [0, 1], got {exp.alpha}")
             value = exp.fixed_target_temperature
             if value is not None and (exp.adjust != "lsr" or not (value > 0 and math.isfinite(value))):
                 raise ConfigError(
@@ -267,9 +278,36 @@ class Params:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                    "keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_optimizer(obj: Any, section: str) -> None:
+    """SGD settings: momentum in [0, 1), weight_decay >= 0."""
+    if not 0.0 <= obj.momentum < 1.0:
+        raise ConfigError(f"{section}.momentum: must lie in [0, 1), got {obj.momentum}")
+    if not obj.weight_decay >= 0.0:
+        raise ConfigError(f"{section}.weight_decay: must be >= 0, got {obj.weight_decay}")
+
+
 def _check_schedule(obj: Any, section: str) -> None:
-    """`milestones` are increasing fractions of the run in (0, 1); `gamma` is an lr factor in (0, 1]."""
+    """`milestones` are increasing fractions of the run in (0, 1); `gamma` is an lr factor in (0, 1];
+    a step schedule needs at least one milestone."""
     m = list(obj.milestones)
+    if obj.schedule == "step" and not m:
+        raise ConfigError(f"{section}.milestones: a step schedule needs at least one milestone, "
+                          "e.g. [0.5, 0.75]")
     if any(not 0.0 < x < 1.0 for x in m) or m != sorted(set(m)):
         raise ConfigError(f"{section}.milestones: must be increasing fractions of the run in (0, 1), "
                           f"e.g. [0.5, 0.75]; got {m}")
@@ -394,7 +432,7 @@ def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the parameters file ({exc.strerror})") from exc
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_StrictLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(raw, dict):

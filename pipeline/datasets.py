@@ -506,7 +506,8 @@ def load_dataset(config: DataConfig) -> Dataset:
         raise DatasetError(f"{config.name}: data.root is not set and there is no default; {entry.hint}")
     root = Path(root_text).expanduser()
     if not root.exists():
-        raise DatasetError(f"{config.name}: {root} does not exist; {entry.hint}")
+        shown = root if root.is_absolute() else f"{root} (from {Path.cwd()})"
+        raise DatasetError(f"{config.name}: {shown} does not exist; {entry.hint}")
     started = time.perf_counter()
     try:
         class_names, *sources = entry.loader(root)
@@ -516,6 +517,9 @@ def load_dataset(config: DataConfig) -> Dataset:
             if len(source.labels) == 0:
                 raise DatasetError(f"the {split} split of {root} is empty; add its samples")
             _check_labels(source.labels, len(class_names), f"{root}: {split}")
+            if max_samples is not None and max_samples > len(source.labels):
+                logger.warning("data.max_%s_samples is %d but %s has %d %s images: using all of them",
+                               split, max_samples, root, len(source.labels), split)
             rows = balanced_subset(source.labels, max_samples, config.seed, split)
             arrays[split] = (source.read_images(rows), source.labels[rows])
         channels = {images.shape[-1] for images, _ in arrays.values()}

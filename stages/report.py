@@ -475,6 +475,10 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
                   for p in temperature_histograms}
 
     rows = order_rows(aggregate_experiments(records), config.baseline, config.kd_baseline)
+    for key, name in (("baseline", config.baseline), ("kd_baseline", config.kd_baseline)):
+        if name not in {row.experiment for row in rows}:
+            logger.warning("report.%s is %r, which is not among the experiments (%s): its Δ column "
+                           "will be empty", key, name, ", ".join(row.experiment for row in rows))
     experiment_of_stem = {path.stem: str(r["experiment"]) for path, r in zip(student_paths, records)}
     known = {row.experiment for row in rows}
     curves_by_experiment: dict[str, list[list[dict[str, Any]]]] = {}

@@ -27,7 +27,15 @@ from torch import Tensor
 import nets
 from stages.functional import kd_loss
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
-from stages.training import Fit, channel_stats, fit, owns_outputs, save_checkpoint, topk_accuracy
+from stages.training import (
+    Fit,
+    channel_stats,
+    check_batch_size,
+    fit,
+    owns_outputs,
+    save_checkpoint,
+    topk_accuracy,
+)
 from storage import StoreError, atomic_write_json, open_store
 from storage.beton import make_loader
 from storage.manifest import read_prepared
@@ -182,6 +190,7 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     image_shape = tuple(manifest["image_shape"])
     height, _, channels = image_shape
     num_train = manifest["splits"]["train"]["num_samples"]
+    check_batch_size(experiment.batch_size, num_train, f"student_train.experiments.{experiment.name}")
     num_test = manifest["splits"]["test"]["num_samples"]
     lessons, teacher, teacher_test = None, None, None
     if stores_dir is not None:

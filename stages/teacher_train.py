@@ -19,6 +19,7 @@ import nets
 from stages.training import (
     Fit,
     channel_stats,
+    check_batch_size,
     fit,
     load_checkpoint,
     owns_outputs,
@@ -54,6 +55,8 @@ def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | P
     data_dir, checkpoint_out = Path(data_dir), Path(checkpoint_out)
     height, _, channels = manifest["image_shape"]
     num_train = manifest["splits"]["train"]["num_samples"]
+    if config.checkpoint is None:
+        check_batch_size(config.batch_size, num_train, f"teacher_train.teachers.{name}")
     num_test = manifest["splits"]["test"]["num_samples"]
     mean, std = channel_stats(manifest, device)
     eval_loader = lambda split: make_loader(  # noqa: E731

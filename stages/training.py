@@ -58,6 +58,18 @@ def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
 
 
+def check_batch_size(batch_size: int, num_train: int, where: str) -> None:
+    """Refuse a training batch larger than the training split: the last partial batch is dropped,
+    so no optimiser step would run (and the loader would try to allocate the whole batch).
+
+    Raises:
+        ValueError: batch_size > num_train.
+    """
+    if batch_size > num_train:
+        raise ValueError(f"{where}: batch_size {batch_size} exceeds the {num_train} training images "
+                         "(the last partial batch is dropped, so no step would run); lower batch_size")
+
+
 def channel_stats(manifest: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std of the train split, from the manifest, as (C,) float32."""
     mean = torch.tensor(manifest["pixel_mean"], dtype=torch.float32, device=device)

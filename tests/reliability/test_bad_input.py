@@ -182,6 +182,20 @@ def test_an_unknown_student_architecture_is_refused_before_training(tmp_path, pi
     assert not (tmp_path / "s.pt").exists() and not (tmp_path / "s.json").exists()
 
 
+def test_a_batch_larger_than_the_training_split_is_refused_before_any_allocation(tmp_path, pipeline):
+    # drop_last would leave no step at all; the loader would try to allocate 10^9 images first.
+    result = _teacher_train(_teacher_params(tmp_path, pipeline, batch_size=10**9), tmp_path, pipeline)
+    one_line_error(result, "teacher_train.teachers.t: batch_size 1000000000 exceeds the 256 training images")
+    _no_teacher_outputs(tmp_path)
+    params = write_params(tmp_path / "params.yaml", pipeline.params, student_train={"batch_size": 257})
+    result = cli(params, "student-train", "--experiment", "kd", "--data", pipeline.data, "--stores",
+                 pipeline.stores, "--checkpoint-out", tmp_path / "s.pt", "--metrics-out", tmp_path / "s.json",
+                 "--curve-out", tmp_path / "c.json")
+    one_line_error(result, "student_train.experiments.kd: batch_size 257 exceeds the 256 training images",
+                   "lower batch_size")
+    assert not (tmp_path / "s.pt").exists() and not (tmp_path / "s.json").exists()
+
+
 def test_a_given_checkpoint_of_another_architecture_is_refused(tmp_path, pipeline):
     params = _teacher_params(tmp_path, pipeline, arch="cnn_tiny", checkpoint=str(pipeline.checkpoint))
     result = _teacher_train(params, tmp_path, pipeline)

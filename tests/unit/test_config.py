@@ -35,6 +35,18 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
      "student_train.experiments.a.fixed_target_temperature: a positive number, and only with adjust: lsr"),
     ({"student_train": {"experiments": {"a": {"teacher": "t", "adjust": "lsr", "fixed_target_temperature": 0}}}},
      "student_train.experiments.a.fixed_target_temperature: a positive number"),
+    ({"student_train": {"momentum": -1}}, "student_train.momentum: must lie in [0, 1), got -1"),
+    ({"student_train": {"weight_decay": -1}}, "student_train.weight_decay: must be >= 0, got -1"),
+    ({"student_train": {"num_workers": -1}}, "student_train.num_workers: must be positive, got -1"),
+    ({"prepare_data": {"num_workers": 0}}, "prepare_data.num_workers: must be positive, got 0"),
+    ({"teacher_train": {"teachers": {"t": {"arch": "x", "weight_decay": -1}}}},
+     "teacher_train.teachers.weight_decay: must be >= 0"),
+    ({"student_train": {"schedule": "step", "milestones": []}}, "a step schedule needs at least one milestone"),
+    ({"student_train": {"experiments": {"a": {"teacher": "t", "alpha": 1.5}}}},
+     "student_train.experiments.a.alpha: must lie in [0, 1], got 1.5"),
+    ({"student_train": {"experiments": {"a": {"teacher": "t", "epochs": 0}}}},
+     "student_train.experiments.a.epochs: must be positive, got 0"),
+    ({"temperature": {"gamma": -1}}, "temperature.gamma: the FLSW exponent must be >= 0, got -1"),
     ({"student_train": {"schedule": "linear"}}, "student_train.schedule: must be one of ['cosine', 'step']"),
     ({"student_train": {"milestones": [0.75, 0.5]}}, "student_train.milestones: must be increasing fractions"),
     ({"student_train": {"milestones": [150, 180]}}, "student_train.milestones: must be increasing fractions"),
@@ -81,6 +93,13 @@ def test_kd_without_a_teacher_and_ce_with_adjustment_are_refused():
         params.student_train.experiment("a")
     with pytest.raises(ConfigError, match="adjust/dtd need kd: true"):
         params.student_train.experiment("b")
+
+
+def test_a_key_given_twice_is_refused_instead_of_the_last_one_winning(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("student_train:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"key 'epochs' is given twice \(line 4\); keep one"):
+        load_params(path)
 
 
 def test_a_missing_or_broken_params_file_is_a_config_error(tmp_path):

@@ -532,3 +532,20 @@ def test_balanced_subset_is_as_balanced_as_the_class_sizes_allow(labels, max_sam
     if open_classes.any():
         # no class is left more than one row behind another while it still has rows to give
         assert picked[open_classes].min() >= picked[present].max() - 1
+
+
+def test_a_relative_missing_root_names_the_folder_it_was_taken_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=rf"npz: ../x.npz \(from {tmp_path}\) does not exist"):
+        load("npz", "../x.npz")
+
+
+def test_a_subset_larger_than_the_split_warns_and_takes_every_row(tmp_path, caplog):
+    rng = np.random.default_rng(4)
+    x = rand_images(rng, (6, 4, 4, 1))
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0, 1, 0, 1, 0, 1]), x_test=x[:2],
+             y_test=np.array([0, 1]), class_names=np.array(["a", "b"]))
+    with caplog.at_level("WARNING", logger="pipeline.datasets"):
+        dataset = load("npz", tmp_path / "d.npz", max_train_samples=100)
+    assert len(dataset.train.labels) == 6
+    assert "data.max_train_samples is 100" in caplog.text and "has 6 train images: using all of them" in caplog.text

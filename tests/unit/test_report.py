@@ -224,3 +224,11 @@ def test_run_with_only_student_metrics_still_writes_every_output(inputs, tmp_pat
     assert "| ce |" in text and "## Teachers" not in text
     for name in ("accuracy.png", "curves.png", "temperature.png"):
         assert (out_dir / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_baseline_that_is_not_an_experiment_is_warned_about(inputs, tmp_path, caplog):
+    config = SimpleNamespace(baseline="nope", kd_baseline="kd")
+    with caplog.at_level("WARNING", logger="stages.report"):
+        run(config, **{**inputs, "out_dir": tmp_path / "r"})
+    assert "report.baseline is 'nope', which is not among the experiments" in caplog.text
+    assert "kd_baseline" not in caplog.text
