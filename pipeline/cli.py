@@ -78,7 +78,47 @@ def _ready_torch() -> None:
     use_all_cores()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UsageError(click.ClickException):
+    """A command-line usage error shown as one `Error:` line (exit status 2, as click's own)."""
+
+    exit_code = 2
+
+
+def _one_line(exc: click.UsageError, ctx: click.Context) -> _UsageError:
+    return _UsageError(f"{exc.format_message()} (`{ctx.command_path} --help` lists the options)")
+
+
+class _Command(click.Command):
+    """A command whose usage errors (bad option value, missing option) are one line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _one_line(exc, ctx) from exc
+
+
+class _Group(click.Group):
+    """The `lessons` group: its commands are `_Command`s; an unknown command is one line too."""
+
+    command_class = _Command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:  # bare `lessons`: click shows the help
+            raise
+        except click.UsageError as exc:
+            raise _one_line(exc, ctx) from exc
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            raise _one_line(exc, ctx) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--params", "params_path", default="params.yaml", show_default=True,
               type=click.Path(dir_okay=False), help="The parameters file.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")

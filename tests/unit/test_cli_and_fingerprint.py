@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
@@ -19,6 +20,21 @@ def test_help_lists_every_stage_command():
     assert result.exit_code == 0
     for command in STAGES:
         assert f"  {command} " in result.output, command
+
+
+@pytest.mark.parametrize("args, message", [
+    (["student-train", "--experiment", "kd"], "Error: Missing option '--data'."),
+    (["student-trian"], "Error: No such command 'student-trian'. Did you mean 'student-train'?"),
+    (["--bogus", "report"], "Error: No such option '--bogus'."),
+    (["report", "--out", "{tmp}/f"], "Error: Invalid value for '--out'"),
+])
+def test_a_usage_error_is_one_error_line_with_exit_status_2(tmp_path, args, message):
+    (tmp_path / "f").write_text("a file where a folder is expected")
+    result = CliRunner().invoke(main, [a.format(tmp=tmp_path) for a in args], obj={})
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message) and "--help` lists the options" in lines[0], \
+        result.output
 
 
 def test_python_dash_m_pipeline_is_the_same_cli():
