@@ -8,6 +8,8 @@ and are chunked along N only, with the same chunk rows, so one writer owns whole
     adjusted-M.zarr  target_logits (V, N, C), fixed_target (V, N) bool, rewritten (V, N) bool
     dtd.zarr         teacher_* statistics, omega_teacher, static_temperature (V, N) float32
 
+Every chunk is Blosc-zstd compressed (byte shuffle) and ends with a crc32c checksum that zarr
+verifies on each read, so a chunk damaged on disk is a StoreError, never different logits.
 Attributes never hold timestamps or host names (DVC hashes must be stable). A writer builds
 `<out>.partial/`, marks each finished chunk under `<out>.partial/.lessons/done/`, and renames
 the folder into place only when every chunk is marked; a rerun with the same plan resumes.
