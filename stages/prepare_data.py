@@ -18,7 +18,7 @@ import numpy as np
 
 from storage import dataset_fingerprint, partial_path, write_manifest
 from storage.manifest import file_sha256
-from storage.atomic import OutputError, describe_os_error, exclusive_lock, replace_dir
+from storage.atomic import OutputError, describe_os_error, exclusive_lock, refuse_foreign_output, replace_dir
 from storage.beton import write_beton
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def run(config: Any, dataset: Any, data_config: Any, out_dir: str | Path) -> dic
         OutputError: `out_dir` is locked by another process, not writable, or the disk is full.
     """
     out_dir = Path(out_dir)
+    refuse_foreign_output(out_dir, "manifest.json", "a prepared dataset")
     work = partial_path(out_dir)
     manifest = build_manifest(dataset, data_config)
     with exclusive_lock(out_dir):

@@ -37,9 +37,26 @@ def describe_os_error(exc: OSError, path: str | Path) -> str:
     """One line for an OS error while writing `path`, with the fix."""
     if exc.errno == errno.ENOSPC:
         return f"{path}: no space left on the device; free some disk space and run again"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{path}: not writable (a part of the path is a file, not a folder); choose another output path"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{path}: not writable ({exc.strerror}); choose a writable output path"
     return f"{path}: {exc.strerror or exc}"
+
+
+def refuse_foreign_output(out: str | Path, marker: str, what: str) -> None:
+    """Refuse to replace `out` unless it is absent or an earlier output of the same kind: a folder
+    holding the file `marker` (lessons replaces only what it wrote; a user's file or folder given
+    as an output path by mistake is never deleted).
+
+    Raises:
+        OutputError: `out` exists and is not a folder holding `marker`.
+    """
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not (out.is_dir() and (out / marker).is_file()):
+        kind = "a folder" if out.is_dir() else "a file"
+        raise OutputError(errno.EEXIST, f"{out}: exists and is {kind}, not {what}; lessons only replaces "
+                                        "its own outputs: choose another output path or move it away")
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from storage.atomic import (
     describe_os_error,
     exclusive_lock,
     partial_path,
+    refuse_foreign_output,
     replace_dir,
 )
 
@@ -150,6 +152,15 @@ class StoreWriter:
     def __init__(self, out: str | Path, *, kind: str, arrays: Mapping[str, ArraySpec],
                  attrs: Mapping[str, Any], chunk_rows: int) -> None:
         self.out = Path(out)
+        refuse_foreign_output(self.out, "zarr.json", "a zarr store")
+        if self.out.is_dir():
+            try:
+                old_kind = json.loads((self.out / "zarr.json").read_text()).get("attributes", {}).get("kind")
+            except (OSError, ValueError):
+                old_kind = None
+            if old_kind != kind:
+                raise OutputError(errno.EEXIST, f"{self.out}: holds a store of kind {old_kind!r}, and this "
+                                                f"writes kind {kind!r}; choose another output path or move it away")
         self.partial = partial_path(self.out)
         sizes = {spec.shape[spec.sample_axis] for spec in arrays.values()}
         if len(sizes) != 1:

@@ -524,3 +524,41 @@ def test_a_full_disk_while_marking_a_chunk_is_one_line_too(tmp_path, pipeline, g
     monkeypatch.undo()
     one_line_error(result, "no space left on the device")
     assert leftovers(out) == []
+
+
+# -- an output path that holds something else ------------------------------------------------
+
+@pytest.mark.parametrize("command", ["adjust", "temperature"])
+@pytest.mark.parametrize("victim", ["folder", "file", "other-kind store"])
+def test_a_store_output_path_holding_something_else_is_refused_and_kept(tmp_path, pipeline, work,
+                                                                       command, victim):
+    logits = work / "stores" / "t" / "logits.zarr"
+    if victim == "folder":
+        out = tmp_path / "mine"
+        out.mkdir()
+        (out / "notes.txt").write_text("my notes")
+    elif victim == "file":
+        out = tmp_path / "params-copy.yaml"
+        out.write_text("data: {}\n")
+    else:  # adjust into the DTD store, temperature into the KA store
+        out = work / "stores" / "t" / ("dtd.zarr" if command == "adjust" else "adjusted-ps.zarr")
+    before = tree_digest(out) if out.is_dir() else out.read_bytes()
+    extra = ["--method", "ps"] if command == "adjust" else ["--histogram-out", tmp_path / "h.json"]
+    result = cli(pipeline.params_path, command, *extra, "--logits", logits, "--out", out,
+                 "--metrics-out", tmp_path / "m.json")
+    if victim == "other-kind store":
+        one_line_error(result, f"{out.name}: holds a store of kind", "choose another output path")
+    else:
+        one_line_error(result, f"{out}: exists and is a {victim}", "lessons only replaces its own outputs")
+    assert (tree_digest(out) if out.is_dir() else out.read_bytes()) == before
+    assert not (tmp_path / "m.json").exists() and not out.with_name(out.name + ".old").exists()
+
+
+def test_prepare_data_refuses_an_output_folder_that_is_not_a_prepared_dataset(tmp_path, pipeline):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "thesis.tex").write_text("\\documentclass{article}")
+    path = write_params(tmp_path / "params.yaml", pipeline.params)
+    result = cli(path, "prepare-data", "--out", out)
+    one_line_error(result, f"{out}: exists and is a folder, not a prepared dataset")
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
