@@ -37,6 +37,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_seed(self.seed, "data.seed")
         for key in ("max_train_samples", "max_test_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -74,6 +75,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         _positive(self, "teacher_train.teachers", ("epochs", "batch_size", "lr"))
         _check_optimizer(self, "teacher_train.teachers")
+        _check_seed(self.seed, "teacher_train.teachers.seed")
         _check_schedule(self, "teacher_train.teachers")
 
 
@@ -119,6 +121,8 @@ class AdjustConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.epsilon < 1.0:
             raise ConfigError(f"adjust.epsilon: must lie in (0, 1), got {self.epsilon}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"adjust.methods: each method once, got {list(self.methods)}")
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,8 @@ class StudentTrainConfig:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"student_train.seeds: must be a non-empty list of distinct integers, "
                               f"got {list(self.seeds)}")
+        for seed in self.seeds:
+            _check_seed(seed, "student_train.seeds")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"student_train.alpha: must lie in [0, 1], got {self.alpha}")
 
@@ -291,6 +297,11 @@ class _StrictLoader(yaml.SafeLoader):
                     "keep one", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _check_seed(seed: int, where: str) -> None:
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{where}: a seed must lie in [0, 2^32), got {seed}")
 
 
 def _check_optimizer(obj: Any, section: str) -> None:

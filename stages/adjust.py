@@ -26,6 +26,7 @@ from torch import Tensor
 from stages.functional import InvalidLogitsError, teacher_is_wrong
 from stages.parallel import block_rows, dask_scheduler, prefixed
 from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, checked_reads, open_store
+from storage.atomic import ensure_parents
 from storage.versions import library_versions
 
 logger = logging.getLogger(__name__)
@@ -271,6 +272,7 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
 
     if method not in ("ps", "lsr", "none"):
         raise ValueError(f"adjust: unknown method {method!r}; use ps, lsr or none")
+    ensure_parents(metrics_out)  # an unwritable metrics path fails before any work
     source = open_store(logits_path, kind="logits")
     source.check_layout()
     if source.attrs.get("split") != "train":

@@ -25,6 +25,7 @@ from stages.functional import InvalidLogitsError, check_logits, compute_dtype
 from stages.adjust import one_torch_thread
 from stages.parallel import block_rows, dask_scheduler, prefixed
 from storage import ArraySpec, StoreWriter, atomic_write_json, checked_reads, open_store
+from storage.atomic import ensure_parents
 from storage.versions import library_versions
 
 logger = logging.getLogger(__name__)
@@ -299,6 +300,8 @@ def run(config: Any, *, logits_path: str | Path, out: str | Path, metrics_out: s
     """
     import dask.array as da
 
+    # Unwritable metrics/plot paths fail before any work (not after the store is written).
+    ensure_parents(metrics_out, histogram_out, *([plot_out] if plot_out is not None else []))
     source = open_store(logits_path, kind="logits")
     source.check_layout()
     logits_array = source.array("logits")

@@ -172,6 +172,10 @@ def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bo
             image_ops.append(RandomTranslate(padding=4, fill=(0,) * image_shape[2]))
     image_ops += [ToTensor(), ToTorchImage(channels_last=False)]
     threads = torch_threads or len(os.sched_getaffinity(0))
+    if num_workers > len(os.sched_getaffinity(0)):  # numba refuses more threads than cores
+        logger.warning("num_workers %d is more than the %d cores available; using %d", num_workers,
+                       len(os.sched_getaffinity(0)), len(os.sched_getaffinity(0)))
+        num_workers = len(os.sched_getaffinity(0))
     loader = GuardedLoader(Loader(
         str(path), batch_size=batch_size, num_workers=max(1, num_workers),
         order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=seed,

@@ -45,6 +45,10 @@ def export_h5(store: SoftLabelStore, path: str | Path) -> None:
         with contextlib.suppress(OSError):  # e.g. ENOTDIR: the cause, not a second error
             tmp.unlink()
         raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
+    except BaseException:  # e.g. a damaged chunk: no half-written export stays behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     logger.info("%s: exported %s", path, store.path)
 
 

@@ -562,3 +562,14 @@ def test_prepare_data_refuses_an_output_folder_that_is_not_a_prepared_dataset(tm
     result = cli(path, "prepare-data", "--out", out)
     one_line_error(result, f"{out}: exists and is a folder, not a prepared dataset")
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_temperature_with_an_unwritable_plot_path_fails_before_writing_anything(tmp_path, pipeline):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = tmp_path / "dtd.zarr"
+    result = cli(pipeline.params_path, "temperature", "--logits", pipeline.teacher_stores / "logits.zarr",
+                 "--out", out, "--metrics-out", tmp_path / "m.json", "--histogram-out", tmp_path / "h.json",
+                 "--plot-out", blocker / "t.png")
+    one_line_error(result, "t.png: not writable (a part of the path is a file, not a folder)")
+    assert leftovers(out) == [] and not (tmp_path / "m.json").exists() and not (tmp_path / "h.json").exists()

@@ -104,3 +104,16 @@ def test_the_shuffled_ffcv_loader_returns_each_image_with_its_own_sample_index_a
     order = torch.cat(seen)
     assert sorted(order.tolist()) == list(range(N))
     assert not torch.equal(order, torch.arange(N))  # it really was shuffled
+
+
+def test_more_loader_workers_than_cores_are_capped_with_a_warning(tmp_path, caplog):
+    import os
+
+    images = np.zeros((40, 28, 28, 1), np.uint8)
+    write_beton(tmp_path / "t.beton", images, np.arange(40) % C, num_workers=1)
+    with caplog.at_level("WARNING", logger="storage.beton"):
+        loader = make_loader(tmp_path / "t.beton", batch_size=8, shuffle=False, augment=False,
+                             image_shape=(28, 28, 1), num_workers=10_000)
+        rows = sum(len(index) for _, _, index in loader)
+    cores = len(os.sched_getaffinity(0))
+    assert rows == 40 and f"num_workers 10000 is more than the {cores} cores available" in caplog.text
