@@ -271,6 +271,26 @@ def student_train_command(ctx: click.Context, experiment: str, seed: int | None,
     click.echo(f"student {experiment}: test top-1 {metrics['test_top1']:.4f} -> {metrics_out}")
 
 
+@main.command("check-params")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Write a fixed marker file when the check passes (the dvc stage's output).")
+@click.pass_context
+@friendly
+def check_params_command(ctx: click.Context, out: str | None) -> None:
+    """Check params.yaml as a whole before any stage runs (dvc runs this first, so a bad value
+    never gets as far as a stage that would delete its old outputs)."""
+    import nets
+
+    params = _params(ctx)
+    names = params.check_pipeline(nets.available_nets())
+    if out is not None:
+        from storage import atomic_write_json
+
+        atomic_write_json(out, {"params": "checked"})  # fixed content: later stages never rerun for it
+    click.echo(f"params: {len(params.teacher_train.teachers)} teacher(s), {len(names)} experiment(s) x "
+               f"{len(params.student_train.seeds)} seed(s): ok")
+
+
 @main.command("report")
 @click.option("--students", "students_dir", default="metrics/students", show_default=True,
               type=click.Path(file_okay=False), help="Student metrics (*.json).")

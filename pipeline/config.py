@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 
@@ -282,6 +282,33 @@ class Params:
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
     student_train: StudentTrainConfig = field(default_factory=StudentTrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+    def check_pipeline(self, known_archs: Iterable[str] | None = None) -> list[str]:
+        """Cross-section checks of the whole pipeline, beyond each section's own.
+
+        Every experiment resolves for every seed; a KD experiment names a defined teacher and an
+        `adjust` method that `adjust.methods` builds; every architecture is known (when
+        `known_archs` is given). Returns the experiment names, in order.
+        Raises:
+            ConfigError: the first problem found, naming the key.
+        """
+        archs = set(known_archs) if known_archs is not None else None
+        for name, teacher in self.teacher_train.teachers.items():
+            if archs is not None and teacher.arch not in archs:
+                raise ConfigError(f"teacher_train.teachers.{name}.arch: unknown architecture "
+                                  f"{teacher.arch!r}; known: {', '.join(sorted(archs))}")
+        for name in self.student_train.experiments:
+            for seed in self.student_train.seeds:
+                exp = self.student_train.experiment(name, seed)
+            if exp.kd:
+                self.teacher_train.teacher(exp.teacher)  # raises for an unknown teacher name
+                if exp.adjust != "none" and exp.adjust not in self.adjust.methods:
+                    raise ConfigError(f"student_train.experiments.{name}.adjust: {exp.adjust!r} is not in "
+                                      f"adjust.methods {list(self.adjust.methods)}; add it there")
+            if archs is not None and exp.arch not in archs:
+                raise ConfigError(f"student_train.experiments.{name}: unknown architecture "
+                                  f"{exp.arch!r}; known: {', '.join(sorted(archs))}")
+        return list(self.student_train.experiments)
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -90,9 +90,31 @@ def test_changing_one_students_lr_reruns_only_that_student_and_the_report(projec
         status = _sh(["dvc", "status"], project)
         changed = {line.strip().rstrip(":") for line in status.splitlines()
                    if line and not line.startswith(("\t", " "))}
-        assert changed == {"student_train@kd_ps-0"}, status
+        # check_params reruns on any edit of params.yaml (a second); its output is unchanged,
+        # so it makes nothing else rerun.
+        assert changed == {"check_params", "student_train@kd_ps-0"}, status
         out = _sh(["dvc", "repro"], project)
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-        assert ran == {"student_train@kd_ps-0", "report"}, out
+        assert ran == {"check_params", "student_train@kd_ps-0", "report"}, out
+    finally:
+        params_path.write_text(original)
+
+
+def test_a_bad_value_stops_dvc_repro_before_any_stage_deletes_its_outputs(project: Path):
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["student_train"]["experiments"]["kd"]["alpha"] = 1.5
+    outputs = [project / "checkpoints" / "students" / "kd-seed0.pt",
+               project / "metrics" / "students" / "kd-seed0.json", project / "plots" / "students" / "kd-seed0.json"]
+    before = [p.read_bytes() for p in outputs]
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+        proc = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert "student_train.experiments.kd.alpha: must lie in [0, 1], got 1.5" in proc.stdout + proc.stderr
+        assert "Running stage 'student_train" not in proc.stdout
+        assert [p.read_bytes() for p in outputs] == before
     finally:
         params_path.write_text(original)

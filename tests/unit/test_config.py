@@ -144,3 +144,26 @@ def test_every_parameter_dvc_yaml_names_is_set_in_params_yaml():
                     node = node[part]
                 checked += 1
     assert checked >= 20
+
+
+@pytest.mark.parametrize("student, message", [
+    ({"experiments": {"a": {"teacher": "nobody"}}},
+     "teacher_train.teachers: no teacher named 'nobody'; known: ['t']"),
+    ({"experiments": {"a": {"teacher": "t", "adjust": "lsr"}}},
+     "student_train.experiments.a.adjust: 'lsr' is not in adjust.methods ['ps']; add it there"),
+    ({"experiments": {"a": {"teacher": "t", "arch": "resnet2O"}}},
+     "student_train.experiments.a: unknown architecture 'resnet2O'"),
+])
+def test_check_pipeline_finds_what_no_single_section_can(student, message):
+    params = from_dict(Params, {"teacher_train": {"teachers": {"t": {"arch": "mlp"}}},
+                                "adjust": {"methods": ["ps"]}, "student_train": student}, "")
+    with pytest.raises(ConfigError) as info:
+        params.check_pipeline(known_archs=["mlp", "resnet20"])
+    assert message in str(info.value)
+
+
+def test_check_pipeline_accepts_the_shipped_params_and_names_the_experiments():
+    import nets
+
+    names = load_params(ROOT / "params.yaml").check_pipeline(nets.available_nets())
+    assert names == ["ce", "kd", "kd_ps", "kd_lsr", "kd_flsw", "kd_ps_flsw"]
