@@ -430,8 +430,8 @@ def test_an_output_path_under_a_regular_file_is_one_line_not_writable(tmp_path, 
                           "--out", out],
         "export": ["export", logits, blocker / "sub" / "out.h5"],
     }[command]
-    one_line_error(cli(pipeline.params_path, *args), str(blocker / "sub"), "not writable",
-                   "choose a writable output path")
+    one_line_error(cli(pipeline.params_path, *args), str(blocker / "sub"),
+                   "not writable (a part of the path is a file, not a folder)", "choose another output path")
     assert blocker.read_text() == "I am a file"
     assert not (tmp_path / "m.json").exists()
 
