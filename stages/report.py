@@ -475,12 +475,12 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
                   for p in temperature_histograms}
 
     rows = order_rows(aggregate_experiments(records), config.baseline, config.kd_baseline)
+    known = {row.experiment for row in rows}
     for key, name in (("baseline", config.baseline), ("kd_baseline", config.kd_baseline)):
-        if name not in {row.experiment for row in rows}:
+        if name not in known:
             logger.warning("report.%s is %r, which is not among the experiments (%s): its Δ column "
                            "will be empty", key, name, ", ".join(row.experiment for row in rows))
     experiment_of_stem = {path.stem: str(r["experiment"]) for path, r in zip(student_paths, records)}
-    known = {row.experiment for row in rows}
     curves_by_experiment: dict[str, list[list[dict[str, Any]]]] = {}
     for path in map(Path, curves):
         curve = _read_list(path, ("epoch", "test_top1"))
