@@ -122,6 +122,20 @@ def one_line_error(result: Result, *fragments: str) -> str:
     return line
 
 
+def teacher_h5(store_path: Path, out: Path) -> Path:
+    """A plain HDF5 file of a logit store's view-0 logits (float32) and labels, as another
+    framework would write it (no lessons attributes)."""
+    import h5py
+
+    from storage import open_store
+
+    store = open_store(store_path)
+    with h5py.File(out, "w") as f:
+        f["logits"] = store.read("logits")[0].astype(np.float32)
+        f["labels"] = store.read("labels")
+    return out
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under `path`, by relative path (lock files excluded)."""
     path = Path(path)

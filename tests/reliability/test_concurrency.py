@@ -7,7 +7,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +20,7 @@ from tests.reliability.conftest import (
     ok,
     one_line_error,
     spawn_cli,
+    teacher_h5,
     tree_digest,
     wait_for,
 )
@@ -28,10 +28,7 @@ from tests.reliability.conftest import (
 
 def test_a_second_writer_of_the_same_store_is_refused_at_once_and_the_first_is_untouched(tmp_path, pipeline):
     store = open_store(pipeline.teacher_stores / "logits.zarr")
-    h5 = tmp_path / "t.h5"
-    with h5py.File(h5, "w") as f:
-        f["logits"] = store.read("logits")[0].astype(np.float32)
-        f["labels"] = store.read("labels")
+    h5 = teacher_h5(store.path, tmp_path / "t.h5")
     out = tmp_path / "logits.zarr"
     partial = out.with_name(out.name + ".partial")
     marks = partial / ".lessons" / "done"

@@ -17,6 +17,7 @@ from tests.reliability.conftest import (
     make_npz,
     ok,
     one_line_error,
+    teacher_h5,
     write_params,
 )
 
@@ -216,15 +217,7 @@ def test_import_logits_refuses_an_export_of_another_dataset_subset_or_order(
 
 def test_import_logits_refuses_foreign_logits_whose_labels_do_not_match(tmp_path, pipeline, datasets):
     """A file from elsewhere (no lessons attributes): the labels are what ties it to the data."""
-    import h5py
-
-    from storage import open_store
-
-    store = open_store(pipeline.teacher_stores / "logits.zarr")
-    path = tmp_path / "foreign.h5"
-    with h5py.File(path, "w") as f:
-        f["logits"] = store.read("logits")[0].astype(np.float32)
-        f["labels"] = store.read("labels")
+    path = teacher_h5(pipeline.teacher_stores / "logits.zarr", tmp_path / "foreign.h5")
     out = tmp_path / "logits.zarr"
     result = cli(pipeline.params_path, "import-logits", path, "--data", datasets["relabeled"], "--out", out)
     one_line_error(result, "foreign.h5", "labels differ from the dataset at 1 rows",
