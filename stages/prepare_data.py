@@ -18,7 +18,14 @@ import numpy as np
 
 from storage import dataset_fingerprint, partial_path, write_manifest
 from storage.manifest import file_sha256
-from storage.atomic import OutputError, describe_os_error, exclusive_lock, refuse_foreign_output, replace_dir
+from storage.atomic import (
+    OutputError,
+    create_work_dir,
+    describe_os_error,
+    exclusive_lock,
+    refuse_foreign_output,
+    replace_dir,
+)
 from storage.beton import write_beton
 
 logger = logging.getLogger(__name__)
@@ -79,9 +86,10 @@ def run(config: Any, dataset: Any, data_config: Any, out_dir: str | Path) -> dic
     manifest = build_manifest(dataset, data_config)
     with exclusive_lock(out_dir):
         try:
-            if work.exists():
-                shutil.rmtree(work)
-            work.mkdir(parents=True)
+            create_work_dir(work)  # refuses a folder at that name that lessons did not make
+        except OSError as exc:
+            raise exc if isinstance(exc, OutputError) else OutputError(exc.errno, describe_os_error(exc, work))
+        try:
             for split_name in ("train", "test"):
                 split = getattr(dataset, split_name)
                 beton = work / f"{split_name}.beton"
@@ -89,12 +97,12 @@ def run(config: Any, dataset: Any, data_config: Any, out_dir: str | Path) -> dic
                 manifest["splits"][split_name]["beton_sha256"] = file_sha256(beton)
                 np.save(work / f"{split_name}-labels.npy", split.labels.astype(np.int64))
             write_manifest(work / "manifest.json", manifest)
-            replace_dir(work, out_dir)
-        except OSError as exc:
-            shutil.rmtree(work, ignore_errors=True)
-            if isinstance(exc, OutputError):
-                raise
-            raise OutputError(exc.errno, describe_os_error(exc, out_dir)) from exc
+            replace_dir(work, out_dir, marker="manifest.json", what="a prepared dataset")
+        except BaseException as exc:
+            shutil.rmtree(work, ignore_errors=True)  # the work folder created above: ours
+            if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+                raise OutputError(exc.errno, describe_os_error(exc, out_dir)) from exc
+            raise
     logger.info("%s: %s ready (%d train, %d test, %d classes, images %s)", out_dir, dataset.name,
                 manifest["splits"]["train"]["num_samples"], manifest["splits"]["test"]["num_samples"],
                 manifest["num_classes"], "x".join(map(str, manifest["image_shape"])))

@@ -35,6 +35,7 @@ from stages.training import (
     owns_outputs,
     save_checkpoint,
     topk_accuracy,
+    training_state_path,
 )
 from storage import StoreError, atomic_write_json, open_store
 from storage.beton import make_loader
@@ -239,7 +240,7 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     mean, std = channel_stats(manifest, device)
     result = fit(model, fit_config, train_loader=train_loader, test_loader=test_loader,
                  num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
-                 loss_fn=loss_fn, state_path=checkpoint_out.with_name(checkpoint_out.name + ".state"),
+                 loss_fn=loss_fn, state_path=training_state_path(checkpoint_out),
                  resume=resume, run_key=run_key, desc=f"student {experiment.name}")
     test_logits, test_labels = result["test_logits"], result["test_labels"]
     metrics: dict[str, Any] = {
@@ -260,6 +261,6 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
                     extra={"experiment": experiment.name})
     atomic_write_json(curve_out, result["curve"])
     atomic_write_json(metrics_out, metrics)
-    checkpoint_out.with_name(checkpoint_out.name + ".state").unlink(missing_ok=True)
+    training_state_path(checkpoint_out).unlink(missing_ok=True)
     logger.info("student %s: test top-1 %.4f", experiment.name, metrics["test_top1"])
     return metrics

@@ -26,6 +26,7 @@ from stages.training import (
     predict,
     save_checkpoint,
     topk_accuracy,
+    training_state_path,
 )
 from storage.atomic import atomic_write_json
 from storage.beton import make_loader
@@ -81,7 +82,7 @@ def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | P
         train_loader = make_loader(data_dir / "train.beton", batch_size=config.batch_size,
                                    shuffle=True, augment=False, seed=config.seed,
                                    image_shape=tuple(manifest["image_shape"]), drop_last=True)
-        state_path = checkpoint_out.with_name(checkpoint_out.name + ".state")
+        state_path = training_state_path(checkpoint_out)
         result = fit(model, fit_config, train_loader=train_loader, test_loader=eval_loader("test"),
                      num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
                      loss_fn=lambda logits, labels, _index: F.cross_entropy(logits, labels),
@@ -105,7 +106,7 @@ def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | P
     atomic_write_json(curve_out, curve)
     atomic_write_json(metrics_out, metrics)
     if config.checkpoint is None:
-        checkpoint_out.with_name(checkpoint_out.name + ".state").unlink(missing_ok=True)
+        training_state_path(checkpoint_out).unlink(missing_ok=True)
     logger.info("teacher %s: test top-1 %.4f (train %.4f)", name, metrics["test_top1"],
                 metrics["train_top1"])
     return metrics

@@ -7,6 +7,7 @@ fingerprint. Its sha256 identifies the teacher in every store written from it.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import io
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 import nets
 from stages.progress import progress
 from stages.views import apply_views, augmentation_params
-from storage.atomic import atomic_write_bytes, ensure_parents, exclusive_lock
+from storage.atomic import OutputError, atomic_write_bytes, ensure_parents, exclusive_lock
 from storage.manifest import file_sha256  # noqa: F401  (re-exported for stages)
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,40 @@ def owns_outputs(run: Callable[..., Any]) -> Callable[..., Any]:
                **kwargs: Any) -> Any:
         ensure_parents(checkpoint_out, metrics_out, curve_out)
         with exclusive_lock(checkpoint_out):
+            read_training_state(training_state_path(checkpoint_out))  # refuses a file lessons did not write
             return run(*args, checkpoint_out=checkpoint_out, metrics_out=metrics_out, curve_out=curve_out,
                        **kwargs)
 
     return locked
+
+
+def training_state_path(checkpoint_out: str | Path) -> Path:
+    """Where a run saves its resumable training state: `<checkpoint_out>.state`."""
+    checkpoint_out = Path(checkpoint_out)
+    return checkpoint_out.with_name(checkpoint_out.name + ".state")
+
+
+def read_training_state(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any] | None:
+    """The training state saved at `path` by `fit`, or None when there is none.
+
+    Raises:
+        OutputError: something else is at `path` (a folder, a link, a file that is not a training
+            state of lessons); it is left as it is, since the run would overwrite it.
+    """
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return None
+    foreign = OutputError(errno.EEXIST, f"{path}: exists and is not a training state of lessons; lessons "
+                                        "saves its resumable state under this name: move it away and run again")
+    if path.is_symlink() or not path.is_file():
+        raise foreign
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # any unreadable payload: not ours
+        raise foreign from exc
+    if not (isinstance(state, dict) and "run_key" in state):
+        raise foreign
+    return state
 
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -286,9 +317,9 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
     curve: list[dict[str, Any]] = []
     start_epoch, step, elapsed_s, train_time_s, train_seen = 0, 0, 0.0, 0.0, 0
     state = None
-    if resume and state_path is not None and Path(state_path).is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state.get("run_key") != run_key:
+    if resume and state_path is not None:
+        state = read_training_state(state_path, device)
+        if state is not None and state.get("run_key") != run_key:
             logger.warning("%s: ignoring %s, saved by a run with other settings", desc, state_path)
             state = None
     if state is not None:

@@ -1,9 +1,26 @@
-"""Atomic file and directory writes, and an exclusive per-output lock.
+"""Atomic file and directory writes, an exclusive per-output lock, and the rules that keep a
+user's files safe.
 
-A finished output is always complete: files are written beside their destination and renamed
-into place (`os.replace`), directories are built as `<out>.partial/` and renamed when done.
-A lock file `<out>.lock` (advisory `flock`, released by the kernel when the holder dies, even on
-SIGKILL) makes a second writer of the same output fail at once instead of interleaving.
+A finished output is always complete: files are written to a uniquely named temporary file
+beside their destination and renamed into place (`os.replace`); directories are built as
+`<out>.partial/` and renamed when done. A lock file `<out>.lock` (advisory `flock`, released by
+the kernel when the holder dies, even on SIGKILL) makes a second writer of the same output fail
+at once instead of interleaving.
+
+Nothing lessons did not write is ever deleted. The sibling paths a writer uses are:
+
+- `<out>.lock`: opened (never truncated, written or deleted); a symbolic link there is refused.
+- `<out>.partial/`: a work folder lessons creates with a `.lessons/` marker folder inside; it
+  is deleted or resumed only when it carries that marker and is not a symbolic link, otherwise
+  the write is refused with one line.
+- `.<out-name>.<random>.old/`: the previous output, moved aside under a fresh unique name while
+  the new one is renamed in, then deleted. The previous output is replaced only if it is an
+  earlier output of the same kind (`refuse_foreign_output`).
+- `.<file-name>.<random>` and `.<file-name>.<random>.partial`: unique temporary files for file
+  outputs (created exclusively by `tempfile`, so they never collide with an existing file).
+
+An output path that is a symbolic link is refused: renaming a finished folder into place would
+replace the link, not write into its target.
 """
 from __future__ import annotations
 
@@ -21,6 +38,7 @@ from typing import Any, Iterator
 logger = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
+WORK_MARKER = ".lessons"  # the folder inside every work folder lessons creates: its ownership mark
 
 
 class OutputError(OSError):
@@ -44,19 +62,72 @@ def describe_os_error(exc: OSError, path: str | Path) -> str:
     return f"{path}: {exc.strerror or exc}"
 
 
-def refuse_foreign_output(out: str | Path, marker: str, what: str) -> None:
-    """Refuse to replace `out` unless it is absent or an earlier output of the same kind: a folder
-    holding the file `marker` (lessons replaces only what it wrote; a user's file or folder given
-    as an output path by mistake is never deleted).
+def refuse_symlink(path: str | Path, what: str) -> None:
+    """Refuse an output path that is a symbolic link (dangling or not).
 
     Raises:
-        OutputError: `out` exists and is not a folder holding `marker`.
+        OutputError: `path` is a symbolic link.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        target = os.readlink(path)
+        raise OutputError(errno.EEXIST, f"{path}: is a symbolic link (to {target}), not {what}; lessons "
+                                        "replaces an output by renaming a finished one into place, which "
+                                        "would replace the link: give the link's target as the output "
+                                        "path, or remove the link")
+
+
+def refuse_foreign_output(out: str | Path, marker: str, what: str) -> None:
+    """Refuse to replace `out` unless it is absent or an earlier output of the same kind: a folder
+    (not a symbolic link) holding the file `marker` (lessons replaces only what it wrote; a user's
+    file or folder given as an output path by mistake is never deleted).
+
+    Raises:
+        OutputError: `out` is a symbolic link, or exists and is not a folder holding `marker`.
     """
     out = Path(out)
-    if (out.exists() or out.is_symlink()) and not (out.is_dir() and (out / marker).is_file()):
+    refuse_symlink(out, what)
+    if out.exists() and not (out.is_dir() and (out / marker).is_file()):
         kind = "a folder" if out.is_dir() else "a file"
         raise OutputError(errno.EEXIST, f"{out}: exists and is {kind}, not {what}; lessons only replaces "
                                         "its own outputs: choose another output path or move it away")
+
+
+def owns_work_dir(path: str | Path) -> bool:
+    """Whether `path` is a work folder lessons created: a real folder holding `WORK_MARKER/`."""
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and (path / WORK_MARKER).is_dir()
+
+
+def discard_work_dir(path: str | Path) -> None:
+    """Delete the work folder `path` if it exists, but only if lessons created it.
+
+    Raises:
+        OutputError: `path` exists (or is a link) and is not a work folder of lessons; nothing
+            is deleted.
+    """
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not owns_work_dir(path):
+        kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
+        raise OutputError(errno.EEXIST, f"{path}: exists and is {kind} that lessons did not create (no "
+                                        f"{WORK_MARKER}/ inside); lessons uses this name for unfinished "
+                                        "output and deletes only its own: move it away and run again")
+    shutil.rmtree(path)
+
+
+def create_work_dir(path: str | Path) -> Path:
+    """Create the empty work folder `path` with its ownership marker (discarding an earlier one).
+
+    Raises:
+        OutputError: see `discard_work_dir`; OSError: the folder cannot be created.
+    """
+    path = Path(path)
+    discard_work_dir(path)
+    path.mkdir(parents=True)
+    (path / WORK_MARKER).mkdir()
+    return path
 
 
 @contextlib.contextmanager
@@ -70,8 +141,14 @@ def exclusive_lock(out: str | Path) -> Iterator[None]:
     lock_path = out.with_name(out.name + ".lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(exc.errno, f"{lock_path}: is a symbolic link; lessons uses this name as the "
+                                         "lock of its output: remove the link and run again") from exc
+        if exc.errno == errno.EISDIR:
+            raise OutputError(exc.errno, f"{lock_path}: is a folder; lessons uses this name as the lock "
+                                         "of its output: move it away and run again") from exc
         raise OutputError(exc.errno, describe_os_error(exc, lock_path)) from exc
     try:
         try:
@@ -92,16 +169,36 @@ def ensure_parents(*paths: str | Path) -> None:
 
     Raises:
         OutputError: a folder cannot be created (e.g. a regular file is in the way) or is not
-            writable.
+            writable, or a folder stands where the file will go.
     """
     for path in paths:
         parent = Path(path).parent
+        if Path(path).is_dir():
+            raise OutputError(errno.EISDIR, f"{path}: is a folder, and lessons writes a file here; choose "
+                                            "another output path or move the folder away")
         try:
             parent.mkdir(parents=True, exist_ok=True)
             if not os.access(parent, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         except OSError as exc:
             raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
+
+
+def temporary_sibling(path: str | Path) -> Path:
+    """A new, empty, uniquely named file `.<name>.<random>.partial` beside `path`, for a writer
+    that must open its output by name (ffcv, h5py) before renaming it into place.
+
+    The file is created exclusively, so no existing file is ever reused or truncated.
+
+    Raises:
+        OSError: the folder cannot be created or written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+    os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp's 0600 would hide outputs from other users
+    return Path(name)
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
@@ -133,24 +230,41 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def replace_dir(src: str | Path, dst: str | Path) -> None:
-    """Move the finished directory `src` to `dst`, replacing an older `dst` only once `src` is in.
+def replace_dir(src: str | Path, dst: str | Path, *, marker: str, what: str) -> None:
+    """Move the finished work folder `src` to `dst`, replacing an older `dst` only once `src` is in.
 
-    The old `dst` is first renamed aside, so at every instant either the old or the new output
-    exists under `dst`'s name or beside it; it is deleted only after the new one is in place.
+    The old `dst` (checked again to be an earlier output: a folder holding `marker`) is first
+    renamed aside to a fresh unique name `.<dst-name>.<random>.old`, so at every instant either
+    the old or the new output exists under `dst`'s name or beside it; it is deleted only after
+    the new one is in place. `src`'s ownership marker (`WORK_MARKER/`) is removed last.
+
+    Raises:
+        OutputError: `src` is not a work folder of lessons, or `dst` is not an earlier output
+            (see `refuse_foreign_output`).
+        OSError: a rename failed (the old `dst` is back in place).
     """
     src, dst = Path(src), Path(dst)
-    aside = dst.with_name(dst.name + ".old")
-    if aside.exists():
-        shutil.rmtree(aside)
-    had_old = dst.exists()
-    if had_old:
-        os.replace(dst, aside)
+    if not owns_work_dir(src):
+        raise OutputError(errno.EEXIST, f"{src}: is not a work folder of lessons; refusing to publish it")
+    refuse_foreign_output(dst, marker, what)
+    aside = None
+    if dst.exists():
+        # A new empty folder of a unique name: rename(2) may replace an empty folder, so the old
+        # output lands there and no existing path is ever overwritten.
+        aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        try:
+            os.replace(dst, aside)
+        except OSError:
+            aside.rmdir()
+            raise
     try:
         os.replace(src, dst)
     except OSError:
-        if had_old:
+        if aside is not None:
             os.replace(aside, dst)
         raise
-    if had_old:
+    shutil.rmtree(dst / WORK_MARKER, ignore_errors=True)
+    if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+        if aside.exists():
+            logger.warning("%s: could not delete the previous output moved aside to %s", dst, aside)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.atomic import OutputError, describe_os_error
+from storage.atomic import OutputError, describe_os_error, temporary_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +64,24 @@ def write_beton(path: str | Path, images: np.ndarray, labels: np.ndarray, num_wo
         raise BetonError(f"{path}: refusing to write an empty split")
     if labels.min() < 0:
         raise BetonError(f"{path}: negative label {int(labels.min())}")
-    tmp = path.with_name(path.name + ".partial")
     fields = {
         "image": NDArrayField(dtype=np.dtype("uint8"), shape=tuple(images.shape[1:])),
         "label": IntField(),
         "sample_index": IntField(),
     }
+    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(path)
         writer = DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers))
         writer.from_indexed_dataset(_Rows(np.ascontiguousarray(images), labels), chunksize=1000)
         os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):  # e.g. ENOTDIR: the cause, not a second error
-            tmp.unlink()
-        raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # e.g. ENOTDIR: the cause, not a second error
+                tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
+        raise
     logger.info("%s: %d rows written", path, images.shape[0])
 
 

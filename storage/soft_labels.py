@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -37,6 +38,9 @@ from storage.atomic import (
     atomic_write_json,
     describe_os_error,
     exclusive_lock,
+    WORK_MARKER,
+    create_work_dir,
+    owns_work_dir,
     partial_path,
     refuse_foreign_output,
     replace_dir,
@@ -46,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
-_MARKS = ".lessons"
+_MARKS = WORK_MARKER  # resume marks live inside the ownership marker folder
 
 
 class StoreError(ValueError):
@@ -209,8 +213,9 @@ class StoreWriter:
     def _open(self) -> None:
         plan = self._plan()
         plan_file = self.partial / _MARKS / "plan.json"
+        created = False
         try:
-            if self.partial.exists():
+            if owns_work_dir(self.partial):
                 try:
                     same = json.loads(plan_file.read_text()) == _jsonable(plan)
                 except (OSError, ValueError):
@@ -222,17 +227,22 @@ class StoreWriter:
                     self._group = zarr.open_group(self.partial, mode="r+")
                     return
                 logger.warning("%s: discarding an unfinished write made with other settings", self.out)
-                shutil.rmtree(self.partial)
-            group = zarr.open_group(self.partial, mode="w", zarr_format=3)
+            create_work_dir(self.partial)  # refuses a folder at that name that lessons did not make
+            created = True
+            group = zarr.open_group(self.partial, mode="a", zarr_format=3)
             for name, spec in self.arrays.items():
                 group.create_array(
                     name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks(self.chunk_rows),
                     fill_value=spec.fill_value(), compressors=_compressors(spec.dtype),
                 )
-            (self.partial / _MARKS / "done").mkdir(parents=True)
+            (self.partial / _MARKS / "done").mkdir()
             atomic_write_json(plan_file, plan)
             self._group = group
         except OSError as exc:
+            if created:  # e.g. the disk filled up while creating the arrays: leave nothing behind
+                shutil.rmtree(self.partial, ignore_errors=True)
+            if isinstance(exc, OutputError):
+                raise
             raise OutputError(exc.errno, describe_os_error(exc, self.partial)) from exc
 
     # -- chunks ---------------------------------------------------------------------------
@@ -324,13 +334,22 @@ class StoreWriter:
             sources.append(value.astype(spec.dtype))
             targets.append(self._group[name])
         import dask
+        import dask.system
 
         names = list(reductions or {})
+        # On the local threaded scheduler, a private pool: when one task fails, dask raises at
+        # once while other tasks may still be writing chunks; shutting the pool down waits for
+        # them, so a failed write's cleanup never races a writer (which left `.partial` behind).
+        pool = ThreadPoolExecutor(dask.system.CPU_COUNT) if scheduler in (None, "threads") else None
+        options = {"scheduler": "threads", "pool": pool} if pool is not None else {"scheduler": scheduler}
         try:
             stored = da.store(sources, targets, lock=False, compute=False)
-            results = dask.compute(stored, *[reductions[n] for n in names], scheduler=scheduler)[1:]
+            results = dask.compute(stored, *[reductions[n] for n in names], **options)[1:]
         except OSError as exc:
             raise OutputError(exc.errno, describe_os_error(exc, self.partial)) from exc
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         self._written.update(values)
         if self._written >= set(self.arrays):
             self._mark_all_done()
@@ -372,8 +391,7 @@ class StoreWriter:
         try:
             self._group.attrs.update({**self.attrs, **_jsonable(dict(extra_attrs or {})),
                                       "complete": True})
-            shutil.rmtree(self.partial / _MARKS)
-            replace_dir(self.partial, self.out)
+            replace_dir(self.partial, self.out, marker="zarr.json", what="a zarr store")
         except OSError as exc:
             raise OutputError(exc.errno, describe_os_error(exc, self.out)) from exc
         logger.info("%s: written (%d samples, %d chunks)", self.out, self.num_samples, self.num_chunks)

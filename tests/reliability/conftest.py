@@ -146,11 +146,15 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 
 def leftovers(out: Path) -> list[str]:
-    """What a failed write left at `out` or beside it (`<out>.partial`, `<out>.old`); the
+    """What a failed write left at `out` or beside it (`<out>.partial`, the unique temporary
+    names `.<name>.*.partial` and `.<name>.*.old`, and the `<out>.old` of earlier versions); the
     documented `<out>.lock` file does not count."""
     out = Path(out)
-    return [p.name for p in (out, out.with_name(out.name + ".partial"), out.with_name(out.name + ".old"))
-            if p.exists()]
+    fixed = [p.name for p in (out, out.with_name(out.name + ".partial"), out.with_name(out.name + ".old"))
+             if p.exists()]
+    unique = sorted(p.name for pattern in (f".{out.name}.*.partial", f".{out.name}.*.old")
+                    for p in out.parent.glob(pattern))
+    return fixed + unique
 
 
 @dataclass(frozen=True)
