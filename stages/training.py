@@ -328,7 +328,7 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         start_epoch, step, curve = state["epoch"], state["step"], list(state["curve"])
         elapsed_s, train_time_s, train_seen = state["elapsed_s"], state["train_time_s"], state["train_seen"]
         logger.info("%s: resuming after epoch %d of %d", desc, start_epoch, fit_config.epochs)
-    train_loader.next_epoch = start_epoch  # ffcv's order for epoch e is drawn from (seed + e)
+    train_loader.next_epoch = start_epoch  # epoch e is ordered by storage.beton.epoch_order(seed, e)
 
     def prepare(images: Tensor, sample_index: Tensor, epoch: int) -> Tensor:
         if fit_config.augment:

@@ -142,12 +142,44 @@ class GuardedLoader:
             yield batch
 
 
+EPOCH_ORDER_STREAM = 4  # the stream id of the epoch order (stages/views.py uses 1-3 for views)
+
+
+def epoch_order(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """The training order of `indices` in `epoch`: a permutation drawn from the explicit key
+    `SeedSequence([seed, EPOCH_ORDER_STREAM, epoch])` (STYLE principle 4).
+
+    ffcv's own random order draws from `seed + epoch`, so seed 1 at epoch e would shuffle like
+    seed 0 at epoch e + 1 and runs "over seeds" would share epoch orders; a keyed draw cannot
+    collide that way.
+
+    Args:
+        seed: the run's seed, >= 0. epoch: >= 0. indices: (N,) int rows of the beton.
+    Returns:
+        (N,) the same rows, permuted.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, EPOCH_ORDER_STREAM, epoch]))
+    return rng.permutation(indices)
+
+
+def _keyed_random_order(loader: Any) -> Any:
+    """An ffcv traversal order whose epoch permutations come from `epoch_order`."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class KeyedRandom(TraversalOrder):
+        def sample_order(self, epoch: int) -> np.ndarray:
+            return epoch_order(int(self.seed), epoch, np.asarray(self.indices))
+
+    return KeyedRandom(loader)
+
+
 def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bool,
                 image_shape: tuple[int, int, int], num_workers: int = 2, seed: int = 0,
                 drop_last: bool = False, torch_threads: int | None = None,
                 indices: Any = None) -> Any:
     """An ffcv `Loader` yielding (images uint8 (B, C, H, W), labels int64 (B,), sample_index (B,)).
 
+    With `shuffle`, epoch e visits the rows in the order `epoch_order(seed, e, rows)`.
     Augmentation (training only): random horizontal flip, plus pad-4 random crop
     (`RandomTranslate(padding=4)`) for images of side >= 32, as in the standard CIFAR recipe.
     Batch buffers are reused by ffcv between iterations: clone what you keep.
@@ -189,5 +221,8 @@ def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bo
             "sample_index": [IntDecoder(), ToTensor(), Squeeze(1)],
         },
     ), torch_threads=threads)
+    if shuffle:  # ffcv's RANDOM order draws from seed + epoch: replace it by a keyed one
+        loader.loader.traversal_order = _keyed_random_order(loader.loader)
+        loader.loader.first_traversal_order = loader.loader.next_traversal_order()
     torch.set_num_threads(threads)  # ffcv reset it
     return loader

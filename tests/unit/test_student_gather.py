@@ -117,3 +117,27 @@ def test_more_loader_workers_than_cores_are_capped_with_a_warning(tmp_path, capl
         rows = sum(len(index) for _, _, index in loader)
     cores = len(os.sched_getaffinity(0))
     assert rows == 40 and f"num_workers 10000 is more than the {cores} cores available" in caplog.text
+
+
+def test_the_shuffled_loader_orders_each_epoch_by_its_key_and_seeds_never_share_an_order(tmp_path):
+    """Seed 1 at epoch e must not shuffle like seed 0 at epoch e + 1 (ffcv's own order draws from
+    seed + epoch); every (seed, epoch) order is the keyed permutation `epoch_order`."""
+    from storage.beton import epoch_order
+
+    n, batch = 64, 16
+    images = np.zeros((n, 28, 28, 1), np.uint8)
+    write_beton(tmp_path / "t.beton", images, np.arange(n) % C, num_workers=1)
+    orders = {}
+    for seed in (0, 1):
+        loader = make_loader(tmp_path / "t.beton", batch_size=batch, shuffle=True, augment=False,
+                             image_shape=(28, 28, 1), num_workers=1, seed=seed, drop_last=True)
+        for epoch in range(3):
+            order = torch.cat([index.clone() for _, _, index in loader]).numpy()
+            assert np.array_equal(order, epoch_order(seed, epoch, np.arange(n)))
+            orders[seed, epoch] = tuple(order)
+    assert len(set(orders.values())) == 6  # seed 1 epoch e differs from seed 0 epoch e + 1
+    # The key is explicit: a fresh loader started at epoch 2 (a resume) sees epoch 2's order.
+    resumed = make_loader(tmp_path / "t.beton", batch_size=batch, shuffle=True, augment=False,
+                          image_shape=(28, 28, 1), num_workers=1, seed=1, drop_last=True)
+    resumed.next_epoch = 2
+    assert tuple(torch.cat([index.clone() for _, _, index in resumed]).numpy()) == orders[1, 2]
