@@ -299,8 +299,9 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
         if key in source.attrs
     }
     attrs.update(method=method, epsilon=config.epsilon if method == "lsr" else None,
-                 source_store=Path(logits_path).name, versions=library_versions())
+                 source=source.as_source(), versions=library_versions())
     arrays = {
+        "sample_index": ArraySpec((samples,), "int64"),
         "target_logits": ArraySpec((views, samples, num_classes), dtype, sample_axis=1),
         "fixed_target": ArraySpec((views, samples), "bool", sample_axis=1),
         "rewritten": ArraySpec((views, samples), "bool", sample_axis=1),
@@ -311,6 +312,7 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
             out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer, \
             prefixed(str(logits_path), InvalidLogitsError), checked_reads(logits_path):
         counts = writer.write_dask({
+            "sample_index": da.from_array(source.read("sample_index"), chunks=(chunk_rows,)),
             "target_logits": packed[..., :num_classes],
             "fixed_target": packed[..., num_classes] > 0.5,
             "rewritten": rewritten,

@@ -114,7 +114,8 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
         (lessons on `device`, {"teacher": ..., "checkpoint_sha256": ...}).
     Raises:
         StoreError: a store is missing or unfinished, or its fingerprint, class count,
-            sample_index or teacher checkpoint does not match.
+            sample_index or teacher checkpoint does not match, or a KA/DTD store was derived
+            from another dump than `logits.zarr` (content digest or sample_index).
     """
     train = manifest["splits"]["train"]
     expected = dict(dataset_fingerprint=train["fingerprint"], num_classes=manifest["num_classes"])
@@ -131,6 +132,7 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
         adjusted = open_store(store_dir / f"adjusted-{adjust}.zarr", kind="adjusted")
         adjusted.expect(**expected, method=adjust, against=dataset)
         adjusted.expect(teacher=teacher, against=str(logits_path))
+        adjusted.expect_source(logits_store)
         target_logits = _finite(adjusted, "target_logits")
         fixed = torch.from_numpy(adjusted.read_view("fixed_target"))
     static = None
@@ -138,6 +140,7 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
         dtd_store = open_store(store_dir / "dtd.zarr", kind="dtd")
         dtd_store.expect(**expected, against=dataset)
         dtd_store.expect(teacher=teacher, against=str(logits_path))
+        dtd_store.expect_source(logits_store)
         static = _finite(dtd_store, "static_temperature")
     lessons = Lessons(
         target_logits=target_logits.to(device), fixed_target=fixed.to(device),

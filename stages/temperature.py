@@ -313,17 +313,20 @@ def run(config: Any, *, logits_path: str | Path, out: str | Path, metrics_out: s
     attrs = {key: source.attrs[key] for key in ("split", "dataset", "dataset_fingerprint",
                                                 "num_classes", "num_views", "view_spec", "teacher")
              if key in source.attrs}
-    attrs.update(source_store=Path(logits_path).name, versions=library_versions(),
+    attrs.update(source=source.as_source(), versions=library_versions(),
                  temperature={"base_temperature": config.base_temperature, "beta": config.beta,
                               "min_temperature": config.min_temperature,
                               "max_temperature": config.max_temperature})
     arrays = {name: ArraySpec((views, samples), "float32", sample_axis=1)
               for name in (*STATISTICS, "static_temperature")}
+    arrays["sample_index"] = ArraySpec((samples,), "int64")
     started = time.perf_counter()
     with dask_scheduler(scheduler) as dask_sched, StoreWriter(
             out, kind="dtd", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer, \
             prefixed(str(logits_path), InvalidLogitsError), checked_reads(logits_path):
-        totals = writer.write_dask({name: packed[..., k] for k, name in enumerate(STATISTICS)},
+        totals = writer.write_dask({name: packed[..., k] for k, name in enumerate(STATISTICS)}
+                                   | {"sample_index": da.from_array(source.read("sample_index"),
+                                                                    chunks=(chunk_rows,))},
                                    scheduler=dask_sched,
                                    reductions={"omega_sum": packed[..., -1].sum(dtype=np.float64)})
         omega_mean = float(totals["omega_sum"]) / (views * samples)

@@ -5,8 +5,14 @@ and are chunked along N only, with the same chunk rows, so one writer owns whole
 
     logits.zarr      logits (V, N, C) float16|float32, labels (N,) int64, sample_index (N,) int64,
                      view_params (V, N, P) int16
-    adjusted-M.zarr  target_logits (V, N, C), fixed_target (V, N) bool, rewritten (V, N) bool
-    dtd.zarr         teacher_* statistics, omega_teacher, static_temperature (V, N) float32
+    adjusted-M.zarr  target_logits (V, N, C), fixed_target (V, N) bool, rewritten (V, N) bool,
+                     sample_index (N,) int64
+    dtd.zarr         teacher_* statistics, omega_teacher, static_temperature (V, N) float32,
+                     sample_index (N,) int64
+
+Every finished store records `content_digest` (sha256 of its arrays' files); a derived store
+(adjusted, dtd) records its source's digest under `source` and copies its `sample_index`, and
+consumers check both (`SoftLabelStore.expect_source`), DESIGN §8.
 
 Every chunk is Blosc-zstd compressed (byte shuffle) and ends with a crc32c checksum that zarr
 verifies on each read, so a chunk damaged on disk is a StoreError, never different logits.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -135,6 +142,23 @@ def check_values(value: np.ndarray, dtype: str, *, where: str) -> None:
                 )
     elif target.kind in "iu" and value.dtype.kind not in "iub":
         raise StoreError(f"{where} must be integer, got {value.dtype}")
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 over every file of every array of the store folder `path` (chunk bytes, each
+    array's metadata), in sorted order: two stores have the same digest exactly when their
+    arrays hold the same bytes. The group's attributes are not part of it.
+
+    Raises:
+        OSError: a file cannot be read.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    for array_dir in sorted(p for p in path.iterdir() if p.is_dir() and (p / "zarr.json").is_file()):
+        for file in sorted(f for f in array_dir.rglob("*") if f.is_file()):
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 class StoreWriter:
@@ -390,7 +414,7 @@ class StoreWriter:
                              f"(first: {pending[0]}); the store is left unfinished in {self.partial}")
         try:
             self._group.attrs.update({**self.attrs, **_jsonable(dict(extra_attrs or {})),
-                                      "complete": True})
+                                      "content_digest": content_digest(self.partial), "complete": True})
             replace_dir(self.partial, self.out, marker="zarr.json", what="a zarr store")
         except OSError as exc:
             raise OutputError(exc.errno, describe_os_error(exc, self.out)) from exc
@@ -416,6 +440,37 @@ class SoftLabelStore:
     @property
     def chunk_rows(self) -> int:
         return int(self.attrs["chunk_rows"])
+
+    @property
+    def content_digest(self) -> str:
+        """The digest of this store's arrays (`content_digest`), recorded when it was written
+        (computed from the files for a store written before lessons recorded it)."""
+        if "content_digest" not in self.attrs:
+            self.attrs["content_digest"] = content_digest(self.path)
+        return self.attrs["content_digest"]
+
+    def as_source(self) -> dict[str, Any]:
+        """What a store derived from this one records about it (DESIGN §8): the folder name and
+        the content digest. The derived store also copies `sample_index`."""
+        return {"store": self.path.name, "content_digest": self.content_digest}
+
+    def expect_source(self, source: "SoftLabelStore") -> None:
+        """Refuse this derived store unless it was computed from `source`, exactly: the content
+        digest it recorded is `source`'s and its `sample_index` equals `source`'s row for row.
+
+        Raises:
+            StoreError: naming both stores and what differs.
+        """
+        recorded = self.attrs.get("source")
+        if not isinstance(recorded, dict) or "content_digest" not in recorded or "sample_index" not in self:
+            raise StoreError(f"{self.path}: does not record the store it was derived from (written by an "
+                             "older lessons); rebuild it (dvc repro)")
+        if recorded["content_digest"] != source.content_digest:
+            raise StoreError(
+                f"{self.path}: was derived from a store of content digest {recorded['content_digest'][:12]}... "
+                f"but {source.path} has {source.content_digest[:12]}...; it belongs to another dump of the "
+                "teacher: rebuild it from this one (dvc repro)")
+        self.expect_sample_index(source.read("sample_index"), against=str(source.path))
 
     def __contains__(self, name: str) -> bool:
         return name in self.group

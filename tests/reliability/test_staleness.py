@@ -260,3 +260,66 @@ def test_every_store_array_is_written_with_a_crc32c_checksum_codec(pipeline):
         for array_name, array in group.arrays():
             codecs = [c["name"] for c in array.metadata.to_dict()["codecs"]]
             assert codecs[-1] == "crc32c", (name, array_name, codecs)
+
+
+# -- derived stores name their source (DESIGN §8) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def redumped(pipeline: Pipeline, tmp_path_factory) -> Path:
+    """stores/t/logits.zarr dumped again from the SAME checkpoint, in float32: another dump whose
+    teacher attributes (checkpoint sha256, preprocessing) equal the session's."""
+    root = tmp_path_factory.mktemp("redumped")
+    params = write_params(root / "params.yaml", pipeline.params, teacher_dump={"dtype": "float32"})
+    ok(cli(params, "teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
+           "--out", root / "stores" / "t" / "logits.zarr", "--test-out", root / "stores" / "t" / "test-logits.zarr"))
+    return root / "stores"
+
+
+@pytest.mark.parametrize("experiment, stale", [("kd_ps_static", "adjusted-ps.zarr"), ("kd_static", "dtd.zarr")])
+def test_student_train_refuses_a_ka_or_dtd_store_derived_from_another_dump_of_the_same_checkpoint(
+        tmp_path, pipeline, redumped, experiment, stale):
+    from storage import open_store
+
+    stores = tmp_path / "stores"
+    shutil.copytree(redumped, stores)
+    for name in ("adjusted-ps.zarr", "dtd.zarr"):
+        shutil.copytree(pipeline.teacher_stores / name, stores / "t" / name)
+    # The teacher attributes agree: only the recorded source digest can tell the dumps apart.
+    assert (open_store(stores / "t" / stale).attrs["teacher"]
+            == open_store(stores / "t" / "logits.zarr").attrs["teacher"])
+    result = _student(pipeline.params_path, experiment, data=pipeline.data, stores=stores, out=tmp_path)
+    one_line_error(result, f"t/{stale}", "derived from", "content digest", "rebuild")
+    _assert_no_student_outputs(tmp_path)
+
+
+def test_derived_stores_record_the_digest_of_the_logits_they_came_from_and_its_sample_index(pipeline):
+    from storage import open_store
+    from storage.soft_labels import content_digest
+
+    logits = open_store(pipeline.teacher_stores / "logits.zarr")
+    assert logits.attrs["content_digest"] == content_digest(logits.path)  # recorded = recomputed
+    for name in ("adjusted-ps.zarr", "adjusted-lsr.zarr", "dtd.zarr"):
+        derived = open_store(pipeline.teacher_stores / name)
+        assert derived.attrs["source"] == {"store": "logits.zarr", "content_digest": logits.attrs["content_digest"]}
+        assert np.array_equal(derived.read("sample_index"), logits.read("sample_index"))
+        derived.expect_source(logits)
+
+
+def test_the_content_digest_changes_with_one_stored_value(tmp_path, pipeline):
+    from storage.soft_labels import content_digest
+
+    copy = tmp_path / "logits.zarr"
+    shutil.copytree(pipeline.teacher_stores / "logits.zarr", copy, ignore=shutil.ignore_patterns("*.lock"))
+    before = content_digest(copy)
+    array = zarr.open_array(copy / "logits", mode="r+")
+    array[0, 3, 1] = float(array[0, 3, 1]) + 1.0
+    assert content_digest(copy) != before
+
+
+def test_student_train_refuses_a_derived_store_whose_sample_index_differs_from_its_source(tmp_path, pipeline, work):
+    stores = work / "stores"
+    index = zarr.open_array(stores / "t" / "adjusted-ps.zarr" / "sample_index", mode="r+")
+    index[:] = np.roll(np.arange(NUM_TRAIN), 1)
+    result = _student(pipeline.params_path, "kd_ps_static", data=pipeline.data, stores=stores, out=tmp_path)
+    one_line_error(result, "adjusted-ps.zarr", "sample_index does not match", str(stores / "t" / "logits.zarr"))
+    _assert_no_student_outputs(tmp_path)
