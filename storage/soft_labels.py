@@ -114,23 +114,34 @@ def check_values(value: np.ndarray, dtype: str, *, where: str) -> None:
         StoreError: non-numeric data for a float array, NaN/inf, a value beyond float16 range
             for a float16 array, or non-integer data for an integer array.
     """
+    check_blocks([value], dtype, where=where)
+
+
+def check_blocks(blocks: Iterable[np.ndarray], dtype: str, *, where: str) -> None:
+    """`check_values` over an array given block by block (e.g. rows read from a file), with
+    counts and the peak over all blocks; only one block is held at a time.
+
+    Raises:
+        StoreError: as `check_values`, the NaN/inf count and the peak being the whole array's.
+    """
     target = np.dtype(dtype)
-    if target.kind == "f":
-        if value.dtype.kind not in "fiu":
-            raise StoreError(f"{where} must be numeric, got {value.dtype}")
-        bad = ~np.isfinite(value)
-        if bad.any():
-            raise StoreError(f"{where} has {int(bad.sum())} NaN/inf values; "
-                             "fix the producer (a diverged teacher?) before caching")
-        if target == np.float16:
-            peak = float(np.abs(value).max()) if value.size else 0.0
-            if peak > FLOAT16_MAX:
-                raise StoreError(
-                    f"{where} has |value| {peak:.4g} beyond the float16 "
-                    f"range ({FLOAT16_MAX:g}); set teacher_dump.dtype: float32"
-                )
-    elif target.kind in "iu" and value.dtype.kind not in "iub":
-        raise StoreError(f"{where} must be integer, got {value.dtype}")
+    non_finite, peak = 0, 0.0
+    for value in blocks:
+        if target.kind == "f":
+            if value.dtype.kind not in "fiu":
+                raise StoreError(f"{where} must be numeric, got {value.dtype}")
+            finite = np.isfinite(value)
+            non_finite += int(finite.size - np.count_nonzero(finite))
+            if target == np.float16 and value.size and not non_finite:  # NaN/inf outrank a peak
+                peak = max(peak, float(np.abs(value).max()))
+        elif target.kind in "iu" and value.dtype.kind not in "iub":
+            raise StoreError(f"{where} must be integer, got {value.dtype}")
+    if non_finite:
+        raise StoreError(f"{where} has {non_finite} NaN/inf values; "
+                         "fix the producer (a diverged teacher?) before caching")
+    if peak > FLOAT16_MAX:
+        raise StoreError(f"{where} has |value| {peak:.4g} beyond the float16 "
+                         f"range ({FLOAT16_MAX:g}); set teacher_dump.dtype: float32")
 
 
 class StoreWriter:
