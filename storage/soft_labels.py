@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import os
@@ -281,7 +282,7 @@ class StoreWriter:
                 value = self._checked(name, spec, np.asarray(value), rows)
                 index = tuple(rows if axis == spec.sample_axis else slice(None)
                               for axis in range(len(spec.shape)))
-                self._group[name][index] = value
+                self._array(name)[index] = value
             atomic_write_bytes(self.partial / _MARKS / "done" / str(chunk), b"")
         except OSError as exc:
             raise OutputError(exc.errno, describe_os_error(exc, self.partial)) from exc
@@ -333,7 +334,7 @@ class StoreWriter:
                 raise StoreError(f"{self.out}: array {name!r} dask chunks {value.chunks} do not "
                                  f"coincide with the zarr chunks {zarr_chunks}")
             sources.append(value.astype(spec.dtype))
-            targets.append(self._group[name])
+            targets.append(self._array(name))
         import dask
 
         names = list(reductions or {})
@@ -361,6 +362,12 @@ class StoreWriter:
                 os.close(folder)
         except OSError as exc:
             raise OutputError(exc.errno, describe_os_error(exc, self.partial)) from exc
+
+    def _array(self, name: str) -> zarr.Array:
+        # Every chunk is written, even one that equals the fill value (zarr skips those by
+        # default), so that `open_store` can take a missing chunk file for damage.
+        assert self._group is not None
+        return self._group[name].with_config({"write_empty_chunks": True})
 
     def partial_array(self, name: str) -> zarr.Array:
         """An array of the store being written (to read back what was stored)."""
@@ -514,7 +521,8 @@ def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
 
     Raises:
         StoreError: the folder is missing, only a `.partial` exists, it is not a zarr group, it
-            was written by another schema version, it is incomplete, or it is of another kind.
+            was written by another schema version, it is incomplete, it is of another kind, or
+            a chunk file of a (non-bool) array is missing.
     """
     path = Path(path)
     if not path.exists():
@@ -534,7 +542,47 @@ def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
         raise StoreError(f"{path}: the store is incomplete (never finalized); rebuild it")
     if kind is not None and attrs.get("kind") != kind:
         raise StoreError(f"{path}: a {attrs.get('kind')!r} store where a {kind!r} store is expected")
+    _check_chunks(path, group)
     return SoftLabelStore(path, group)
+
+
+def _check_chunks(path: Path, group: zarr.Group) -> None:
+    """Refuse a store with a chunk file missing: zarr would read its rows as the fill value
+    (NaN for floats), which consumers would then blame on the values.
+
+    Bool arrays are not checked: stores written before every chunk was written lack the chunks
+    that are all False. One directory walk per array (stores hold tens of files).
+
+    Raises:
+        StoreError: naming the store, the missing chunk and its samples, and the stage to rerun.
+    """
+    for name in sorted(group.array_keys()):
+        array = group[name]
+        if array.dtype == np.bool_:
+            continue
+        folder = path / array.path
+        present = {Path(root, file).relative_to(folder).as_posix()
+                   for root, _, files in os.walk(folder) for file in files}
+        axis = 0 if array.ndim == 1 else 1  # the sample axis (every store array has one)
+        for coords in itertools.product(*(range(n) for n in array.cdata_shape)):
+            key = array.metadata.encode_chunk_key(coords)
+            if key not in present:
+                first = coords[axis] * array.chunks[axis]
+                last = min(first + array.chunks[axis], array.shape[axis]) - 1
+                raise StoreError(f"{path}: chunk {name}/{key} (samples {first}..{last}) is missing: the "
+                                 f"store is damaged or incomplete; {_rebuild_hint(dict(group.attrs))}")
+
+
+def _rebuild_hint(attrs: dict[str, Any]) -> str:
+    """How to rebuild a store: the `dvc repro --force` command of the stage that writes it."""
+    teacher = attrs.get("teacher") if isinstance(attrs.get("teacher"), dict) else {}
+    name = teacher.get("name")
+    if attrs.get("kind") == "logits" and teacher.get("arch") == "external":
+        return "rebuild it: rerun lessons import-logits"
+    stage = {"logits": f"teacher_dump@{name}", "adjusted": f"adjust@{name}-{attrs.get('method')}",
+             "dtd": f"temperature@{name}"}.get(attrs.get("kind"))
+    return f"rebuild it: dvc repro --force {stage}" if name and stage else \
+        "rebuild it: dvc repro --force the stage that writes it"
 
 
 def iter_chunks(num_samples: int, chunk_rows: int) -> Iterable[slice]:
