@@ -151,14 +151,15 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
 
 
 def _finite(store: Any, name: str) -> Tensor:
-    """View 0 of array `name` as float32, refused when it holds NaN/inf (a damaged store:
-    zarr reads a missing chunk as NaN, and training on it would only report a NaN loss)."""
+    """View 0 of array `name` as float32, refused when it holds NaN/inf (training on them would
+    only report a NaN loss). A missing chunk never gets here: `open_store` refuses it."""
     values = store.read_view(name).astype(np.float32)
     bad = ~np.isfinite(values)
     if bad.any():
         rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
         raise StoreError(f"{store.path}: {name} has NaN/inf in {rows.size} rows (first: sample "
-                         f"{int(rows[0])}); the store is damaged (a missing chunk?): rebuild it")
+                         f"{int(rows[0])}); lessons never writes them, so the store was changed after it "
+                         "was written: rebuild it")
     return torch.from_numpy(values)
 
 

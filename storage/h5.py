@@ -10,7 +10,7 @@ import errno
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import h5py
 import numpy as np
@@ -61,33 +61,137 @@ def _is_export(path: Path) -> bool:
     if path.is_symlink() or not path.is_file():
         return False
     try:
-        with h5py.File(path, "r") as f:
-            return "lessons_export" in f.attrs
-    except OSError:
+        with H5Source(path) as source:
+            return source.exported
+    except H5Error:
         return False
 
 
-def read_h5(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """All datasets (in memory) and attributes of an HDF5 file.
+class H5Source:
+    """An HDF5 file opened read-only whose datasets and attributes are read only when asked for.
 
-    Attributes written by `export_h5` are decoded from JSON; foreign attributes are returned as is.
+    Use as a context manager. Nothing is read on opening, so large datasets and attributes of
+    types lessons does not know cost nothing unless asked for by name.
 
     Raises:
-        H5Error: missing or not an HDF5 file.
+        H5Error: (on entering) missing or not an HDF5 file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise H5Error(f"{path}: no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            arrays = {name: f[name][...] for name in f.keys() if isinstance(f[name], h5py.Dataset)}
-            raw_attrs = dict(f.attrs)
-    except OSError as exc:
-        raise H5Error(f"{path}: not a readable HDF5 file ({exc})") from exc
-    exported = "lessons_export" in raw_attrs
-    attrs: dict[str, Any] = {}
-    for key, value in raw_attrs.items():
-        if key == "lessons_export":
-            continue
-        attrs[key] = json.loads(value) if exported else (value.item() if hasattr(value, "item") else value)
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: h5py.File | None = None
+
+    def __enter__(self) -> "H5Source":
+        if not self.path.is_file():
+            raise H5Error(f"{self.path}: no such file")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise H5Error(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @property
+    def file(self) -> h5py.File:
+        assert self._file is not None, "use H5Source as a context manager"
+        return self._file
+
+    @property
+    def exported(self) -> bool:
+        """Whether `export_h5` wrote the file (its attributes are then JSON strings)."""
+        return "lessons_export" in self.file.attrs
+
+    def names(self) -> list[str]:
+        """The top-level datasets' names (groups and other objects left out)."""
+        return [name for name in self.file.keys() if isinstance(self.file.get(name), h5py.Dataset)]
+
+    def dataset(self, name: str) -> h5py.Dataset | None:
+        """The top-level dataset `name` (shape and dtype only; no data read), None if absent."""
+        found = self.file.get(name)
+        return found if isinstance(found, h5py.Dataset) else None
+
+    def read(self, name: str, index: Any = ()) -> np.ndarray:
+        """`dataset[index]` in memory, e.g. a slice or an increasing list of rows.
+
+        Raises:
+            H5Error: no such dataset, or its data cannot be read (a damaged file, a missing
+                compression filter).
+        """
+        found = self.dataset(name)
+        if found is None:
+            raise H5Error(f"{self.path}: no dataset named {name!r}")
+        try:
+            return np.asarray(found[index])
+        except (OSError, ValueError, TypeError) as exc:
+            raise H5Error(f"{self.path}: dataset {name!r} cannot be read ({exc}); "
+                          "the file is damaged or needs a filter h5py lacks") from exc
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        """Top-level attribute `key` as plain Python, `default` if absent.
+
+        An exported file's attributes are decoded from JSON. A foreign attribute becomes a
+        Python scalar, str (bytes decoded when UTF-8), list (arrays, nested for n-D) or None
+        (an empty attribute).
+
+        Raises:
+            H5Error: naming the file and the attribute, when its value cannot be read or (in an
+                exported file) is not JSON.
+        """
+        if key not in self.file.attrs:
+            return default
+        try:
+            raw = self.file.attrs[key]
+        except (OSError, TypeError, ValueError) as exc:  # e.g. a type h5py cannot map to numpy
+            raise H5Error(f"{self.path}: attribute {key!r} cannot be read ({exc}); "
+                          "rewrite it as a number, string or numeric array") from exc
+        value = _plain(raw)
+        if not self.exported:
+            return value
+        try:
+            return json.loads(value)
+        except (TypeError, ValueError) as exc:
+            raise H5Error(f"{self.path}: attribute {key!r} is not the JSON text that lessons export "
+                          f"writes ({exc}); re-export the store") from exc
+
+
+def _plain(value: Any) -> Any:
+    """An attribute value as plain Python: numpy scalars and size-1 arrays to scalars, other
+    arrays to (nested) lists, UTF-8 bytes to str, an empty attribute to None."""
+    if isinstance(value, h5py.Empty):
+        return None
+    if isinstance(value, np.ndarray):
+        return _plain(value.item()) if value.size == 1 else [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+def read_h5(path: str | Path, names: Iterable[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Datasets (in memory) and attributes of an HDF5 file.
+
+    Args:
+        path: the file. names: the datasets to read (those absent are left out); None reads
+            every top-level dataset (the export round trip).
+    Returns:
+        (name -> array, attribute -> value). Attributes written by `export_h5` are decoded from
+        JSON; foreign ones are plain Python (see `H5Source.attr`).
+    Raises:
+        H5Error: missing or not an HDF5 file, a dataset that cannot be read, or an attribute
+            that cannot be read (naming it).
+    """
+    with H5Source(path) as source:
+        wanted = source.names() if names is None else [n for n in names if source.dataset(n) is not None]
+        arrays = {name: source.read(name) for name in wanted}
+        attrs = {key: source.attr(key) for key in source.file.attrs.keys() if key != "lessons_export"}
     return arrays, attrs

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -125,23 +126,34 @@ def check_values(value: np.ndarray, dtype: str, *, where: str) -> None:
         StoreError: non-numeric data for a float array, NaN/inf, a value beyond float16 range
             for a float16 array, or non-integer data for an integer array.
     """
+    check_blocks([value], dtype, where=where)
+
+
+def check_blocks(blocks: Iterable[np.ndarray], dtype: str, *, where: str) -> None:
+    """`check_values` over an array given block by block (e.g. rows read from a file), with
+    counts and the peak over all blocks; only one block is held at a time.
+
+    Raises:
+        StoreError: as `check_values`, the NaN/inf count and the peak being the whole array's.
+    """
     target = np.dtype(dtype)
-    if target.kind == "f":
-        if value.dtype.kind not in "fiu":
-            raise StoreError(f"{where} must be numeric, got {value.dtype}")
-        bad = ~np.isfinite(value)
-        if bad.any():
-            raise StoreError(f"{where} has {int(bad.sum())} NaN/inf values; "
-                             "fix the producer (a diverged teacher?) before caching")
-        if target == np.float16:
-            peak = float(np.abs(value).max()) if value.size else 0.0
-            if peak > FLOAT16_MAX:
-                raise StoreError(
-                    f"{where} has |value| {peak:.4g} beyond the float16 "
-                    f"range ({FLOAT16_MAX:g}); set teacher_dump.dtype: float32"
-                )
-    elif target.kind in "iu" and value.dtype.kind not in "iub":
-        raise StoreError(f"{where} must be integer, got {value.dtype}")
+    non_finite, peak = 0, 0.0
+    for value in blocks:
+        if target.kind == "f":
+            if value.dtype.kind not in "fiu":
+                raise StoreError(f"{where} must be numeric, got {value.dtype}")
+            finite = np.isfinite(value)
+            non_finite += int(finite.size - np.count_nonzero(finite))
+            if target == np.float16 and value.size and not non_finite:  # NaN/inf outrank a peak
+                peak = max(peak, float(np.abs(value).max()))
+        elif target.kind in "iu" and value.dtype.kind not in "iub":
+            raise StoreError(f"{where} must be integer, got {value.dtype}")
+    if non_finite:
+        raise StoreError(f"{where} has {non_finite} NaN/inf values; "
+                         "fix the producer (a diverged teacher?) before caching")
+    if peak > FLOAT16_MAX:
+        raise StoreError(f"{where} has |value| {peak:.4g} beyond the float16 "
+                         f"range ({FLOAT16_MAX:g}); set teacher_dump.dtype: float32")
 
 
 def content_digest(path: str | Path) -> str:
@@ -304,7 +316,7 @@ class StoreWriter:
                 value = self._checked(name, spec, np.asarray(value), rows)
                 index = tuple(rows if axis == spec.sample_axis else slice(None)
                               for axis in range(len(spec.shape)))
-                self._group[name][index] = value
+                self._array(name)[index] = value
             atomic_write_bytes(self.partial / _MARKS / "done" / str(chunk), b"")
         except OSError as exc:
             raise OutputError(exc.errno, describe_os_error(exc, self.partial)) from exc
@@ -356,7 +368,7 @@ class StoreWriter:
                 raise StoreError(f"{self.out}: array {name!r} dask chunks {value.chunks} do not "
                                  f"coincide with the zarr chunks {zarr_chunks}")
             sources.append(value.astype(spec.dtype))
-            targets.append(self._group[name])
+            targets.append(self._array(name))
         import dask
         import dask.system
 
@@ -393,6 +405,12 @@ class StoreWriter:
                 os.close(folder)
         except OSError as exc:
             raise OutputError(exc.errno, describe_os_error(exc, self.partial)) from exc
+
+    def _array(self, name: str) -> zarr.Array:
+        # Every chunk is written, even one that equals the fill value (zarr skips those by
+        # default), so that `open_store` can take a missing chunk file for damage.
+        assert self._group is not None
+        return self._group[name].with_config({"write_empty_chunks": True})
 
     def partial_array(self, name: str) -> zarr.Array:
         """An array of the store being written (to read back what was stored)."""
@@ -576,7 +594,8 @@ def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
 
     Raises:
         StoreError: the folder is missing, only a `.partial` exists, it is not a zarr group, it
-            was written by another schema version, it is incomplete, or it is of another kind.
+            was written by another schema version, it is incomplete, it is of another kind, or
+            a chunk file of a (non-bool) array is missing.
     """
     path = Path(path)
     if not path.exists():
@@ -596,7 +615,47 @@ def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
         raise StoreError(f"{path}: the store is incomplete (never finalized); rebuild it")
     if kind is not None and attrs.get("kind") != kind:
         raise StoreError(f"{path}: a {attrs.get('kind')!r} store where a {kind!r} store is expected")
+    _check_chunks(path, group)
     return SoftLabelStore(path, group)
+
+
+def _check_chunks(path: Path, group: zarr.Group) -> None:
+    """Refuse a store with a chunk file missing: zarr would read its rows as the fill value
+    (NaN for floats), which consumers would then blame on the values.
+
+    Bool arrays are not checked: stores written before every chunk was written lack the chunks
+    that are all False. One directory walk per array (stores hold tens of files).
+
+    Raises:
+        StoreError: naming the store, the missing chunk and its samples, and the stage to rerun.
+    """
+    for name in sorted(group.array_keys()):
+        array = group[name]
+        if array.dtype == np.bool_:
+            continue
+        folder = path / array.path
+        present = {Path(root, file).relative_to(folder).as_posix()
+                   for root, _, files in os.walk(folder) for file in files}
+        axis = 0 if array.ndim == 1 else 1  # the sample axis (every store array has one)
+        for coords in itertools.product(*(range(n) for n in array.cdata_shape)):
+            key = array.metadata.encode_chunk_key(coords)
+            if key not in present:
+                first = coords[axis] * array.chunks[axis]
+                last = min(first + array.chunks[axis], array.shape[axis]) - 1
+                raise StoreError(f"{path}: chunk {name}/{key} (samples {first}..{last}) is missing: the "
+                                 f"store is damaged or incomplete; {_rebuild_hint(dict(group.attrs))}")
+
+
+def _rebuild_hint(attrs: dict[str, Any]) -> str:
+    """How to rebuild a store: the `dvc repro --force` command of the stage that writes it."""
+    teacher = attrs.get("teacher") if isinstance(attrs.get("teacher"), dict) else {}
+    name = teacher.get("name")
+    if attrs.get("kind") == "logits" and teacher.get("arch") == "external":
+        return "rebuild it: rerun lessons import-logits"
+    stage = {"logits": f"teacher_dump@{name}", "adjusted": f"adjust@{name}-{attrs.get('method')}",
+             "dtd": f"temperature@{name}"}.get(attrs.get("kind"))
+    return f"rebuild it: dvc repro --force {stage}" if name and stage else \
+        "rebuild it: dvc repro --force the stage that writes it"
 
 
 def iter_chunks(num_samples: int, chunk_rows: int) -> Iterable[slice]:

@@ -360,13 +360,37 @@ def _consume(pipeline, tmp_path: Path, command: str, stores: Path):
 CONSUMERS = ["adjust", "temperature", "student-train"]
 
 
-@pytest.mark.parametrize("command", CONSUMERS)
-def test_a_store_with_a_missing_logits_chunk_reads_as_nan_and_is_refused(tmp_path, pipeline, work, command):
-    (work / "stores" / "t" / "logits.zarr" / "logits" / "c" / "0" / "1" / "0").unlink()  # samples 64..127
-    result, out = _consume(pipeline, tmp_path, command, work / "stores")
-    where = "first: sample 64" if command == "student-train" else "samples 64..127"
-    one_line_error(result, str(work / "stores" / "t" / "logits.zarr"), "NaN", where)
+@pytest.mark.parametrize("command", [*CONSUMERS, "export"])
+def test_a_store_with_a_missing_logits_chunk_is_refused_as_damaged_not_as_nan(tmp_path, pipeline, work, command):
+    store = work / "stores" / "t" / "logits.zarr"
+    (store / "logits" / "c" / "0" / "1" / "0").unlink()  # samples 64..127; zarr would read NaN there
+    if command == "export":
+        result, out = cli(pipeline.params_path, "export", store, tmp_path / "out.h5"), tmp_path / "out.h5"
+    else:
+        result, out = _consume(pipeline, tmp_path, command, work / "stores")
+    line = one_line_error(result, str(store), "chunk logits/c/0/1/0 (samples 64..127) is missing",
+                          "damaged or incomplete", "dvc repro --force teacher_dump@t")
+    assert "NaN" not in line and "float16" not in line
     assert leftovers(out) == [] and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("chunk, stage", [
+    ("adjusted-ps.zarr/target_logits/c/0/2/0", "adjust@t-ps"),
+    ("dtd.zarr/static_temperature/c/0/3", "temperature@t"),
+    ("test-logits.zarr/logits/c/0/0/0", "teacher_dump@t"),
+    ("logits.zarr/sample_index/c/1", "teacher_dump@t"),
+])
+def test_a_missing_chunk_of_any_store_student_train_reads_names_the_store_and_the_stage(
+        tmp_path, pipeline, work, chunk, stage):
+    (work / "stores" / "t" / chunk).unlink()
+    store, array_chunk = chunk.split("/", 1)
+    result = cli(pipeline.params_path, "student-train", "--experiment", "kd_ps_static", "--data", pipeline.data,
+                 "--stores", work / "stores", "--checkpoint-out", tmp_path / "s.pt",
+                 "--metrics-out", tmp_path / "m.json", "--curve-out", tmp_path / "c.json")
+    line = one_line_error(result, str(work / "stores" / "t" / store), f"chunk {array_chunk}", "is missing",
+                          f"dvc repro --force {stage}")
+    assert "NaN" not in line and "float16" not in line
+    assert not (tmp_path / "s.pt").exists() and not (tmp_path / "m.json").exists()
 
 
 @pytest.mark.parametrize("command", CONSUMERS)
@@ -404,7 +428,7 @@ def test_a_store_that_was_never_finalized_is_refused(tmp_path, pipeline, work, c
 
 
 def test_store_labels_outside_the_classes_are_refused_by_adjust(tmp_path, pipeline, work):
-    (work / "stores" / "t" / "logits.zarr" / "labels" / "c" / "2").unlink()  # reads back as -1
+    zarr.open_group(work / "stores" / "t" / "logits.zarr", mode="r+")["labels"][130] = -1
     result, out = _consume(pipeline, tmp_path, "adjust", work / "stores")
     one_line_error(result, "labels outside [0, 4) in the store")
     assert leftovers(out) == []
