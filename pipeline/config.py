@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -359,6 +360,33 @@ def _positive(obj: Any, section: str, keys: tuple[str, ...]) -> None:
             raise ConfigError(f"{section}.{key}: must be positive, got {value}")
 
 
+_DECIMAL = re.compile(r"([-+]?)(\d*)(?:\.(\d*))?(?:[eE]([-+]?)(\d+))?")
+
+
+def _yaml_number_spelling(text: str) -> str | None:
+    """How to write `text` so that PyYAML (YAML 1.1) reads it as a float, or None when Python's
+    float() does not read a finite number in it either.
+
+    YAML 1.1 floats need a dot in the mantissa and a sign in the exponent: `1.0e30` and `1e-3`
+    are strings to it (but floats to YAML 1.2 and to DVC); `1.0e+30` and `1.0e-3` are floats.
+    """
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(number):
+        return None
+    match = _DECIMAL.fullmatch(text.strip().replace("_", ""))
+    if match is None or not (match.group(2) or match.group(3)):  # hex, "inf"-like, or "." alone
+        match = _DECIMAL.fullmatch(repr(number))
+        assert match is not None  # repr of a finite float is always decimal
+    sign, whole, fraction, exponent_sign, exponent = match.groups()
+    spelling = f"{sign}{whole or '0'}.{fraction or '0'}"
+    if exponent is not None:
+        spelling += f"e{exponent_sign or '+'}{exponent}"
+    return spelling if yaml.safe_load(spelling) == number else None  # never suggest another value
+
+
 def _convert(value: Any, hint: Any, where: str) -> Any:
     """Check `value` against the type `hint` and convert containers; raise ConfigError if off."""
     origin = typing.get_origin(hint)
@@ -408,6 +436,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and (spelling := _yaml_number_spelling(value)) is not None:
+            raise ConfigError(f"{where}: YAML read {value!r} as text, not a number (YAML 1.1 wants a dot in "
+                              f"the mantissa and a sign in the exponent, and no quotes); write {spelling}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: must be a number, got {value!r}")
         try:
