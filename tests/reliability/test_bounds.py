@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from pipeline.config import TemperatureConfig
-from stages.student_train import Lessons, kd_batch_loss
+from stages.student_train import Lessons, explain_nonfinite_kd_loss, kd_batch_loss
+from stages.training import explain_cross_entropy, train_epoch
 from tests.reliability.conftest import base_params, cli, ok, one_line_error, write_params
 
 FLOAT16_MAX = 65504.0
@@ -102,6 +103,72 @@ def test_the_values_from_the_issue_do_make_the_same_loss_nan():
         assert loss != loss, (key, loss)  # NaN
 
 
+# -- 2. a NaN/inf loss names the knob ----------------------------------------------------------
+
+def test_a_nan_kd_loss_from_a_temperature_names_the_temperature_keys_not_the_learning_rate():
+    student, teacher, labels = _extreme_batch()
+    student[3] = torch.randn(student.shape[1])
+    config = TemperatureConfig(beta=1.0e30)
+    object.__setattr__(config, "min_temperature", 1.0e-45)  # as a config from before the check held
+    supervision = dict(lessons=_lessons(teacher), alpha=0.9, dtd="flsw", temperature_config=config)
+    index = torch.arange(labels.shape[0])
+    assert not torch.isfinite(kd_batch_loss(student, labels, index, **supervision))
+    message = explain_nonfinite_kd_loss(student, labels, index, **supervision,
+                                        where="student_train.experiments.kd", lr=0.05)
+    assert "KD term" in message and "is nan" in message
+    assert "temperature.min_temperature" in message and "[0.0001, 10000]" in message
+    assert "learning rate" not in message and "\n" not in message
+
+
+def test_a_nan_kd_loss_from_a_stale_dtd_store_says_to_rebuild_it():
+    student, teacher, labels = _extreme_batch()
+    lessons = _lessons(teacher, static=1.0e-45)
+    message = explain_nonfinite_kd_loss(student, labels, torch.arange(labels.shape[0]), lessons=lessons,
+                                        alpha=0.9, dtd="static", temperature_config=TemperatureConfig())
+    assert "dtd.zarr" in message and "lessons temperature" in message and "min_temperature" in message
+
+
+def _tiny_run(loss_fn, explain, lr: float) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    batches = [(torch.randint(0, 255, (16, 8), dtype=torch.uint8), torch.arange(16) % 4, torch.arange(16))] * 4
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    train_epoch(model, batches, optimizer, loss_fn=loss_fn, prepare=lambda images, _index: images.float(),
+                lr_at=lambda _step: lr, step=0, device=torch.device("cpu"), explain=explain)
+
+
+@pytest.mark.parametrize("dtd", ["off", "flsw", "cwsm"])
+def test_a_student_diverging_under_a_huge_learning_rate_is_told_to_lower_it(dtd):
+    teacher = torch.randn(16, 4)
+    supervision = dict(lessons=_lessons(teacher), alpha=0.9, dtd=dtd, temperature_config=TemperatureConfig())
+    with pytest.raises(FloatingPointError) as info:
+        _tiny_run(lambda logits, labels, index: kd_batch_loss(logits, labels, index, **supervision),
+                  lambda logits, labels, index: explain_nonfinite_kd_loss(
+                      logits, labels, index, **supervision, where="student_train.experiments.kd", lr=1e37),
+                  lr=1e37)
+    message = str(info.value)
+    assert "the student diverged" in message and "student_train.experiments.kd.lr" in message
+    assert "now 1e+37" in message and "temperature." not in message and "teacher dump" not in message
+
+
+def test_a_teacher_diverging_under_a_huge_learning_rate_names_its_lr_and_weight_decay():
+    explain = explain_cross_entropy("teacher", "teacher_train.teachers.t.lr (now 1e+37) or its weight_decay")
+    with pytest.raises(FloatingPointError) as info:
+        _tiny_run(lambda logits, labels, _index: torch.nn.functional.cross_entropy(logits, labels), explain,
+                  lr=1e37)
+    assert "the teacher diverged" in str(info.value) and "teacher_train.teachers.t.lr" in str(info.value)
+
+
+def test_student_train_with_a_huge_learning_rate_fails_in_one_line_naming_the_lr(tmp_path, pipeline):
+    params = write_params(tmp_path / "params.yaml", pipeline.params, student_train={"lr": 1.0e30})
+    result = cli(params, "student-train", "--experiment", "kd", "--data", pipeline.data, "--stores",
+                 pipeline.stores, "--checkpoint-out", tmp_path / "s.pt", "--metrics-out", tmp_path / "s.json",
+                 "--curve-out", tmp_path / "c.json")
+    one_line_error(result, "the student diverged", "lower the learning rate",
+                   "student_train.experiments.kd.lr")
+    assert not (tmp_path / "s.pt").exists() and not (tmp_path / "s.json").exists()
+
+
 # -- 3. YAML 1.1 floats ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("line, key, spelling", [
@@ -118,3 +185,12 @@ def test_a_float_yaml_read_as_text_says_so_and_gives_the_spelling_it_reads(tmp_p
     assert yaml.safe_load(spelling) == float(written.strip("'"))  # the same number, read as one
     path.write_text(line.replace(written, spelling))
     assert "YAML read" not in cli(path, "check-params").output
+
+
+def test_teacher_train_with_a_huge_learning_rate_fails_in_one_line_naming_lr_and_weight_decay(tmp_path, pipeline):
+    teacher = {**pipeline.params["teacher_train"]["teachers"]["t"], "lr": 1.0e30}
+    params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_train={"teachers": {"t": teacher}})
+    result = cli(params, "teacher-train", "--teacher", "t", "--data", pipeline.data, "--checkpoint-out",
+                 tmp_path / "t.pt", "--metrics-out", tmp_path / "t.json", "--curve-out", tmp_path / "c.json")
+    one_line_error(result, "the teacher diverged", "teacher_train.teachers.t.lr (now 1e+30)", "weight_decay")
+    assert not (tmp_path / "t.pt").exists() and not (tmp_path / "t.json").exists()
