@@ -9,11 +9,12 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 import yaml
 
@@ -125,9 +126,34 @@ class AdjustConfig:
             raise ConfigError(f"adjust.methods: each method once, got {list(self.methods)}")
 
 
+# Where the KD loss L = (1−α)·CE + α·τ²·KL(q ‖ p^τ) (stages/functional.py) and its gradient are
+# finite in float32 (measured with adversarial rows: student max where the teacher is min).
+# With float16-max logits (±65504) the hard float32 limits are τ ≈ 3.85e-34 (below, logits/τ
+# overflows) and τ ≈ 1.84e19 (above, τ² overflows); both give NaN just outside. The range kept
+# here is far inside both: at 1e-4 and 1e4 the loss stays finite for |logits| up to LOGIT_LIMIT,
+# so for any float16 store and any float32 logits a real net produces. Above 1e4 float32
+# rounding swamps τ²·KL (100 classes: the loss is 9% off at 1e4, −115 instead of 24.9 at 1e5);
+# below 1e-4 a target is one-hot already for any logit gap above 0.01 (e^-100), so a smaller τ
+# changes nothing but moves the overflow towards real logits.
+TEMPERATURE_RANGE = (1e-4, 1e4)
+LOGIT_LIMIT = 1e33  # |logit| up to which the KD loss is finite at both ends of TEMPERATURE_RANGE
+BETA_LIMIT = 1e38  # |β| below float32's max (3.4e38): a β that rounds to inf makes 0·β = NaN
+GAMMA_LIMIT = 64.0  # FLSW weights (1 − cos)^γ <= 2^γ and their batch sum stay finite in float32
+
+
 @dataclass(frozen=True)
 class TemperatureConfig:
-    """Section `temperature` (Dynamic Temperature Distillation, arXiv:1911.07471 §3.2)."""
+    """Section `temperature` (Dynamic Temperature Distillation, arXiv:1911.07471 §3.2).
+
+    Ranges (each checked on load, one line naming the key): min_temperature, base_temperature
+    and max_temperature lie in TEMPERATURE_RANGE = [1e-4, 1e4] with min <= base <= max, the
+    range where the KD loss is finite in float32 for any float16 logits (see above); |beta| <=
+    1e38 (finite in float32; the clamp keeps every τ_x in [min, max] whatever β); 0 <= gamma
+    <= 64. A student's `fixed_target_temperature` lies in the same range.
+    """
+
+    temperature_range: ClassVar[tuple[float, float]] = TEMPERATURE_RANGE
+    logit_limit: ClassVar[float] = LOGIT_LIMIT
 
     base_temperature: float = 4.0  # tau_0
     beta: float = 1.0  # temperature change per unit of weight above/below the mean
@@ -139,12 +165,36 @@ class TemperatureConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.min_temperature <= self.base_temperature <= self.max_temperature:
             raise ConfigError(
-                "temperature: need 0 < min_temperature <= base_temperature <= max_temperature, got "
+                "temperature: need 0 < min_temperature <= base_temperature <= max_temperature, each in "
+                f"[{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], got "
                 f"{self.min_temperature}, {self.base_temperature}, {self.max_temperature}"
             )
+        for key in ("min_temperature", "max_temperature", "base_temperature"):
+            check_temperature(getattr(self, key), f"temperature.{key}")
         _positive(self, "temperature", ("histogram_bins",))
+        if not abs(self.beta) <= BETA_LIMIT:
+            raise ConfigError(f"temperature.beta: must lie in [-{BETA_LIMIT:g}, {BETA_LIMIT:g}] (beyond, it "
+                              f"is inf in float32 and 0·beta is NaN), got {self.beta:g}; the clamp to "
+                              "[min_temperature, max_temperature] already bounds every τ, so a smaller "
+                              "beta loses nothing")
         if not self.gamma >= 0.0:
             raise ConfigError(f"temperature.gamma: the FLSW exponent must be >= 0, got {self.gamma}")
+        if not self.gamma <= GAMMA_LIMIT:
+            raise ConfigError(f"temperature.gamma: the FLSW exponent must be <= {GAMMA_LIMIT:g} (the weights "
+                              f"(1 - cos)^gamma reach 2^gamma), got {self.gamma:g}; use e.g. 1 or 2")
+
+
+def check_temperature(value: float, where: str) -> None:
+    """Refuse a temperature outside TEMPERATURE_RANGE with one line naming `where` and the fix.
+
+    Raises:
+        ConfigError: `value` < 1e-4 or > 1e4 (or NaN).
+    """
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:
+        fix = f"raise it to at least {low:g}" if value < high else f"lower it to at most {high:g}"
+        raise ConfigError(f"{where}: must lie in [{low:g}, {high:g}], where the KD loss is finite in float32 "
+                          f"for any float16 logits, got {value:g}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -198,6 +248,8 @@ class StudentTrainConfig:
                 raise ConfigError(
                     f"student_train.experiments.{name}.fixed_target_temperature: a positive number, and "
                     f"only with adjust: lsr (got {value}, adjust={exp.adjust})")
+            if value is not None:
+                check_temperature(value, f"student_train.experiments.{name}.fixed_target_temperature")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"student_train.seeds: must be a non-empty list of distinct integers, "
                               f"got {list(self.seeds)}")
@@ -359,6 +411,33 @@ def _positive(obj: Any, section: str, keys: tuple[str, ...]) -> None:
             raise ConfigError(f"{section}.{key}: must be positive, got {value}")
 
 
+_DECIMAL = re.compile(r"([-+]?)(\d*)(?:\.(\d*))?(?:[eE]([-+]?)(\d+))?")
+
+
+def _yaml_number_spelling(text: str) -> str | None:
+    """How to write `text` so that PyYAML (YAML 1.1) reads it as a float, or None when Python's
+    float() does not read a finite number in it either.
+
+    YAML 1.1 floats need a dot in the mantissa and a sign in the exponent: `1.0e30` and `1e-3`
+    are strings to it (but floats to YAML 1.2 and to DVC); `1.0e+30` and `1.0e-3` are floats.
+    """
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(number):
+        return None
+    match = _DECIMAL.fullmatch(text.strip().replace("_", ""))
+    if match is None or not (match.group(2) or match.group(3)):  # hex, "inf"-like, or "." alone
+        match = _DECIMAL.fullmatch(repr(number))
+        assert match is not None  # repr of a finite float is always decimal
+    sign, whole, fraction, exponent_sign, exponent = match.groups()
+    spelling = f"{sign}{whole or '0'}.{fraction or '0'}"
+    if exponent is not None:
+        spelling += f"e{exponent_sign or '+'}{exponent}"
+    return spelling if yaml.safe_load(spelling) == number else None  # never suggest another value
+
+
 def _convert(value: Any, hint: Any, where: str) -> Any:
     """Check `value` against the type `hint` and convert containers; raise ConfigError if off."""
     origin = typing.get_origin(hint)
@@ -408,6 +487,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and (spelling := _yaml_number_spelling(value)) is not None:
+            raise ConfigError(f"{where}: YAML read {value!r} as text, not a number (YAML 1.1 wants a dot in "
+                              f"the mantissa and a sign in the exponent, and no quotes); write {spelling}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: must be a number, got {value!r}")
         try:

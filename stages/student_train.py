@@ -25,13 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import nets
-from stages.functional import kd_loss
+from stages.functional import kd_loss, kd_loss_terms
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
 from stages.training import (
     Fit,
     channel_stats,
     check_batch_size,
+    explain_cross_entropy,
     fit,
+    logits_blowup,
     owns_outputs,
     save_checkpoint,
     topk_accuracy,
@@ -60,21 +62,18 @@ class Lessons:
     static_temperature: Tensor | None
 
 
-def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *, lessons: Lessons,
-                  alpha: float, dtd: str, temperature_config: Any,
-                  fixed_target_temperature: float | None = None) -> Tensor:
-    """The KD loss of one batch with targets gathered by `sample_index` (pure; DESIGN §4).
+def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: Lessons, dtd: str,
+                      temperature_config: Any, fixed_target_temperature: float | None = None
+                      ) -> tuple[Tensor, Tensor, float | Tensor]:
+    """The targets, fixed-target mask and temperatures of one batch (pure; DESIGN §4).
 
     Args:
-        student_logits: (B, C) float. labels: (B,) int64. sample_index: (B,) int64 on any device.
-        lessons: the experiment's supervision. dtd: off | static | flsw | cwsm.
-        temperature_config: TemperatureConfig (τ0, β, γ, clamp range).
-        fixed_target_temperature: None (DESIGN §4: a fixed-target row's student side is
-            softened by the row's τ_x and its KL weighted by τ_x²), or a τ > 0 used instead on
-            fixed-target (KA-LSR) rows only, for the student's softmax and the τ² weight alike
-            (1.0: the student's plain distribution matched to the smoothed label, weight 1).
+        student_logits: (B, C) float (DTD flsw/cwsm weigh it, detached). sample_index: (B,) int64.
+        lessons, dtd, temperature_config, fixed_target_temperature: see `kd_batch_loss`.
     Returns:
-        scalar loss.
+        (target_logits (B, C), fixed_target (B,) bool, temperature: a float τ0 or (B,) τ_x).
+    Raises:
+        ValueError: an unknown dtd mode, or NaN/inf DTD weights (from NaN/inf student logits).
     """
     index = sample_index.to(lessons.target_logits.device)
     targets = lessons.target_logits[index]
@@ -99,8 +98,89 @@ def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, 
         per_row = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
         temperature = torch.where(fixed, torch.full_like(student_logits[:, 0], fixed_target_temperature),
                                   per_row.expand(student_logits.shape[0]))
+    return targets, fixed, temperature
+
+
+def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *, lessons: Lessons,
+                  alpha: float, dtd: str, temperature_config: Any,
+                  fixed_target_temperature: float | None = None) -> Tensor:
+    """The KD loss of one batch with targets gathered by `sample_index` (pure; DESIGN §4).
+
+    Args:
+        student_logits: (B, C) float. labels: (B,) int64. sample_index: (B,) int64 on any device.
+        lessons: the experiment's supervision. dtd: off | static | flsw | cwsm.
+        temperature_config: TemperatureConfig (τ0, β, γ, clamp range).
+        fixed_target_temperature: None (DESIGN §4: a fixed-target row's student side is
+            softened by the row's τ_x and its KL weighted by τ_x²), or a τ > 0 used instead on
+            fixed-target (KA-LSR) rows only, for the student's softmax and the τ² weight alike
+            (1.0: the student's plain distribution matched to the smoothed label, weight 1).
+    Returns:
+        scalar loss.
+    """
+    targets, fixed, temperature = batch_supervision(
+        student_logits, sample_index, lessons=lessons, dtd=dtd, temperature_config=temperature_config,
+        fixed_target_temperature=fixed_target_temperature)
     return kd_loss(student_logits, targets, labels, alpha=alpha, temperature=temperature,
                    fixed_target=fixed, validate=False)
+
+
+def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *,
+                              lessons: Lessons, alpha: float, dtd: str, temperature_config: Any,
+                              fixed_target_temperature: float | None = None,
+                              where: str = "student_train", lr: float | None = None) -> str:
+    """Why the KD loss of this batch is NaN/inf and which knob fixes it, in one sentence.
+
+    Called only once the loss already is not finite (the training step stays as cheap as ever).
+    The student diverged (lower the learning rate) when its logits are NaN/inf, beyond
+    `temperature_config.logit_limit`, or its CE term is not finite. Otherwise the KD term is: a
+    temperature outside `temperature_config.temperature_range` names the temperature knob that
+    set it (temperature.*, the experiment's fixed_target_temperature, or dtd.zarr's static
+    temperatures), teacher targets beyond the logit limit name the store.
+
+    Args:
+        student_logits: (B, C) float, the batch's logits. labels: (B,) int64. sample_index: (B,).
+        lessons, alpha, dtd, temperature_config, fixed_target_temperature: as `kd_batch_loss`.
+        where: the experiment's params key, e.g. "student_train.experiments.kd".
+        lr: the experiment's learning rate, quoted in the message.
+    Returns:
+        One line (no trailing period): the part that is not finite, the temperatures in use, the fix.
+    """
+    student_logits = student_logits.detach()
+    low, high = temperature_config.temperature_range
+    limit = temperature_config.logit_limit
+    lower_lr = f"lower the learning rate (student_train.lr, or {where}.lr{'' if lr is None else f'; now {lr:g}'})"
+    blowup = logits_blowup(student_logits, limit=limit)
+    if blowup is not None:
+        return f"the student diverged ({blowup}); {lower_lr}"
+    targets, fixed, temperature = batch_supervision(
+        student_logits, sample_index, lessons=lessons, dtd=dtd, temperature_config=temperature_config,
+        fixed_target_temperature=fixed_target_temperature)
+    ce, kd = kd_loss_terms(student_logits, targets, labels, temperature=temperature, fixed_target=fixed,
+                           validate=False)
+    if not bool(torch.isfinite(ce)):
+        peak = student_logits.abs().amax().item()
+        return f"the student diverged (the CE term is {ce.item()}, its logits reach ±{peak:.3g}); {lower_lr}"
+    taus = torch.as_tensor(temperature, dtype=torch.float64).reshape(-1)
+    coldest, hottest = taus.min().item(), taus.max().item()
+    facts = (f"the KD term (weight alpha={alpha:g}) is {kd.item()}, the CE term {ce.item():.4g}, with dtd={dtd} "
+             f"and temperatures in [{coldest:.3g}, {hottest:.3g}]")
+    if not low <= coldest <= hottest <= high:
+        if fixed_target_temperature is not None and not low <= fixed_target_temperature <= high:
+            fix = f"set {where}.fixed_target_temperature within it"
+        elif dtd == "static":
+            fix = ("rebuild dtd.zarr (lessons temperature) with temperature.min_temperature and "
+                   "max_temperature within it")
+        else:
+            fix = ("set temperature.min_temperature, base_temperature and max_temperature within it "
+                   f"(now {temperature_config.min_temperature:g}, {temperature_config.base_temperature:g}, "
+                   f"{temperature_config.max_temperature:g}; beta {temperature_config.beta:g} only moves τ "
+                   "between them)")
+        return f"{facts}, outside [{low:g}, {high:g}] where the KD loss is finite in float32; {fix}"
+    target_peak = targets.abs().amax().item()
+    if target_peak > limit:
+        return (f"{facts}: the teacher's stored logits reach ±{target_peak:.3g}, beyond ±{limit:g}; "
+                "rebuild the stores from a teacher with smaller logits")
+    return f"{facts} and logits within ±{limit:g}, which should be finite; rerun with -v and report it"
 
 
 def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, Any],
@@ -215,14 +295,19 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     elif experiment.kd:
         raise StoreError(f"experiment {experiment.name}: kd needs the teacher's stores")
 
+    where = f"student_train.experiments.{experiment.name}"
     if experiment.kd:
         assert lessons is not None
-        loss_fn = lambda logits, labels, index: kd_batch_loss(  # noqa: E731
-            logits, labels, index, lessons=lessons, alpha=experiment.alpha, dtd=experiment.dtd,
-            temperature_config=temperature_config,
-            fixed_target_temperature=experiment.fixed_target_temperature)
+        supervision = dict(lessons=lessons, alpha=experiment.alpha, dtd=experiment.dtd,
+                           temperature_config=temperature_config,
+                           fixed_target_temperature=experiment.fixed_target_temperature)
+        loss_fn = lambda logits, labels, index: kd_batch_loss(logits, labels, index, **supervision)  # noqa: E731
+        explain = lambda logits, labels, index: explain_nonfinite_kd_loss(  # noqa: E731
+            logits, labels, index, **supervision, where=where, lr=experiment.lr)
     else:
         loss_fn = lambda logits, labels, _index: F.cross_entropy(logits, labels)  # noqa: E731
+        explain = explain_cross_entropy(
+            "student", f"the learning rate (student_train.lr, or {where}.lr; now {experiment.lr:g})")
 
     torch.manual_seed(experiment.seed)
     model = nets.build_net(experiment.arch, manifest["num_classes"], in_channels=channels,
@@ -245,7 +330,7 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     result = fit(model, fit_config, train_loader=train_loader, test_loader=test_loader,
                  num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
                  loss_fn=loss_fn, state_path=training_state_path(checkpoint_out),
-                 resume=resume, run_key=run_key, desc=f"student {experiment.name}")
+                 resume=resume, run_key=run_key, desc=f"student {experiment.name}", explain=explain)
     test_logits, test_labels = result["test_logits"], result["test_labels"]
     metrics: dict[str, Any] = {
         "experiment": experiment.name, "teacher": teacher["name"] if teacher else None,

@@ -20,6 +20,7 @@ from stages.training import (
     Fit,
     channel_stats,
     check_batch_size,
+    explain_cross_entropy,
     fit,
     load_checkpoint,
     owns_outputs,
@@ -87,7 +88,10 @@ def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | P
                      num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
                      loss_fn=lambda logits, labels, _index: F.cross_entropy(logits, labels),
                      state_path=state_path, resume=resume, desc=f"teacher {name}",
-                     run_key=f"{config!r}|{manifest['splits']['train']['fingerprint']}")
+                     run_key=f"{config!r}|{manifest['splits']['train']['fingerprint']}",
+                     explain=explain_cross_entropy(
+                         "teacher", f"teacher_train.teachers.{name}.lr (now {config.lr:g}) or its "
+                         f"weight_decay (now {config.weight_decay:g})"))
         test_logits, test_labels = result["test_logits"], result["test_labels"]
         curve, wall_s, images_per_s, epochs = (result["curve"], result["wall_s"],
                                                result["images_per_s"], config.epochs)

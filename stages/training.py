@@ -237,21 +237,52 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None,
     return model.eval(), meta
 
 
+Explain = Callable[[Tensor, Tensor, Tensor], str]
+"""(logits, labels, sample_index) -> why the loss of this batch is not finite and which knob fixes
+it, one sentence; called only once the loss already is NaN/inf (never on the normal path)."""
+
+
+def logits_blowup(logits: Tensor, *, limit: float = math.inf) -> str | None:
+    """Say how `logits` (B, C) diverged, or None when every value is finite and |value| <= limit."""
+    logits = logits.detach()
+    bad_rows = (~torch.isfinite(logits).all(dim=1)).sum().item()
+    if bad_rows:
+        return f"its logits are NaN/inf in {bad_rows} of {logits.shape[0]} rows"
+    peak = logits.abs().amax().item() if logits.numel() else 0.0
+    return f"its logits reach ±{peak:.3g}, beyond ±{limit:g} where the KD loss overflows" if peak > limit else None
+
+
+def explain_cross_entropy(who: str, knobs: str) -> Explain:
+    """The explanation for a plain cross-entropy loss (teachers, CE students): only the net's own
+    logits can make it non-finite, so the fix is the optimiser's `knobs` (e.g. lr, weight_decay)."""
+
+    def explain(logits: Tensor, labels: Tensor, sample_index: Tensor) -> str:
+        how = logits_blowup(logits) or f"its logits reach ±{logits.detach().abs().amax().item():.3g}"
+        return f"the {who} diverged ({how}); lower {knobs}"
+
+    return explain
+
+
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
                 loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], prepare: Callable[[Tensor, Tensor], Tensor],
                 lr_at: Callable[[int], float], step: int, device: torch.device,
-                on_batch: Callable[[int], None] | None = None) -> tuple[float, int, int]:
+                on_batch: Callable[[int], None] | None = None,
+                explain: Explain | None = None) -> tuple[float, int, int]:
     """One pass over `loader`, per-step learning rate.
 
     Args:
         loss_fn: (logits, labels, sample_index) -> scalar loss.
         prepare: (uint8 images, sample_index) -> normalised float inputs (augmentation inside).
         lr_at: global step -> learning rate. step: global step at the start of the epoch.
+        explain: says which part of the loss is not finite and which knob to change; called
+            only on a NaN/inf loss (or when `loss_fn` refuses NaN/inf logits), so it costs nothing
+            per step. None: a plain cross-entropy net whose knob is the learning rate.
     Returns:
         (mean loss, number of samples seen, global step at the end).
     Raises:
-        FloatingPointError: the loss became NaN or inf (lr too high?).
+        FloatingPointError: the loss became NaN or inf; one line naming the cause and the knob.
     """
+    explain = explain or explain_cross_entropy("net", "the learning rate")
     model.train()
     total_loss, seen = 0.0, 0
     for images, labels, sample_index in loader:
@@ -260,9 +291,16 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         inputs = prepare(images.to(device, non_blocking=True), sample_index)
         labels = labels.to(device, non_blocking=True)
         logits = model(inputs)
-        loss = loss_fn(logits, labels, sample_index)
+        try:
+            loss = loss_fn(logits, labels, sample_index)
+        except ValueError as exc:  # e.g. DTD weights refusing NaN student logits: name the real cause
+            if logits_blowup(logits) is None:
+                raise
+            raise FloatingPointError(f"loss is not finite at step {step}: "
+                                     f"{explain(logits.detach(), labels, sample_index)}") from exc
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}: "
+                                     f"{explain(logits.detach(), labels, sample_index)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -296,13 +334,16 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         num_train: int, num_test: int, mean: Tensor, std: Tensor, device: torch.device,
         loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], state_path: Path | None = None,
         resume: bool = False, run_key: str = "", desc: str = "train",
-        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        explain: Explain | None = None) -> dict[str, Any]:
     """Train `model` for `fit_config.epochs` epochs, evaluating on the test split after each.
 
     The training state (weights, optimiser, curve, step) is saved atomically to `state_path`
     after every epoch; with `resume`, a saved state is loaded and training continues from the
     next epoch, so the result equals an uninterrupted run (same order, same keyed views). A
     state saved under another `run_key` (other settings, data or teacher) is ignored.
+
+    `explain` names the cause and the knob when the loss turns NaN/inf (see `train_epoch`).
 
     Returns:
         {"curve": [{"epoch", "train_loss", "test_top1", "test_top5", "lr", "elapsed_s"}...],
@@ -347,7 +388,7 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         train_loss, seen, step = train_epoch(
             model, batches, optimizer, loss_fn=loss_fn,
             prepare=lambda images, index, e=epoch: prepare(images, index, e),
-            lr_at=lr_at, step=step, device=device)
+            lr_at=lr_at, step=step, device=device, explain=explain)
         train_s = time.perf_counter() - started
         test_logits, test_labels = predict(model, test_loader, num_test, mean, std, device)
         epoch_s = time.perf_counter() - started
