@@ -305,18 +305,17 @@ def check_params_command(ctx: click.Context, out: str | None) -> None:
 @friendly
 def report_command(ctx: click.Context, students_dir: str, curves_dir: str, metrics_root: str,
                    histograms_dir: str, out_dir: str) -> None:
-    """Write reports/summary.md and plots: every student experiment side by side."""
+    """Write reports/summary.md and plots: the configured student experiments side by side.
+
+    Exactly the experiments x seeds of params.yaml; files of others are named, never deleted."""
     from stages import report
 
     params = _params(ctx)
-    files = lambda folder: sorted(Path(folder).glob("*.json"))  # noqa: E731
-    metrics_root_path = Path(metrics_root)
-    teachers = [p for p in files(metrics_root_path / "teachers") if not p.stem.endswith("-curve")]
-    summary = report.run(params.report, students=files(students_dir), teachers=teachers,
-                         adjust_metrics=files(metrics_root_path / "adjust"),
-                         temperature_metrics=files(metrics_root_path / "temperature"),
-                         temperature_histograms=files(histograms_dir), out_dir=out_dir,
-                         curves=files(curves_dir), dataset=params.data.name)
+    inputs = report.configured_inputs(
+        runs=params.student_train.runs(), teachers=list(params.teacher_train.teachers),
+        adjust_methods=list(params.adjust.methods), students_dir=students_dir, curves_dir=curves_dir,
+        metrics_root=metrics_root, histograms_dir=histograms_dir)
+    summary = report.run(params.report, **inputs, out_dir=out_dir, dataset=params.data.name)
     click.echo(f"Report: {summary}")
 
 

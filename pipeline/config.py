@@ -258,6 +258,11 @@ class StudentTrainConfig:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"student_train.alpha: must lie in [0, 1], got {self.alpha}")
 
+    def runs(self) -> list[tuple[str, int]]:
+        """Every configured (experiment, seed) pair, experiment-major in params.yaml order: the
+        `student_train` matrix of dvc.yaml, which the report shows and nothing else."""
+        return [(name, seed) for name in self.experiments for seed in self.seeds]
+
     def experiment(self, name: str, seed: int | None = None) -> "ResolvedExperiment":
         """The experiment `name` (for `seed`, default the first of `seeds`) with every unset
         field filled from the shared defaults."""

@@ -7,6 +7,8 @@ metrics JSON files the other stages wrote and writes `summary.md` (teacher, KA, 
 tables) with three PNGs beside it: `accuracy.png`, `curves.png`, `temperature.png`.
 
 The pure functions at the top turn metrics dicts into table rows, table text and PNG bytes;
+`configured_inputs()` picks the files of the runs params.yaml configures (experiments × seeds,
+teachers, KA methods) and names the strays beside them (left on disk, shown in no table or plot);
 `run()` at the bottom reads the files, checks them and writes every output atomically. Runs of
 one experiment that differ only in seed are aggregated: mean ± sample std (ddof = 1) of top-1
 over the n seeds. PNGs carry no timestamp or software metadata, so the same inputs give the
@@ -65,6 +67,23 @@ class ExperimentRow:
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+
+# --- which files belong to the configured pipeline ---------------------------------------------
+
+
+def run_stem(experiment: str, seed: int) -> str:
+    """`<experiment>-seed<seed>`: the stem dvc.yaml's `student_train` gives a run's metrics and curve."""
+    return f"{experiment}-seed{seed}"
+
+
+def split_by_stem(paths: Iterable[Path], stems: Iterable[str]) -> tuple[list[Path], list[Path]]:
+    """(the paths whose file stem is one of `stems`, the others), each in the given order."""
+    wanted = set(stems)
+    kept, strays = [], []
+    for path in paths:
+        (kept if path.stem in wanted else strays).append(path)
+    return kept, strays
 
 
 # --- aggregation and ordering ------------------------------------------------------------------
@@ -245,12 +264,16 @@ def summary_markdown(rows: Sequence[ExperimentRow], *, baseline: str, kd_baselin
                      teachers: Mapping[str, Mapping[str, Any]] | None = None,
                      adjust: Sequence[tuple[str, Mapping[str, Any]]] = (),
                      temperature: Mapping[str, Mapping[str, Any]] | None = None,
-                     dataset: str | None = None) -> str:
-    """The whole `summary.md` text; sections without input are left out."""
+                     dataset: str | None = None, strays: Sequence[str | Path] = ()) -> str:
+    """The whole `summary.md` text; sections without input are left out. `strays`: files of
+    runs or teachers that params.yaml does not configure, named in one line (shown nowhere else)."""
     teachers, temperature = teachers or {}, temperature or {}
     parts = ["# Lessons report: knowledge distillation with KA and DTD (arXiv:1911.07471)"]
     if dataset:
         parts.append(f"Dataset: {dataset}.")
+    if strays:
+        parts.append(f"Not shown, as params.yaml does not configure them (left on disk): "
+                     f"{', '.join(f'`{path}`' for path in strays)}.")
     if teachers:
         parts += ["## Teachers", markdown_table(*teacher_table(teachers))]
     if adjust:
@@ -422,6 +445,59 @@ def _read_list(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]
     return obj
 
 
+def _json_files(folder: str | Path) -> list[Path]:
+    return sorted(Path(folder).glob("*.json"))
+
+
+def configured_inputs(*, runs: Sequence[tuple[str, int]], teachers: Sequence[str],
+                      adjust_methods: Sequence[str], students_dir: str | Path,
+                      curves_dir: str | Path, metrics_root: str | Path,
+                      histograms_dir: str | Path) -> dict[str, list[Path]]:
+    """The input files of `run` for the pipeline params.yaml configures, and the strays.
+
+    A stray is a `*.json` file the report would read that belongs to no configured run, teacher
+    or KA method (an experiment, seed or teacher since removed from params.yaml): it is listed
+    under `strays`, never deleted and never read.
+
+    Args:
+        runs: the configured (experiment, seed) pairs (`StudentTrainConfig.runs()`).
+        teachers: the configured teacher names. adjust_methods: the configured KA methods.
+        students_dir / curves_dir: `metrics/students`, `plots/students` (`<run_stem>.json`).
+        metrics_root: holds `teachers/<T>.json`, `adjust/<T>-<M>.json`, `temperature/<T>.json`.
+        histograms_dir: `plots/temperature/<T>.json`.
+    Returns:
+        Keyword arguments of `run`: `students` (one file per run, in `runs` order), `curves`,
+        `teachers`, `adjust_metrics`, `temperature_metrics`, `temperature_histograms` (the
+        configured files that exist) and `strays` (sorted).
+    Raises:
+        ValueError: a configured run has no metrics file (one line naming the run and the file).
+    """
+    stems = [run_stem(experiment, seed) for experiment, seed in runs]
+    students_dir, metrics_root = Path(students_dir), Path(metrics_root)
+    students, stray_students = split_by_stem(_json_files(students_dir), stems)
+    curves, stray_curves = split_by_stem(_json_files(curves_dir), stems)
+    found = {path.stem for path in students}
+    missing = [(experiment, seed) for (experiment, seed), stem in zip(runs, stems) if stem not in found]
+    if missing:
+        shown = "; ".join(f"{students_dir / (run_stem(e, s) + '.json')}: file not found (experiment "
+                          f"{e!r}, seed {s})" for e, s in missing[:3])
+        more = f"; and {len(missing) - 3} more configured run(s)" if len(missing) > 3 else ""
+        raise ValueError(f"{shown}{more}; run the stage that writes it first (`dvc repro`)")
+    teacher_files = [p for p in _json_files(metrics_root / "teachers") if not p.stem.endswith("-curve")]
+    inputs = {"students": [students_dir / f"{stem}.json" for stem in stems], "curves": curves}
+    strays = stray_students + stray_curves
+    for key, paths, wanted in (
+            ("teachers", teacher_files, teachers),
+            ("adjust_metrics", _json_files(metrics_root / "adjust"),
+             [f"{teacher}-{method}" for teacher in teachers for method in adjust_methods]),
+            ("temperature_metrics", _json_files(metrics_root / "temperature"), teachers),
+            ("temperature_histograms", _json_files(histograms_dir), teachers)):
+        inputs[key], left_out = split_by_stem(paths, wanted)
+        strays += left_out
+    inputs["strays"] = sorted(strays)
+    return inputs
+
+
 def _adjust_teacher(path: Path, method: str) -> str:
     """`<teacher>-<method>.json` -> teacher (the whole stem if it does not end in -<method>)."""
     suffix = f"-{method}"
@@ -434,7 +510,8 @@ def _adjust_teacher(path: Path, method: str) -> str:
 def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Sequence[str | Path],
         adjust_metrics: Sequence[str | Path], temperature_metrics: Sequence[str | Path],
         temperature_histograms: Sequence[str | Path], out_dir: str | Path,
-        curves: Sequence[str | Path] = (), dataset: str | None = None) -> Path:
+        curves: Sequence[str | Path] = (), dataset: str | None = None,
+        strays: Sequence[str | Path] = ()) -> Path:
     """Write `summary.md`, `accuracy.png`, `curves.png` and `temperature.png` into `out_dir`.
 
     Args:
@@ -449,6 +526,8 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
         curves: `plots/students/<name>.json` files; a curve belongs to the student metrics file
             with the same stem, else to the experiment of that name.
         dataset: dataset name for the summary; default: a `dataset` key of any metrics file.
+        strays: files left out because params.yaml does not configure them (see
+            `configured_inputs`): a warning, and one line of the summary names them.
     Returns:
         The path of `summary.md` (written last, after the PNGs).
     Raises:
@@ -475,6 +554,10 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
                   for p in temperature_histograms}
 
     rows = order_rows(aggregate_experiments(records), config.baseline, config.kd_baseline)
+    if strays:
+        logger.warning("report: %d file(s) of experiments, seeds or teachers that params.yaml does not "
+                       "configure are left out of every table and plot (not deleted): %s", len(strays),
+                       ", ".join(map(str, strays)))
     known = {row.experiment for row in rows}
     for key, name in (("baseline", config.baseline), ("kd_baseline", config.kd_baseline)):
         if name not in known:
@@ -505,7 +588,7 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
     atomic_write_bytes(out_dir / TEMPERATURE_PNG, temperature_png(histograms))
     summary = summary_markdown(rows, baseline=config.baseline, kd_baseline=config.kd_baseline,
                                teachers=teacher_metrics, adjust=adjust, temperature=temperature,
-                               dataset=dataset)
+                               dataset=dataset, strays=strays)
     summary_path = out_dir / SUMMARY_NAME
     atomic_write_bytes(summary_path, summary.encode("utf-8"))
     logger.info("report: %d experiments (%d runs) -> %s", len(rows), len(records), summary_path)

@@ -80,6 +80,35 @@ def test_a_second_dvc_repro_runs_nothing(project: Path):
     assert "up to date" in _sh(["dvc", "status"], project)
 
 
+def test_removing_an_experiment_reruns_only_the_report_which_names_its_files_and_keeps_them(
+        project: Path):
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    del params["student_train"]["experiments"]["kd_flsw"]
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    kept = [project / "metrics" / "students" / "kd_flsw-seed0.json",
+            project / "plots" / "students" / "kd_flsw-seed0.json"]
+    before = [p.read_bytes() for p in kept]
+    try:
+        status = _sh(["dvc", "status"], project)
+        changed = {line.strip().rstrip(":") for line in status.splitlines()
+                   if line and not line.startswith(("\t", " "))}
+        assert changed == {"check_params", "report"}, status
+        out = _sh(["dvc", "repro"], project)
+        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+        assert ran == {"check_params", "report"}, out
+        summary = (project / "reports" / "summary.md").read_text()
+        assert "| kd_flsw |" not in summary and "| kd_ps_flsw |" in summary
+        stray_line, = [line for line in summary.splitlines() if line.startswith("Not shown")]
+        assert stray_line.split("`")[1::2] == ["metrics/students/kd_flsw-seed0.json",
+                                               "plots/students/kd_flsw-seed0.json"]
+        assert [p.read_bytes() for p in kept] == before  # the user's files, never deleted
+    finally:
+        params_path.write_text(original)
+        _sh(["dvc", "repro"], project)
+
+
 def test_changing_one_students_lr_reruns_only_that_student_and_the_report(project: Path):
     params_path = project / "params.yaml"
     original = params_path.read_text()
@@ -91,8 +120,9 @@ def test_changing_one_students_lr_reruns_only_that_student_and_the_report(projec
         changed = {line.strip().rstrip(":") for line in status.splitlines()
                    if line and not line.startswith(("\t", " "))}
         # check_params reruns on any edit of params.yaml (a second); its output is unchanged,
-        # so it makes nothing else rerun.
-        assert changed == {"check_params", "student_train@kd_ps-0"}, status
+        # so it makes nothing else rerun. The report lists student_train.experiments (which
+        # runs it shows), so dvc sees that edit too; it reruns either way.
+        assert changed == {"check_params", "student_train@kd_ps-0", "report"}, status
         out = _sh(["dvc", "repro"], project)
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
         assert ran == {"check_params", "student_train@kd_ps-0", "report"}, out

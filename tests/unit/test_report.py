@@ -232,3 +232,126 @@ def test_a_baseline_that_is_not_an_experiment_is_warned_about(inputs, tmp_path, 
         run(config, **{**inputs, "out_dir": tmp_path / "r"})
     assert "report.baseline is 'nope', which is not among the experiments" in caplog.text
     assert "kd_baseline" not in caplog.text
+
+
+# --- the configured runs only (params.yaml), strays named and kept -----------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_pipeline_outputs(root: Path, top1: dict[tuple[str, int], float],
+                           teachers: tuple[str, ...] = ("t", "old")) -> None:
+    """metrics/ and plots/ as the pipeline writes them: one student run per (experiment, seed),
+    teachers t (configured) and old (not), KA method ps for each."""
+    for (name, seed), value in top1.items():
+        write_json(root / "metrics" / "students" / f"{name}-seed{seed}.json",
+                   student(name, value, seed=seed, teacher="t", adjust="none", dtd="off"))
+        write_json(root / "plots" / "students" / f"{name}-seed{seed}.json",
+                   [{"epoch": e, "test_top1": value - 0.1 / e} for e in (1, 2, 3)])
+    for teacher in teachers:
+        write_json(root / "metrics" / "teachers" / f"{teacher}.json",
+                   {"teacher": teacher, "arch": "cnn_small", "test_top1": 0.91 if teacher == "t" else 0.5})
+        write_json(root / "metrics" / "adjust" / f"{teacher}-ps.json",
+                   {"method": "ps", "rewritten_views": 7 if teacher == "t" else 999,
+                    "rewritten_fraction": 0.07})
+
+
+def report_cli(root: Path, seeds: list[int], experiments: tuple[str, ...] = ("a",)):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    params = root / "params.yaml"
+    params.write_text(json.dumps({  # JSON is YAML
+        "teacher_train": {"teachers": {"t": {"arch": "cnn_small"}}}, "adjust": {"methods": ["ps"]},
+        "student_train": {"seeds": seeds, "experiments": {name: {"teacher": "t"} for name in experiments}},
+        "report": {"baseline": "a", "kd_baseline": "kd"}}))
+    return CliRunner().invoke(main, [
+        "--params", str(params), "report", "--students", str(root / "metrics" / "students"),
+        "--curves", str(root / "plots" / "students"), "--metrics-root", str(root / "metrics"),
+        "--histograms", str(root / "plots" / "temperature"), "--out", str(root / "reports")], obj={})
+
+
+ON_DISK = {("a", 0): 0.70, ("a", 1): 0.74, ("b", 0): 0.90, ("b", 1): 0.94}
+
+
+@pytest.mark.parametrize("seeds, top1_cell, strays", [
+    ([0], "| a | 1 | t | yes | none | off | 91.00 | 70.00 | 99.00 | +0.00 |",
+     ["a-seed1", "b-seed0", "b-seed1"]),
+    # a over seeds 0 and 1: mean 0.72, sample std sqrt(2 * 0.02^2 / 1) = 2.83 pp.
+    ([0, 1], "| a | 2 | t | yes | none | off | 91.00 | 72.00 ± 2.83 | 99.00 | +0.00 |",
+     ["b-seed0", "b-seed1"]),
+])
+def test_the_report_shows_exactly_the_configured_runs_and_names_the_strays(tmp_path, seeds, top1_cell,
+                                                                          strays):
+    messy, clean = tmp_path / "messy", tmp_path / "clean"
+    write_pipeline_outputs(messy, ON_DISK)
+    write_pipeline_outputs(clean, {run: v for run, v in ON_DISK.items() if run[0] == "a" and run[1] in seeds},
+                           teachers=("t",))
+    before = sorted(p.relative_to(messy) for p in messy.rglob("*.json"))
+    result = report_cli(messy, seeds)
+    assert result.exit_code == 0, result.output
+    text = (messy / "reports" / "summary.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and " | t | " in line]
+    assert rows == [line for line in text.splitlines() if line.startswith(("| a ", "| b "))]
+    assert len(rows) == 1 and rows[0].startswith(top1_cell), rows
+    assert [line for line in text.splitlines() if line.startswith("| t ") or line.startswith("| old ")] \
+        == ["| t | cnn_small | 91.00 | – | – | – |", "| t | ps | 7 | 7.00 | – |"]
+    expected = [f"metrics/students/{s}.json" for s in strays] + [f"plots/students/{s}.json" for s in strays] \
+        + ["metrics/adjust/old-ps.json", "metrics/teachers/old.json"]
+    stray_line, = [line for line in text.splitlines() if line.startswith("Not shown")]
+    assert sorted(stray_line.split("`")[1::2]) == sorted(str(messy / rel) for rel in expected)
+    warning, = [line for line in result.stderr.splitlines() if "params.yaml does not configure" in line]
+    assert warning.startswith("WARNING stages.report: report: ") and "(not deleted)" in warning
+    assert all(str(messy / rel) in warning for rel in expected)
+    assert sorted(p.relative_to(messy) for p in messy.rglob("*.json")) == before  # nothing deleted
+    # Plots: byte for byte those of a folder that holds only the configured runs' files.
+    assert report_cli(clean, seeds).exit_code == 0
+    for png in ("accuracy.png", "curves.png", "temperature.png"):
+        assert (messy / "reports" / png).read_bytes() == (clean / "reports" / png).read_bytes(), png
+    assert text.replace(stray_line + "\n\n", "").replace(str(messy), str(clean)) == \
+        (clean / "reports" / "summary.md").read_text(encoding="utf-8")
+
+
+def test_a_configured_run_without_metrics_is_a_one_line_error_naming_it(tmp_path):
+    write_pipeline_outputs(tmp_path, {("a", 0): 0.7})
+    result = report_cli(tmp_path, [0, 2])
+    assert result.exit_code == 1
+    missing = tmp_path / "metrics" / "students" / "a-seed2.json"
+    assert result.output == (f"Error: {missing}: file not found (experiment 'a', seed 2); run the stage "
+                             "that writes it first (`dvc repro`)\n")
+    assert not (tmp_path / "reports").exists()
+
+
+def test_the_report_stage_lists_every_params_key_the_report_reads():
+    import yaml
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]
+    assert set(stage["params"]) == {"report", "data.name", "student_train.experiments", "student_train.seeds",
+                                    "teacher_train.teachers", "adjust.methods"}
+
+
+def test_removing_an_experiment_or_a_seed_marks_the_report_stage_changed_in_dvc_status(tmp_path,
+                                                                                       monkeypatch):
+    # The report stage of dvc.yaml as it is, in a dvc project of its own (a no-op command, no
+    # deps or outs), locked once; then each edit of params.yaml must make it out of date.
+    import yaml
+    from dvc.repo import Repo
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(
+        {"stages": {"report": {"cmd": "true", "params": stage["params"]}}}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["student_train"]["seeds"] = [0, 1]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    repo = Repo.init(str(tmp_path), no_scm=True)
+    repo.reproduce("report")
+    assert repo.status() == {}
+    for edit in (lambda p: p["student_train"]["experiments"].pop("kd_ps"),
+                 lambda p: p["student_train"]["seeds"].remove(1)):
+        edited = yaml.safe_load(yaml.safe_dump(params))
+        edit(edited)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))
+        assert list(repo.status()) == ["report"]
