@@ -281,8 +281,11 @@ def check_params_command(ctx: click.Context, out: str | None) -> None:
     never gets as far as a stage that would delete its old outputs)."""
     import nets
 
+    from pipeline.checks import check_environment
+
     params = _params(ctx)
     names = params.check_pipeline(nets.available_nets())
+    check_environment(params)
     if out is not None:
         from storage import atomic_write_json
 

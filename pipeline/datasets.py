@@ -38,7 +38,7 @@ from pipeline.config import DataConfig
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DatasetError", "Split", "Dataset", "available_datasets", "default_root", "load_dataset",
+    "DatasetError", "Split", "Dataset", "available_datasets", "data_root", "default_root", "load_dataset",
     "balanced_subset",
 ]
 
@@ -486,6 +486,24 @@ def _entry(name: str) -> _Entry:
     return _REGISTRY[name]
 
 
+def data_root(config: DataConfig) -> Path:
+    """The existing file or folder `config` reads its dataset from (`data.root`, or the dataset's
+    default root when null; a relative path is relative to the working directory).
+
+    Raises:
+        DatasetError: unknown dataset name, root unset without a default, or root missing.
+    """
+    entry = _entry(config.name)
+    root_text = config.root if config.root is not None else entry.default_root
+    if root_text is None:
+        raise DatasetError(f"{config.name}: data.root is not set and there is no default; {entry.hint}")
+    root = Path(root_text).expanduser()
+    if not root.exists():
+        shown = root if root.is_absolute() else f"{root} (from {Path.cwd()})"
+        raise DatasetError(f"{config.name}: {shown} does not exist; {entry.hint}")
+    return root
+
+
 def load_dataset(config: DataConfig) -> Dataset:
     """Load both splits of `config.name`, validate them and apply the balanced subsets.
 
@@ -501,13 +519,7 @@ def load_dataset(config: DataConfig) -> Dataset:
             labels outside [0, C), or images of inconsistent shape.
     """
     entry = _entry(config.name)
-    root_text = config.root if config.root is not None else entry.default_root
-    if root_text is None:
-        raise DatasetError(f"{config.name}: data.root is not set and there is no default; {entry.hint}")
-    root = Path(root_text).expanduser()
-    if not root.exists():
-        shown = root if root.is_absolute() else f"{root} (from {Path.cwd()})"
-        raise DatasetError(f"{config.name}: {shown} does not exist; {entry.hint}")
+    root = data_root(config)
     started = time.perf_counter()
     try:
         class_names, *sources = entry.loader(root)
