@@ -157,7 +157,8 @@ def prepare_data_command(ctx: click.Context, out_dir: str) -> None:
 @click.option("--checkpoint-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--curve-out", required=True, type=click.Path(dir_okay=False))
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue an interrupted run of the same teacher from its last epoch.")
 @click.pass_context
 @friendly
 def teacher_train_command(ctx: click.Context, teacher: str, data_dir: str, checkpoint_out: str,
