@@ -16,11 +16,11 @@ ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
 
 
 def _stages(work: Path) -> dict[str, str]:
-    """Stage name -> the `lessons` command it runs, as dvc resolves dvc.yaml."""
+    """Stage name (`dvc.yaml:` prefix dropped) -> the `lessons` command it runs, as dvc resolves dvc.yaml."""
     from dvc.repo import Repo
 
     with Repo(str(work)) as repo:
-        return {stage.addressing: stage.cmd.split()[1] for stage in repo.index.stages}
+        return {stage.addressing.split(":")[-1]: stage.cmd.split()[1] for stage in repo.index.stages}
 
 
 def _changed(work: Path) -> set[str]:
@@ -28,7 +28,7 @@ def _changed(work: Path) -> set[str]:
     from dvc.repo import Repo
 
     with Repo(str(work)) as repo:
-        return {name for name, changes in repo.status().items()
+        return {name.split(":")[-1] for name, changes in repo.status().items()
                 if any(isinstance(c, dict) and "changed deps" in c for c in changes)}
 
 
