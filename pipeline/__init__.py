@@ -1,0 +1,1 @@
+"""`lessons`: the command line, the typed params.yaml configuration, datasets, logging."""

@@ -20,19 +20,23 @@ from pipeline.log import configure_logging
 logger = logging.getLogger("lessons")
 
 
+# Deliberate error types outside this module, as (module, class). `_user_errors` looks them up
+# only in modules already imported: an error class whose module never ran cannot have been
+# raised, and importing them here would put every module into every command's code (and so
+# into every dvc stage's deps, tests/unit/test_dvc_deps.py).
+_ERROR_CLASSES = (
+    ("nets", "UnknownArchitectureError"), ("pipeline.datasets", "DatasetError"),
+    ("stages.functional", "InvalidLogitsError"), ("stages.training", "CheckpointError"),
+    ("storage.soft_labels", "StoreError"), ("storage.manifest", "ManifestError"),
+    ("storage.atomic", "OutputError"), ("storage.beton", "BetonError"), ("storage.h5", "H5Error"),
+)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input or environment, not a bug in lessons."""
-    from nets import UnknownArchitectureError
-    from pipeline.datasets import DatasetError
-    from stages.functional import InvalidLogitsError
-    from stages.training import CheckpointError
-    from storage import ManifestError, OutputError, StoreError
-    from storage.beton import BetonError
-    from storage.h5 import H5Error
-
-    return (ValueError, ConfigError, DatasetError, StoreError, ManifestError, CheckpointError, OutputError,
-            BetonError, H5Error, InvalidLogitsError, UnknownArchitectureError, FloatingPointError,
-            OSError)
+    loaded = tuple(getattr(sys.modules[module], name) for module, name in _ERROR_CLASSES
+                   if module in sys.modules)
+    return (ValueError, ConfigError, FloatingPointError, OSError, *loaded)
 
 
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,9 +50,9 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
         except _user_errors() as exc:
             if ctx.obj.get("verbose"):
                 raise
-            from storage import OutputError
-
-            message = exc.strerror if isinstance(exc, OutputError) else str(exc)
+            atomic = sys.modules.get("storage.atomic")  # OutputError was raised only if it ran
+            is_output_error = atomic is not None and isinstance(exc, atomic.OutputError)
+            message = exc.strerror if is_output_error else str(exc)
             raise click.ClickException(" ".join(message.split())) from exc
 
     return wrapper
@@ -127,7 +131,7 @@ def main(ctx: click.Context, params_path: str, verbose: bool) -> None:
     """lessons: offline soft labels for knowledge distillation (arXiv:1911.07471).
 
     Stages, in pipeline order: prepare-data, teacher-train, teacher-dump, adjust, temperature,
-    student-train, report. `dvc repro` runs them all from dvc.yaml.
+    store-digests, student-train, report. `dvc repro` runs them all from dvc.yaml.
     """
     configure_logging(verbose)
     ctx.ensure_object(dict)
@@ -157,7 +161,8 @@ def prepare_data_command(ctx: click.Context, out_dir: str) -> None:
 @click.option("--checkpoint-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--curve-out", required=True, type=click.Path(dir_okay=False))
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue an interrupted run of the same teacher from its last epoch.")
 @click.pass_context
 @friendly
 def teacher_train_command(ctx: click.Context, teacher: str, data_dir: str, checkpoint_out: str,
@@ -269,6 +274,22 @@ def student_train_command(ctx: click.Context, experiment: str, seed: int | None,
                                 metrics_out=metrics_out, curve_out=curve_out,
                                 device=_device(resolved.device), resume=resume)
     click.echo(f"student {experiment}: test top-1 {metrics['test_top1']:.4f} -> {metrics_out}")
+
+
+@main.command("store-digests")
+@click.option("--experiment", required=True, help="Name in student_train.experiments.")
+@click.option("--stores", "stores_root", default="stores", show_default=True, type=click.Path(),
+              help="Folder holding one store folder per teacher.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Digest file to write.")
+@click.pass_context
+@friendly
+def store_digests_command(ctx: click.Context, experiment: str, stores_root: str, out: str) -> None:
+    """Digest the stores one student experiment reads (its dvc dep: nothing else reruns it)."""
+    from stages import store_digests
+
+    resolved = _params(ctx).student_train.experiment(experiment)
+    summary = store_digests.run(resolved, stores_root=stores_root, out=out)
+    click.echo(f"{out}: student {experiment} reads {sorted(summary['stores']) or 'no store'}")
 
 
 @main.command("check-params")

@@ -323,7 +323,9 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     test_loader = make_loader(data_dir / "test.beton", batch_size=512, shuffle=False, augment=False,
                               image_shape=image_shape, num_workers=experiment.num_workers)
     run_key = hashlib.sha256(json.dumps({
-        "experiment": dataclasses.asdict(experiment), "temperature": dataclasses.asdict(temperature_config),
+        "experiment": dataclasses.asdict(experiment),
+        "temperature": [temperature_config.base_temperature, temperature_config.beta, temperature_config.gamma,
+                        temperature_config.min_temperature, temperature_config.max_temperature],  # those read
         "train_fingerprint": manifest["splits"]["train"]["fingerprint"], "teacher": teacher,
     }, sort_keys=True, default=str).encode()).hexdigest()
     mean, std = channel_stats(manifest, device)

@@ -39,13 +39,14 @@ logger = logging.getLogger(__name__)
 @owns_outputs
 def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | Path,
         metrics_out: str | Path, curve_out: str | Path, device: torch.device,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = True) -> dict[str, Any]:
     """Train (or load) teacher `name` and write its checkpoint and metrics.
 
     Args:
         config: TeacherConfig. data_dir: the prepared dataset folder.
         checkpoint_out / metrics_out / curve_out: output files (written atomically).
-        device: where to train. resume: continue from `<checkpoint_out>.state` if present.
+        device: where to train. resume: continue from `<checkpoint_out>.state` when it was saved
+            by the same teacher settings on the same data (the default; otherwise start afresh).
     Returns:
         the metrics dict.
     Raises:

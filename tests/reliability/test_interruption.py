@@ -117,6 +117,43 @@ def test_a_student_killed_after_epoch_one_of_two_resumes_to_the_uninterrupted_re
         assert torch.equal(a[key], b[key]), key
 
 
+def _teacher_args(root: Path, name: str, data: Path) -> tuple:
+    return ("teacher-train", "--teacher", "t", "--data", data, "--checkpoint-out", root / f"{name}.pt",
+            "--metrics-out", root / f"{name}.json", "--curve-out", root / f"{name}-curve.json")
+
+
+@pytest.mark.slow  # a real `lessons` process (~20 s)
+def test_a_teacher_killed_after_epoch_one_of_two_resumes_by_default_as_dvc_runs_it(tmp_path, pipeline):
+    teacher = {**pipeline.params["teacher_train"]["teachers"]["t"], "epochs": 2}
+    params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_train={"teachers": {"t": teacher}})
+    killed = _teacher_args(tmp_path, "resumed", pipeline.data)
+    state, log = tmp_path / "resumed.pt.state", tmp_path / "child.log"
+    proc = spawn_cli(params, *killed, cwd=tmp_path, pause_s=60, log=log)
+    try:
+        wait_for(state.is_file, proc, 240, "the epoch-1 training state", log)
+    finally:
+        _kill(proc)
+    assert not (tmp_path / "resumed.pt").exists()
+
+    result = ok(cli(params, *killed))  # the command dvc.yaml runs: no flag, so resume is the default
+    assert "resuming after epoch 1 of 2" in result.output
+    assert not state.exists()
+    ok(cli(params, *_teacher_args(tmp_path, "straight", pipeline.data)))
+    a, b = _weights(tmp_path / "resumed.pt"), _weights(tmp_path / "straight.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+    # --no-resume starts afresh from a saved state (and still ends at the same weights).
+    proc = spawn_cli(params, *_teacher_args(tmp_path, "fresh", pipeline.data), cwd=tmp_path, pause_s=60, log=log)
+    try:
+        wait_for((tmp_path / "fresh.pt.state").is_file, proc, 240, "the epoch-1 training state", log)
+    finally:
+        _kill(proc)
+    result = ok(cli(params, *_teacher_args(tmp_path, "fresh", pipeline.data), "--no-resume"))
+    assert "resuming" not in result.output and "epoch 1/2" in result.output
+    fresh = _weights(tmp_path / "fresh.pt")
+    assert all(torch.equal(a[key], fresh[key]) for key in a)
+
+
 def _interrupt_after_first_chunk(monkeypatch, params, args) -> None:
     """Run a dump in this process that gets Ctrl-C right after its first chunk is marked."""
     import storage.soft_labels as soft_labels

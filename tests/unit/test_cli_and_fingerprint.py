@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from storage import dataset_fingerprint
 
-STAGES = ["prepare-data", "teacher-train", "teacher-dump", "adjust", "temperature", "student-train",
-          "report", "import-logits", "export"]
+STAGES = ["prepare-data", "teacher-train", "teacher-dump", "adjust", "temperature", "store-digests",
+          "student-train", "report", "import-logits", "export"]
 
 
 def test_help_lists_every_stage_command():
