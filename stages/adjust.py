@@ -11,20 +11,19 @@ same bits as processing the whole array.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from stages.functional import InvalidLogitsError, teacher_is_wrong
-from stages.parallel import block_rows, dask_scheduler, prefixed
+from stages.parallel import block_rows, dask_scheduler, one_torch_thread, prefixed
 from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.atomic import ensure_parents
 from storage.versions import library_versions
@@ -219,21 +218,6 @@ def _block_wrong(logits: Tensor, labels: Tensor) -> Tensor:
     if not bool(torch.isfinite(logits.abs().amax(dim=1)).all()):
         return teacher_is_wrong(logits, labels)  # raises InvalidLogitsError
     return logits.gather(1, labels.long().unsqueeze(1)).squeeze(1) < logits.amax(dim=1)
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch single-threaded in the calling thread (a dask task), restoring it after.
-
-    dask already runs one block per core; torch's intra-op threads on top oversubscribe the
-    cores, and OpenMP threads spinning at barriers then make a block several times slower.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def adjustment_summary(counts: dict[str, Any], total_views: int) -> dict[str, Any]:

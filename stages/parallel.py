@@ -1,9 +1,12 @@
-"""Where dask runs: the local threaded scheduler, or a `dask.distributed` cluster by address."""
+"""Where dask runs (the local threaded scheduler, or a `dask.distributed` cluster by address), and
+how torch behaves inside a dask task."""
 from __future__ import annotations
 
 import contextlib
 import logging
 from typing import Any, Iterator
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -54,3 +57,18 @@ def prefixed(prefix: str, *types: type[Exception]) -> Iterator[None]:
         yield
     except types as exc:
         raise type(exc)(f"{prefix}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch single-threaded in the calling thread (a dask task), restoring it after.
+
+    dask already runs one block per core; torch's intra-op threads on top oversubscribe the
+    cores, and OpenMP threads spinning at barriers then make a block several times slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stages.functional import InvalidLogitsError, check_logits, compute_dtype
-from stages.adjust import one_torch_thread
-from stages.parallel import block_rows, dask_scheduler, prefixed
+from stages.parallel import block_rows, dask_scheduler, one_torch_thread, prefixed
 from storage import ArraySpec, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.atomic import ensure_parents
 from storage.versions import library_versions
