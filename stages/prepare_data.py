@@ -81,7 +81,8 @@ def run(config: Any, dataset: Any, data_config: Any, out_dir: str | Path) -> dic
         OutputError: `out_dir` is locked by another process, not writable, or the disk is full.
     """
     out_dir = Path(out_dir)
-    refuse_foreign_output(out_dir, "manifest.json", "a prepared dataset")
+    what = "a prepared dataset"
+    refuse_foreign_output(out_dir, "manifest.json", what, signature="manifest_version")
     work = partial_path(out_dir)
     manifest = build_manifest(dataset, data_config)
     with exclusive_lock(out_dir):
@@ -97,7 +98,7 @@ def run(config: Any, dataset: Any, data_config: Any, out_dir: str | Path) -> dic
                 manifest["splits"][split_name]["beton_sha256"] = file_sha256(beton)
                 np.save(work / f"{split_name}-labels.npy", split.labels.astype(np.int64))
             write_manifest(work / "manifest.json", manifest)
-            replace_dir(work, out_dir, marker="manifest.json", what="a prepared dataset")
+            replace_dir(work, out_dir, marker="manifest.json", what=what, signature="manifest_version")
         except BaseException as exc:
             shutil.rmtree(work, ignore_errors=True)  # the work folder created above: ours
             if isinstance(exc, OSError) and not isinstance(exc, OutputError):

@@ -77,17 +77,31 @@ def refuse_symlink(path: str | Path, what: str) -> None:
                                         "path, or remove the link")
 
 
-def refuse_foreign_output(out: str | Path, marker: str, what: str) -> None:
+def _marked(folder: Path, marker: str, signature: str | None) -> bool:
+    """Whether `folder/marker` is a file and, with `signature`, a JSON object holding that key."""
+    if not (folder / marker).is_file():
+        return False
+    if signature is None:
+        return True
+    try:
+        content = json.loads((folder / marker).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and signature in content
+
+
+def refuse_foreign_output(out: str | Path, marker: str, what: str, *, signature: str | None = None) -> None:
     """Refuse to replace `out` unless it is absent or an earlier output of the same kind: a folder
-    (not a symbolic link) holding the file `marker` (lessons replaces only what it wrote; a user's
-    file or folder given as an output path by mistake is never deleted).
+    (not a symbolic link) holding the file `marker` (a JSON object with the key `signature`, when
+    given). lessons replaces only what it wrote; a user's file or folder given as an output path
+    by mistake is never deleted.
 
     Raises:
-        OutputError: `out` is a symbolic link, or exists and is not a folder holding `marker`.
+        OutputError: `out` is a symbolic link, or exists and is not such a folder.
     """
     out = Path(out)
     refuse_symlink(out, what)
-    if out.exists() and not (out.is_dir() and (out / marker).is_file()):
+    if out.exists() and not (out.is_dir() and _marked(out, marker, signature)):
         kind = "a folder" if out.is_dir() else "a file"
         raise OutputError(errno.EEXIST, f"{out}: exists and is {kind}, not {what}; lessons only replaces "
                                         "its own outputs: choose another output path or move it away")
@@ -230,10 +244,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def replace_dir(src: str | Path, dst: str | Path, *, marker: str, what: str) -> None:
+def replace_dir(src: str | Path, dst: str | Path, *, marker: str, what: str,
+                signature: str | None = None) -> None:
     """Move the finished work folder `src` to `dst`, replacing an older `dst` only once `src` is in.
 
-    The old `dst` (checked again to be an earlier output: a folder holding `marker`) is first
+    The old `dst` (checked again to be an earlier output, see `refuse_foreign_output`) is first
     renamed aside to a fresh unique name `.<dst-name>.<random>.old`, so at every instant either
     the old or the new output exists under `dst`'s name or beside it; it is deleted only after
     the new one is in place. `src`'s ownership marker (`WORK_MARKER/`) is removed last.
@@ -246,7 +261,7 @@ def replace_dir(src: str | Path, dst: str | Path, *, marker: str, what: str) -> 
     src, dst = Path(src), Path(dst)
     if not owns_work_dir(src):
         raise OutputError(errno.EEXIST, f"{src}: is not a work folder of lessons; refusing to publish it")
-    refuse_foreign_output(dst, marker, what)
+    refuse_foreign_output(dst, marker, what, signature=signature)
     aside = None
     if dst.exists():
         # A new empty folder of a unique name: rename(2) may replace an empty folder, so the old

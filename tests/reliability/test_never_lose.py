@@ -234,3 +234,11 @@ def test_replace_dir_refuses_to_publish_a_folder_lessons_did_not_create(tmp_path
     with pytest.raises(OutputError, match="not a work folder"):
         replace_dir(src, tmp_path / "out", marker="zarr.json", what="a zarr store")
     assert notes.read_text() == USER_TEXT
+
+
+def test_prepare_data_never_replaces_a_user_folder_that_merely_holds_a_manifest_json(tmp_path, pipeline):
+    out = tmp_path / "data"
+    notes = user_folder(out)
+    (out / "manifest.json").write_text('{"my": "own manifest"}')
+    one_line_error(cli(pipeline.params_path, "prepare-data", "--out", out), str(out), "not a prepared dataset")
+    assert notes.read_text() == USER_TEXT and (out / "manifest.json").read_text() == '{"my": "own manifest"}'
