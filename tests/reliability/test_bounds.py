@@ -11,7 +11,7 @@ import yaml
 from pipeline.config import TemperatureConfig
 from stages.student_train import Lessons, explain_nonfinite_kd_loss, kd_batch_loss
 from stages.training import explain_cross_entropy, train_epoch
-from tests.reliability.conftest import base_params, cli, ok, one_line_error, write_params
+from tests.reliability.conftest import base_params, cli, make_npz, ok, one_line_error, write_params
 
 FLOAT16_MAX = 65504.0
 
@@ -58,14 +58,14 @@ def _loss_and_grad(config: TemperatureConfig, dtd: str, static: float | None = N
     ({"min_temperature": 1.0e-5, "base_temperature": 1.0e-5}, "temperature.min_temperature", "at least 0.0001"),
 ])
 def test_check_params_refuses_a_temperature_outside_the_finite_range_in_one_line(tmp_path, temperature, key, fix):
-    result = _check_params(tmp_path, base_params(tmp_path / "x.npz"), temperature=temperature)
+    result = _check_params(tmp_path, base_params(make_npz(tmp_path / "x.npz")), temperature=temperature)
     line = one_line_error(result, key, "[0.0001, 10000]", "finite in float32", fix)
     assert "lower the learning rate" not in line
     assert not (tmp_path / "check.json").exists()
 
 
 def test_check_params_refuses_a_fixed_target_temperature_outside_the_range(tmp_path):
-    params = base_params(tmp_path / "x.npz")
+    params = base_params(make_npz(tmp_path / "x.npz"))
     params["student_train"]["experiments"]["lsr"] = {"teacher": "t", "adjust": "lsr",
                                                      "fixed_target_temperature": 1.0e5}
     one_line_error(_check_params(tmp_path, params), "student_train.experiments.lsr.fixed_target_temperature",
@@ -77,12 +77,12 @@ def test_check_params_refuses_a_fixed_target_temperature_outside_the_range(tmp_p
     ({"gamma": 200.0}, "temperature.gamma: the FLSW exponent must be <= 64"),
 ])
 def test_check_params_refuses_a_beta_or_gamma_that_would_overflow_float32(tmp_path, temperature, fragment):
-    one_line_error(_check_params(tmp_path, base_params(tmp_path / "x.npz"), temperature=temperature), fragment)
+    one_line_error(_check_params(tmp_path, base_params(make_npz(tmp_path / "x.npz")), temperature=temperature), fragment)
 
 
 def test_the_ends_of_the_range_pass_and_give_a_finite_loss_with_float16_max_logits(tmp_path):
     ends = {"min_temperature": 1.0e-4, "base_temperature": 1.0e-4, "max_temperature": 1.0e4, "beta": 1.0e30}
-    ok(_check_params(tmp_path, base_params(tmp_path / "x.npz"), temperature=ends))
+    ok(_check_params(tmp_path, base_params(make_npz(tmp_path / "x.npz")), temperature=ends))
     assert json.loads((tmp_path / "check.json").read_text()) == {"params": "checked"}
     for base in (1.0e-4, 1.0e4):  # every row at one end (dtd off), then DTD spread over both
         loss, grad_finite = _loss_and_grad(TemperatureConfig(**{**ends, "base_temperature": base}), "off")
