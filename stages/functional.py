@@ -36,12 +36,15 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def check_logits(logits: object, name: str = "logits") -> None:
-    """Check logits that come without labels (DESIGN §7: clear errors for NaN/inf logits).
+def check_logits(logits: object, name: str = "logits") -> Tensor:
+    """Check logits and bring them to the compute dtype (DESIGN §7: clear errors for NaN/inf logits).
 
     Args:
         logits: should be an (N, C) floating tensor, C >= 1, every value finite.
         name: what to call it in the error message.
+    Returns:
+        (N, C) the same values in float32, or float64 for float64 input (the input itself when
+        already so; float16/bfloat16 upcast exactly).
     Raises:
         InvalidLogitsError: not a tensor, not floating, ndim != 2, C < 1, or NaN/inf values
             (the message gives how many rows and the first one).
@@ -60,16 +63,18 @@ def check_logits(logits: object, name: str = "logits") -> None:
     if logits.shape[1] < 1:
         raise InvalidLogitsError(f"{name}: need at least one class (C >= 1), got shape "
                                  f"{tuple(logits.shape)}")
-    finite_rows = torch.isfinite(logits).all(dim=1)
+    logits = logits.to(compute_dtype(logits))
+    finite_rows = torch.isfinite(logits.abs().amax(dim=1))  # (N,): a row holds NaN/inf iff its max |logit| does
     if not bool(finite_rows.all()):
         bad = (~finite_rows).nonzero(as_tuple=True)[0]
         raise InvalidLogitsError(
             f"{name}: NaN or inf in {bad.numel()} of {logits.shape[0]} rows (first at row "
             f"{int(bad[0])}); re-run the teacher dump, or store float32 if float16 overflowed"
         )
+    return logits
 
 
-def validate_logits_and_labels(logits: Tensor, labels: Tensor, *, name: str = "logits") -> None:
+def validate_logits_and_labels(logits: Tensor, labels: Tensor, *, name: str = "logits") -> Tensor:
     """Check a batch of logits and its labels before any KA/DTD/KD math (DESIGN §3, §7).
 
     Args:
@@ -77,13 +82,13 @@ def validate_logits_and_labels(logits: Tensor, labels: Tensor, *, name: str = "l
         labels: (N,) integer tensor (not bool) on the same device, values in [0, C).
         name: what to call `logits` in the error message (e.g. "teacher_logits").
     Returns:
-        None; returns only if everything holds.
+        `check_logits(logits)`: (N, C) in the compute dtype, returned only if everything holds.
     Raises:
         InvalidLogitsError: a non-tensor, non-floating logits, non-integer labels, wrong ndim,
             N mismatch, C < 1, different devices, a label outside [0, C) (the message gives the
             first bad value and its row), or NaN/inf logits (the message gives how many rows).
     """
-    check_logits(logits, name)
+    checked = check_logits(logits, name)
     if not isinstance(labels, Tensor):
         raise InvalidLogitsError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -111,6 +116,7 @@ def validate_logits_and_labels(logits: Tensor, labels: Tensor, *, name: str = "l
             f"({bad.numel()} labels out of range); the labels do not match {name} with "
             f"C={num_classes} classes"
         )
+    return checked
 
 
 def teacher_is_wrong(teacher_logits: Tensor, labels: Tensor) -> Tensor:
@@ -118,7 +124,7 @@ def teacher_is_wrong(teacher_logits: Tensor, labels: Tensor) -> Tensor:
 
     The teacher is wrong on a row when the label's logit is strictly below the row maximum; a
     tie that includes the label counts as correct. The comparison is exact in the storage dtype,
-    so the answer is the same on every device.
+    so the answer is the same on every device (an exact float32 upcast changes nothing).
 
     Args:
         teacher_logits: (N, C) floating, finite.
@@ -128,9 +134,9 @@ def teacher_is_wrong(teacher_logits: Tensor, labels: Tensor) -> Tensor:
     Raises:
         InvalidLogitsError: see `validate_logits_and_labels`.
     """
-    validate_logits_and_labels(teacher_logits, labels, name="teacher_logits")
-    label_logit = teacher_logits.gather(1, labels.long().unsqueeze(1)).squeeze(1)
-    return label_logit < teacher_logits.amax(dim=1)
+    logits = validate_logits_and_labels(teacher_logits, labels, name="teacher_logits")  # (N, C)
+    label_logit = logits.gather(1, labels.long().unsqueeze(1)).squeeze(1)              # (N,)
+    return label_logit < logits.amax(dim=1)
 
 
 def kd_loss(student_logits: Tensor, target_logits: Tensor, labels: Tensor, *, alpha: float,
