@@ -14,7 +14,6 @@ from stages.temperature import (
     cwsm_weights,
     dynamic_temperature,
     flsw_weights,
-    teacher_only_weights,
     teacher_statistics,
 )
 
@@ -168,7 +167,6 @@ LABELLED = {
 UNLABELLED = {
     "flsw_weights": lambda t: flsw_weights(t, torch.ones_like(t), 1.0),
     "cwsm_weights": cwsm_weights,
-    "teacher_only_weights": teacher_only_weights,
     "teacher_statistics": teacher_statistics,
 }
 
@@ -209,7 +207,6 @@ def run_everything(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
         *label_smoothing(logits, labels, 0.1)[:1],
         flsw_weights(logits, logits.flip(0), 0.5),
         cwsm_weights(logits),
-        teacher_only_weights(logits),
         *teacher_statistics(logits).values(),
     ]
     student = logits.to(torch.float32).clone().requires_grad_(True)

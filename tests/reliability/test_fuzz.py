@@ -26,7 +26,6 @@ from stages.temperature import (
     cwsm_weights,
     dynamic_temperature,
     flsw_weights,
-    teacher_only_weights,
     teacher_statistics,
 )
 
@@ -219,8 +218,7 @@ def test_teacher_statistics_are_finite_and_in_their_documented_ranges(batch):
     assert bool((stats["teacher_entropy"] >= 0).all() and (stats["teacher_entropy"] <= math.log(c) + slack).all())
     assert bool((stats["teacher_margin"] >= -slack).all() and (stats["teacher_margin"] <= 1 + slack).all())
     assert bool((stats["teacher_logit_norm"] >= 0).all())
-    weights = teacher_only_weights(logits)
-    _finite(weights)
+    weights = stats["omega_teacher"]
     assert bool((weights >= 1 / 1.001 - slack).all() and (weights <= 1 / (1 / c + 1e-3) + slack).all())
 
 
@@ -233,7 +231,8 @@ def test_dynamic_temperatures_are_finite_and_inside_the_clamp(batch, gamma, base
     logits, _ = batch
     student = logits.flip(0)
     high = low + span
-    for weights in (teacher_only_weights(logits), cwsm_weights(student), flsw_weights(student, logits, gamma)):
+    for weights in (teacher_statistics(logits)["omega_teacher"], cwsm_weights(student),
+                    flsw_weights(student, logits, gamma)):
         _finite(weights)
         mean = float(weights.double().mean()) if reference else None
         temperature = dynamic_temperature(weights, base_temperature=base, beta=beta, min_temperature=low,
@@ -285,7 +284,7 @@ def test_the_kd_loss_is_finite_and_non_negative(batch, alpha, temperature, per_s
     lambda: knowledge_adjustment(torch.zeros(2, 0), torch.zeros(2, dtype=torch.long), "ps"),
     lambda: teacher_statistics(torch.tensor([[1.0, float("inf")]])),
     lambda: teacher_statistics(torch.zeros(3)),
-    lambda: teacher_only_weights(torch.zeros(2, 3, dtype=torch.long)),
+    lambda: teacher_statistics(torch.zeros(2, 3, dtype=torch.long)),
     lambda: dynamic_temperature(torch.ones(3), base_temperature=4, beta=1, min_temperature=0, max_temperature=8),
     lambda: dynamic_temperature(torch.tensor([1.0, float("nan")]), base_temperature=4, beta=1,
                                 min_temperature=1, max_temperature=8),
