@@ -249,7 +249,7 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
     s = torch.from_numpy(student_logits).double()
     t = torch.from_numpy(teacher_logits).double()
     log_p, log_q = F.log_softmax(s, dim=1), F.log_softmax(t, dim=1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)
+    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(dim=1)  # (N,) nats, as in kd_loss
     return {"agreement_top1": float((s.argmax(1) == t.argmax(1)).double().mean()),
             "mean_kl_teacher": float(kl.mean())}
 
