@@ -319,10 +319,10 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
                      augment=experiment.augment, image_shape=image_shape,
                      batch_size=experiment.batch_size)
     train_loader = make_loader(data_dir / "train.beton", batch_size=experiment.batch_size, shuffle=True,
-                               augment=False, image_shape=image_shape, seed=experiment.seed,
+                               seed=experiment.seed,
                                drop_last=True, num_workers=experiment.num_workers)
-    test_loader = make_loader(data_dir / "test.beton", batch_size=512, shuffle=False, augment=False,
-                              image_shape=image_shape, num_workers=experiment.num_workers)
+    test_loader = make_loader(data_dir / "test.beton", batch_size=512, shuffle=False,
+                              num_workers=experiment.num_workers)
     run_key = hashlib.sha256(json.dumps({
         "experiment": dataclasses.asdict(experiment),
         "temperature": [temperature_config.base_temperature, temperature_config.beta, temperature_config.gamma,
