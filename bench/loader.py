@@ -60,7 +60,6 @@ def _run(work: Path, num_samples: int, batches: int, reps: int) -> dict[str, Any
 
     dataset, manifest = common.prepare(common.cifar10(num_samples, 256), work / "cifar10")
     common.ready_torch()
-    image_shape = tuple(manifest["image_shape"])
     images = torch.from_numpy(dataset.train.images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
     labels = torch.from_numpy(dataset.train.labels.astype("int64"))
 
@@ -73,8 +72,8 @@ def _run(work: Path, num_samples: int, batches: int, reps: int) -> dict[str, Any
         def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
             return self.transform(images[i]), labels[i]
 
-    loader = make_loader(work / "cifar10" / "train.beton", batch_size=BATCH, shuffle=True, augment=False,
-                         image_shape=image_shape, seed=0, drop_last=True, num_workers=2)
+    loader = make_loader(work / "cifar10" / "train.beton", batch_size=BATCH, shuffle=True,
+                         seed=0, drop_last=True, num_workers=2)
     epoch = itertools.count()
 
     def ffcv_epoch() -> Iterator[Any]:

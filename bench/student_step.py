@@ -82,8 +82,8 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
     mean, std = channel_stats(manifest, device)
     padding = Fit(epochs=1, lr=0.05, momentum=0.9, weight_decay=5e-4, image_shape=image_shape,
                   batch_size=BATCH).padding
-    loader = make_loader(data_dir / "train.beton", batch_size=BATCH, shuffle=True, augment=False,
-                         image_shape=image_shape, seed=0, drop_last=True, num_workers=2)
+    loader = make_loader(data_dir / "train.beton", batch_size=BATCH, shuffle=True,
+                         seed=0, drop_last=True, num_workers=2)
     stream = _stream(loader)
     temperature_config = TemperatureConfig()
     labels_table = torch.from_numpy(dataset.train.labels.astype("int64"))

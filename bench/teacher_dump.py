@@ -16,7 +16,9 @@ torch thread count seen at every forward call (a forward pre-hook) is recorded.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
+import inspect
 import shutil
 import subprocess
 import sys
@@ -45,7 +47,7 @@ def _setups(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
-def _baseline_dump_split(ref: str, work: Path) -> Any:
+def _baseline_dump_split(ref: str, work: Path, image_shape: tuple[int, int, int]) -> Any:
     """`dump_split` from `stages/teacher_dump.py` at git revision `ref` (other modules: current)."""
     source = subprocess.run(["git", "show", f"{ref}:stages/teacher_dump.py"], cwd=common.REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout
@@ -54,6 +56,12 @@ def _baseline_dump_split(ref: str, work: Path) -> Any:
     spec = importlib.util.spec_from_file_location("teacher_dump_baseline", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # A baseline from before make_loader lost `augment` (always False) and `image_shape` (used
+    # only for augmentation), and dump_split its `image_shape` (passed on to make_loader only).
+    current = module.make_loader
+    module.make_loader = lambda *args, augment=False, image_shape=None, **kwargs: current(*args, **kwargs)
+    if "image_shape" in inspect.signature(module.dump_split).parameters:
+        return functools.partial(module.dump_split, image_shape=image_shape)
     return module.dump_split
 
 
@@ -103,8 +111,7 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
             threads_seen.clear()
             started = time.perf_counter()
             timing = dump_fn(net, beton=data_dir / "train.beton", out=out, num_samples=num_samples,
-                             attrs=attrs, config=config, mean=mean, std=std, device=device,
-                             image_shape=tuple(manifest["image_shape"]))
+                             attrs=attrs, config=config, mean=mean, std=std, device=device)
             elapsed = time.perf_counter() - started
             assert timing["rows"] == num_samples, timing
             shutil.rmtree(out)
@@ -127,7 +134,8 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
     contenders = {"dump": dump_with(dump_split, model), "floor_nchw": floor_with(model_nchw, batches),
                   "floor_cl": floor_with(model_cl, batches_cl)}
     if baseline_ref:
-        contenders[f"dump@{baseline_ref}"] = dump_with(_baseline_dump_split(baseline_ref, work),
+        contenders[f"dump@{baseline_ref}"] = dump_with(_baseline_dump_split(baseline_ref, work,
+                                                                            tuple(manifest["image_shape"])),
                                                        copy.deepcopy(model_nchw))
 
     print(f"{setup['dataset']} {setup['teacher']}: N={num_samples}, batch {config.batch_size}, "

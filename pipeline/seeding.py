@@ -1,21 +1,13 @@
-"""Seeding and device choice. Library code never touches the global RNGs except through here."""
+"""Device choice and torch's thread count. Random draws come from explicit keys (STYLE principle 4):
+`np.random.SeedSequence` per draw, and `torch.manual_seed(seed)` before a net is built."""
 from __future__ import annotations
 
 import logging
 import os
-import random
 
-import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (model initialisation, dropout) from one integer."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_device(device: str) -> torch.device:

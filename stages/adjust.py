@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stages.functional import InvalidLogitsError, teacher_is_wrong
+from stages.functional import InvalidLogitsError, compute_dtype, teacher_is_wrong
 from stages.parallel import block_rows, dask_scheduler, one_torch_thread, prefixed
 from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.atomic import ensure_parents
@@ -33,13 +33,103 @@ logger = logging.getLogger(__name__)
 AdjustMethod = Literal["ps", "lsr", "none"]
 
 
+@dataclass(frozen=True, eq=False)
+class AdjustedTargets:
+    """Result of Knowledge Adjustment on one block of rows (DESIGN §3 `adjusted-<method>.zarr`).
+
+    Attributes:
+        target_logits: (N, C), dtype of the teacher logits; what the KD loss softens (or, where
+            `fixed_target`, uses as a log-distribution unsoftened).
+        fixed_target: (N,) bool; True where the target must not be softened by τ (LSR rows).
+        rewritten: (N,) bool; True where KA changed the row (the teacher was wrong).
+        wrong: (N,) bool; True where the teacher is wrong (`teacher_is_wrong`), whatever the
+            method: equal to `rewritten` except for "none", which rewrites nothing.
+    """
+
+    target_logits: Tensor
+    fixed_target: Tensor
+    rewritten: Tensor
+    wrong: Tensor
+
+    def __post_init__(self) -> None:
+        rows = self.target_logits.shape[:1]
+        if any(mask.shape != rows for mask in (self.fixed_target, self.rewritten, self.wrong)):
+            raise InvalidLogitsError(
+                f"AdjustedTargets: fixed_target {tuple(self.fixed_target.shape)}, rewritten "
+                f"{tuple(self.rewritten.shape)} and wrong {tuple(self.wrong.shape)} must all have "
+                f"shape {tuple(rows)}"
+            )
+
+
+def knowledge_adjustment(
+    teacher_logits: Tensor,
+    labels: Tensor,
+    method: AdjustMethod,
+    epsilon: float = 0.1,
+) -> AdjustedTargets:
+    """Apply one KA method to a block of teacher logits (paper §3.1, DESIGN §4).
+
+    The one implementation of KA: the stage runs it block by block, and `probability_shift` and
+    `label_smoothing` are views of it. Float16/bfloat16 logits are checked, compared and shifted
+    in float32 (an exact round trip; CPU half kernels are several times slower).
+
+    PS: on a wrong row (label's logit strictly below the row max) the values at the teacher's
+    predicted class (argmax, first max on ties) and at the label are exchanged, every other
+    entry keeps its value; swapping the logits swaps the probabilities at every temperature, so
+    the result is softened later by any τ. LSR: a wrong row becomes log((1−ε)·onehot(y) + ε/C),
+    computed in float64 and cast once to the input dtype, a fixed distribution that the KD loss
+    must not re-soften (`fixed_target`).
+
+    Args:
+        teacher_logits: (N, C) floating, finite (for a (V, N, C) store, flatten to (V·N, C) and
+            repeat the labels V times).
+        labels: (N,) integer in [0, C).
+        method: "ps" (probability shift), "lsr" (label smoothing, fixed targets) or "none".
+        epsilon: LSR smoothing mass in (0, 1); checked only for "lsr".
+    Returns:
+        AdjustedTargets; target_logits is a new tensor of the input's dtype whose right rows are
+        bit-exact copies of the input. "none": a copy, nothing rewritten or fixed. "ps": every
+        entry is a bit-exact copy of an entry of the same row, the label a mode of every row;
+        fixed_target all False, rewritten = wrong. "lsr": fixed_target = rewritten = wrong.
+    Raises:
+        InvalidLogitsError: wrong shapes/dtypes, a label outside [0, C), NaN/inf logits.
+        ValueError: an unknown method, or epsilon outside (0, 1) for "lsr".
+    """
+    if method not in ("ps", "lsr", "none"):
+        raise ValueError(f"method: expected one of 'ps', 'lsr', 'none', got {method!r}")
+    if method == "lsr":
+        epsilon = _check_epsilon(epsilon)
+    wrong = teacher_is_wrong(teacher_logits, labels)                   # (N,) bool; validates
+    nothing = torch.zeros_like(wrong)
+    if method == "none":
+        return AdjustedTargets(teacher_logits.clone(), nothing, nothing.clone(), wrong)
+    rows = wrong.nonzero().squeeze(1)                                  # (W,) the wrong rows only
+    label_col = labels[rows].long().unsqueeze(1)                       # (W, 1)
+    if method == "ps":
+        shifted = teacher_logits.clone()
+        block = teacher_logits[rows].to(compute_dtype(teacher_logits))  # (W, C) float32|64, exact
+        pred_col = block.argmax(dim=1, keepdim=True)                   # (W, 1) first max
+        swapped = block.scatter(1, pred_col, block.gather(1, label_col))
+        shifted[rows] = swapped.scatter_(1, label_col, block.gather(1, pred_col)).to(shifted.dtype)
+        return AdjustedTargets(shifted, nothing, wrong, wrong.clone())
+    num_classes = teacher_logits.shape[1]
+    off_value = epsilon / num_classes
+    on_value = (1.0 - epsilon) + off_value
+    classes = torch.arange(num_classes, device=teacher_logits.device).unsqueeze(0)   # (1, C)
+    at_label = classes == labels.long().unsqueeze(1)                                  # (N, C)
+    smoothed = torch.where(
+        at_label,
+        torch.tensor(math.log(on_value), dtype=torch.float64, device=teacher_logits.device),
+        torch.tensor(math.log(off_value), dtype=torch.float64, device=teacher_logits.device),
+    ).to(teacher_logits.dtype)                                                        # (N, C)
+    target_logits = torch.where(wrong.unsqueeze(1), smoothed, teacher_logits)
+    return AdjustedTargets(target_logits, wrong, wrong.clone(), wrong.clone())
+
+
 def probability_shift(teacher_logits: Tensor, labels: Tensor) -> Tensor:
     """Swap the predicted and true class logits where the teacher is wrong (KA-PS, paper §3.1).
 
-    For a wrong row (label's logit strictly below the row max), the value at the teacher's
-    predicted class (argmax, first max on ties) and the value at the label are exchanged; every
-    other entry keeps its value. Swapping the two logits swaps the two probabilities at every
-    temperature, so the result is stored as logits and softened later by any τ (DESIGN §4).
+    `knowledge_adjustment(teacher_logits, labels, "ps").target_logits`, the stage's own path.
 
     Args:
         teacher_logits: (N, C) floating, finite; any float dtype (no arithmetic is done).
@@ -51,24 +141,7 @@ def probability_shift(teacher_logits: Tensor, labels: Tensor) -> Tensor:
     Raises:
         InvalidLogitsError: wrong shapes/dtypes, a label outside [0, C), NaN/inf logits.
     """
-    return _shift_rows(teacher_logits, labels, teacher_is_wrong(teacher_logits, labels))
-
-
-def _shift_rows(teacher_logits: Tensor, labels: Tensor, wrong: Tensor) -> Tensor:
-    """PS on already validated inputs, given the (N,) bool mask of wrong rows.
-
-    Only the wrong rows are gathered and rewritten (a teacher is right on most rows); on a wrong
-    row the predicted class (first max) differs from the label, so the two writes never overlap.
-    """
-    shifted = teacher_logits.clone()
-    rows = wrong.nonzero().squeeze(1)
-    if rows.numel():
-        block = teacher_logits[rows]
-        label_col = labels[rows].long().unsqueeze(1)
-        pred_col = block.argmax(dim=1, keepdim=True)
-        swapped = block.scatter(1, pred_col, block.gather(1, label_col))
-        shifted[rows] = swapped.scatter_(1, label_col, block.gather(1, pred_col))
-    return shifted
+    return knowledge_adjustment(teacher_logits, labels, "ps").target_logits
 
 
 def _check_epsilon(epsilon: float) -> float:
@@ -83,10 +156,9 @@ def label_smoothing(
 ) -> tuple[Tensor, Tensor]:
     """Replace wrong teacher rows by log((1−ε)·onehot(y) + ε/C) (KA-LSR, paper §3.1).
 
-    The smoothed distribution is computed in float64 and its log cast to the input dtype. It is
-    a fixed distribution that the KD loss must not re-soften by τ, hence `fixed_target`
-    (DESIGN §4). With a float16 input the stored log-probabilities are rounded to float16; the
-    KD loss re-normalises them with log_softmax.
+    `knowledge_adjustment(teacher_logits, labels, "lsr", epsilon)`, the stage's own path. With a
+    float16 input the stored log-probabilities are rounded to float16; the KD loss re-normalises
+    them with log_softmax.
 
     Args:
         teacher_logits: (N, C) floating, finite.
@@ -102,80 +174,8 @@ def label_smoothing(
         InvalidLogitsError: wrong shapes/dtypes, a label outside [0, C), NaN/inf logits.
         ValueError: epsilon outside (0, 1).
     """
-    epsilon = _check_epsilon(epsilon)
-    wrong = teacher_is_wrong(teacher_logits, labels)  # validates
-    num_classes = teacher_logits.shape[1]
-    off_value = epsilon / num_classes
-    on_value = (1.0 - epsilon) + off_value
-    classes = torch.arange(num_classes, device=teacher_logits.device).unsqueeze(0)
-    at_label = classes == labels.long().unsqueeze(1)
-    smoothed = torch.where(
-        at_label,
-        torch.tensor(math.log(on_value), dtype=torch.float64, device=teacher_logits.device),
-        torch.tensor(math.log(off_value), dtype=torch.float64, device=teacher_logits.device),
-    ).to(teacher_logits.dtype)
-    target_logits = torch.where(wrong.unsqueeze(1), smoothed, teacher_logits)
-    return target_logits, wrong
-
-
-@dataclass(frozen=True, eq=False)
-class AdjustedTargets:
-    """Result of Knowledge Adjustment on one block of rows (DESIGN §3 `adjusted-<method>.zarr`).
-
-    Attributes:
-        target_logits: (N, C), dtype of the teacher logits; what the KD loss softens (or, where
-            `fixed_target`, uses as a log-distribution unsoftened).
-        fixed_target: (N,) bool; True where the target must not be softened by τ (LSR rows).
-        rewritten: (N,) bool; True where KA changed the row (the teacher was wrong).
-    """
-
-    target_logits: Tensor
-    fixed_target: Tensor
-    rewritten: Tensor
-
-    def __post_init__(self) -> None:
-        rows = self.target_logits.shape[:1]
-        if self.fixed_target.shape != rows or self.rewritten.shape != rows:
-            raise InvalidLogitsError(
-                f"AdjustedTargets: fixed_target {tuple(self.fixed_target.shape)} and rewritten "
-                f"{tuple(self.rewritten.shape)} must both have shape {tuple(rows)}"
-            )
-
-
-def knowledge_adjustment(
-    teacher_logits: Tensor,
-    labels: Tensor,
-    method: AdjustMethod,
-    epsilon: float = 0.1,
-) -> AdjustedTargets:
-    """Apply one KA method to a block of teacher logits (paper §3.1, DESIGN §4).
-
-    Args:
-        teacher_logits: (N, C) floating, finite (for a (V, N, C) store, flatten to (V·N, C) and
-            repeat the labels V times).
-        labels: (N,) integer in [0, C).
-        method: "ps" (probability shift), "lsr" (label smoothing, fixed targets) or "none".
-        epsilon: LSR smoothing mass in (0, 1); checked only for "lsr".
-    Returns:
-        AdjustedTargets. "none": target_logits is a copy of the input, nothing rewritten or fixed.
-        "ps": fixed_target all False, rewritten = teacher wrong. "lsr": fixed_target = rewritten
-        = teacher wrong.
-    Raises:
-        InvalidLogitsError: wrong shapes/dtypes, a label outside [0, C), NaN/inf logits.
-        ValueError: an unknown method, or epsilon outside (0, 1) for "lsr".
-    """
-    if method == "ps":
-        wrong = teacher_is_wrong(teacher_logits, labels)  # validates
-        shifted = _shift_rows(teacher_logits, labels, wrong)
-        return AdjustedTargets(shifted, torch.zeros_like(wrong), wrong)
-    if method == "lsr":
-        target_logits, fixed = label_smoothing(teacher_logits, labels, epsilon)
-        return AdjustedTargets(target_logits, fixed, fixed.clone())
-    if method == "none":
-        wrong = teacher_is_wrong(teacher_logits, labels)  # validates
-        nothing = torch.zeros_like(wrong)
-        return AdjustedTargets(teacher_logits.clone(), nothing, nothing.clone())
-    raise ValueError(f"method: expected one of 'ps', 'lsr', 'none', got {method!r}")
+    adjusted = knowledge_adjustment(teacher_logits, labels, "lsr", epsilon)
+    return adjusted.target_logits, adjusted.fixed_target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,36 +188,16 @@ def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: str, epsilo
     """One (V, n, C) block, labels (1, n, 1) -> packed (V, n, C + 3) float32: target logits,
     fixed, rewritten, wrong."""
     views, rows, num_classes = logits.shape
-    flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)
-    flat_labels = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1)).repeat(views)
+    flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)    # (V·n, C)
+    flat_labels = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1)).repeat(views)      # (V·n,)
     with one_torch_thread():
         try:
-            if method == "ps":
-                # PS only moves values: a float16 block is shifted in float32 (CPU half kernels
-                # are several times slower) and cast back, which gives the same bits.
-                work = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
-                wrong = _block_wrong(work, flat_labels)
-                target_logits = _shift_rows(work, flat_labels, wrong).to(flat.dtype)
-                fixed, rewritten = torch.zeros_like(wrong), wrong
-            else:
-                adjusted = knowledge_adjustment(flat, flat_labels, method, epsilon)
-                target_logits, fixed, rewritten = (adjusted.target_logits, adjusted.fixed_target,
-                                                   adjusted.rewritten)
-                wrong = rewritten if method == "lsr" else teacher_is_wrong(flat, flat_labels)
+            adjusted = knowledge_adjustment(flat, flat_labels, method, epsilon)
         except InvalidLogitsError as exc:  # say where in the store (rows below are block-relative)
             raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
-        packed = torch.cat([target_logits.float(), fixed.float()[:, None], rewritten.float()[:, None],
-                            wrong.float()[:, None]], dim=1)
+        masks = [adjusted.fixed_target, adjusted.rewritten, adjusted.wrong]
+        packed = torch.cat([adjusted.target_logits.float(), *(m.float()[:, None] for m in masks)], dim=1)
     return packed.reshape(views, rows, num_classes + 3).numpy()
-
-
-def _block_wrong(logits: Tensor, labels: Tensor) -> Tensor:
-    """`teacher_is_wrong` for a block whose labels `run` has range-checked, validating cheaply:
-    the full check (and its message naming the bad rows) runs only when a row max of |logit| is
-    NaN or inf, which is exactly when a row holds NaN or inf."""
-    if not bool(torch.isfinite(logits.abs().amax(dim=1)).all()):
-        return teacher_is_wrong(logits, labels)  # raises InvalidLogitsError
-    return logits.gather(1, labels.long().unsqueeze(1)).squeeze(1) < logits.amax(dim=1)
 
 
 def adjustment_summary(counts: dict[str, Any], total_views: int) -> dict[str, Any]:

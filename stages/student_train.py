@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import nets
-from stages.functional import kd_loss, kd_loss_terms
+from stages.functional import kd_loss
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
 from stages.training import (
     Fit,
@@ -120,8 +120,7 @@ def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, 
     targets, fixed, temperature = batch_supervision(
         student_logits, sample_index, lessons=lessons, dtd=dtd, temperature_config=temperature_config,
         fixed_target_temperature=fixed_target_temperature)
-    return kd_loss(student_logits, targets, labels, alpha=alpha, temperature=temperature,
-                   fixed_target=fixed, validate=False)
+    return kd_loss(student_logits, targets, labels, alpha=alpha, temperature=temperature, fixed_target=fixed)
 
 
 def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *,
@@ -155,11 +154,11 @@ def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_ind
     targets, fixed, temperature = batch_supervision(
         student_logits, sample_index, lessons=lessons, dtd=dtd, temperature_config=temperature_config,
         fixed_target_temperature=fixed_target_temperature)
-    ce, kd = kd_loss_terms(student_logits, targets, labels, temperature=temperature, fixed_target=fixed,
-                           validate=False)
+    ce = F.cross_entropy(student_logits.float(), labels)
     if not bool(torch.isfinite(ce)):
         peak = student_logits.abs().amax().item()
         return f"the student diverged (the CE term is {ce.item()}, its logits reach ±{peak:.3g}); {lower_lr}"
+    kd = kd_loss(student_logits, targets, labels, alpha=1.0, temperature=temperature, fixed_target=fixed)
     taus = torch.as_tensor(temperature, dtype=torch.float64).reshape(-1)
     coldest, hottest = taus.min().item(), taus.max().item()
     facts = (f"the KD term (weight alpha={alpha:g}) is {kd.item()}, the CE term {ce.item():.4g}, with dtd={dtd} "
@@ -221,7 +220,7 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
         dtd_store.expect(**expected, against=dataset)
         dtd_store.expect(teacher=teacher, against=str(logits_path))
         dtd_store.expect_source(logits_store)
-        static = _finite(dtd_store, "static_temperature")
+        static = _finite(dtd_store, "static_temperature", positive=True)
     lessons = Lessons(
         target_logits=target_logits.to(device), fixed_target=fixed.to(device),
         teacher_logits=teacher_logits.to(device) if dtd == "flsw" else None,
@@ -230,14 +229,16 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
     return lessons, teacher
 
 
-def _finite(store: Any, name: str) -> Tensor:
-    """View 0 of array `name` as float32, refused when it holds NaN/inf (training on them would
-    only report a NaN loss). A missing chunk never gets here: `open_store` refuses it."""
+def _finite(store: Any, name: str, *, positive: bool = False) -> Tensor:
+    """View 0 of array `name` as float32, refused when it holds NaN/inf, or with `positive` a value
+    <= 0 (temperatures): the KD loss checks nothing per step, and training on them would only
+    report a NaN loss. A missing chunk never gets here: `open_store` refuses it."""
     values = store.read_view(name).astype(np.float32)
-    bad = ~np.isfinite(values)
+    bad = ~(np.isfinite(values) & (values > 0)) if positive else ~np.isfinite(values)
     if bad.any():
         rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
-        raise StoreError(f"{store.path}: {name} has NaN/inf in {rows.size} rows (first: sample "
+        what = "NaN/inf or values <= 0" if positive else "NaN/inf"
+        raise StoreError(f"{store.path}: {name} has {what} in {rows.size} rows (first: sample "
                          f"{int(rows[0])}); lessons never writes them, so the store was changed after it "
                          "was written: rebuild it")
     return torch.from_numpy(values)
@@ -248,7 +249,7 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
     s = torch.from_numpy(student_logits).double()
     t = torch.from_numpy(teacher_logits).double()
     log_p, log_q = F.log_softmax(s, dim=1), F.log_softmax(t, dim=1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)
+    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(dim=1)  # (N,) nats, as in kd_loss
     return {"agreement_top1": float((s.argmax(1) == t.argmax(1)).double().mean()),
             "mean_kl_teacher": float(kl.mean())}
 
@@ -318,10 +319,10 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
                      augment=experiment.augment, image_shape=image_shape,
                      batch_size=experiment.batch_size)
     train_loader = make_loader(data_dir / "train.beton", batch_size=experiment.batch_size, shuffle=True,
-                               augment=False, image_shape=image_shape, seed=experiment.seed,
+                               seed=experiment.seed,
                                drop_last=True, num_workers=experiment.num_workers)
-    test_loader = make_loader(data_dir / "test.beton", batch_size=512, shuffle=False, augment=False,
-                              image_shape=image_shape, num_workers=experiment.num_workers)
+    test_loader = make_loader(data_dir / "test.beton", batch_size=512, shuffle=False,
+                              num_workers=experiment.num_workers)
     run_key = hashlib.sha256(json.dumps({
         "experiment": dataclasses.asdict(experiment),
         "temperature": [temperature_config.base_temperature, temperature_config.beta, temperature_config.gamma,

@@ -53,7 +53,7 @@ def store_attrs(*, manifest: dict[str, Any], split: str, teacher: str, checkpoin
 
 def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: int,
                attrs: dict[str, Any], config: Any, mean: torch.Tensor, std: torch.Tensor,
-               device: torch.device, image_shape: tuple[int, int, int]) -> dict[str, float]:
+               device: torch.device) -> dict[str, float]:
     """Forward every pending chunk of one split and write it; returns timing figures.
 
     On CPU the model is switched to channels-last memory format (in place) and fed channels-last
@@ -75,8 +75,8 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
         pending = writer.pending_chunks()
         if pending:
             indices = np.concatenate([np.arange(writer.rows(c).start, writer.rows(c).stop) for c in pending])
-            loader = make_loader(beton, batch_size=config.batch_size, shuffle=False, augment=False,
-                                 image_shape=image_shape, indices=indices)
+            loader = make_loader(beton, batch_size=config.batch_size, shuffle=False,
+                                 indices=indices)
             batches = iter(progress(loader, desc=f"dump {out.parent.name}/{out.name}", total=len(loader),
                                     unit="img", unit_scale=config.batch_size, log=logger))
             for chunk in pending:
@@ -141,8 +141,7 @@ def run(config: Any, *, teacher: str, data_dir: str | Path, checkpoint: str | Pa
                             checkpoint_sha256=sha256, dtype=config.dtype)
         report[split] = dump_split(model, beton=data_dir / f"{split}.beton", out=Path(out),
                                    num_samples=manifest["splits"][split]["num_samples"], attrs=attrs,
-                                   config=config, mean=mean, std=std, device=device,
-                                   image_shape=tuple(manifest["image_shape"]))
+                                   config=config, mean=mean, std=std, device=device)
     elapsed = time.perf_counter() - started
     rows = report["train"]["rows"] + report["test"]["rows"]
     report["images_per_s"] = rows / max(elapsed, 1e-9)

@@ -63,8 +63,7 @@ def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | P
     num_test = manifest["splits"]["test"]["num_samples"]
     mean, std = channel_stats(manifest, device)
     eval_loader = lambda split: make_loader(  # noqa: E731
-        data_dir / f"{split}.beton", batch_size=512, shuffle=False, augment=False,
-        image_shape=tuple(manifest["image_shape"]))
+        data_dir / f"{split}.beton", batch_size=512, shuffle=False)
     curve: list[dict[str, Any]] = []
     if config.checkpoint is not None:
         model, _ = load_checkpoint(config.checkpoint, arch=config.arch, manifest=manifest)
@@ -82,8 +81,7 @@ def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | P
                          augment=config.augment, image_shape=tuple(manifest["image_shape"]),
                          batch_size=config.batch_size)
         train_loader = make_loader(data_dir / "train.beton", batch_size=config.batch_size,
-                                   shuffle=True, augment=False, seed=config.seed,
-                                   image_shape=tuple(manifest["image_shape"]), drop_last=True)
+                                   shuffle=True, seed=config.seed, drop_last=True)
         state_path = training_state_path(checkpoint_out)
         result = fit(model, fit_config, train_loader=train_loader, test_loader=eval_loader("test"),
                      num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,

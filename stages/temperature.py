@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: Added to the max probability in the CWSM and teacher-only weights (DESIGN §4).
 CONFIDENCE_EPS = 1e-3
+#: What `teacher_statistics` returns per (view, sample), the float32 (V, N) arrays of `dtd.zarr`.
+STATISTICS = ("teacher_max_prob", "teacher_entropy", "teacher_margin", "teacher_logit_norm",
+              "omega_teacher")
 
 
 def flsw_weights(student_logits: Tensor, teacher_logits: Tensor, gamma: float) -> Tensor:
@@ -73,11 +76,9 @@ def flsw_weights(student_logits: Tensor, teacher_logits: Tensor, gamma: float) -
     return distance.pow(gamma)
 
 
-def _inverse_confidence(logits: Tensor) -> Tensor:
-    """1 / (max_c softmax(logits)_c + 1e-3), row-wise, from log_softmax."""
-    dtype = compute_dtype(logits)
-    max_prob = F.log_softmax(logits.to(dtype), dim=1).amax(dim=1).exp()
-    return 1.0 / (max_prob + CONFIDENCE_EPS)
+def _inverse_confidence(log_prob: Tensor) -> Tensor:
+    """ω = 1 / (max_c p_c + 1e-3) from (N, C) log-probabilities -> (N,): CWSM and teacher-only."""
+    return 1.0 / (log_prob.amax(dim=1).exp() + CONFIDENCE_EPS)
 
 
 def cwsm_weights(student_logits: Tensor) -> Tensor:
@@ -90,25 +91,7 @@ def cwsm_weights(student_logits: Tensor) -> Tensor:
     Raises:
         InvalidLogitsError: bad shape or NaN/inf logits.
     """
-    check_logits(student_logits, "student_logits")
-    return _inverse_confidence(student_logits)
-
-
-def teacher_only_weights(teacher_logits: Tensor) -> Tensor:
-    """Teacher-only weight ω^T_x = 1 / (max_c softmax(t_x)_c + 1e-3) (DESIGN §4, DTD stage).
-
-    CWSM with the teacher in place of the student, so it can be precomputed once per store and
-    turned into a static temperature with `dynamic_temperature(..., reference_mean=mean ω^T)`.
-
-    Args:
-        teacher_logits: (N, C) floating, finite.
-    Returns:
-        (N,) float32 (float64 for float64 input), in [1/1.001, 1/(1/C + 0.001)].
-    Raises:
-        InvalidLogitsError: bad shape or NaN/inf logits.
-    """
-    check_logits(teacher_logits, "teacher_logits")
-    return _inverse_confidence(teacher_logits)
+    return _inverse_confidence(F.log_softmax(check_logits(student_logits, "student_logits"), dim=1))
 
 
 def dynamic_temperature(
@@ -176,29 +159,28 @@ def dynamic_temperature(
 
 
 def teacher_statistics(teacher_logits: Tensor) -> dict[str, Tensor]:
-    """Per-sample teacher statistics that DTD precomputes (DESIGN §4, paper §3.2).
+    """Per-sample teacher statistics that DTD precomputes (DESIGN §4, paper §3.2): the stage's path.
 
     Args:
         teacher_logits: (N, C) floating, finite.
     Returns:
-        A dict of (N,) tensors, float32 (float64 for float64 input):
+        A dict of (N,) tensors, float32 (float64 for float64 input), in `STATISTICS` order:
         `teacher_max_prob`: max_c softmax(t)_c, in [1/C, 1];
         `teacher_entropy`: −Σ_c p_c log p_c in nats from log_softmax, in [0, log C]
             (a uniform row gives log C; 0·log 0 = 0);
         `teacher_margin`: top-1 minus top-2 probability, in [0, 1]; the max probability (1.0)
             when C == 1;
         `teacher_logit_norm`: L2 norm of the logit vector, >= 0 (computed after dividing the row
-            by its max |value|, so huge logits do not overflow needlessly).
+            by its max |value|, so huge logits do not overflow needlessly);
+        `omega_teacher`: the teacher-only weight ω^T = 1 / (max_c softmax(t)_c + 1e-3), CWSM with
+            the teacher in place of the student, in [1/1.001, 1/(1/C + 0.001)]; the stage turns
+            it into τ^T with `dynamic_temperature(..., reference_mean=mean ω^T)`.
     Raises:
         InvalidLogitsError: bad shape or NaN/inf logits.
     """
-    check_logits(teacher_logits, "teacher_logits")
-    return _statistics(teacher_logits.to(compute_dtype(teacher_logits)))[0]
-
-
-def _statistics(logits: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-    """`teacher_statistics` of checked float32/float64 logits, plus their (N, C) log_softmax."""
-    log_prob = F.log_softmax(logits, dim=1)
+    logits = check_logits(teacher_logits, "teacher_logits")  # (N, C) float32|64
+    log_prob = F.log_softmax(logits, dim=1)                   # (N, C)
+    omega = _inverse_confidence(log_prob)                     # (N,) ω^T
     prob = log_prob.exp()
     plogp = torch.where(prob > 0, prob * log_prob, torch.zeros_like(prob))
     entropy = (-plogp.sum(dim=1)).clamp_min(0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
@@ -218,16 +200,14 @@ def _statistics(logits: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         "teacher_entropy": entropy,
         "teacher_margin": margin,
         "teacher_logit_norm": norm,
-    }, log_prob
+        "omega_teacher": omega,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage `temperature`: I/O around the pure functions above.
 # ---------------------------------------------------------------------------------------------
 
-#: The per-(view, sample) arrays of `dtd.zarr`, in the packed order of `_statistics_block`.
-STATISTICS = ("teacher_max_prob", "teacher_entropy", "teacher_margin", "teacher_logit_norm",
-              "omega_teacher")
 QUANTILES = (5, 25, 50, 75, 95)
 
 
@@ -236,19 +216,11 @@ def _statistics_block(logits: np.ndarray, block_info: Any = None) -> np.ndarray:
     views, rows, num_classes = logits.shape
     flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)
     with one_torch_thread():
-        logits32 = flat.to(compute_dtype(flat))
-        # A row holds NaN or inf exactly when its max |logit| does; the full check (and its
-        # message naming the rows) runs only then.
-        if not bool(torch.isfinite(logits32.abs().amax(dim=1)).all()):
-            try:
-                check_logits(flat, "teacher_logits")
-            except InvalidLogitsError as exc:  # say where in the store (rows are block-relative)
-                raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
-        stats, log_prob = _statistics(logits32)
-        # ω^T from the same log_softmax: the bits of teacher_only_weights(flat), half the work.
-        omega = 1.0 / (log_prob.amax(dim=1).exp() + CONFIDENCE_EPS)
-        columns = [stats[name].float() for name in STATISTICS[:-1]] + [omega.float()]
-        packed = torch.stack(columns, dim=1)
+        try:
+            stats = teacher_statistics(flat)
+        except InvalidLogitsError as exc:  # say where in the store (rows are block-relative)
+            raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
+        packed = torch.stack([stats[name].float() for name in STATISTICS], dim=1)  # (V·n, 5)
     return packed.reshape(views, rows, len(STATISTICS)).numpy()
 
 

@@ -25,7 +25,6 @@ import nets
 from stages.progress import progress
 from stages.views import apply_views, augmentation_params
 from storage.atomic import OutputError, atomic_write_bytes, ensure_parents, exclusive_lock
-from storage.manifest import file_sha256  # noqa: F401  (re-exported for stages)
 
 logger = logging.getLogger(__name__)
 

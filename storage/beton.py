@@ -173,15 +173,13 @@ def _keyed_random_order(loader: Any) -> Any:
     return KeyedRandom(loader)
 
 
-def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bool,
-                image_shape: tuple[int, int, int], num_workers: int = 2, seed: int = 0,
+def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, num_workers: int = 2, seed: int = 0,
                 drop_last: bool = False, torch_threads: int | None = None,
                 indices: Any = None) -> Any:
     """An ffcv `Loader` yielding (images uint8 (B, C, H, W), labels int64 (B,), sample_index (B,)).
 
-    With `shuffle`, epoch e visits the rows in the order `epoch_order(seed, e, rows)`.
-    Augmentation (training only): random horizontal flip, plus pad-4 random crop
-    (`RandomTranslate(padding=4)`) for images of side >= 32, as in the standard CIFAR recipe.
+    With `shuffle`, epoch e visits the rows in the order `epoch_order(seed, e, rows)`. Images
+    come as stored: the trainer augments them on its side from explicit keys (stages/views.py).
     Batch buffers are reused by ffcv between iterations: clone what you keep.
 
     `indices` restricts the loader to those rows (in that order when not shuffled).
@@ -195,17 +193,12 @@ def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, augment: bo
     import torch
     from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToTensor, ToTorchImage
+    from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
     path = Path(path)
     if not path.is_file():
         raise BetonError(f"{path}: no beton; run `lessons prepare-data` first")
-    image_ops: list[Any] = [NDArrayDecoder()]
-    if augment:
-        image_ops.append(RandomHorizontalFlip())
-        if image_shape[0] >= 32:
-            image_ops.append(RandomTranslate(padding=4, fill=(0,) * image_shape[2]))
-    image_ops += [ToTensor(), ToTorchImage(channels_last=False)]
+    image_ops: list[Any] = [NDArrayDecoder(), ToTensor(), ToTorchImage(channels_last=False)]
     threads = torch_threads or len(os.sched_getaffinity(0))
     if num_workers > len(os.sched_getaffinity(0)):  # numba refuses more threads than cores
         logger.warning("num_workers %d is more than the %d cores available; using %d", num_workers,

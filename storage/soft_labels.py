@@ -656,9 +656,3 @@ def _rebuild_hint(attrs: dict[str, Any]) -> str:
              "dtd": f"temperature@{name}"}.get(attrs.get("kind"))
     return f"rebuild it: dvc repro --force {stage}" if name and stage else \
         "rebuild it: dvc repro --force the stage that writes it"
-
-
-def iter_chunks(num_samples: int, chunk_rows: int) -> Iterable[slice]:
-    """Row slices of `chunk_rows` covering [0, num_samples)."""
-    for start in range(0, num_samples, chunk_rows):
-        yield slice(start, min(start + chunk_rows, num_samples))

@@ -67,7 +67,7 @@ def late_run(self):  # an epoch thread that starts late, as on a busy machine
     time.sleep(0.2)
     return run(self)
 EpochIterator.run = late_run
-loader = make_loader(sys.argv[1], batch_size=32, shuffle=True, augment=False, image_shape=(28, 28, 1),
+loader = make_loader(sys.argv[1], batch_size=32, shuffle=True,
                      num_workers=1, torch_threads=2)
 print(sorted({torch.get_num_threads() for _epoch in range(2) for _batch in loader}))
 """

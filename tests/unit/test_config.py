@@ -167,3 +167,12 @@ def test_check_pipeline_accepts_the_shipped_params_and_names_the_experiments():
 
     names = load_params(ROOT / "params.yaml").check_pipeline(nets.available_nets())
     assert names == ["ce", "kd", "kd_ps", "kd_lsr", "kd_flsw", "kd_ps_flsw"]
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.1, float("nan")])
+def test_an_alpha_outside_zero_one_is_refused_on_load_since_the_kd_loss_checks_nothing(alpha):
+    for raw, key in (({"student_train": {"alpha": alpha}}, "student_train.alpha"),
+                     ({"student_train": {"experiments": {"a": {"teacher": "t", "alpha": alpha}}}},
+                      "student_train.experiments.a.alpha")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            from_dict(Params, raw, "")

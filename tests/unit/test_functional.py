@@ -1,7 +1,9 @@
-"""Unit tests for stages.functional: input checks, tempered log-softmax and the KD loss.
+"""Unit tests for stages.functional: input checks, teacher wrongness and the KD loss.
 
 Golden values are derived by hand (closed forms with `math`) or in float64 numpy, never by
-calling the function under test.
+calling the function under test. The KD loss checks nothing itself: its inputs are checked where
+they enter (tests/unit/test_config.py for alpha and temperatures, test_student_gather.py for the
+stores), so here it only meets valid input.
 """
 from __future__ import annotations
 
@@ -12,14 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.functional import (
-    InvalidLogitsError,
-    kd_loss,
-    kd_loss_terms,
-    log_softmax_with_temperature,
-    teacher_is_wrong,
-    validate_logits_and_labels,
-)
+from stages.functional import InvalidLogitsError, kd_loss, teacher_is_wrong, validate_logits_and_labels
 
 
 def np_log_softmax(x: np.ndarray, temperature: float | np.ndarray = 1.0) -> np.ndarray:
@@ -32,6 +27,26 @@ def np_log_softmax(x: np.ndarray, temperature: float | np.ndarray = 1.0) -> np.n
 def np_kl(log_q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
     """Row-wise KL(q || p) in float64 from log-probabilities."""
     return (np.exp(log_q) * (log_q - log_p)).sum(axis=1)
+
+
+def np_kd_term(student: np.ndarray, target: np.ndarray, temperature: float | np.ndarray,
+               fixed: np.ndarray | None = None, student_temperature=None) -> float:
+    """mean_b tau_b^2 KL(q_b || p_b) in float64; fixed rows take q = softmax(target) unsoftened."""
+    tau = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(student),))
+    log_q = np_log_softmax(target, tau)
+    if fixed is not None:
+        log_q = np.where(fixed[:, None], np_log_softmax(target), log_q)
+    return float(np.mean(tau**2 * np_kl(log_q, np_log_softmax(student, tau))))
+
+
+def kd(student, target, labels=None, *, alpha=1.0, temperature=1.0, fixed_target=None):
+    """`kd_loss` on tensors or arrays, labels 0 and no fixed rows unless given."""
+    student, target = (torch.as_tensor(x) for x in (student, target))
+    batch = student.shape[0]
+    labels = torch.zeros(batch, dtype=torch.long) if labels is None else torch.as_tensor(labels)
+    fixed = torch.zeros(batch, dtype=torch.bool) if fixed_target is None else torch.as_tensor(fixed_target)
+    temperature = torch.as_tensor(temperature) if isinstance(temperature, np.ndarray) else temperature
+    return kd_loss(student, target, labels, alpha=alpha, temperature=temperature, fixed_target=fixed)
 
 
 # --- validate_logits_and_labels -------------------------------------------------------------
@@ -108,49 +123,35 @@ def test_teacher_is_wrong_validates_its_inputs():
         teacher_is_wrong(torch.zeros(2, 3), torch.tensor([0, 3]))
 
 
-# --- log_softmax_with_temperature ------------------------------------------------------------
+# --- kd_loss: tempered log-softmax ------------------------------------------------------------
 
 
-def test_log_softmax_with_temperature_matches_float64_numpy():
+def test_the_kd_term_matches_float64_numpy_at_several_temperatures():
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(5, 7)) * 3
+    student, target = rng.normal(size=(2, 5, 7)) * 3
     for temperature in (0.5, 1.0, 4.0):
-        got = log_softmax_with_temperature(torch.from_numpy(logits), temperature)
+        got = kd(student, target, temperature=temperature)
         assert got.dtype == torch.float64
-        np.testing.assert_allclose(got.numpy(), np_log_softmax(logits, temperature), rtol=1e-12,
-                                   atol=1e-12)
+        assert got.item() == pytest.approx(np_kd_term(student, target, temperature), rel=1e-12, abs=1e-15)
 
 
-def test_log_softmax_with_a_temperature_per_row_softens_each_row_by_its_own_temperature():
-    logits = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
-    temperatures = np.array([1.0, 10.0])
-    got = log_softmax_with_temperature(torch.from_numpy(logits), torch.from_numpy(temperatures))
-    np.testing.assert_allclose(got.numpy(), np_log_softmax(logits, temperatures), rtol=1e-12)
-
-
-def test_log_softmax_of_float16_logits_is_float32():
-    got = log_softmax_with_temperature(torch.tensor([[60000.0, 0.0]], dtype=torch.float16), 1.0)
+def test_float16_logits_of_60000_are_softened_exactly_in_float32():
+    # log p = (0, -60000) and log q = (-60000, 0): KL(q || p) = 1 * (0 - (-60000)) = 60000 exactly.
+    student = torch.tensor([[60000.0, 0.0]], dtype=torch.float16)
+    target = torch.tensor([[0.0, 60000.0]], dtype=torch.float16)
+    got = kd(student, target)
     assert got.dtype == torch.float32
-    assert got.tolist() == [[0.0, -60000.0]]
+    assert got.item() == 60000.0
 
 
-def test_log_softmax_at_a_tiny_temperature_has_no_nan():
-    got = log_softmax_with_temperature(torch.tensor([[3.0e38, -3.0e38, 1.0]]), 1e-3)
-    assert not torch.isnan(got).any()
-    assert got[0, 0].item() == 0.0
-
-
-@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
-def test_a_temperature_that_is_not_positive_and_finite_raises(temperature):
-    with pytest.raises(ValueError):
-        log_softmax_with_temperature(torch.zeros(2, 3), temperature)
-    with pytest.raises(ValueError):
-        log_softmax_with_temperature(torch.zeros(2, 3), torch.tensor([1.0, temperature]))
-
-
-def test_a_temperature_tensor_of_the_wrong_length_raises():
-    with pytest.raises(InvalidLogitsError):
-        log_softmax_with_temperature(torch.zeros(2, 3), torch.ones(3))
+def test_the_kd_loss_at_the_smallest_temperature_and_the_largest_logits_has_no_nan():
+    # |logits| up to LOGIT_LIMIT = 1e33 at tau = 1e-4 (pipeline/config.py): shifting by the row max
+    # first keeps every tempered logit finite, so identical sides give exactly 0.
+    logits = torch.tensor([[1.0e33, -1.0e33, 1.0]], requires_grad=True)
+    got = kd(logits, logits.detach(), temperature=1e-4)
+    assert got.item() == 0.0
+    got.backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 # --- kd_loss -----------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def test_kd_loss_is_the_kl_of_two_known_distributions():
     # q = (1/2, 1/2), p = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3).
     target = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
     student = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
-    loss = kd_loss(student, target, torch.tensor([0]), alpha=1.0, temperature=1.0)
+    loss = kd(student, target, alpha=1.0, temperature=1.0)
     assert loss.item() == pytest.approx(0.5 * math.log(4.0 / 3.0), rel=1e-12)
 
 
@@ -170,10 +171,7 @@ def test_kd_loss_at_temperature_two_is_four_times_the_softened_kl():
     student = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
     r3 = math.sqrt(3.0)
     kl = 0.5 * math.log(0.5 * (1 + r3)) + 0.5 * math.log(0.5 * (1 + r3) / r3)
-    scaled = kd_loss(student, target, torch.tensor([0]), alpha=1.0, temperature=2.0)
-    unscaled = kd_loss(student, target, torch.tensor([0]), alpha=1.0, temperature=2.0,
-                       temperature_squared_scaling=False)
-    assert unscaled.item() == pytest.approx(kl, rel=1e-12)
+    scaled = kd(student, target, alpha=1.0, temperature=2.0)
     assert scaled.item() == pytest.approx(4.0 * kl, rel=1e-12)
 
 
@@ -185,17 +183,20 @@ def test_kd_loss_scales_each_row_by_its_own_squared_temperature():
         temperatures**2
         * np_kl(np_log_softmax(target, temperatures), np_log_softmax(student, temperatures))
     )
-    loss = kd_loss(torch.from_numpy(student), torch.from_numpy(target), torch.tensor([0, 1, 2]),
-                   alpha=1.0, temperature=torch.from_numpy(temperatures))
+    loss = kd(student, target, [0, 1, 2], alpha=1.0, temperature=temperatures)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
+    # a row's own temperature softens that row only: rows 0 and 2 alone give their own terms
+    for row in (0, 2):
+        alone = kd(student[row:row + 1], target[row:row + 1], temperature=temperatures[row:row + 1])
+        assert alone.item() == pytest.approx(np_kd_term(student[row:row + 1], target[row:row + 1],
+                                                        temperatures[row]), rel=1e-12)
 
 
 def test_kd_loss_divides_the_summed_kl_by_the_batch_size_not_by_batch_times_classes():
     rng = np.random.default_rng(2)
     student, target = rng.normal(size=(2, 2, 3))
     rows = np_kl(np_log_softmax(target), np_log_softmax(student))
-    loss = kd_loss(torch.from_numpy(student), torch.from_numpy(target), torch.tensor([0, 1]),
-                   alpha=1.0, temperature=1.0).item()
+    loss = kd(student, target, [0, 1], alpha=1.0, temperature=1.0).item()
     assert loss == pytest.approx(rows.sum() / 2, rel=1e-12)
     assert loss != pytest.approx(rows.sum() / 6, rel=1e-3)
 
@@ -205,7 +206,7 @@ def test_kd_loss_with_alpha_zero_is_exactly_cross_entropy():
     student = torch.from_numpy(rng.normal(size=(4, 5)).astype(np.float32))
     target = torch.from_numpy(rng.normal(size=(4, 5)).astype(np.float32))
     labels = torch.tensor([0, 4, 2, 2])
-    loss = kd_loss(student, target, labels, alpha=0.0, temperature=4.0)
+    loss = kd(student, target, labels, alpha=0.0, temperature=4.0)
     assert torch.equal(loss, F.cross_entropy(student, labels))
     by_hand = -np_log_softmax(student.numpy())[np.arange(4), labels.numpy()].mean()
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
@@ -216,27 +217,23 @@ def test_kd_loss_mixes_cross_entropy_and_kd_with_alpha():
     student, target = rng.normal(size=(2, 3, 4))
     labels = np.array([1, 3, 0])
     ce = -np_log_softmax(student)[np.arange(3), labels].mean()
-    kd = 9.0 * np_kl(np_log_softmax(target, 3.0), np_log_softmax(student, 3.0)).mean()
-    loss = kd_loss(torch.from_numpy(student), torch.from_numpy(target), torch.from_numpy(labels),
-                   alpha=0.7, temperature=3.0)
-    assert loss.item() == pytest.approx(0.3 * ce + 0.7 * kd, rel=1e-12)
-    got_ce, got_kd = kd_loss_terms(torch.from_numpy(student), torch.from_numpy(target),
-                                   torch.from_numpy(labels), temperature=3.0)
-    assert got_ce.item() == pytest.approx(ce, rel=1e-12)
-    assert got_kd.item() == pytest.approx(kd, rel=1e-12)
+    kd_term = 9.0 * np_kl(np_log_softmax(target, 3.0), np_log_softmax(student, 3.0)).mean()
+    loss = kd(student, target, labels, alpha=0.7, temperature=3.0)
+    assert loss.item() == pytest.approx(0.3 * ce + 0.7 * kd_term, rel=1e-12)
+    assert kd(student, target, labels, alpha=0.0, temperature=3.0).item() == pytest.approx(ce, rel=1e-12)
+    assert kd(student, target, labels, alpha=1.0, temperature=3.0).item() == pytest.approx(kd_term, rel=1e-12)
 
 
 def test_the_kd_term_is_zero_when_student_logits_equal_target_logits():
     logits = torch.randn(6, 10) * 5
-    _, kd = kd_loss_terms(logits, logits.clone(), torch.zeros(6, dtype=torch.long),
-                          temperature=torch.linspace(0.5, 8.0, 6))
-    assert kd.item() == 0.0
+    loss = kd(logits, logits.clone(), alpha=1.0, temperature=torch.linspace(0.5, 8.0, 6))
+    assert loss.item() == 0.0
 
 
 def test_no_gradient_reaches_the_target_logits():
     student = torch.randn(3, 4, requires_grad=True)
     target = torch.randn(3, 4, requires_grad=True)
-    loss = kd_loss(student, target, torch.tensor([0, 1, 2]), alpha=0.9, temperature=4.0)
+    loss = kd(student, target, [0, 1, 2], alpha=0.9, temperature=4.0)
     loss.backward()
     assert target.grad is None
     assert student.grad is not None and torch.isfinite(student.grad).all()
@@ -247,9 +244,7 @@ def test_the_gradient_of_the_scaled_kd_term_is_tau_times_p_minus_q_over_batch():
     rng = np.random.default_rng(5)
     student_np, target_np = rng.normal(size=(2, 2, 3))
     student = torch.from_numpy(student_np).requires_grad_(True)
-    _, kd = kd_loss_terms(student, torch.from_numpy(target_np), torch.tensor([0, 0]),
-                          temperature=2.5)
-    kd.backward()
+    kd(student, target_np, alpha=1.0, temperature=2.5).backward()
     p = np.exp(np_log_softmax(student_np, 2.5))
     q = np.exp(np_log_softmax(target_np, 2.5))
     np.testing.assert_allclose(student.grad.numpy(), 2.5 * (p - q) / 2, rtol=1e-10, atol=1e-14)
@@ -261,10 +256,8 @@ def test_fixed_target_rows_are_not_softened_by_the_temperature():
     target = torch.from_numpy(np.log(q)).unsqueeze(0)
     student = torch.zeros(1, 3, dtype=torch.float64)
     by_hand = 16.0 * (0.9 * math.log(0.9 * 3) + 2 * 0.05 * math.log(0.05 * 3))
-    fixed = kd_loss(student, target, torch.tensor([0]), alpha=1.0, temperature=4.0,
-                    fixed_target=torch.tensor([True]))
-    softened = kd_loss(student, target, torch.tensor([0]), alpha=1.0, temperature=4.0,
-                       fixed_target=torch.tensor([False]))
+    fixed = kd(student, target, alpha=1.0, temperature=4.0, fixed_target=[True])
+    softened = kd(student, target, alpha=1.0, temperature=4.0, fixed_target=[False])
     assert fixed.item() == pytest.approx(by_hand, rel=1e-12)
     q_soft = q**0.25 / (q**0.25).sum()
     assert softened.item() == pytest.approx(16.0 * np.sum(q_soft * np.log(q_soft * 3)), rel=1e-12)
@@ -275,15 +268,24 @@ def test_fixed_target_applies_row_by_row():
     student = np.zeros((2, 3))
     fixed_row = 4.0 * np_kl(q, np_log_softmax(student))[0]
     soft_row = 4.0 * np_kl(np_log_softmax(q, 2.0), np_log_softmax(student, 2.0))[1]
-    loss = kd_loss(torch.from_numpy(student), torch.from_numpy(q), torch.tensor([0, 0]),
-                   alpha=1.0, temperature=2.0, fixed_target=torch.tensor([True, False]))
+    loss = kd(student, q, [0, 0], alpha=1.0, temperature=2.0, fixed_target=[True, False])
     assert loss.item() == pytest.approx((fixed_row + soft_row) / 2, rel=1e-12)
+
+
+def test_fixed_rows_at_their_own_temperature_match_float64_numpy():
+    # What student-train passes for KA-LSR with fixed_target_temperature: tau = 1 on fixed rows.
+    rng = np.random.default_rng(6)
+    student, target = rng.normal(size=(2, 8, 6)) * 3
+    fixed = rng.random(8) < 0.5
+    tau = np.where(fixed, 1.0, 4.0)
+    loss = kd(student, target, alpha=1.0, temperature=tau, fixed_target=fixed)
+    assert loss.item() == pytest.approx(np_kd_term(student, target, tau, fixed), rel=1e-12)
 
 
 def test_float16_logits_of_60000_give_a_finite_float32_loss():
     student = torch.tensor([[60000.0, 0.0, -60000.0]], dtype=torch.float16)
     target = torch.tensor([[0.0, 60000.0, 0.0]], dtype=torch.float16)
-    loss = kd_loss(student, target, torch.tensor([0]), alpha=0.5, temperature=1.0)
+    loss = kd(student, target, alpha=0.5, temperature=1.0)
     assert loss.dtype == torch.float32
     assert torch.isfinite(loss)
     # CE ~ 0 (log-prob of the label is 0), KL ~ 60000 (all target mass on a class at -60000).
@@ -292,31 +294,6 @@ def test_float16_logits_of_60000_give_a_finite_float32_loss():
 
 def test_float16_student_gets_a_float16_gradient():
     student = torch.tensor([[2.0, 0.0, -1.0]], dtype=torch.float16, requires_grad=True)
-    loss = kd_loss(student, torch.zeros(1, 3, dtype=torch.float16), torch.tensor([0]), alpha=0.5,
-                   temperature=2.0)
+    loss = kd(student, torch.zeros(1, 3, dtype=torch.float16), alpha=0.5, temperature=2.0)
     loss.backward()
     assert student.grad.dtype == torch.float16 and torch.isfinite(student.grad).all()
-
-
-@pytest.mark.parametrize("alpha", [-0.1, 1.1, float("nan")])
-def test_alpha_outside_zero_one_raises(alpha):
-    with pytest.raises(ValueError):
-        kd_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), alpha=alpha,
-                temperature=1.0)
-
-
-def test_kd_loss_rejects_mismatched_shapes_an_empty_batch_and_a_bad_fixed_target():
-    labels = torch.tensor([0, 1])
-    with pytest.raises(InvalidLogitsError):
-        kd_loss(torch.zeros(2, 3), torch.zeros(2, 4), labels, alpha=0.5, temperature=1.0)
-    with pytest.raises(InvalidLogitsError):
-        kd_loss(torch.zeros(0, 3), torch.zeros(0, 3), labels[:0], alpha=0.5, temperature=1.0)
-    with pytest.raises(InvalidLogitsError):
-        kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), labels, alpha=0.5, temperature=1.0,
-                fixed_target=torch.tensor([1, 0]))
-    with pytest.raises(InvalidLogitsError):
-        kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 3]), alpha=0.5,
-                temperature=1.0)
-    with pytest.raises(InvalidLogitsError):
-        kd_loss(torch.zeros(2, 3), torch.full((2, 3), float("nan")), labels, alpha=0.5,
-                temperature=1.0)

@@ -140,3 +140,26 @@ def test_adjust_refuses_a_store_that_is_not_a_logit_store(tmp_path, teacher):
         adjust.run(AdjustConfig(), method="ps", logits_path=tmp_path / "a-adjusted-ps.zarr",
                    out=tmp_path / "x.zarr", metrics_out=tmp_path / "x.json")
     assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_student_train_refuses_a_dtd_store_whose_static_temperature_is_not_positive_on_load(
+        tmp_path, teacher, bad):
+    # The KD loss checks nothing per step, so a temperature <= 0 must stop at load time, naming the store.
+    import torch
+    import zarr
+
+    from stages.student_train import load_lessons
+
+    logits, labels = teacher
+    make_logits_store(tmp_path / "logits.zarr", logits, labels, 256)
+    temperature.run(TemperatureConfig(), logits_path=tmp_path / "logits.zarr", out=tmp_path / "dtd.zarr",
+                    metrics_out=tmp_path / "t.json", histogram_out=tmp_path / "h.json")
+    manifest = {"dataset": "x", "num_classes": C, "splits": {"train": {"fingerprint": "d" * 64, "num_samples": N}}}
+    lessons, _ = load_lessons(tmp_path, adjust="none", dtd="static", manifest=manifest, device=torch.device("cpu"))
+    assert bool((lessons.static_temperature > 0).all())
+    array = zarr.open_array(tmp_path / "dtd.zarr" / "static_temperature", mode="r+")
+    array[0, 300] = bad
+    with pytest.raises(StoreError, match=r"static_temperature has NaN/inf or values <= 0 in 1 rows \(first: "
+                                         r"sample 300\).*rebuild it"):
+        load_lessons(tmp_path, adjust="none", dtd="static", manifest=manifest, device=torch.device("cpu"))

@@ -93,8 +93,8 @@ def test_the_shuffled_ffcv_loader_returns_each_image_with_its_own_sample_index_a
     images[:, 0, 1, 0] = np.arange(N) // 256
     labels = (np.arange(N) * 7) % C
     write_beton(tmp_path / "train.beton", images, labels, num_workers=1)
-    loader = make_loader(tmp_path / "train.beton", batch_size=32, shuffle=True, augment=False,
-                         image_shape=(28, 28, 1), num_workers=1, seed=3)
+    loader = make_loader(tmp_path / "train.beton", batch_size=32, shuffle=True,
+                         num_workers=1, seed=3)
     seen = []
     for batch_images, batch_labels, sample_index in loader:
         decoded = batch_images[:, 0, 0, 0].long() + 256 * batch_images[:, 0, 0, 1].long()
@@ -112,8 +112,8 @@ def test_more_loader_workers_than_cores_are_capped_with_a_warning(tmp_path, capl
     images = np.zeros((40, 28, 28, 1), np.uint8)
     write_beton(tmp_path / "t.beton", images, np.arange(40) % C, num_workers=1)
     with caplog.at_level("WARNING", logger="storage.beton"):
-        loader = make_loader(tmp_path / "t.beton", batch_size=8, shuffle=False, augment=False,
-                             image_shape=(28, 28, 1), num_workers=10_000)
+        loader = make_loader(tmp_path / "t.beton", batch_size=8, shuffle=False,
+                             num_workers=10_000)
         rows = sum(len(index) for _, _, index in loader)
     cores = len(os.sched_getaffinity(0))
     assert rows == 40 and f"num_workers 10000 is more than the {cores} cores available" in caplog.text
@@ -129,15 +129,15 @@ def test_the_shuffled_loader_orders_each_epoch_by_its_key_and_seeds_never_share_
     write_beton(tmp_path / "t.beton", images, np.arange(n) % C, num_workers=1)
     orders = {}
     for seed in (0, 1):
-        loader = make_loader(tmp_path / "t.beton", batch_size=batch, shuffle=True, augment=False,
-                             image_shape=(28, 28, 1), num_workers=1, seed=seed, drop_last=True)
+        loader = make_loader(tmp_path / "t.beton", batch_size=batch, shuffle=True,
+                             num_workers=1, seed=seed, drop_last=True)
         for epoch in range(3):
             order = torch.cat([index.clone() for _, _, index in loader]).numpy()
             assert np.array_equal(order, epoch_order(seed, epoch, np.arange(n)))
             orders[seed, epoch] = tuple(order)
     assert len(set(orders.values())) == 6  # seed 1 epoch e differs from seed 0 epoch e + 1
     # The key is explicit: a fresh loader started at epoch 2 (a resume) sees epoch 2's order.
-    resumed = make_loader(tmp_path / "t.beton", batch_size=batch, shuffle=True, augment=False,
-                          image_shape=(28, 28, 1), num_workers=1, seed=1, drop_last=True)
+    resumed = make_loader(tmp_path / "t.beton", batch_size=batch, shuffle=True,
+                          num_workers=1, seed=1, drop_last=True)
     resumed.next_epoch = 2
     assert tuple(torch.cat([index.clone() for _, _, index in resumed]).numpy()) == orders[1, 2]

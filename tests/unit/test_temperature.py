@@ -11,7 +11,6 @@ from stages.temperature import (
     cwsm_weights,
     dynamic_temperature,
     flsw_weights,
-    teacher_only_weights,
     teacher_statistics,
 )
 
@@ -63,7 +62,7 @@ def test_cwsm_weights_and_temperatures_on_a_two_sample_batch():
 
 def test_teacher_only_weights_with_a_dataset_mean_give_static_temperatures():
     teacher = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], dtype=F64)
-    weights = teacher_only_weights(teacher)
+    weights = teacher_statistics(teacher)["omega_teacher"]
     assert weights.tolist() == pytest.approx([1.0 / 0.501, 1.0 / 0.751], rel=1e-12)
     temperatures = dynamic_temperature(weights, base_temperature=4.0, beta=3.0,
                                        reference_mean=1.5, **BOUNDS)
@@ -133,7 +132,8 @@ def test_statistics_of_a_known_row():
     logits = torch.tensor([[math.log(p) for p in probs]], dtype=F64)
     stats = teacher_statistics(logits)
     assert set(stats) == {"teacher_max_prob", "teacher_entropy", "teacher_margin",
-                          "teacher_logit_norm"}
+                          "teacher_logit_norm", "omega_teacher"}
+    assert stats["omega_teacher"].item() == pytest.approx(1.0 / 0.501, rel=1e-12)
     assert stats["teacher_max_prob"].item() == pytest.approx(0.5, rel=1e-12)
     assert stats["teacher_margin"].item() == pytest.approx(0.2, rel=1e-12)
     assert stats["teacher_entropy"].item() == pytest.approx(
