@@ -100,6 +100,8 @@ class _FakeStore:
         pass
 
     def read_view(self, name: str) -> np.ndarray:
+        if name == "static_temperature":
+            return np.full(4, 4.0, np.float32)
         return np.zeros(4, bool) if name == "fixed_target" else np.zeros((4, 3), np.float32)
 
 
