@@ -309,7 +309,9 @@ def check_params_command(ctx: click.Context, out: str | None) -> None:
     check_environment(params)
     if out is not None:
         from storage import atomic_write_json
+        from storage.atomic import ensure_parents
 
+        ensure_parents(out)
         atomic_write_json(out, {"params": "checked"})  # fixed content: later stages never rerun for it
     click.echo(f"params: {len(params.teacher_train.teachers)} teacher(s), {len(names)} experiment(s) x "
                f"{len(params.student_train.seeds)} seed(s): ok")

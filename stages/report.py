@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from storage.atomic import atomic_write_bytes
+from storage.atomic import atomic_write_bytes, refuse_foreign_file
 
 if TYPE_CHECKING:
     from pipeline.config import ReportConfig
@@ -533,10 +533,14 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
     Raises:
         ValueError: no student metrics; a file missing, not JSON, or lacking a required key;
             inconsistent runs of one experiment (see `aggregate_experiments`).
-        OutputError: `out_dir` is not writable.
+        OutputError: `out_dir` is not writable, or an output path holds a link, a folder or a
+            file lessons did not write (checked before anything is read).
     """
     if not students:
         raise ValueError("report: no student metrics given; run `lessons student-train` first")
+    out_dir = Path(out_dir)
+    for name in (ACCURACY_PNG, CURVES_PNG, TEMPERATURE_PNG, SUMMARY_NAME):
+        refuse_foreign_file(out_dir / name)  # nothing is created before the inputs are checked
     student_paths = [Path(p) for p in students]
     records = [_read_dict(p, ("experiment", "test_top1")) for p in student_paths]
     teacher_metrics = {}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import StoreError, atomic_write_json
+from storage.atomic import ensure_parents
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def run(experiment: Any, *, stores_root: str | Path, out: str | Path) -> dict[st
     Raises:
         StoreError: a store the experiment reads is missing (names the dvc stage that makes it).
     """
+    ensure_parents(out)
     names = stores_read(teacher=experiment.teacher, kd=experiment.kd, adjust=experiment.adjust,
                         dtd=experiment.dtd)
     digests = {}

@@ -46,11 +46,31 @@ def owns_outputs(run: Callable[..., Any]) -> Callable[..., Any]:
                **kwargs: Any) -> Any:
         ensure_parents(checkpoint_out, metrics_out, curve_out)
         with exclusive_lock(checkpoint_out):
+            refuse_foreign_checkpoint(checkpoint_out)
             read_training_state(training_state_path(checkpoint_out))  # refuses a file lessons did not write
             return run(*args, checkpoint_out=checkpoint_out, metrics_out=metrics_out, curve_out=curve_out,
                        **kwargs)
 
     return locked
+
+
+def refuse_foreign_checkpoint(path: str | Path) -> None:
+    """Refuse to overwrite an existing file at `path` unless it is a checkpoint lessons saved
+    (`save_checkpoint`: a dict holding `checkpoint_version`).
+
+    Raises:
+        OutputError: naming the path; the file is left as it is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # any unreadable payload: not ours
+        payload = None
+    if not (isinstance(payload, dict) and "checkpoint_version" in payload):
+        raise OutputError(errno.EEXIST, f"{path}: exists and is not a checkpoint lessons saved; lessons only "
+                                        "replaces its own outputs: choose another output path or move it away")
 
 
 def training_state_path(checkpoint_out: str | Path) -> Path:

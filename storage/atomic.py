@@ -178,18 +178,67 @@ def exclusive_lock(out: str | Path) -> Iterator[None]:
         os.close(fd)  # releases the flock; the file stays (unlinking it would race a waiter)
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPORT_HEADING = b"# Lessons report"
+
+
+def _looks_like_ours(path: Path) -> bool:
+    """Whether the existing file `path` is of the kind lessons writes under its suffix: JSON for
+    `.json`, a PNG for `.png`, a lessons report for `.md`, a zip archive (`torch.save`) for `.pt`
+    (the training stages check a checkpoint's content further). Other suffixes: never."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            json.loads(path.read_bytes())
+            return True
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_MAGIC))
+        if suffix == ".png":
+            return head == PNG_MAGIC
+        if suffix == ".md":
+            return head + path.read_bytes()[len(head):len(REPORT_HEADING)] == REPORT_HEADING
+        if suffix == ".pt":
+            return head[:4] == b"PK\x03\x04"
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def refuse_foreign_file(path: str | Path) -> None:
+    """Refuse a file output path holding something lessons would not have written there.
+
+    A symbolic link is refused (the atomic rename would replace the link); a folder is refused;
+    an existing file is replaced only when it is of the kind lessons writes under that suffix
+    (`_looks_like_ours`: e.g. JSON for a metrics file, a lessons report for `summary.md`).
+
+    Raises:
+        OutputError: naming the path and the fix.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise OutputError(errno.EEXIST, f"{path}: is a symbolic link (to {os.readlink(path)}); lessons replaces "
+                                        "a file output by renaming a new file into place, which would replace "
+                                        "the link: give the link's target as the output path, or remove the link")
+    if path.is_dir():
+        raise OutputError(errno.EISDIR, f"{path}: is a folder, and lessons writes a file here; choose "
+                                        "another output path or move the folder away")
+    if path.exists() and not _looks_like_ours(path):
+        raise OutputError(errno.EEXIST, f"{path}: exists and is not a {path.suffix or 'suffix-less'} file lessons "
+                                        "writes; lessons only replaces its own outputs: choose another output "
+                                        "path or move the file away")
+
+
 def ensure_parents(*paths: str | Path) -> None:
-    """Create the folders of output files now, so an unwritable output fails before any work.
+    """Check the file outputs `paths` before any work: their folders are created now and must be
+    writable, and whatever is at each path must be replaceable (`refuse_foreign_file`).
 
     Raises:
         OutputError: a folder cannot be created (e.g. a regular file is in the way) or is not
-            writable, or a folder stands where the file will go.
+            writable, or a path holds a link, a folder or a file lessons did not write.
     """
     for path in paths:
         parent = Path(path).parent
-        if Path(path).is_dir():
-            raise OutputError(errno.EISDIR, f"{path}: is a folder, and lessons writes a file here; choose "
-                                            "another output path or move the folder away")
+        refuse_foreign_file(path)
         try:
             parent.mkdir(parents=True, exist_ok=True)
             if not os.access(parent, os.W_OK):

@@ -242,3 +242,57 @@ def test_prepare_data_never_replaces_a_user_folder_that_merely_holds_a_manifest_
     (out / "manifest.json").write_text('{"my": "own manifest"}')
     one_line_error(cli(pipeline.params_path, "prepare-data", "--out", out), str(out), "not a prepared dataset")
     assert notes.read_text() == USER_TEXT and (out / "manifest.json").read_text() == '{"my": "own manifest"}'
+
+
+def _teacher_train(pipeline: Pipeline, tmp_path: Path, checkpoint: Path, metrics: Path) -> list[str]:
+    return ["teacher-train", "--teacher", "t", "--data", pipeline.data, "--checkpoint-out", checkpoint,
+            "--metrics-out", metrics, "--curve-out", tmp_path / "c.json"]
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "metrics"])
+def test_a_user_file_at_a_file_output_is_refused_before_training_and_kept(which, tmp_path, pipeline):
+    checkpoint, metrics = tmp_path / "t.pt", tmp_path / "m.json"
+    mine = checkpoint if which == "checkpoint" else metrics
+    mine.write_text(USER_TEXT)  # not a checkpoint, not JSON
+    line = one_line_error(cli(pipeline.params_path, *_teacher_train(pipeline, tmp_path, checkpoint, metrics)),
+                          str(mine))
+    assert "lessons only replaces its own outputs" in line
+    assert mine.read_text() == USER_TEXT and not (tmp_path / "c.json").exists()
+
+
+def test_a_symlinked_file_output_is_refused_and_its_target_kept(tmp_path, pipeline):
+    target = tmp_path / "mine.pt"
+    target.write_text(USER_TEXT)
+    checkpoint = tmp_path / "t.pt"
+    checkpoint.symlink_to(target)
+    line = one_line_error(cli(pipeline.params_path, *_teacher_train(pipeline, tmp_path, checkpoint,
+                                                                    tmp_path / "m.json")), str(checkpoint))
+    assert "symbolic link" in line
+    assert checkpoint.is_symlink() and target.read_text() == USER_TEXT
+
+
+def test_a_second_teacher_run_replaces_its_own_checkpoint_and_metrics(tmp_path, pipeline):
+    checkpoint, metrics = tmp_path / "t.pt", tmp_path / "m.json"
+    for _ in range(2):
+        ok(cli(pipeline.params_path, *_teacher_train(pipeline, tmp_path, checkpoint, metrics)))
+    assert checkpoint.is_file() and metrics.is_file()
+
+
+@pytest.mark.parametrize("name", ["summary.md", "accuracy.png"])
+def test_report_and_check_params_never_overwrite_a_user_file(name, tmp_path, pipeline):
+    mine = tmp_path / "reports" / name
+    mine.parent.mkdir()
+    mine.write_text(USER_TEXT)
+    from pipeline.config import ReportConfig
+    from stages import report
+
+    student = tmp_path / "ce-seed0.json"
+    student.write_text('{"experiment": "ce", "test_top1": 0.5, "seed": 0}')
+    with pytest.raises(OutputError, match="lessons only replaces its own outputs"):
+        report.run(ReportConfig(), students=[student], teachers=[], adjust_metrics=[], temperature_metrics=[],
+                   temperature_histograms=[], out_dir=mine.parent)
+    assert mine.read_text() == USER_TEXT
+    notes = tmp_path / "check.json"
+    notes.write_text(USER_TEXT)
+    one_line_error(cli(pipeline.params_path, "check-params", "--out", notes), str(notes))
+    assert notes.read_text() == USER_TEXT
