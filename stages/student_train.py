@@ -183,14 +183,15 @@ def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_ind
 
 
 def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, Any],
-                 device: torch.device) -> tuple[Lessons, dict[str, Any]]:
+                 device: torch.device) -> tuple[Lessons, dict[str, Any], dict[str, str]]:
     """Load and cross-check the stores of one teacher for one experiment.
 
     Reads `logits.zarr`, `adjusted-<adjust>.zarr` (unless adjust is none) and `dtd.zarr`
     (for dtd static). Only view 0 is used (V = 1 stores).
 
     Returns:
-        (lessons on `device`, {"teacher": ..., "checkpoint_sha256": ...}).
+        (lessons on `device`, the teacher attributes of the logits store, {store folder name:
+        content digest} of every store read).
     Raises:
         StoreError: a store is missing or unfinished, or its fingerprint, class count,
             sample_index or teacher checkpoint does not match, or a KA/DTD store was derived
@@ -205,6 +206,7 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
     logits_store.expect_sample_index(np.arange(train["num_samples"], dtype=np.int64), against=dataset)
     teacher = logits_store.attrs["teacher"]
     teacher_logits = _finite(logits_store, "logits")
+    digests = {logits_path.name: logits_store.content_digest}
     if adjust == "none":
         target_logits, fixed = teacher_logits, torch.zeros(teacher_logits.shape[0], dtype=torch.bool)
     else:
@@ -212,6 +214,7 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
         adjusted.expect(**expected, method=adjust, against=dataset)
         adjusted.expect(teacher=teacher, against=str(logits_path))
         adjusted.expect_source(logits_store)
+        digests[adjusted.path.name] = adjusted.content_digest
         target_logits = _finite(adjusted, "target_logits")
         fixed = torch.from_numpy(adjusted.read_view("fixed_target"))
     static = None
@@ -220,13 +223,14 @@ def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
         dtd_store.expect(**expected, against=dataset)
         dtd_store.expect(teacher=teacher, against=str(logits_path))
         dtd_store.expect_source(logits_store)
+        digests[dtd_store.path.name] = dtd_store.content_digest
         static = _finite(dtd_store, "static_temperature", positive=True)
     lessons = Lessons(
         target_logits=target_logits.to(device), fixed_target=fixed.to(device),
         teacher_logits=teacher_logits.to(device) if dtd == "flsw" else None,
         static_temperature=static.to(device) if static is not None else None,
     )
-    return lessons, teacher
+    return lessons, teacher, digests
 
 
 def _finite(store: Any, name: str, *, positive: bool = False) -> Tensor:
@@ -279,11 +283,12 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     check_batch_size(experiment.batch_size, num_train, f"student_train.experiments.{experiment.name}")
     num_test = manifest["splits"]["test"]["num_samples"]
     lessons, teacher, teacher_test = None, None, None
+    store_digests: dict[str, str] = {}
     if stores_dir is not None:
         stores_dir = Path(stores_dir)
         if experiment.kd:
-            lessons, teacher = load_lessons(stores_dir, adjust=experiment.adjust, dtd=experiment.dtd,
-                                            manifest=manifest, device=device)
+            lessons, teacher, store_digests = load_lessons(stores_dir, adjust=experiment.adjust,
+                                                           dtd=experiment.dtd, manifest=manifest, device=device)
         test_store = open_store(stores_dir / "test-logits.zarr", kind="logits")
         test_store.expect(dataset_fingerprint=manifest["splits"]["test"]["fingerprint"],
                           num_classes=manifest["num_classes"], split="test",
@@ -328,6 +333,7 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
         "temperature": [temperature_config.base_temperature, temperature_config.beta, temperature_config.gamma,
                         temperature_config.min_temperature, temperature_config.max_temperature],  # those read
         "train_fingerprint": manifest["splits"]["train"]["fingerprint"], "teacher": teacher,
+        "stores": store_digests,  # a state saved while training on other soft labels is not resumed
     }, sort_keys=True, default=str).encode()).hexdigest()
     mean, std = channel_stats(manifest, device)
     result = fit(model, fit_config, train_loader=train_loader, test_loader=test_loader,

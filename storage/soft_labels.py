@@ -594,8 +594,9 @@ def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
 
     Raises:
         StoreError: the folder is missing, only a `.partial` exists, it is not a zarr group, it
-            was written by another schema version, it is incomplete, it is of another kind, or
-            a chunk file of a (non-bool) array is missing.
+            was written by another schema version, it is incomplete, it is of another kind, a
+            chunk file of a (non-bool) array is missing, a chunk fails its checksum, or its arrays
+            no longer match the content digest recorded when it was written.
     """
     path = Path(path)
     if not path.exists():
@@ -616,7 +617,27 @@ def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
     if kind is not None and attrs.get("kind") != kind:
         raise StoreError(f"{path}: a {attrs.get('kind')!r} store where a {kind!r} store is expected")
     _check_chunks(path, group)
+    _check_digest(path, group, attrs)
     return SoftLabelStore(path, group)
+
+
+def _check_digest(path: Path, group: zarr.Group, attrs: dict[str, Any]) -> None:
+    """Refuse a store whose arrays' files no longer hash to the `content_digest` recorded when it
+    was written (a chunk edited in place, labels rewritten by hand): the stores derived from it
+    and the students trained on it would silently disagree with it. A chunk damaged on disk
+    is reported as such (its crc32c check) rather than as an edit.
+
+    Raises:
+        StoreError: naming the store and the stage that rebuilds it.
+    """
+    recorded = attrs.get("content_digest")
+    if recorded is None or content_digest(path) == recorded:
+        return
+    with checked_reads(path):
+        for name in sorted(group.array_keys()):
+            group[name][...]  # a damaged chunk raises its checksum error here
+    raise StoreError(f"{path}: its arrays changed after it was written (their files no longer match the "
+                     f"recorded content digest): it was edited in place; {_rebuild_hint(attrs)}")
 
 
 def _check_chunks(path: Path, group: zarr.Group) -> None:

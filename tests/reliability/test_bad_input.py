@@ -20,6 +20,7 @@ from storage import open_store
 from tests.reliability.conftest import (
     NUM_CLASSES,
     NUM_TRAIN,
+    as_written,
     base_params,
     cli,
     leftovers,
@@ -398,6 +399,7 @@ def test_a_store_with_nan_and_inf_logits_is_refused(tmp_path, pipeline, work, co
     array = zarr.open_group(work / "stores" / "t" / "logits.zarr", mode="r+")["logits"]
     array[0, 70, 1] = np.nan
     array[0, 130, 0] = np.inf
+    as_written(work / "stores" / "t" / "logits.zarr")
     result, out = _consume(pipeline, tmp_path, command, work / "stores")
     line = one_line_error(result, str(work / "stores" / "t" / "logits.zarr"), "NaN", "inf")
     if command == "student-train":
@@ -429,6 +431,7 @@ def test_a_store_that_was_never_finalized_is_refused(tmp_path, pipeline, work, c
 
 def test_store_labels_outside_the_classes_are_refused_by_adjust(tmp_path, pipeline, work):
     zarr.open_group(work / "stores" / "t" / "logits.zarr", mode="r+")["labels"][130] = -1
+    as_written(work / "stores" / "t" / "logits.zarr")
     result, out = _consume(pipeline, tmp_path, "adjust", work / "stores")
     one_line_error(result, "labels outside [0, 4) in the store")
     assert leftovers(out) == []

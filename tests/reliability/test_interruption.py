@@ -199,3 +199,32 @@ def test_an_unfinished_dump_is_discarded_by_a_rerun_with_other_settings(tmp_path
     assert logits.dtype == np.float32
     reference = open_store(pipeline.teacher_stores / "logits.zarr").read("logits")
     np.testing.assert_array_equal(logits.astype(np.float16), reference)
+
+
+def test_a_killed_student_does_not_resume_once_its_soft_labels_were_rebuilt_differently(tmp_path, pipeline):
+    """Killed after epoch 1, then KA-PS rebuilt with other logits (a float32 re-dump): resuming
+    would train on the old targets, then the new ones; the run starts afresh instead."""
+    import shutil
+
+    stores = tmp_path / "stores"
+    shutil.copytree(pipeline.stores, stores, ignore=shutil.ignore_patterns("*.lock"))
+    killed = _student_args(tmp_path, "s", stores, pipeline.data)
+    state = tmp_path / "s.pt.state"
+    log = tmp_path / "child.log"
+    proc = spawn_cli(pipeline.params_path, *killed, cwd=tmp_path, pause_s=60, log=log)
+    try:
+        wait_for(state.is_file, proc, 240, "the epoch-1 training state", log)
+    finally:
+        _kill(proc)
+    params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_dump={"dtype": "float32"})
+    teacher = stores / "t"
+    ok(cli(params, "teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
+           "--out", teacher / "logits.zarr", "--test-out", teacher / "test-logits.zarr"))
+    for method in ("ps", "lsr"):
+        ok(cli(params, "adjust", "--method", method, "--logits", teacher / "logits.zarr",
+               "--out", teacher / f"adjusted-{method}.zarr", "--metrics-out", tmp_path / f"{method}.json"))
+    ok(cli(params, "temperature", "--logits", teacher / "logits.zarr", "--out", teacher / "dtd.zarr",
+           "--metrics-out", tmp_path / "dtd.json", "--histogram-out", tmp_path / "hist.json"))
+    result = ok(cli(pipeline.params_path, *killed))
+    assert "resuming" not in result.output and "saved by a run with other settings" in result.output
+    assert len(json.loads((tmp_path / "s-curve.json").read_text())) == 2 and not state.exists()

@@ -12,6 +12,7 @@ import zarr
 from tests.reliability.conftest import (
     NUM_TRAIN,
     Pipeline,
+    as_written,
     cli,
     leftovers,
     make_npz,
@@ -136,6 +137,7 @@ def test_student_train_refuses_a_store_whose_num_classes_differs(tmp_path, pipel
 def _reverse_sample_index(store: Path) -> None:
     array = zarr.open_group(store, mode="r+")["sample_index"]
     array[:] = array[:][::-1].copy()
+    as_written(store)
 
 
 def test_student_train_refuses_a_store_whose_rows_are_in_another_order(tmp_path, pipeline, work):
@@ -320,6 +322,27 @@ def test_student_train_refuses_a_derived_store_whose_sample_index_differs_from_i
     stores = work / "stores"
     index = zarr.open_array(stores / "t" / "adjusted-ps.zarr" / "sample_index", mode="r+")
     index[:] = np.roll(np.arange(NUM_TRAIN), 1)
+    as_written(stores / "t" / "adjusted-ps.zarr")
     result = _student(pipeline.params_path, "kd_ps_static", data=pipeline.data, stores=stores, out=tmp_path)
     one_line_error(result, "adjusted-ps.zarr", "sample_index does not match", str(stores / "t" / "logits.zarr"))
     _assert_no_student_outputs(tmp_path)
+
+
+@pytest.mark.parametrize("array", ["labels", "logits"])
+def test_a_store_edited_in_place_after_it_was_written_is_refused_by_every_consumer(
+        tmp_path, pipeline, work, array):
+    """Labels rewritten by hand (all 0) or one logit changed: the chunks are valid and their
+    checksums fine, only the recorded content digest can tell."""
+    store = work / "stores" / "t" / "logits.zarr"
+    values = zarr.open_group(store, mode="r+")[array]
+    if array == "labels":
+        values[:] = 0
+    else:
+        values[0, 3, 1] = float(values[0, 3, 1]) + 1.0
+    result = _student(pipeline.params_path, "kd", data=pipeline.data, stores=work / "stores", out=tmp_path)
+    one_line_error(result, str(store), "changed after it was written", "dvc repro --force teacher_dump@t")
+    _assert_no_student_outputs(tmp_path)
+    adjust = cli(pipeline.params_path, "adjust", "--method", "ps", "--logits", store, "--out", tmp_path / "a.zarr",
+                 "--metrics-out", tmp_path / "m.json")
+    one_line_error(adjust, "changed after it was written")
+    assert leftovers(tmp_path / "a.zarr") == []

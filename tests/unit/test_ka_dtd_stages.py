@@ -150,16 +150,18 @@ def test_student_train_refuses_a_dtd_store_whose_static_temperature_is_not_posit
     import zarr
 
     from stages.student_train import load_lessons
+    from tests.reliability.conftest import as_written
 
     logits, labels = teacher
     make_logits_store(tmp_path / "logits.zarr", logits, labels, 256)
     temperature.run(TemperatureConfig(), logits_path=tmp_path / "logits.zarr", out=tmp_path / "dtd.zarr",
                     metrics_out=tmp_path / "t.json", histogram_out=tmp_path / "h.json")
     manifest = {"dataset": "x", "num_classes": C, "splits": {"train": {"fingerprint": "d" * 64, "num_samples": N}}}
-    lessons, _ = load_lessons(tmp_path, adjust="none", dtd="static", manifest=manifest, device=torch.device("cpu"))
+    lessons, _, _ = load_lessons(tmp_path, adjust="none", dtd="static", manifest=manifest, device=torch.device("cpu"))
     assert bool((lessons.static_temperature > 0).all())
     array = zarr.open_array(tmp_path / "dtd.zarr" / "static_temperature", mode="r+")
     array[0, 300] = bad
+    as_written(tmp_path / "dtd.zarr")  # as if the store had been written so (the digest check passes)
     with pytest.raises(StoreError, match=r"static_temperature has NaN/inf or values <= 0 in 1 rows \(first: "
                                          r"sample 300\).*rebuild it"):
         load_lessons(tmp_path, adjust="none", dtd="static", manifest=manifest, device=torch.device("cpu"))

@@ -88,7 +88,8 @@ def test_a_missing_store_is_one_error_naming_it_and_the_experiment(tmp_path):
 class _FakeStore:
     def __init__(self, path: Path, opened: list[str]) -> None:
         opened.append(Path(path).name)
-        self.path, self.attrs = path, {"teacher": {"name": "t"}}
+        self.path, self.attrs = Path(path), {"teacher": {"name": "t"}}
+        self.content_digest = "0" * 64
 
     def expect(self, **_: object) -> None:
         pass
