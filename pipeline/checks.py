@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import ConfigError, Params
-from pipeline.datasets import DatasetError, data_root
+from pipeline.datasets import DatasetError, data_root, default_root
 
 
 def check_environment(params: Params) -> None:
@@ -24,6 +24,10 @@ def check_environment(params: Params) -> None:
     if not params.student_train.experiments:
         raise ConfigError("student_train.experiments: no experiment is defined; add one, "
                           "e.g. experiments: {ce: {kd: false}}")
+    try:
+        default_root(params.data.name)  # raises for an unknown name, with the closest known one
+    except DatasetError as exc:
+        raise ConfigError(f"data.name: {exc}") from exc
     try:
         data_root(params.data)
     except DatasetError as exc:

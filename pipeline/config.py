@@ -357,8 +357,10 @@ class Params:
             check_arch(teacher.arch, f"teacher_train.teachers.{name}.arch")
         for name in self.student_train.experiments:
             exp = self.student_train.experiment(name)  # seeds change nothing else; all were checked
+            if exp.kd and exp.teacher not in self.teacher_train.teachers:
+                raise ConfigError(f"student_train.experiments.{name}.teacher: no teacher named {exp.teacher!r} in "
+                                  f"teacher_train.teachers (known: {', '.join(self.teacher_train.teachers)})")
             if exp.kd:
-                self.teacher_train.teacher(exp.teacher)  # raises for an unknown teacher name
                 if exp.adjust != "none" and exp.adjust not in self.adjust.methods:
                     raise ConfigError(f"student_train.experiments.{name}.adjust: {exp.adjust!r} is not in "
                                       f"adjust.methods {list(self.adjust.methods)}; add it there")
@@ -551,11 +553,15 @@ def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the parameters file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                          "save the parameters file as UTF-8") from exc
     try:
-        raw = yaml.load(text, Loader=_StrictLoader) or {}
+        raw = yaml.load(text, Loader=_StrictLoader)
+        raw = {} if raw is None else raw
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -19,6 +19,7 @@ import torch
 from stages.progress import progress
 from stages.training import channel_stats, load_checkpoint, normalize
 from storage import ArraySpec, StoreWriter
+from storage.atomic import check_folder_output
 from storage.beton import make_loader
 from storage.manifest import file_sha256, read_prepared
 from storage.versions import library_versions
@@ -126,6 +127,8 @@ def run(config: Any, *, teacher: str, data_dir: str | Path, checkpoint: str | Pa
         ManifestError, CheckpointError, StoreError (NaN/inf or float16 overflow), OutputError.
     """
     data_dir = Path(data_dir)
+    for out in (train_out, test_out):  # both, before the train split is dumped and published
+        check_folder_output(out, "zarr.json", "a zarr store")
     manifest = read_prepared(data_dir)
     model, meta = load_checkpoint(checkpoint, manifest=manifest)
     if meta.get("dataset_fingerprint") not in (None, manifest["splits"]["train"]["fingerprint"]):

@@ -228,23 +228,47 @@ def refuse_foreign_file(path: str | Path) -> None:
                                         "path or move the file away")
 
 
-def ensure_parents(*paths: str | Path) -> None:
-    """Check the file outputs `paths` before any work: their folders are created now and must be
-    writable, and whatever is at each path must be replaceable (`refuse_foreign_file`).
+def writable_parent(path: str | Path) -> None:
+    """Create the folder of `path` now and check it is writable, so an unwritable output fails
+    before any work.
 
     Raises:
-        OutputError: a folder cannot be created (e.g. a regular file is in the way) or is not
-            writable, or a path holds a link, a folder or a file lessons did not write.
+        OutputError: the folder cannot be created (e.g. a regular file is in the way) or is not
+            writable.
+    """
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
+
+
+def ensure_parents(*paths: str | Path) -> None:
+    """Check the file outputs `paths` before any work: whatever is at each path must be
+    replaceable (`refuse_foreign_file`) and its folder writable (`writable_parent`).
+
+    Raises:
+        OutputError: see `refuse_foreign_file` and `writable_parent`.
     """
     for path in paths:
-        parent = Path(path).parent
         refuse_foreign_file(path)
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(parent, os.W_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        except OSError as exc:
-            raise OutputError(exc.errno, describe_os_error(exc, path)) from exc
+        writable_parent(path)
+
+
+def check_folder_output(out: str | Path, marker: str, what: str) -> None:
+    """Check a folder output (a store) before any work: `out` is absent or an earlier output of
+    the same kind, `<out>.partial` is absent or lessons' own, and the folder of `out` is writable.
+
+    Raises:
+        OutputError: see `refuse_foreign_output`, `discard_work_dir` and `writable_parent`.
+    """
+    refuse_foreign_output(out, marker, what)
+    partial = partial_path(out)
+    if (partial.exists() or partial.is_symlink()) and not owns_work_dir(partial):
+        discard_work_dir(partial)  # refuses, in one line, without deleting anything
+    writable_parent(out)
 
 
 def temporary_sibling(path: str | Path) -> Path:

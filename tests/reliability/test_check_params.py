@@ -81,3 +81,20 @@ def test_invalid_yaml_names_its_line_and_column(tmp_path, text, line, column):
     path = tmp_path / "params.yaml"
     path.write_text(text)
     one_line_error(cli(path, "check-params"), str(path), "not valid YAML", f"line {line}, column {column}")
+
+
+def test_an_unknown_dataset_names_data_name_and_the_closest_known_one(tmp_path, pipeline: Pipeline):
+    one_line_error(_check(tmp_path, pipeline.params, data={"name": "npz2"}), "data.name", "did you mean 'npz'")
+
+
+def test_an_experiment_naming_an_unknown_teacher_names_its_own_key(tmp_path, pipeline: Pipeline):
+    experiments = dict(pipeline.params["student_train"]["experiments"], kd={"teacher": "nobody"})
+    one_line_error(_check(tmp_path, pipeline.params, student_train={"experiments": experiments}),
+                   "student_train.experiments.kd.teacher", "'nobody'")
+
+
+@pytest.mark.parametrize("content, fragment", [(b"\xff\xfe data", "not UTF-8"), (b"[]\n", "must be a mapping")])
+def test_a_params_file_that_is_not_utf8_text_or_not_a_mapping_is_one_line(tmp_path, content, fragment):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    one_line_error(cli(path, "check-params"), str(path), fragment)

@@ -296,3 +296,13 @@ def test_report_and_check_params_never_overwrite_a_user_file(name, tmp_path, pip
     notes.write_text(USER_TEXT)
     one_line_error(cli(pipeline.params_path, "check-params", "--out", notes), str(notes))
     assert notes.read_text() == USER_TEXT
+
+
+def test_teacher_dump_checks_the_test_output_before_it_dumps_and_publishes_the_train_store(work, pipeline):
+    stores = work / "out"
+    notes = user_folder(stores / "test-logits.zarr.partial")
+    line = one_line_error(cli(pipeline.params_path, "teacher-dump", "--teacher", "t", "--data", pipeline.data,
+                              "--checkpoint", pipeline.checkpoint, "--out", stores / "logits.zarr",
+                              "--test-out", stores / "test-logits.zarr"), str(notes.parent))
+    assert "did not create" in line and notes.read_text() == USER_TEXT
+    assert leftovers(stores / "logits.zarr") == []  # no new train store beside an old test store

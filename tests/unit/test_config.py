@@ -148,7 +148,7 @@ def test_every_parameter_dvc_yaml_names_is_set_in_params_yaml():
 
 @pytest.mark.parametrize("student, message", [
     ({"experiments": {"a": {"teacher": "nobody"}}},
-     "teacher_train.teachers: no teacher named 'nobody'; known: ['t']"),
+     "student_train.experiments.a.teacher: no teacher named 'nobody' in teacher_train.teachers (known: t)"),
     ({"experiments": {"a": {"teacher": "t", "adjust": "lsr"}}},
      "student_train.experiments.a.adjust: 'lsr' is not in adjust.methods ['ps']; add it there"),
     ({"experiments": {"a": {"teacher": "t", "arch": "resnet2O"}}},
