@@ -92,6 +92,12 @@ class TeacherTrainConfig:
 
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in self.teachers:
+            if name.endswith(("-config", "-curve")):  # metrics/teachers/<name>-config.json is a record
+                raise ConfigError(f"teacher_train.teachers.{name}: a teacher name must not end in -config or "
+                                  "-curve (names of the files beside each teacher's metrics); rename it")
+
     def teacher(self, name: str) -> TeacherConfig:
         if name not in self.teachers:
             raise ConfigError(

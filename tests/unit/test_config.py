@@ -52,6 +52,8 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
     ({"data": {"validation_fraction": 1.0}}, "data.validation_fraction: must lie in [0, 1) (0.0 = no validation split), got 1.0"),
     ({"data": {"validation_fraction": -0.1}}, "data.validation_fraction: must lie in [0, 1)"),
     ({"data": {"validation_fraction": "10%"}}, "data.validation_fraction: must be a number, got '10%'"),
+    ({"teacher_train": {"teachers": {"big-config": {"arch": "x"}}}},
+     "teacher_train.teachers.big-config: a teacher name must not end in -config or -curve"),
     ({"adjust": {"methods": ["ps", "ps"]}}, "adjust.methods: each method once, got ['ps', 'ps']"),
     ({"temperature": {"gamma": -1}}, "temperature.gamma: the FLSW exponent must be >= 0, got -1"),
     ({"student_train": {"schedule": "linear"}}, "student_train.schedule: must be one of ['cosine', 'step']"),
