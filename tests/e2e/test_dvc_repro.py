@@ -88,7 +88,8 @@ def test_removing_an_experiment_reruns_only_the_report_which_names_its_files_and
     params = yaml.safe_load(original)
     del params["student_train"]["experiments"]["kd_flsw"]
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    kept = [project / "metrics" / "students" / "kd_flsw-seed0.json",
+    kept = [project / "metrics" / "students" / "kd_flsw-seed0-config.json",
+            project / "metrics" / "students" / "kd_flsw-seed0.json",
             project / "plots" / "students" / "kd_flsw-seed0.json"]
     before = [p.read_bytes() for p in kept]
     try:
@@ -102,7 +103,8 @@ def test_removing_an_experiment_reruns_only_the_report_which_names_its_files_and
         summary = (project / "reports" / "summary.md").read_text()
         assert "| kd_flsw |" not in summary and "| kd_ps_flsw |" in summary
         stray_line, = [line for line in summary.splitlines() if line.startswith("Not shown")]
-        assert stray_line.split("`")[1::2] == ["metrics/students/kd_flsw-seed0.json",
+        assert stray_line.split("`")[1::2] == ["metrics/students/kd_flsw-seed0-config.json",
+                                               "metrics/students/kd_flsw-seed0.json",
                                                "plots/students/kd_flsw-seed0.json"]
         assert [p.read_bytes() for p in kept] == before  # the user's files, never deleted
     finally:
