@@ -151,8 +151,9 @@ def prepare_data_command(ctx: click.Context, out_dir: str) -> None:
     params = _params(ctx)
     dataset = load_dataset(params.data)
     manifest = prepare_data.run(params.prepare_data, dataset, params.data, out_dir)
-    click.echo(f"{out_dir}: {manifest['splits']['train']['num_samples']} train / "
-               f"{manifest['splits']['test']['num_samples']} test images of {manifest['dataset']}")
+    sizes = " / ".join(f"{manifest['splits'][split]['num_samples']} {split}"
+                       for split in ("train", "val", "test") if split in manifest["splits"])
+    click.echo(f"{out_dir}: {sizes} images of {manifest['dataset']}")
 
 
 @main.command("teacher-train")
@@ -174,7 +175,7 @@ def teacher_train_command(ctx: click.Context, teacher: str, data_dir: str, check
     config = _params(ctx).teacher_train.teacher(teacher)
     metrics = teacher_train.run(config, name=teacher, data_dir=data_dir, checkpoint_out=checkpoint_out,
                                 metrics_out=metrics_out, curve_out=curve_out,
-                                device=_device(config.device), resume=resume)
+                                device=_device(config.device), resume=resume, data_config=_params(ctx).data)
     click.echo(f"teacher {teacher}: test top-1 {metrics['test_top1']:.4f} -> {checkpoint_out}")
 
 
@@ -272,7 +273,8 @@ def student_train_command(ctx: click.Context, experiment: str, seed: int | None,
     metrics = student_train.run(resolved, temperature_config=params.temperature, data_dir=data_dir,
                                 stores_dir=stores_dir, checkpoint_out=checkpoint_out,
                                 metrics_out=metrics_out, curve_out=curve_out,
-                                device=_device(resolved.device), resume=resume)
+                                device=_device(resolved.device), resume=resume, data_config=params.data,
+                                overrides=params.student_train.overrides(experiment))
     click.echo(f"student {experiment}: test top-1 {metrics['test_top1']:.4f} -> {metrics_out}")
 
 

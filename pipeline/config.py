@@ -35,10 +35,16 @@ class DataConfig:
     root: str | None = None  # None = the dataset's default root (see pipeline.datasets)
     max_train_samples: int | None = None  # None = all; else a class-balanced, seeded subset
     max_test_samples: int | None = None
+    # A stratified, seeded share of the train split (after max_train_samples) held out as a `val`
+    # split: the teacher and students never train on it and report val_top1 beside test_top1.
+    validation_fraction: float = 0.0  # in [0, 1); 0.0 = no validation split
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_seed(self.seed, "data.seed")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction: must lie in [0, 1) (0.0 = no validation split), "
+                              f"got {self.validation_fraction}; e.g. 0.1 holds out 10% of each class")
         for key in ("max_train_samples", "max_test_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -85,6 +91,12 @@ class TeacherTrainConfig:
     """Section `teacher_train`: every teacher, by name."""
 
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.teachers:
+            if name.endswith(("-config", "-curve")):  # metrics/teachers/<name>-config.json is a record
+                raise ConfigError(f"teacher_train.teachers.{name}: a teacher name must not end in -config or "
+                                  "-curve (names of the files beside each teacher's metrics); rename it")
 
     def teacher(self, name: str) -> TeacherConfig:
         if name not in self.teachers:
@@ -215,6 +227,10 @@ class ExperimentConfig:
     fixed_target_temperature: float | None = None
 
 
+#: `student_train` keys an experiment may set for itself (null = the shared value).
+OVERRIDABLE = ("arch", "epochs", "batch_size", "lr", "alpha")
+
+
 @dataclass(frozen=True)
 class StudentTrainConfig:
     """Section `student_train`: shared student settings plus the experiment matrix."""
@@ -263,15 +279,24 @@ class StudentTrainConfig:
         `student_train` matrix of dvc.yaml, which the report shows and nothing else."""
         return [(name, seed) for name in self.experiments for seed in self.seeds]
 
-    def experiment(self, name: str, seed: int | None = None) -> "ResolvedExperiment":
-        """The experiment `name` (for `seed`, default the first of `seeds`) with every unset
-        field filled from the shared defaults."""
+    def overrides(self, name: str) -> dict[str, Any]:
+        """The shared keys (`OVERRIDABLE`) that experiment `name` sets itself, with its values."""
+        exp = self.experiment_config(name)
+        return {key: getattr(exp, key) for key in OVERRIDABLE if getattr(exp, key) is not None}
+
+    def experiment_config(self, name: str) -> ExperimentConfig:
+        """The entry `name` of `experiments` as written (unset fields None)."""
         if name not in self.experiments:
             raise ConfigError(
                 f"student_train.experiments: no experiment named {name!r}; "
                 f"known: {sorted(self.experiments)}"
             )
-        exp = self.experiments[name]
+        return self.experiments[name]
+
+    def experiment(self, name: str, seed: int | None = None) -> "ResolvedExperiment":
+        """The experiment `name` (for `seed`, default the first of `seeds`) with every unset
+        field filled from the shared defaults."""
+        exp = self.experiment_config(name)
         if exp.kd and exp.teacher is None:
             raise ConfigError(f"student_train.experiments.{name}.teacher: required when kd is true")
         if not exp.kd and (exp.adjust != "none" or exp.dtd != "off"):

@@ -12,8 +12,10 @@ every machine:
 | `npz`           | a `.npz` file: packed JPEG bytes or uint8 arrays  | npz row order               |
 | `imagefolder`   | `train/<class>/*`, `val|test/<class>/*`, or Tiny ImageNet | (class name, file name) |
 
-A `sample_index` is a position in that order *after* subsetting (`balanced_subset`). Nothing is
-ever downloaded. Adding a dataset is one loader function plus one `_REGISTRY` entry.
+A `sample_index` is a position in that order *after* subsetting (`balanced_subset`) and, when
+`data.validation_fraction` > 0, after the `val` rows (`validation_split`) are taken out of the
+train split: the train split keeps its remaining rows in canonical order. Nothing is ever
+downloaded. Adding a dataset is one loader function plus one `_REGISTRY` entry.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DatasetError", "Split", "Dataset", "available_datasets", "data_root", "default_root", "load_dataset",
-    "balanced_subset",
+    "balanced_subset", "validation_split",
 ]
 
 
@@ -92,12 +94,19 @@ class Split:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Both splits of a dataset plus its class names (index c names class c)."""
+    """The splits of a dataset plus its class names (index c names class c).
+
+    `val` is None unless `data.validation_fraction` > 0; then it holds the train rows held out
+    (`validation_split`) and `val_source_index` their positions in the source's canonical train
+    order (before any `max_train_samples` subset), (N_val,) int64, ascending.
+    """
 
     name: str
     class_names: tuple[str, ...]
     train: Split
     test: Split
+    val: Split | None = None
+    val_source_index: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.class_names:
@@ -105,8 +114,13 @@ class Dataset:
         if self.train.images.shape[1:] != self.test.images.shape[1:]:
             raise DatasetError(f"{self.name}: train images are {self.train.images.shape[1:]} but "
                                f"test images are {self.test.images.shape[1:]}; both splits need one shape")
-        for split_name, split in (("train", self.train), ("test", self.test)):
+        for split_name, split in self.splits().items():
             _check_labels(split.labels, self.num_classes, f"{self.name}: {split_name}")
+
+    def splits(self) -> dict[str, Split]:
+        """{"train", "val" (when there is one), "test"} -> Split, in that order."""
+        named = {"train": self.train, "val": self.val, "test": self.test}
+        return {name: split for name, split in named.items() if split is not None}
 
     @property
     def num_classes(self) -> int:
@@ -168,6 +182,55 @@ def balanced_subset(labels: np.ndarray, max_samples: int | None, seed: int, spli
         members = np.flatnonzero(inverse == c)
         picked.append(members[rng.permutation(len(members))[: quota[c]]])
     return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+VALIDATION_STREAM = 2  # the SeedSequence stream of `validation_split` (0: train subset, 1: test)
+
+
+def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the train rows into (train, val), stratified by class and seeded.
+
+    Each class c with n_c rows gives round(fraction · n_c) of them to `val` (Python's round, half
+    to even), at most n_c − 1 so that every class keeps a training row: the class proportions of
+    `val` are those of the train split (a balanced train split gives a balanced `val`). Within a
+    class the rows are the first ones of a permutation drawn from
+    `default_rng(SeedSequence([seed, VALIDATION_STREAM]))`, so the split depends only on the
+    labels, `fraction` and `seed`.
+
+    Args:
+        labels: (N,) integer class ids of the train split (after any `max_train_samples` subset).
+        fraction: `data.validation_fraction`, in [0, 1); 0 gives an empty `val`.
+        seed: `data.seed`.
+    Returns:
+        (train_rows, val_rows): int64 indices into `labels`, each sorted ascending, disjoint, and
+        together every row once.
+    Raises:
+        ValueError: `fraction` outside [0, 1), labels not 1-D integers, or `fraction` > 0 but too
+            small to hold out a single row.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or len(labels) == 0):
+        raise ValueError(f"validation_split: labels must be a 1-D integer array, got "
+                         f"shape {labels.shape} dtype {labels.dtype}")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"data.validation_fraction: must lie in [0, 1), got {fraction}")
+    everything = np.arange(len(labels), dtype=np.int64)
+    if fraction == 0.0:
+        return everything, np.empty(0, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, VALIDATION_STREAM]))
+    classes, inverse = np.unique(labels, return_inverse=True)
+    held = []
+    for c in range(len(classes)):
+        members = np.flatnonzero(inverse == c)
+        quota = min(round(fraction * len(members)), len(members) - 1)
+        held.append(members[rng.permutation(len(members))[:quota]])
+    val_rows = np.sort(np.concatenate(held)).astype(np.int64)
+    if len(val_rows) == 0:
+        raise ValueError(f"data.validation_fraction: {fraction} of {len(labels)} training images holds out "
+                         f"no image of any class (round(fraction × class size) = 0); raise it or set 0.0")
+    keep = np.ones(len(labels), dtype=bool)
+    keep[val_rows] = False
+    return everything[keep], val_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,14 +572,16 @@ def load_dataset(config: DataConfig) -> Dataset:
 
     Args:
         config: `data` section: name, root (None = `default_root(name)`), max_train_samples,
-            max_test_samples (None = all; more than the split = all), seed.
+            max_test_samples (None = all; more than the split = all), validation_fraction, seed.
     Returns:
         A `Dataset` in canonical order restricted to `balanced_subset` rows (sorted, so the
-        canonical order is kept); sample_index n is row n of the returned split. Images decoded
+        canonical order is kept), with the `validation_split` rows of the train subset moved to
+        `val` when `validation_fraction` > 0; sample_index n is row n of the returned split. Images decoded
         from files are RGB, or grey (C=1) when every decoded image of both splits is grey.
     Raises:
         DatasetError: unknown name, root unset or missing, missing/corrupt files, empty split,
-            labels outside [0, C), or images of inconsistent shape.
+            labels outside [0, C), images of inconsistent shape, or a validation fraction that
+            holds out no image.
     """
     entry = _entry(config.name)
     root = data_root(config)
@@ -533,6 +598,14 @@ def load_dataset(config: DataConfig) -> Dataset:
                 logger.warning("data.max_%s_samples is %d but %s has %d %s images: using all of them",
                                split, max_samples, root, len(source.labels), split)
             rows = balanced_subset(source.labels, max_samples, config.seed, split)
+            if split == "train" and config.validation_fraction > 0.0:
+                try:
+                    kept, held = validation_split(source.labels[rows], config.validation_fraction, config.seed)
+                except ValueError as exc:
+                    raise DatasetError(str(exc)) from exc
+                val_source_index = rows[held]
+                arrays["val"] = (source.read_images(val_source_index), source.labels[val_source_index])
+                rows = rows[kept]
             arrays[split] = (source.read_images(rows), source.labels[rows])
         channels = {images.shape[-1] for images, _ in arrays.values()}
         if channels == {1, 3}:  # a grey split beside an RGB one: replicate, exactly as L->RGB
@@ -542,11 +615,14 @@ def load_dataset(config: DataConfig) -> Dataset:
         for split, (images, labels) in arrays.items():
             _check_split(images, labels, split)
             splits[split] = Split(images, labels)
-        dataset = Dataset(config.name, tuple(class_names), splits["train"], splits["test"])
+        dataset = Dataset(config.name, tuple(class_names), splits["train"], splits["test"],
+                          val=splits.get("val"),
+                          val_source_index=val_source_index if "val" in splits else None)
     except DatasetError as exc:
         raise DatasetError(exc.args[0] if str(exc).startswith(config.name) else
                            f"{config.name}: {exc}") from exc
-    logger.info("%s: %d train + %d test images of %s, %d classes, from %s in %.1f s", config.name,
-                len(dataset.train), len(dataset.test), dataset.image_shape, dataset.num_classes,
-                root, time.perf_counter() - started)
+    logger.info("%s: %d train + %s%d test images of %s, %d classes, from %s in %.1f s", config.name,
+                len(dataset.train), f"{len(dataset.val)} val + " if dataset.val is not None else "",
+                len(dataset.test), dataset.image_shape, dataset.num_classes, root,
+                time.perf_counter() - started)
     return dataset

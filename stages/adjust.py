@@ -222,7 +222,8 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
     Reads `logits.zarr` chunk by chunk as a dask array (output chunks = input chunks, so peak
     memory does not grow with N) and writes `adjusted-<method>.zarr`: `target_logits`
     (V, N, C, the input's dtype), `fixed_target` (V, N) bool, `rewritten` (V, N) bool, with the
-    input's fingerprint, teacher and counts in the attributes, and the counts as JSON metrics.
+    input's fingerprint, teacher and counts in the attributes, and the counts as JSON metrics
+    (numbers only; the method, epsilon, teacher and per-class counts in `<stem>-config.json`).
 
     Args:
         config: AdjustConfig (epsilon). method: ps | lsr | none.
@@ -288,7 +289,14 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
         summary = adjustment_summary(counts, views * samples)
         writer.finalize(extra_attrs=summary)
     summary.update(method=method, elapsed_s=round(time.perf_counter() - started, 3))
-    atomic_write_json(metrics_out, summary)
+    # Numbers only in the metrics file (dvc metrics/exp show); the method, its epsilon, the teacher
+    # and the per-class list go to `<stem>-config.json` beside it.
+    record_keys = ("method", "rewrites_per_class")
+    metrics_out = Path(metrics_out)
+    atomic_write_json(metrics_out.with_name(f"{metrics_out.stem}-config.json"), {
+        **{key: summary[key] for key in record_keys}, "epsilon": attrs["epsilon"],
+        "teacher": attrs.get("teacher"), "logits": str(logits_path)})
+    atomic_write_json(metrics_out, {key: value for key, value in summary.items() if key not in record_keys})
     logger.info("adjust %s: rewrote %d of %d views (%.2f%%), teacher train accuracy %.4f", method,
                 summary["rewritten_views"], views * samples, 100 * summary["rewritten_fraction"],
                 summary["teacher_train_accuracy"])

@@ -3,7 +3,11 @@
 Output folder `data/<dataset>/`: `train.beton`, `test.beton` (image, label, sample_index) and
 `{train,test}-labels.npy` (int64 labels in sample_index order) and
 `manifest.json` (sizes, classes, image shape, per-channel pixel mean/std of the train split,
-each split's dataset fingerprint and each beton's sha256). The folder is built as
+each split's dataset fingerprint and each beton's sha256). With `data.validation_fraction` > 0
+there is a third split, `val.beton` and `val-labels.npy`, whose manifest entry also lists
+`source_index`: each val row's position in the source's canonical train order; the train split
+then holds the other rows. With 0.0 the folder is byte-identical to one written before the
+validation split existed (the manifest's `data` record leaves the key out). The folder is built as
 `<out>.partial/` and renamed into place when complete.
 """
 from __future__ import annotations
@@ -49,16 +53,20 @@ def build_manifest(dataset: Any, data_config: Any) -> dict[str, Any]:
     """The manifest of `dataset` (a pipeline.datasets.Dataset), without beton hashes."""
     mean, std = pixel_stats(dataset.train.images)
     splits = {}
-    for split_name in ("train", "test"):
-        split = getattr(dataset, split_name)
+    for split_name, split in dataset.splits().items():
         splits[split_name] = {
             "num_samples": int(split.labels.shape[0]),
             "fingerprint": dataset_fingerprint(split.images, split.labels),
             "class_counts": np.bincount(split.labels, minlength=dataset.num_classes).tolist(),
         }
+    if dataset.val is not None:
+        splits["val"]["source_index"] = [int(i) for i in dataset.val_source_index]
+    data = dataclasses.asdict(data_config)
+    if data.get("validation_fraction") == 0.0:
+        del data["validation_fraction"]  # the default: keep the manifest of a dataset without val as it was
     return {
         "dataset": dataset.name,
-        "data": dataclasses.asdict(data_config),
+        "data": data,
         "num_classes": dataset.num_classes,
         "class_names": list(dataset.class_names),
         "image_shape": list(dataset.image_shape),
@@ -69,7 +77,7 @@ def build_manifest(dataset: Any, data_config: Any) -> dict[str, Any]:
 
 
 def run(config: Any, dataset: Any, data_config: Any, out_dir: str | Path) -> dict[str, Any]:
-    """Write `out_dir/{train,test}.beton` and `out_dir/manifest.json` atomically.
+    """Write `out_dir/{train,test}.beton` (and `val.beton`) and `out_dir/manifest.json` atomically.
 
     Args:
         config: PrepareDataConfig. dataset: a loaded pipeline.datasets.Dataset.
@@ -91,8 +99,7 @@ def run(config: Any, dataset: Any, data_config: Any, out_dir: str | Path) -> dic
         except OSError as exc:
             raise exc if isinstance(exc, OutputError) else OutputError(exc.errno, describe_os_error(exc, work))
         try:
-            for split_name in ("train", "test"):
-                split = getattr(dataset, split_name)
+            for split_name, split in dataset.splits().items():
                 beton = work / f"{split_name}.beton"
                 write_beton(beton, split.images, split.labels, num_workers=config.num_workers)
                 manifest["splits"][split_name]["beton_sha256"] = file_sha256(beton)
@@ -104,7 +111,7 @@ def run(config: Any, dataset: Any, data_config: Any, out_dir: str | Path) -> dic
             if isinstance(exc, OSError) and not isinstance(exc, OutputError):
                 raise OutputError(exc.errno, describe_os_error(exc, out_dir)) from exc
             raise
-    logger.info("%s: %s ready (%d train, %d test, %d classes, images %s)", out_dir, dataset.name,
-                manifest["splits"]["train"]["num_samples"], manifest["splits"]["test"]["num_samples"],
+    sizes = ", ".join(f"{info['num_samples']} {name}" for name, info in manifest["splits"].items())
+    logger.info("%s: %s ready (%s, %d classes, images %s)", out_dir, dataset.name, sizes,
                 manifest["num_classes"], "x".join(map(str, manifest["image_shape"])))
     return manifest

@@ -9,9 +9,14 @@ tables) with three PNGs beside it: `accuracy.png`, `curves.png`, `temperature.pn
 The pure functions at the top turn metrics dicts into table rows, table text and PNG bytes;
 `configured_inputs()` picks the files of the runs params.yaml configures (experiments × seeds,
 teachers, KA methods) and names the strays beside them (left on disk, shown in no table or plot);
-`run()` at the bottom reads the files, checks them and writes every output atomically. Runs of
+`run()` at the bottom reads the files (each metrics file with the `<stem>-config.json` record
+beside it: names, settings, split sizes), checks them and writes every output atomically. Runs of
 one experiment that differ only in seed are aggregated: mean ± sample std (ddof = 1) of top-1
-over the n seeds. PNGs carry no timestamp or software metadata, so the same inputs give the
+over the n seeds.
+
+Two judgements are printed with their rule: a teacher is *near chance* when its test top-1 is at
+most min(1.5/C, 1/C + 0.02) (`near_chance`), and a Δ is *within the seed spread* (marked ≈) when
+|Δ| is at most the larger sample std of the two experiments (`within_spread`). PNGs carry no timestamp or software metadata, so the same inputs give the
 same bytes (stable DVC hashes).
 """
 from __future__ import annotations
@@ -63,6 +68,9 @@ class ExperimentRow:
     agreement_top1: float | None
     mean_kl_teacher: float | None  # KL(teacher ‖ student) at τ = 1, nats
     wall_s: float | None
+    val_top1_mean: float | None = None  # over the runs with a val split; None without one
+    val_top1_std: float | None = None  # sample std (ddof = 1) when n > 1
+    settings: str = ""  # what this experiment sets differently from the shared defaults
 
     @property
     def n(self) -> int:
@@ -77,11 +85,25 @@ def run_stem(experiment: str, seed: int) -> str:
     return f"{experiment}-seed{seed}"
 
 
+CONFIG_SUFFIX = "-config"  # `<stem>-config.json` beside a metrics file: its names and settings
+
+
+def config_file(metrics_path: str | Path) -> Path:
+    """The config record beside a metrics file: `<stem>-config.json`."""
+    metrics_path = Path(metrics_path)
+    return metrics_path.with_name(f"{metrics_path.stem}{CONFIG_SUFFIX}.json")
+
+
 def split_by_stem(paths: Iterable[Path], stems: Iterable[str]) -> tuple[list[Path], list[Path]]:
-    """(the paths whose file stem is one of `stems`, the others), each in the given order."""
+    """(the paths whose file stem is one of `stems`, the others), each in the given order.
+
+    A config record `<stem>-config.json` goes with its metrics file: never kept (it is read
+    beside the metrics), a stray when `<stem>` is not wanted."""
     wanted = set(stems)
     kept, strays = [], []
     for path in paths:
+        if path.stem.endswith(CONFIG_SUFFIX) and path.stem[:-len(CONFIG_SUFFIX)] in wanted:
+            continue
         (kept if path.stem in wanted else strays).append(path)
     return kept, strays
 
@@ -92,6 +114,69 @@ def split_by_stem(paths: Iterable[Path], stems: Iterable[str]) -> tuple[list[Pat
 def _mean_of(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
     values = [float(r[key]) for r in records if r.get(key) is not None]
     return statistics.fmean(values) if values else None
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_format_value, value)) + "]"
+    return str(value)
+
+
+#: How a setting is named in the settings column and the shared line.
+SETTING_LABELS = {"batch_size": "batch", "base_temperature": "τ0", "beta": "β", "gamma": "γ"}
+
+
+def settings_label(record: Mapping[str, Any]) -> str:
+    """The settings column of one experiment: every key it overrides (its config record's
+    `overrides`, e.g. "epochs 2, lr 0.02"), then, when it uses DTD, the τ0 and β of the
+    `temperature` section it ran with (and γ for flsw). "" when there is nothing to show."""
+    parts = [f"{SETTING_LABELS.get(key, key)} {_format_value(value)}"
+             for key, value in sorted((record.get("overrides") or {}).items())]
+    temperature = record.get("temperature") or {}
+    if record.get("dtd", "off") != "off" and temperature:
+        keys = ("base_temperature", "beta") + (("gamma",) if record.get("dtd") == "flsw" else ())
+        parts += [f"{SETTING_LABELS[key]} {_format_value(temperature[key])}" for key in keys if key in temperature]
+    return ", ".join(parts)
+
+
+def shared_settings(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The shared student settings the experiments inherit: for each key some experiment could
+    override (`pipeline.config.OVERRIDABLE`), the resolved value of the runs that do not, plus
+    the `temperature` section's τ0, β and γ; keys no run inherits are left out.
+
+    Args:
+        records: flat student records (see `student_record`) with `config` and `overrides`.
+    """
+    shared: dict[str, Any] = {}
+    for record in records:
+        resolved, overrides = record.get("config") or {}, record.get("overrides") or {}
+        for key in ("arch", "epochs", "batch_size", "lr", "alpha"):
+            if key in resolved and key not in overrides:
+                shared.setdefault(key, resolved[key])
+        for key in ("base_temperature", "beta", "gamma"):
+            if key in (record.get("temperature") or {}):
+                shared.setdefault(key, record["temperature"][key])
+    order = ("arch", "epochs", "batch_size", "lr", "alpha", "base_temperature", "beta", "gamma")
+    return {key: shared[key] for key in order if key in shared}
+
+
+def student_record(metrics: Mapping[str, Any], config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One flat record of a student run: its metrics (numbers) and its config record (the
+    `<stem>-config.json` student_train writes: experiment, seed, teacher, resolved `config`,
+    `overrides`, `temperature`, `data`, `dataset`). Without a config record the metrics dict
+    must hold the settings itself (files written before the two were separated)."""
+    if config is None:
+        return dict(metrics)
+    resolved = config.get("config") or {}
+    teacher = config.get("teacher")
+    return {**{key: resolved.get(key) for key in ("kd", "adjust", "dtd", "fixed_target_temperature", "arch",
+                                                  "epochs", "batch_size", "lr", "alpha")},
+            "experiment": config.get("experiment"), "seed": config.get("seed"),
+            "teacher": teacher.get("name") if isinstance(teacher, Mapping) else teacher,
+            **{key: config[key] for key in ("config", "overrides", "temperature", "dataset") if key in config},
+            **metrics}
 
 
 def _adjust_label(record: Mapping[str, Any]) -> str:
@@ -108,7 +193,8 @@ def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[Experim
     Args:
         students: metrics dicts as `student_train` writes them (keys `experiment`, `test_top1`
             required; `seed`, `teacher`, `kd`, `adjust`, `dtd`, `test_top5`, `teacher_test_top1`,
-            `agreement_top1`, `mean_kl_teacher`, `wall_s` optional).
+            `agreement_top1`, `mean_kl_teacher`, `wall_s`, `val_top1`, `overrides`,
+            `temperature` optional; see `student_record`).
     Returns:
         One row per experiment, in first-seen order. top1_mean is the mean over seeds, top1_std
         the sample std (ddof = 1) for n > 1, else None.
@@ -133,6 +219,7 @@ def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[Experim
                         f"experiment {name!r}: runs differ in {key} ({first.get(key)!r} vs "
                         f"{record.get(key)!r}); only the seed may differ, rename one experiment")
         top1 = [float(r["test_top1"]) for r in records]
+        val = [float(r["val_top1"]) for r in records if r.get("val_top1") is not None]
         rows.append(ExperimentRow(
             experiment=name, teacher=first.get("teacher"), kd=bool(first.get("kd", False)),
             adjust=_adjust_label(first), dtd=str(first.get("dtd", "off")),
@@ -143,6 +230,9 @@ def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[Experim
             agreement_top1=_mean_of(records, "agreement_top1"),
             mean_kl_teacher=_mean_of(records, "mean_kl_teacher"),
             wall_s=_mean_of(records, "wall_s"),
+            val_top1_mean=statistics.fmean(val) if val else None,
+            val_top1_std=statistics.stdev(val) if len(val) > 1 else None,
+            settings=settings_label(first),
         ))
     return rows
 
@@ -158,6 +248,24 @@ def delta_pp(row: ExperimentRow, reference: ExperimentRow | None) -> float | Non
     if reference is None:
         return None
     return 100.0 * (row.top1_mean - reference.top1_mean)
+
+
+def within_spread(row: ExperimentRow, reference: ExperimentRow | None) -> bool:
+    """Whether the Δ of `row` against `reference` is within the seed spread: |Δ| <= the larger
+    sample std of top-1 of the two (each over its seeds). False when neither has n > 1 (no
+    spread known), when there is no reference, or for the reference itself."""
+    if reference is None or reference is row or reference.experiment == row.experiment:
+        return False
+    spreads = [std for std in (row.top1_std, reference.top1_std) if std is not None]
+    return bool(spreads) and abs(row.top1_mean - reference.top1_mean) <= max(spreads)
+
+
+def near_chance(top1: float, num_classes: int) -> bool:
+    """A teacher is near chance when its test top-1 is at most min(1.5/C, 1/C + 0.02): within 1.5
+    times chance or 2 points above it, whichever is stricter (C = 10: <= 12%; C = 100: <= 1.5%;
+    C = 2: <= 52%). Its soft labels then carry little beyond the label."""
+    chance = 1.0 / num_classes
+    return top1 <= min(1.5 * chance, chance + 0.02)
 
 
 # --- formatting --------------------------------------------------------------------------------
@@ -182,9 +290,20 @@ def format_number(value: float | None, digits: int) -> str:
 
 def format_top1(row: ExperimentRow) -> str:
     """Top-1 in %: "82.00" for one seed, "82.00 ± 1.00" (mean ± sample std) for several."""
-    if row.top1_std is None:
-        return format_percent(row.top1_mean)
-    return f"{format_percent(row.top1_mean)} ± {format_percent(row.top1_std)}"
+    return format_mean_std(row.top1_mean, row.top1_std)
+
+
+def format_mean_std(mean: float | None, std: float | None) -> str:
+    """A fraction's mean (and sample std when known) in %: "82.00" or "82.00 ± 1.00"; None -> "–"."""
+    if mean is None or std is None:
+        return format_percent(mean)
+    return f"{format_percent(mean)} ± {format_percent(std)}"
+
+
+def format_delta(row: ExperimentRow, reference: ExperimentRow | None) -> str:
+    """Δ of mean top-1 in points, "≈" appended when it is within the seed spread (`within_spread`)."""
+    text = format_signed(delta_pp(row, reference))
+    return f"{text} ≈" if within_spread(row, reference) else text
 
 
 def _cell(value: Any) -> str:
@@ -209,14 +328,18 @@ def student_table(rows: Sequence[ExperimentRow], baseline: str, kd_baseline: str
         baseline / kd_baseline: experiment names the two Δ columns are measured against.
         teacher_top1: teacher name -> test top-1, used where a student did not record it.
     Returns:
-        (header, body); Δ columns in percentage points of mean top-1, "–" when the reference
-        experiment is absent.
+        (header, body); a "val top-1" column when any run has a val split; Δ columns in
+        percentage points of mean (test) top-1, "–" when the reference experiment is absent, "≈"
+        appended when within the seed spread; "settings": what the experiment sets differently
+        from the shared defaults (`settings_label`).
     """
     teacher_top1 = teacher_top1 or {}
     by_name = {row.experiment: row for row in rows}
-    header = ["experiment", "n", "teacher", "KD", "KA", "DTD", "teacher top-1", "student top-1",
+    with_val = any(row.val_top1_mean is not None for row in rows)
+    header = ["experiment", "n", "teacher", "KD", "KA", "DTD", "teacher top-1",
+              *(["val top-1"] if with_val else []), "student top-1",
               "top-5", f"Δ vs {baseline}", f"Δ vs {kd_baseline}", "agreement",
-              "KL(teacher‖student)", "time (s)"]
+              "KL(teacher‖student)", "time (s)", "settings"]
     body = []
     for row in rows:
         teacher_acc = row.teacher_top1
@@ -224,22 +347,31 @@ def student_table(rows: Sequence[ExperimentRow], baseline: str, kd_baseline: str
             teacher_acc = teacher_top1.get(row.teacher)
         body.append([
             row.experiment, str(row.n), row.teacher or MISSING, "yes" if row.kd else "no",
-            row.adjust, row.dtd, format_percent(teacher_acc), format_top1(row),
-            format_percent(row.top5_mean),
-            format_signed(delta_pp(row, by_name.get(baseline))),
-            format_signed(delta_pp(row, by_name.get(kd_baseline))),
+            row.adjust, row.dtd, format_percent(teacher_acc),
+            *([format_mean_std(row.val_top1_mean, row.val_top1_std)] if with_val else []),
+            format_top1(row), format_percent(row.top5_mean),
+            format_delta(row, by_name.get(baseline)), format_delta(row, by_name.get(kd_baseline)),
             format_percent(row.agreement_top1), format_number(row.mean_kl_teacher, 4),
-            format_number(row.wall_s, 1),
+            format_number(row.wall_s, 1), row.settings or MISSING,
         ])
     return header, body
 
 
-def teacher_table(teachers: Mapping[str, Mapping[str, Any]]) -> Table:
-    """Header and body of the teacher table, by teacher name."""
-    header = ["teacher", "arch", "test top-1", "train top-1", "epochs", "wall time (s)"]
-    body = [[name, m.get("arch"), format_percent(m.get("test_top1")),
-             format_percent(m.get("train_top1")), m.get("epochs"),
-             format_number(m.get("wall_s"), 1)] for name, m in sorted(teachers.items())]
+def teacher_table(teachers: Mapping[str, Mapping[str, Any]], num_classes: int | None = None) -> Table:
+    """Header and body of the teacher table, by teacher name; a "val top-1" column when any
+    teacher has one; "(near chance)" after a test top-1 that `near_chance` flags (C from the
+    teacher's `dataset` record, else `num_classes`)."""
+    with_val = any(m.get("val_top1") is not None for m in teachers.values())
+    header = ["teacher", "arch", "test top-1", *(["val top-1"] if with_val else []), "train top-1", "epochs",
+              "wall time (s)"]
+    body = []
+    for name, m in sorted(teachers.items()):
+        test = format_percent(m.get("test_top1"))
+        classes = (m.get("dataset") or {}).get("num_classes", num_classes)
+        if m.get("test_top1") is not None and classes and near_chance(float(m["test_top1"]), int(classes)):
+            test += " (near chance)"
+        body.append([name, m.get("arch"), test, *([format_percent(m.get("val_top1"))] if with_val else []),
+                     format_percent(m.get("train_top1")), m.get("epochs"), format_number(m.get("wall_s"), 1)])
     return header, body
 
 
@@ -264,18 +396,38 @@ def summary_markdown(rows: Sequence[ExperimentRow], *, baseline: str, kd_baselin
                      teachers: Mapping[str, Mapping[str, Any]] | None = None,
                      adjust: Sequence[tuple[str, Mapping[str, Any]]] = (),
                      temperature: Mapping[str, Mapping[str, Any]] | None = None,
-                     dataset: str | None = None, strays: Sequence[str | Path] = ()) -> str:
+                     dataset: str | None = None, strays: Sequence[str | Path] = (),
+                     dataset_info: Mapping[str, Any] | None = None,
+                     shared: Mapping[str, Any] | None = None) -> str:
     """The whole `summary.md` text; sections without input are left out. `strays`: files of
-    runs or teachers that params.yaml does not configure, named in one line (shown nowhere else)."""
+    runs or teachers that params.yaml does not configure, named in one line (shown nowhere else).
+    `dataset_info`: {"name", "num_classes", "splits": {split: size}} (a run's `dataset` record),
+    shown as the split sizes and used for the near-chance rule. `shared`: the shared student
+    settings (`shared_settings`), named in the student table's legend."""
     teachers, temperature = teachers or {}, temperature or {}
     parts = ["# Lessons report: knowledge distillation with KA and DTD (arXiv:1911.07471)"]
-    if dataset:
+    if dataset_info and dataset_info.get("splits"):
+        order = {"train": 0, "val": 1, "test": 2}
+        sizes = " / ".join(f"{split} {count}" for split, count in
+                           sorted(dataset_info["splits"].items(), key=lambda item: (order.get(item[0], 3), item[0])))
+        name = dataset or dataset_info.get("name")
+        parts.append(f"Dataset: {name} ({sizes} images, {dataset_info.get('num_classes')} classes)."
+                     if name else f"Dataset: {sizes} images.")
+    elif dataset:
         parts.append(f"Dataset: {dataset}.")
     if strays:
         parts.append(f"Not shown, as params.yaml does not configure them (left on disk): "
                      f"{', '.join(f'`{path}`' for path in strays)}.")
     if teachers:
-        parts += ["## Teachers", markdown_table(*teacher_table(teachers))]
+        classes = (dataset_info or {}).get("num_classes")
+        parts += ["## Teachers", markdown_table(*teacher_table(teachers, classes))]
+        flagged = [name for name, m in sorted(teachers.items()) if m.get("test_top1") is not None
+                   and ((m.get("dataset") or {}).get("num_classes", classes))
+                   and near_chance(float(m["test_top1"]), int((m.get("dataset") or {}).get("num_classes", classes)))]
+        if flagged:
+            parts.append(f"**Near chance:** {', '.join(flagged)} (test top-1 at most min(1.5/C, 1/C + 2 points), "
+                         "C classes): its soft labels carry little beyond the label, so its students "
+                         "test little of KD; train it longer or give a stronger checkpoint.")
     if adjust:
         parts += ["## Knowledge Adjustment (KA, §3.1)", markdown_table(*adjust_table(adjust))]
     if temperature:
@@ -283,12 +435,21 @@ def summary_markdown(rows: Sequence[ExperimentRow], *, baseline: str, kd_baselin
                   "Teacher-only static temperature τ^T over all training views:\n\n"
                   + "\n".join(temperature_lines(temperature))]
     teacher_top1 = {name: m["test_top1"] for name, m in teachers.items() if "test_top1" in m}
+    shared = dict(shared or {})
+    with_val = any(row.val_top1_mean is not None for row in rows)
     parts += [
         "## Students",
-        "Accuracies in %, test split. n: seeds; with n > 1, student top-1 is mean ± sample std "
+        f"Accuracies in %, test split{' (val top-1: the held-out val split)' if with_val else ''}. "
+        "n: seeds; with n > 1, student top-1 is mean ± sample std "
         "over seeds and the other columns are means. Δ: difference of mean top-1 in percentage "
-        f"points against `{baseline}` and `{kd_baseline}` ({MISSING}: that experiment is absent). "
-        "Agreement: top-1 agreement with the teacher; KL(teacher‖student) in nats at τ = 1.",
+        f"points against `{baseline}` and `{kd_baseline}` ({MISSING}: that experiment is absent); "
+        "≈ after a Δ: it is within the seed spread (|Δ| ≤ the larger sample std of the two "
+        "experiments), so not a measured difference. "
+        "Agreement: top-1 agreement with the teacher; KL(teacher‖student) in nats at τ = 1. "
+        "Settings: what an experiment sets itself over the shared student settings"
+        + (": " + ", ".join(f"{SETTING_LABELS.get(key, key)} {_format_value(value)}"
+                           for key, value in shared.items()) if shared else "")
+        + " (τ0, β of the temperature section shown for DTD experiments).",
         markdown_table(*student_table(rows, baseline, kd_baseline, teacher_top1)),
         "## Plots",
         f"![Student top-1 per experiment]({ACCURACY_PNG})\n\n"
@@ -434,6 +595,25 @@ def _read_dict(path: str | Path, required: Sequence[str]) -> dict[str, Any]:
     return obj
 
 
+def _read_record(path: Path, required: Sequence[str],
+                 merge: Any = lambda metrics, config: {**(config or {}), **metrics}) -> dict[str, Any]:
+    """A metrics file merged with the config record beside it (`config_file`), when there is one;
+    `required` keys are checked on the merged record (numbers where `_read_dict` wants them)."""
+    metrics = _read_dict(path, ())
+    record_path = config_file(path)
+    config = _read_dict(record_path, ()) if record_path.is_file() else None
+    merged = merge(metrics, config)
+    missing = [key for key in required if key not in merged]
+    if missing:
+        beside = "" if config is not None else f" (and there is no {record_path.name} beside it)"
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}{beside}")
+    for key in required:
+        if key.endswith(("top1", "fraction")) and (
+                isinstance(merged[key], bool) or not isinstance(merged[key], (int, float))):
+            raise ValueError(f"{path}: {key} must be a number, got {merged[key]!r}")
+    return merged
+
+
 def _read_list(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]]:
     obj = read_json(path)
     if not isinstance(obj, list) or not all(isinstance(item, dict) for item in obj):
@@ -483,7 +663,8 @@ def configured_inputs(*, runs: Sequence[tuple[str, int]], teachers: Sequence[str
                           f"{e!r}, seed {s})" for e, s in missing[:3])
         more = f"; and {len(missing) - 3} more configured run(s)" if len(missing) > 3 else ""
         raise ValueError(f"{shown}{more}; run the stage that writes it first (`dvc repro`)")
-    teacher_files = [p for p in _json_files(metrics_root / "teachers") if not p.stem.endswith("-curve")]
+    teacher_files = [p for p in _json_files(metrics_root / "teachers")
+                     if not p.stem.endswith(("-curve", f"-curve{CONFIG_SUFFIX}"))]
     inputs = {"students": [students_dir / f"{stem}.json" for stem in stems], "curves": curves}
     strays = stray_students + stray_curves
     for key, paths, wanted in (
@@ -516,10 +697,11 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
 
     Args:
         config: ReportConfig, or anything with `baseline` and `kd_baseline` (experiment names).
-        students: `metrics/students/<name>.json` files; several runs of one experiment that
-            differ only in seed are aggregated (mean ± sample std of top-1, n).
-        teachers: `metrics/teachers/<teacher>.json` files.
-        adjust_metrics: `metrics/adjust/<teacher>-<method>.json` files.
+        students: `metrics/students/<name>.json` files, each with its `<name>-config.json`
+            record beside it (see `student_record`); several runs of one experiment that differ
+            only in seed are aggregated (mean ± sample std of top-1, n).
+        teachers: `metrics/teachers/<teacher>.json` files (and their `-config.json` records).
+        adjust_metrics: `metrics/adjust/<teacher>-<method>.json` files (and their records).
         temperature_metrics: `metrics/temperature/<teacher>.json` files.
         temperature_histograms: `plots/temperature/<teacher>.json` files.
         out_dir: output folder, created if absent (e.g. `reports/`).
@@ -542,14 +724,14 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
     for name in (ACCURACY_PNG, CURVES_PNG, TEMPERATURE_PNG, SUMMARY_NAME):
         refuse_foreign_file(out_dir / name)  # nothing is created before the inputs are checked
     student_paths = [Path(p) for p in students]
-    records = [_read_dict(p, ("experiment", "test_top1")) for p in student_paths]
+    records = [_read_record(p, ("experiment", "test_top1"), student_record) for p in student_paths]
     teacher_metrics = {}
     for path in map(Path, teachers):
-        metrics = _read_dict(path, ("test_top1",))
+        metrics = _read_record(path, ("test_top1",))
         teacher_metrics[str(metrics.get("teacher") or path.stem)] = metrics
     adjust = []
     for path in map(Path, adjust_metrics):
-        metrics = _read_dict(path, ("method", "rewritten_views", "rewritten_fraction"))
+        metrics = _read_record(path, ("method", "rewritten_views", "rewritten_fraction"))
         adjust.append((_adjust_teacher(path, str(metrics["method"])), metrics))
     temperature = {Path(p).stem: _read_dict(p, tuple(f"static_temperature_{s}" for s in
                                                      ("mean", "std", "p05", "p50", "p95")))
@@ -577,8 +759,8 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
             continue
         curves_by_experiment.setdefault(name, []).append(curve)
     if dataset is None:
-        dataset = next((str(m["dataset"]) for m in [*records, *teacher_metrics.values()]
-                        if m.get("dataset")), None)
+        dataset = next((str(m["dataset"]["name"] if isinstance(m["dataset"], Mapping) else m["dataset"])
+                        for m in [*records, *teacher_metrics.values()] if m.get("dataset")), None)
 
     teacher_top1 = {name: float(m["test_top1"]) for name, m in teacher_metrics.items()}
     for row in rows:  # a student's own record of its teacher, where no teacher file was given
@@ -590,9 +772,12 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
     atomic_write_bytes(out_dir / ACCURACY_PNG, accuracy_png(rows, teacher_top1))
     atomic_write_bytes(out_dir / CURVES_PNG, curves_png(ordered_curves))
     atomic_write_bytes(out_dir / TEMPERATURE_PNG, temperature_png(histograms))
+    dataset_info = next((m["dataset"] for m in [*records, *teacher_metrics.values()]
+                         if isinstance(m.get("dataset"), Mapping)), None)
     summary = summary_markdown(rows, baseline=config.baseline, kd_baseline=config.kd_baseline,
                                teachers=teacher_metrics, adjust=adjust, temperature=temperature,
-                               dataset=dataset, strays=strays)
+                               dataset=dataset, strays=strays, dataset_info=dataset_info,
+                               shared=shared_settings(records))
     summary_path = out_dir / SUMMARY_NAME
     atomic_write_bytes(summary_path, summary.encode("utf-8"))
     logger.info("report: %d experiments (%d runs) -> %s", len(rows), len(records), summary_path)

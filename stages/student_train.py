@@ -31,6 +31,9 @@ from stages.training import (
     Fit,
     channel_stats,
     check_batch_size,
+    config_path,
+    data_record,
+    dataset_record,
     explain_cross_entropy,
     fit,
     logits_blowup,
@@ -261,8 +264,16 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
 @owns_outputs
 def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, stores_dir: str | Path | None,
         checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path,
-        device: torch.device, resume: bool = True) -> dict[str, Any]:
-    """Train student `experiment.name` and write its checkpoint, metrics and curve.
+        device: torch.device, resume: bool = True, data_config: Any = None,
+        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train student `experiment.name` and write its checkpoint, metrics, config record and curve.
+
+    The metrics file holds numbers only (val_top1 with a val split, test_top1, top-5, agreement
+    with the teacher, wall time); `config_path(metrics_out)` holds the experiment's name, its
+    teacher (name, architecture, checkpoint sha256), the resolved experiment, the `temperature`
+    and `data` sections used, the experiment's own overrides and the split sizes. The checkpoint
+    carries the same recipe. With a `val` split the student is evaluated on `val` and `test`
+    after every epoch (it never trains on `val`).
 
     Args:
         experiment: ResolvedExperiment. temperature_config: TemperatureConfig.
@@ -270,8 +281,11 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
             without a teacher).
         resume: continue from `<checkpoint_out>.state` when it was saved by the same
             experiment on the same data and stores (otherwise start afresh).
+        data_config: the DataConfig used (recorded; default: the manifest's record).
+        overrides: the keys the experiment sets itself in params.yaml, over `student_train`'s
+            shared values (recorded for the report's settings column; default: none known).
     Returns:
-        the metrics dict.
+        the metrics dict (numbers only).
     Raises:
         ManifestError, StoreError (stale or misaligned stores), UnknownArchitectureError.
     """
@@ -282,6 +296,7 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     num_train = manifest["splits"]["train"]["num_samples"]
     check_batch_size(experiment.batch_size, num_train, f"student_train.experiments.{experiment.name}")
     num_test = manifest["splits"]["test"]["num_samples"]
+    num_val = manifest["splits"]["val"]["num_samples"] if "val" in manifest["splits"] else 0
     lessons, teacher, teacher_test = None, None, None
     store_digests: dict[str, str] = {}
     if stores_dir is not None:
@@ -328,6 +343,8 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
                                drop_last=True, num_workers=experiment.num_workers)
     test_loader = make_loader(data_dir / "test.beton", batch_size=512, shuffle=False,
                               num_workers=experiment.num_workers)
+    val_loader = make_loader(data_dir / "val.beton", batch_size=512, shuffle=False,
+                             num_workers=experiment.num_workers) if num_val else None
     run_key = hashlib.sha256(json.dumps({
         "experiment": dataclasses.asdict(experiment),
         "temperature": [temperature_config.base_temperature, temperature_config.beta, temperature_config.gamma,
@@ -339,14 +356,12 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     result = fit(model, fit_config, train_loader=train_loader, test_loader=test_loader,
                  num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
                  loss_fn=loss_fn, state_path=training_state_path(checkpoint_out),
-                 resume=resume, run_key=run_key, desc=f"student {experiment.name}", explain=explain)
+                 resume=resume, run_key=run_key, desc=f"student {experiment.name}", explain=explain,
+                 val_loader=val_loader, num_val=num_val)
     test_logits, test_labels = result["test_logits"], result["test_labels"]
     metrics: dict[str, Any] = {
-        "experiment": experiment.name, "teacher": teacher["name"] if teacher else None,
-        "kd": experiment.kd, "adjust": experiment.adjust, "dtd": experiment.dtd,
-        "fixed_target_temperature": experiment.fixed_target_temperature,
-        "arch": experiment.arch, "epochs": experiment.epochs, "seed": experiment.seed,
-        "lr": experiment.lr, "alpha": experiment.alpha if experiment.kd else 0.0,
+        **({"val_top1": topk_accuracy(result["val_logits"], result["val_labels"], 1),
+            "val_top5": topk_accuracy(result["val_logits"], result["val_labels"], 5)} if num_val else {}),
         "test_top1": topk_accuracy(test_logits, test_labels, 1),
         "test_top5": topk_accuracy(test_logits, test_labels, 5),
         "wall_s": round(result["wall_s"], 2), "images_per_s": round(result["images_per_s"], 1),
@@ -355,9 +370,16 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     if teacher_test is not None:
         metrics["teacher_test_top1"] = topk_accuracy(teacher_test, test_labels, 1)
         metrics.update(teacher_agreement(test_logits, teacher_test))
-    save_checkpoint(checkpoint_out, model, arch=experiment.arch, manifest=manifest,
-                    extra={"experiment": experiment.name})
+    recipe = {
+        "experiment": experiment.name, "seed": experiment.seed,
+        "teacher": None if teacher is None else {key: teacher.get(key) for key in
+                                                 ("name", "arch", "checkpoint_sha256")},
+        "config": dataclasses.asdict(experiment), "overrides": dict(overrides or {}),
+        "temperature": dataclasses.asdict(temperature_config), "data": data_record(manifest, data_config),
+    }
+    save_checkpoint(checkpoint_out, model, arch=experiment.arch, manifest=manifest, extra=recipe)
     atomic_write_json(curve_out, result["curve"])
+    atomic_write_json(config_path(metrics_out), {**recipe, "dataset": dataset_record(manifest)})
     atomic_write_json(metrics_out, metrics)
     training_state_path(checkpoint_out).unlink(missing_ok=True)
     logger.info("student %s: test top-1 %.4f", experiment.name, metrics["test_top1"])

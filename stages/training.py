@@ -7,6 +7,7 @@ fingerprint. Its sha256 identifies the teacher in every store written from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -186,6 +187,28 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
     return float((topk == labels[:, None]).any(axis=1).mean())
 
 
+def config_path(metrics_out: str | Path) -> Path:
+    """`<stem>-config.json` beside `metrics_out`: the run's names, strings, lists and fully
+    resolved configuration, so that the metrics file itself holds numbers only (`dvc metrics
+    show` and `dvc exp show` columns stay numeric)."""
+    metrics_out = Path(metrics_out)
+    return metrics_out.with_name(f"{metrics_out.stem}-config.json")
+
+
+def data_record(manifest: dict[str, Any], data_config: Any = None) -> dict[str, Any]:
+    """The `data` section a run used, defaults included: `data_config` (a DataConfig) as a dict,
+    else the one the manifest records (whose `validation_fraction` is left out at its default 0.0)."""
+    if data_config is not None:
+        return dataclasses.asdict(data_config)
+    return {"validation_fraction": 0.0, **manifest.get("data", {})}
+
+
+def dataset_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Name, class count and the size of each split (train, val when present, test) of a dataset."""
+    return {"name": manifest["dataset"], "num_classes": manifest["num_classes"],
+            "splits": {name: info["num_samples"] for name, info in manifest["splits"].items()}}
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, manifest: dict[str, Any],
                     extra: dict[str, Any] | None = None) -> str:
     """Write a checkpoint atomically and return its sha256."""
@@ -354,8 +377,9 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], state_path: Path | None = None,
         resume: bool = False, run_key: str = "", desc: str = "train",
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        explain: Explain | None = None) -> dict[str, Any]:
-    """Train `model` for `fit_config.epochs` epochs, evaluating on the test split after each.
+        explain: Explain | None = None, val_loader: Any = None, num_val: int = 0) -> dict[str, Any]:
+    """Train `model` for `fit_config.epochs` epochs, evaluating on the val split (when
+    `val_loader` is given) and the test split after each.
 
     The training state (weights, optimiser, curve, step) is saved atomically to `state_path`
     after every epoch; with `resume`, a saved state is loaded and training continues from the
@@ -365,9 +389,10 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
     `explain` names the cause and the knob when the loss turns NaN/inf (see `train_epoch`).
 
     Returns:
-        {"curve": [{"epoch", "train_loss", "test_top1", "test_top5", "lr", "elapsed_s"}...],
-         "wall_s", "images_per_s" (training steps only), "test_logits" (N_test, C) float32,
-         "test_labels"}.
+        {"curve": [{"epoch", "train_loss", ("val_top1", "val_top5",) "test_top1", "test_top5",
+         "lr", "elapsed_s"}...], "wall_s", "images_per_s" (training steps only), "test_logits"
+         (N_test, C) float32, "test_labels", and with a val split "val_logits" (N_val, C) and
+         "val_labels"}.
     """
     fit_config_padding = fit_config.padding
     flip = fit_config.augment
@@ -399,7 +424,7 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
 
     lr_at = lambda s: learning_rate(fit_config.lr, s / total_steps, fit_config.schedule,  # noqa: E731
                                     fit_config.milestones, fit_config.gamma)
-    test_logits = test_labels = None
+    test_logits = test_labels = val_logits = val_labels = None
     for epoch in range(start_epoch, fit_config.epochs):
         started = time.perf_counter()
         batches = progress(train_loader, desc=f"{desc} epoch {epoch + 1}/{fit_config.epochs}",
@@ -409,6 +434,8 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
             prepare=lambda images, index, e=epoch: prepare(images, index, e),
             lr_at=lr_at, step=step, device=device, explain=explain)
         train_s = time.perf_counter() - started
+        if val_loader is not None:
+            val_logits, val_labels = predict(model, val_loader, num_val, mean, std, device)
         test_logits, test_labels = predict(model, test_loader, num_test, mean, std, device)
         epoch_s = time.perf_counter() - started
         elapsed_s += epoch_s
@@ -416,6 +443,8 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         train_seen += seen
         row = {
             "epoch": epoch + 1, "train_loss": round(train_loss, 6),
+            **({} if val_logits is None else {"val_top1": topk_accuracy(val_logits, val_labels, 1),
+                                              "val_top5": topk_accuracy(val_logits, val_labels, 5)}),
             "test_top1": topk_accuracy(test_logits, test_labels, 1),
             "test_top5": topk_accuracy(test_logits, test_labels, 5),
             "lr": lr_at(step - 1), "elapsed_s": round(elapsed_s, 3),
@@ -433,5 +462,10 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
             on_epoch(row)
     if test_logits is None:  # resumed after the last epoch: evaluate the restored weights
         test_logits, test_labels = predict(model, test_loader, num_test, mean, std, device)
-    return {"curve": curve, "wall_s": elapsed_s, "images_per_s": train_seen / max(train_time_s, 1e-9),
-            "test_logits": test_logits, "test_labels": test_labels}
+        if val_loader is not None:
+            val_logits, val_labels = predict(model, val_loader, num_val, mean, std, device)
+    result = {"curve": curve, "wall_s": elapsed_s, "images_per_s": train_seen / max(train_time_s, 1e-9),
+              "test_logits": test_logits, "test_labels": test_labels}
+    if val_loader is not None:
+        result.update(val_logits=val_logits, val_labels=val_labels)
+    return result

@@ -65,7 +65,8 @@ def test_dvc_repro_runs_every_stage_and_writes_the_report(project: Path):
         assert f"| {name} |" in summary
         metrics = json.loads((project / "metrics" / "students" / f"{name}-seed0.json").read_text())
         assert 0.25 < metrics["test_top1"] <= 1.0, (name, metrics["test_top1"])  # 10 classes: chance is 0.1
-        assert metrics["teacher"] == "cnn_small"
+        record = json.loads((project / "metrics" / "students" / f"{name}-seed0-config.json").read_text())
+        assert record["teacher"]["name"] == "cnn_small"
     for png in ("accuracy.png", "curves.png", "temperature.png"):
         assert (project / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     teacher = json.loads((project / "metrics" / "teachers" / "cnn_small.json").read_text())
@@ -87,7 +88,8 @@ def test_removing_an_experiment_reruns_only_the_report_which_names_its_files_and
     params = yaml.safe_load(original)
     del params["student_train"]["experiments"]["kd_flsw"]
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    kept = [project / "metrics" / "students" / "kd_flsw-seed0.json",
+    kept = [project / "metrics" / "students" / "kd_flsw-seed0-config.json",
+            project / "metrics" / "students" / "kd_flsw-seed0.json",
             project / "plots" / "students" / "kd_flsw-seed0.json"]
     before = [p.read_bytes() for p in kept]
     try:
@@ -101,7 +103,8 @@ def test_removing_an_experiment_reruns_only_the_report_which_names_its_files_and
         summary = (project / "reports" / "summary.md").read_text()
         assert "| kd_flsw |" not in summary and "| kd_ps_flsw |" in summary
         stray_line, = [line for line in summary.splitlines() if line.startswith("Not shown")]
-        assert stray_line.split("`")[1::2] == ["metrics/students/kd_flsw-seed0.json",
+        assert stray_line.split("`")[1::2] == ["metrics/students/kd_flsw-seed0-config.json",
+                                               "metrics/students/kd_flsw-seed0.json",
                                                "plots/students/kd_flsw-seed0.json"]
         assert [p.read_bytes() for p in kept] == before  # the user's files, never deleted
     finally:

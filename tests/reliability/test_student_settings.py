@@ -38,8 +38,8 @@ def test_a_fixed_target_temperature_reaches_the_trainer_and_its_metrics(tmp_path
         ok(cli(params, "student-train", "--experiment", name, "--data", pipeline.data,
                "--stores", pipeline.stores, "--checkpoint-out", tmp_path / f"{name}.pt",
                "--metrics-out", tmp_path / f"{name}.json", "--curve-out", tmp_path / f"{name}-curve.json"))
-        metrics = json.loads((tmp_path / f"{name}.json").read_text())
-        assert metrics["fixed_target_temperature"] == (1.0 if name == "lsr_t1" else None)
+        record = json.loads((tmp_path / f"{name}-config.json").read_text())  # settings beside the metrics
+        assert record["config"]["fixed_target_temperature"] == (1.0 if name == "lsr_t1" else None)
         losses[name] = json.loads((tmp_path / f"{name}-curve.json").read_text())[0]["train_loss"]
     # The tiny teacher is right on every training image, so no row is fixed and the knob, which
     # touches fixed rows only, must leave training unchanged (the math on fixed rows is checked

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.datasets import (
     FASHION_MNIST_CLASSES, Dataset, DatasetError, Split, available_datasets, balanced_subset,
-    default_root, load_dataset,
+    default_root, load_dataset, validation_split,
 )
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -549,3 +549,83 @@ def test_a_subset_larger_than_the_split_warns_and_takes_every_row(tmp_path, capl
         dataset = load("npz", tmp_path / "d.npz", max_train_samples=100)
     assert len(dataset.train.labels) == 6
     assert "data.max_train_samples is 100" in caplog.text and "has 6 train images: using all of them" in caplog.text
+
+
+# ---- validation_split ---------------------------------------------------------------------------
+
+
+def test_the_validation_split_takes_the_same_fraction_of_every_class_and_is_disjoint_from_train():
+    labels = np.random.default_rng(5).permutation(np.repeat(np.arange(4), [40, 40, 20, 10]))
+    train, val = validation_split(labels, 0.25, seed=0)
+    assert train.dtype == val.dtype == np.int64
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)
+    assert not set(train.tolist()) & set(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(110))
+    # round(0.25 * n_c): 10, 10, 5 and round(2.5) = 2 (half to even) rows of the four classes
+    assert np.bincount(labels[val], minlength=4).tolist() == [10, 10, 5, 2]
+
+
+def test_the_validation_split_is_seeded_reproducible_and_drawn_within_each_class():
+    labels = np.repeat(np.arange(3), 30)
+    first = validation_split(labels, 0.2, seed=7)[1]
+    assert np.array_equal(first, validation_split(labels, 0.2, seed=7)[1])
+    other = validation_split(labels, 0.2, seed=8)[1]
+    for c in range(3):  # every class draws from the seed, not just its first rows
+        assert set(first[labels[first] == c]) != set(other[labels[other] == c])
+        assert set(first[labels[first] == c]) != set(range(30 * c, 30 * c + 6))
+    # the documented key: SeedSequence([seed, 2]), a permutation per class in class order
+    rng = np.random.default_rng(np.random.SeedSequence([7, 2]))
+    expected = np.concatenate([30 * c + rng.permutation(30)[:6] for c in range(3)])
+    assert np.array_equal(first, np.sort(expected))
+
+
+def test_a_zero_validation_fraction_holds_out_nothing():
+    train, val = validation_split(np.array([1, 0, 1, 2]), 0.0, seed=0)
+    assert train.tolist() == [0, 1, 2, 3] and val.tolist() == []
+
+
+def test_every_class_keeps_a_training_row_and_a_fraction_holding_out_nothing_is_refused():
+    labels = np.array([0, 1, 1, 2, 2, 2])
+    _, val = validation_split(labels, 0.9, seed=0)
+    assert np.bincount(labels[val], minlength=3).tolist() == [0, 1, 2]  # n_c - 1 at most
+    with pytest.raises(ValueError, match="data.validation_fraction: 0.01 of 6 training images holds out no image"):
+        validation_split(labels, 0.01, seed=0)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\)"):
+        validation_split(labels, 1.0, seed=0)
+
+
+def _npz_with_unique_images(path: Path, n_train: int = 40, n_test: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """An npz whose train image i is filled with the value i (so a row names its source row)."""
+    x_train = np.repeat(np.arange(n_train, dtype=np.uint8), 16).reshape(n_train, 4, 4, 1)
+    y_train = np.arange(n_train) % 4
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_train[:n_test], y_test=y_train[:n_test],
+             class_names=np.array(["a", "b", "c", "d"]))
+    return x_train, y_train
+
+
+def test_load_dataset_carves_the_val_split_from_the_train_subset_and_records_its_source_rows(tmp_path):
+    x_train, y_train = _npz_with_unique_images(tmp_path / "d.npz")
+    dataset = load("npz", tmp_path / "d.npz", max_train_samples=32, validation_fraction=0.25, seed=3)
+    subset = balanced_subset(y_train, 32, 3, "train")
+    kept, held = validation_split(y_train[subset], 0.25, 3)
+    assert dataset.val is not None and len(dataset.val) == 8 and len(dataset.train) == 24
+    assert np.array_equal(dataset.val_source_index, subset[held])
+    assert np.array_equal(dataset.val.images, x_train[subset[held]])
+    assert np.array_equal(dataset.train.images, x_train[subset[kept]])
+    assert np.bincount(dataset.val.labels, minlength=4).tolist() == [2, 2, 2, 2]
+    assert not set(dataset.train.images[:, 0, 0, 0].tolist()) & set(dataset.val.images[:, 0, 0, 0].tolist())
+    assert list(dataset.splits()) == ["train", "val", "test"]
+
+
+def test_load_dataset_without_a_validation_fraction_has_no_val_split_and_the_same_train_split(tmp_path):
+    x_train, _ = _npz_with_unique_images(tmp_path / "d.npz")
+    dataset = load("npz", tmp_path / "d.npz")
+    assert dataset.val is None and dataset.val_source_index is None
+    assert list(dataset.splits()) == ["train", "test"]
+    assert np.array_equal(dataset.train.images, x_train)
+
+
+def test_a_validation_fraction_that_holds_out_nothing_is_a_dataset_error(tmp_path):
+    _npz_with_unique_images(tmp_path / "d.npz")
+    with pytest.raises(DatasetError, match="npz: data.validation_fraction: 0.001 of 40 training images"):
+        load("npz", tmp_path / "d.npz", validation_fraction=0.001)

@@ -11,10 +11,14 @@ from stages.report import (
     MISSING,
     aggregate_experiments,
     format_signed,
+    near_chance,
     order_rows,
     run,
+    shared_settings,
     student_table,
     summary_markdown,
+    teacher_table,
+    within_spread,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -355,3 +359,130 @@ def test_removing_an_experiment_or_a_seed_marks_the_report_stage_changed_in_dvc_
         edit(edited)
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))
         assert list(repo.status()) == ["report"]
+
+
+# --- settings, split sizes, near chance, seed spread, val column -------------------------------
+
+
+def test_the_settings_column_lists_each_experiments_overrides_and_the_temperature_of_dtd_runs():
+    temperature = {"base_temperature": 4.0, "beta": 0.5, "gamma": 2.0, "min_temperature": 1.0,
+                   "max_temperature": 8.0, "histogram_bins": 40}
+    header, body = table([
+        student("ce", 0.8, overrides={}, temperature=temperature),
+        student("kd", 0.8, overrides={"lr": 0.02, "epochs": 6}, temperature=temperature),
+        student("kd_flsw", 0.8, overrides={"arch": "resnet8"}, temperature=temperature),
+        student("kd_static", 0.8, dtd="static", overrides={}, temperature=temperature)])
+    assert column(header, body, "settings") == {
+        "ce": MISSING, "kd": "epochs 6, lr 0.02", "kd_flsw": "arch resnet8, τ0 4, β 0.5, γ 2",
+        "kd_static": "τ0 4, β 0.5"}
+
+
+def test_the_legend_names_the_shared_settings_the_experiments_inherit():
+    def record(name, overrides, **resolved):
+        config = {"arch": "cnn_tiny", "epochs": 3, "batch_size": 128, "lr": 0.05, "alpha": 0.9, **resolved}
+        return student(name, 0.8, overrides=overrides, config=config,
+                       temperature={"base_temperature": 4.0, "beta": 1.0, "gamma": 1.0})
+    records = [record("kd", {"lr": 0.02}, lr=0.02), record("ce", {})]
+    assert shared_settings(records) == {"arch": "cnn_tiny", "epochs": 3, "batch_size": 128, "lr": 0.05,
+                                        "alpha": 0.9, "base_temperature": 4.0, "beta": 1.0, "gamma": 1.0}
+    text = summary_markdown(aggregate_experiments(records), baseline="ce", kd_baseline="kd",
+                            shared=shared_settings(records))
+    assert ("shared student settings: arch cnn_tiny, epochs 3, batch 128, lr 0.05, alpha 0.9, τ0 4, β 1, γ 1"
+            in text)
+
+
+def test_a_delta_within_the_larger_seed_std_is_marked_and_the_legend_states_the_rule():
+    # kd: 82 ± 1.41 (n = 2); kd_ps: 83 ± 0 (n = 2); kd_far: 86 (n = 1); ce: 80 (n = 1)
+    records = [student("ce", 0.80), student("kd", 0.81), student("kd", 0.83, seed=1),
+               student("kd_ps", 0.83), student("kd_ps", 0.83, seed=1), student("kd_far", 0.86)]
+    header, body = table(records)
+    assert column(header, body, "Δ vs kd") == {"ce": "-2.00", "kd": "+0.00", "kd_ps": "+1.00 ≈",
+                                               "kd_far": "+4.00"}
+    assert column(header, body, "Δ vs ce") == {"ce": "+0.00", "kd": "+2.00", "kd_ps": "+3.00",
+                                               "kd_far": "+6.00"}  # n = 1 for ce, std 0 for kd_ps
+    text = summary_markdown(aggregate_experiments(records), baseline="ce", kd_baseline="kd")
+    assert "≈ after a Δ: it is within the seed spread (|Δ| ≤ the larger sample std of the two experiments)" in text
+
+
+def test_two_single_seed_experiments_have_no_spread_to_be_within():
+    rows = {row.experiment: row for row in aggregate_experiments([student("a", 0.8), student("b", 0.8)])}
+    assert not within_spread(rows["a"], rows["b"])
+
+
+@pytest.mark.parametrize("top1, classes, flagged", [
+    (0.12, 10, True), (0.1201, 10, False), (0.015, 100, True), (0.016, 100, False),
+    (0.52, 2, True), (0.60, 2, False), (0.27, 4, True), (0.28, 4, False)])
+def test_near_chance_is_at_most_the_lower_of_one_and_a_half_chance_and_chance_plus_two_points(
+        top1, classes, flagged):
+    assert near_chance(top1, classes) is flagged
+
+
+def test_a_teacher_near_chance_is_flagged_in_its_table_and_in_a_warning_line():
+    teachers = {"weak": {"arch": "mlp", "test_top1": 0.11, "dataset": {"num_classes": 10}},
+                "good": {"arch": "mlp", "test_top1": 0.91, "dataset": {"num_classes": 10}}}
+    header, body = teacher_table(teachers)
+    assert column(header, body, "test top-1") == {"good": "91.00", "weak": "11.00 (near chance)"}
+    text = summary_markdown(aggregate_experiments([student("ce", 0.8)]), baseline="ce", kd_baseline="kd",
+                            teachers=teachers)
+    assert "**Near chance:** weak (test top-1 at most min(1.5/C, 1/C + 2 points)" in text
+    assert "good (" not in text
+
+
+def test_with_a_val_split_the_tables_show_val_and_test_top1_and_the_split_sizes():
+    records = [student("ce", 0.80, val_top1=0.78), student("kd", 0.82, val_top1=0.84),
+               student("kd", 0.84, seed=1, val_top1=0.86)]
+    header, body = table(records)
+    assert header[header.index("val top-1") + 1] == "student top-1"
+    assert column(header, body, "val top-1") == {"ce": "78.00", "kd": "85.00 ± 1.41"}
+    assert column(header, body, "student top-1") == {"ce": "80.00", "kd": "83.00 ± 1.41"}
+    theader, tbody = teacher_table({"t": {"arch": "a", "test_top1": 0.9, "val_top1": 0.88}})
+    assert column(theader, tbody, "val top-1") == {"t": "88.00"}
+    text = summary_markdown(aggregate_experiments(records), baseline="ce", kd_baseline="kd", dataset="npz",
+                            dataset_info={"name": "npz", "num_classes": 4,
+                                          "splits": {"test": 64, "train": 192, "val": 64}})
+    assert "Dataset: npz (train 192 / val 64 / test 64 images, 4 classes)." in text
+    assert "(val top-1: the held-out val split)" in text
+
+
+def test_without_a_val_split_there_is_no_val_column():
+    header, _ = table([student("ce", 0.8), student("kd", 0.82)])
+    assert "val top-1" not in header
+
+
+def test_run_reads_the_config_record_beside_each_metrics_file(tmp_path):
+    metrics = tmp_path / "metrics" / "students"
+    numbers = {"test_top1": 0.8, "val_top1": 0.75, "test_top5": 0.99, "wall_s": 1.0}
+    for name, kd, overrides in (("ce", False, {}), ("kd", True, {"epochs": 2})):
+        write_json(metrics / f"{name}-seed0.json", numbers)
+        write_json(metrics / f"{name}-seed0-config.json", {
+            "experiment": name, "seed": 0, "teacher": {"name": "t", "arch": "mlp", "checkpoint_sha256": "0" * 64},
+            "config": {"kd": kd, "adjust": "none", "dtd": "off", "fixed_target_temperature": None, "arch": "mlp",
+                       "epochs": 1 + len(overrides), "batch_size": 32, "lr": 0.05, "alpha": 0.9},
+            "overrides": overrides, "temperature": {"base_temperature": 4.0, "beta": 1.0, "gamma": 1.0},
+            "dataset": {"name": "npz", "num_classes": 4, "splits": {"train": 192, "val": 64, "test": 64}}})
+    teacher = write_json(tmp_path / "metrics" / "teachers" / "t.json", {"test_top1": 0.26, "epochs": 1})
+    write_json(tmp_path / "metrics" / "teachers" / "t-config.json", {
+        "teacher": "t", "arch": "mlp", "dataset": {"name": "npz", "num_classes": 4}})
+    run(CONFIG, students=[metrics / "ce-seed0.json", metrics / "kd-seed0.json"], teachers=[teacher],
+        adjust_metrics=[], temperature_metrics=[], temperature_histograms=[], out_dir=tmp_path / "reports")
+    text = (tmp_path / "reports" / "summary.md").read_text()
+    assert "Dataset: npz (train 192 / val 64 / test 64 images, 4 classes)." in text
+    assert "| t | mlp | 26.00 (near chance) | – | 1 |" in text
+    assert "| kd | 1 | t | yes | none | off | 26.00 | 75.00 | 80.00 |" in text and text.count("| epochs 2 |") == 1
+
+
+def test_config_records_go_with_their_runs_and_stray_ones_are_named(tmp_path):
+    from stages.report import configured_inputs
+
+    students = tmp_path / "students"
+    for stem in ("kd-seed0", "kd-seed0-config", "old-seed0", "old-seed0-config"):
+        write_json(students / f"{stem}.json", {})
+    teachers = tmp_path / "metrics" / "teachers"
+    for stem in ("t", "t-config", "t-curve", "gone", "gone-config"):
+        write_json(teachers / f"{stem}.json", {})
+    inputs = configured_inputs(runs=[("kd", 0)], teachers=["t"], adjust_methods=[], students_dir=students,
+                               curves_dir=tmp_path / "none", metrics_root=tmp_path / "metrics",
+                               histograms_dir=tmp_path / "none")
+    assert inputs["students"] == [students / "kd-seed0.json"] and inputs["teachers"] == [teachers / "t.json"]
+    assert [p.name for p in inputs["strays"]] == ["gone-config.json", "gone.json", "old-seed0-config.json",
+                                                  "old-seed0.json"]
