@@ -345,10 +345,13 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
                               num_workers=experiment.num_workers)
     val_loader = make_loader(data_dir / "val.beton", batch_size=512, shuffle=False,
                              num_workers=experiment.num_workers) if num_val else None
+    temperature_used = {  # the temperature keys the student's loss reads (not histogram_bins)
+        "base_temperature": temperature_config.base_temperature, "beta": temperature_config.beta,
+        "gamma": temperature_config.gamma, "min_temperature": temperature_config.min_temperature,
+        "max_temperature": temperature_config.max_temperature}
     run_key = hashlib.sha256(json.dumps({
         "experiment": dataclasses.asdict(experiment),
-        "temperature": [temperature_config.base_temperature, temperature_config.beta, temperature_config.gamma,
-                        temperature_config.min_temperature, temperature_config.max_temperature],  # those read
+        "temperature": temperature_used,
         "train_fingerprint": manifest["splits"]["train"]["fingerprint"], "teacher": teacher,
         "stores": store_digests,  # a state saved while training on other soft labels is not resumed
     }, sort_keys=True, default=str).encode()).hexdigest()
@@ -375,7 +378,7 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
         "teacher": None if teacher is None else {key: teacher.get(key) for key in
                                                  ("name", "arch", "checkpoint_sha256")},
         "config": dataclasses.asdict(experiment), "overrides": dict(overrides or {}),
-        "temperature": dataclasses.asdict(temperature_config), "data": data_record(manifest, data_config),
+        "temperature": temperature_used, "data": data_record(manifest, data_config),
     }
     save_checkpoint(checkpoint_out, model, arch=experiment.arch, manifest=manifest, extra=recipe)
     atomic_write_json(curve_out, result["curve"])
