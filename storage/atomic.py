@@ -192,16 +192,11 @@ def _looks_like_ours(path: Path) -> bool:
             json.loads(path.read_bytes())
             return True
         with open(path, "rb") as f:
-            head = f.read(len(PNG_MAGIC))
-        if suffix == ".png":
-            return head == PNG_MAGIC
-        if suffix == ".md":
-            return head + path.read_bytes()[len(head):len(REPORT_HEADING)] == REPORT_HEADING
-        if suffix == ".pt":
-            return head[:4] == b"PK\x03\x04"
+            head = f.read(max(len(PNG_MAGIC), len(REPORT_HEADING)))
+        prefix = {".png": PNG_MAGIC, ".md": REPORT_HEADING, ".pt": b"PK\x03\x04"}.get(suffix)
+        return prefix is not None and head.startswith(prefix)
     except (OSError, ValueError):
         return False
-    return False
 
 
 def refuse_foreign_file(path: str | Path) -> None:
