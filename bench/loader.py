@@ -5,7 +5,7 @@ endless stream (shuffled, every epoch):
 
   ffcv   `storage.beton.make_loader` over the train beton (2 workers, as `student_train` builds
          it) + the keyed augmentation the trainer applies per batch
-         (`augmentation_params` + `apply_views`: pad-4 random crop + flip).
+         (`training_augmentation`'s keyed draw and apply: pad-4 random crop + flip).
   torch  `torch.utils.data.DataLoader` (num_workers=2, persistent workers) over a Dataset of the
          same uint8 (3, 32, 32) images with torchvision `RandomCrop(32, padding=4)` +
          `RandomHorizontalFlip()` per sample.
@@ -55,7 +55,7 @@ def _run(work: Path, num_samples: int, batches: int, reps: int) -> dict[str, Any
     import torchvision.transforms.v2 as T
     from torch.utils.data import DataLoader, Dataset
 
-    from stages.views import apply_views, augmentation_params
+    from stages.views import training_augmentation
     from storage.beton import make_loader
 
     dataset, manifest = common.prepare(common.cifar10(num_samples, 256), work / "cifar10")
@@ -75,12 +75,12 @@ def _run(work: Path, num_samples: int, batches: int, reps: int) -> dict[str, Any
     loader = make_loader(work / "cifar10" / "train.beton", batch_size=BATCH, shuffle=True,
                          seed=0, drop_last=True, num_workers=2)
     epoch = itertools.count()
+    augmentation = training_augmentation((32, 32, 3))
 
     def ffcv_epoch() -> Iterator[Any]:
         e = next(epoch)
         for batch_images, batch_labels, sample_index in loader:
-            params = augmentation_params(0, e, sample_index.numpy(), padding=4, flip=True)
-            yield apply_views(batch_images, torch.from_numpy(params), padding=4), batch_labels
+            yield augmentation.apply(batch_images, augmentation.draw(0, e, sample_index.numpy())[1]), batch_labels
 
     torch_loader = DataLoader(Augmented(), batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True,
                               persistent_workers=True)

@@ -3,7 +3,7 @@
 Every contender runs `stages.training.train_epoch` (the trainer's step loop) over the same
 stream of batches from the project's ffcv loader (`storage.beton.make_loader`, batch 128,
 shuffled, 2 workers, as `student_train` builds it), with the same keyed augmentation
-(`augmentation_params` + `apply_views`) and normalisation, the same SGD, a fresh student each:
+(`Augmentation.draw` + `apply`) and normalisation, the same SGD, a fresh student each:
 
   ce         plain cross-entropy (what `student_train` uses without a teacher);
   lessons    `kd_batch_loss`, PS-adjusted targets and raw teacher logits gathered by
@@ -67,7 +67,6 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
     from stages.adjust import knowledge_adjustment
     from stages.student_train import Lessons, kd_batch_loss
     from stages.training import Fit, channel_stats, normalize, sgd, train_epoch
-    from stages.views import apply_views, augmentation_params
     from storage.beton import make_loader
 
     data_config = (common.fashion_mnist if setup["dataset"] == "fashion_mnist" else common.cifar10)(
@@ -80,8 +79,8 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
     height, _, channels = image_shape
     num_classes, num_train = manifest["num_classes"], manifest["splits"]["train"]["num_samples"]
     mean, std = channel_stats(manifest, device)
-    padding = Fit(epochs=1, lr=0.05, momentum=0.9, weight_decay=5e-4, image_shape=image_shape,
-                  batch_size=BATCH).padding
+    augmentation = Fit(epochs=1, lr=0.05, momentum=0.9, weight_decay=5e-4, image_shape=image_shape,
+                       batch_size=BATCH).augmentation
     loader = make_loader(data_dir / "train.beton", batch_size=BATCH, shuffle=True,
                          seed=0, drop_last=True, num_workers=2)
     stream = _stream(loader)
@@ -89,8 +88,7 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
     labels_table = torch.from_numpy(dataset.train.labels.astype("int64"))
 
     def prepare(images: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
-        params = augmentation_params(0, 0, sample_index.numpy(), padding=padding, flip=True)
-        return normalize(apply_views(images, torch.from_numpy(params), padding=padding), mean, std)
+        return normalize(augmentation.apply(images, augmentation.draw(0, 0, sample_index.numpy())[1]), mean, std)
 
     # Precomputed lessons: PS-adjusted targets and raw teacher logits, (N, C) float32 in memory.
     generator = torch.Generator().manual_seed(0)

@@ -253,11 +253,14 @@ def temperature_command(ctx: click.Context, logits_path: str, out: str, metrics_
 @click.option("--curve-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted run of the same experiment from its last epoch.")
+@click.option("--teacher-checkpoints", default="checkpoints/teachers", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Folder of <teacher>.pt checkpoints, read by teacher_mode: online experiments only.")
 @click.pass_context
 @friendly
 def student_train_command(ctx: click.Context, experiment: str, seed: int | None, data_dir: str,
-                          stores_root: str,
-                          checkpoint_out: str, metrics_out: str, curve_out: str, resume: bool) -> None:
+                          stores_root: str, checkpoint_out: str, metrics_out: str, curve_out: str,
+                          resume: bool, teacher_checkpoints: str) -> None:
     """Train a student from the precomputed lessons (KD + KA + DTD), or with plain CE."""
     _ready_torch()
     from stages import student_train
@@ -274,7 +277,10 @@ def student_train_command(ctx: click.Context, experiment: str, seed: int | None,
                                 stores_dir=stores_dir, checkpoint_out=checkpoint_out,
                                 metrics_out=metrics_out, curve_out=curve_out,
                                 device=_device(resolved.device), resume=resume, data_config=params.data,
-                                overrides=params.student_train.overrides(experiment))
+                                overrides=params.student_train.overrides(experiment),
+                                teacher_checkpoint=None if resolved.teacher is None
+                                else Path(teacher_checkpoints) / f"{resolved.teacher}.pt",
+                                epsilon=params.adjust.epsilon)
     click.echo(f"student {experiment}: test top-1 {metrics['test_top1']:.4f} -> {metrics_out}")
 
 

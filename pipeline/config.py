@@ -114,9 +114,27 @@ class TeacherDumpConfig:
     batch_size: int = 1024
     chunk_size: int = 16384  # rows of N per zarr chunk (one chunk = one unit of resume)
     device: Device = "auto"
+    # Which views of each image the store holds (DESIGN §5): none (the plain image), all (the
+    # augmentation's enumerated views), scheduled (the views seeds × epochs draw), sample (num_views).
+    views: Literal["none", "all", "scheduled", "sample"] = "none"
+    num_views: int | None = None  # K, for views: sample
+    seeds: tuple[int, ...] = (0,)  # the student seeds a scheduled store serves
+    epochs: int = 1  # the student epochs a scheduled store serves
+    seed: int = 0  # the key of the K sampled views, for views: sample
 
     def __post_init__(self) -> None:
-        _positive(self, "teacher_dump", ("batch_size", "chunk_size"))
+        _positive(self, "teacher_dump", ("batch_size", "chunk_size", "epochs"))
+        if self.views == "sample" and (self.num_views is None or self.num_views < 1):
+            raise ConfigError(f"teacher_dump.num_views: views: sample needs num_views (an integer >= 1), "
+                              f"got {self.num_views}; set num_views: K")
+        if self.views != "sample" and self.num_views is not None:
+            raise ConfigError(f"teacher_dump.num_views: only read with views: sample (views is {self.views}); "
+                              "remove it or set views: sample")
+        if self.views == "scheduled" and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"teacher_dump.seeds: views: scheduled needs distinct student seeds, got "
+                              f"{list(self.seeds)}")
+        for seed in (*self.seeds, self.seed):
+            _check_seed(seed, "teacher_dump.seeds")
         if self.chunk_size % self.batch_size:
             raise ConfigError(
                 f"teacher_dump.chunk_size: must be a multiple of batch_size ({self.batch_size}) so "
@@ -222,9 +240,13 @@ class ExperimentConfig:
     batch_size: int | None = None
     lr: float | None = None
     alpha: float | None = None
-    # KA-LSR rows: null = soften the student by the row's τ and weight by τ² (DESIGN §4); a
-    # number = use this τ instead on fixed-target rows only (1.0: unsoftened student, weight 1).
+    # KA-LSR rows (adjust: lsr only): the student side's τ and weight on fixed-target rows; null =
+    # 1.0, the student's plain distribution at weight 1 (DESIGN §4; the only setting that did not
+    # hurt in the 3-seed tables).
     fixed_target_temperature: float | None = None
+    # offline: targets from the stores; online: the teacher checkpoint runs on each batch (the
+    # baseline the stores must match; KA and DTD applied on the fly by the same functions).
+    teacher_mode: Literal["offline", "online"] = "offline"
 
 
 #: `student_train` keys an experiment may set for itself (null = the shared value).
@@ -249,10 +271,13 @@ class StudentTrainConfig:
     augment: bool = True
     num_workers: int = 2
     device: Device = "auto"
+    # Lessons larger than this (bytes, all arrays a student reads) are streamed from the stores
+    # once per epoch in chunk order instead of held in memory (DESIGN §5).
+    max_lesson_bytes: int = 4 * 1024**3
     experiments: dict[str, ExperimentConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _positive(self, "student_train", ("epochs", "batch_size", "lr", "num_workers"))
+        _positive(self, "student_train", ("epochs", "batch_size", "lr", "num_workers", "max_lesson_bytes"))
         _check_optimizer(self, "student_train")
         _check_schedule(self, "student_train")
         for name, exp in self.experiments.items():
@@ -299,19 +324,28 @@ class StudentTrainConfig:
         exp = self.experiment_config(name)
         if exp.kd and exp.teacher is None:
             raise ConfigError(f"student_train.experiments.{name}.teacher: required when kd is true")
-        if not exp.kd and (exp.adjust != "none" or exp.dtd != "off"):
+        if not exp.kd and (exp.adjust != "none" or exp.dtd != "off" or exp.teacher_mode != "offline"):
             raise ConfigError(
-                f"student_train.experiments.{name}: adjust/dtd need kd: true "
-                f"(got adjust={exp.adjust}, dtd={exp.dtd})"
+                f"student_train.experiments.{name}: adjust/dtd/teacher_mode need kd: true "
+                f"(got adjust={exp.adjust}, dtd={exp.dtd}, teacher_mode={exp.teacher_mode})"
             )
+        if exp.teacher_mode == "online" and exp.dtd == "static":
+            raise ConfigError(
+                f"student_train.experiments.{name}.dtd: static reads τ^T precomputed over the whole dump "
+                "(dtd.zarr), which an online teacher does not have: use teacher_mode: offline, or dtd: "
+                "flsw, cwsm or off")
+        fixed_target_temperature = exp.fixed_target_temperature
+        if fixed_target_temperature is None and exp.adjust == "lsr":
+            fixed_target_temperature = 1.0  # DESIGN §4: the plain student distribution, weight 1
         pick = lambda key: getattr(self, key) if getattr(exp, key) is None else getattr(exp, key)  # noqa: E731
         resolved = ResolvedExperiment(
             name=name, teacher=exp.teacher, kd=exp.kd, adjust=exp.adjust, dtd=exp.dtd,
-            fixed_target_temperature=exp.fixed_target_temperature,
+            fixed_target_temperature=fixed_target_temperature, teacher_mode=exp.teacher_mode,
             arch=pick("arch"), epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
             alpha=pick("alpha"), seed=self.seeds[0] if seed is None else seed, momentum=self.momentum,
             weight_decay=self.weight_decay, schedule=self.schedule, milestones=self.milestones,
             gamma=self.gamma, augment=self.augment, num_workers=self.num_workers, device=self.device,
+            max_lesson_bytes=self.max_lesson_bytes,
         )
         return resolved  # every field was checked on load (shared values and overrides alike)
 
@@ -326,6 +360,7 @@ class ResolvedExperiment:
     adjust: Literal["ps", "lsr", "none"]
     dtd: Literal["off", "static", "flsw", "cwsm"]
     fixed_target_temperature: float | None
+    teacher_mode: Literal["offline", "online"]
     arch: str
     epochs: int
     batch_size: int
@@ -340,6 +375,7 @@ class ResolvedExperiment:
     augment: bool
     num_workers: int
     device: Device
+    max_lesson_bytes: int
 
 
 @dataclass(frozen=True)

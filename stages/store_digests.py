@@ -21,21 +21,24 @@ from storage.atomic import ensure_parents
 logger = logging.getLogger(__name__)
 
 
-def stores_read(*, teacher: str | None, kd: bool, adjust: str, dtd: str) -> list[str]:
+def stores_read(*, teacher: str | None, kd: bool, adjust: str, dtd: str, teacher_mode: str = "offline") -> list[str]:
     """Names of the stores under `stores/<teacher>/` that `student_train.run` reads.
 
     Args:
         teacher: the experiment's teacher, or None (plain cross-entropy, nothing read).
         kd: distillation on. adjust: ps | lsr | none. dtd: off | static | flsw | cwsm.
+        teacher_mode: offline | online (the teacher checkpoint runs on each batch instead).
     Returns:
         sorted store names: `test-logits.zarr` whenever there is a teacher (the agreement
-        metrics), plus for kd `logits.zarr`, `adjusted-<adjust>.zarr` unless adjust is none,
-        and `dtd.zarr` for dtd static.
+        metrics; its attributes hold the teacher checkpoint's sha256, which an online student
+        checks its checkpoint against, so this digest also follows the checkpoint), plus for
+        offline kd `logits.zarr`, `adjusted-<adjust>.zarr` unless adjust is none, and `dtd.zarr`
+        for dtd static.
     """
     if teacher is None:
         return []
     names = ["test-logits.zarr"]
-    if kd:
+    if kd and teacher_mode == "offline":
         names.append("logits.zarr")
         if adjust != "none":
             names.append(f"adjusted-{adjust}.zarr")
@@ -77,7 +80,7 @@ def run(experiment: Any, *, stores_root: str | Path, out: str | Path) -> dict[st
     """
     ensure_parents(out)
     names = stores_read(teacher=experiment.teacher, kd=experiment.kd, adjust=experiment.adjust,
-                        dtd=experiment.dtd)
+                        dtd=experiment.dtd, teacher_mode=experiment.teacher_mode)
     digests = {}
     for name in names:
         path = Path(stores_root) / experiment.teacher / name

@@ -1,11 +1,15 @@
 """Stage `student_train`: train one student experiment from the precomputed lessons.
 
 The student reads images from the dataset's FFCV beton and, for every batch, gathers its
-targets by `sample_index` from tensors loaded once per run: the KA store's `target_logits` and
-`fixed_target`, the DTD store's `static_temperature`, and the raw teacher logits (for FLSW).
-The teacher network is never loaded. Every store is checked against the beton's manifest
-(dataset fingerprint, sample_index, classes) and against each other (same teacher checkpoint)
-before training starts.
+targets by `sample_index` from the epoch's lessons (`stages.lessons`): the KA store's
+`target_logits` and `fixed_target`, the DTD store's `static_temperature`, and the raw teacher
+logits (for FLSW), each of the view the student trains on this epoch. The teacher network is
+never loaded. Every store is checked against the beton's manifest (dataset fingerprint,
+sample_index, classes, views) and against each other (same teacher checkpoint) before training.
+
+`teacher_mode: online` is the baseline the stores must match: the teacher checkpoint runs in
+eval mode on the very batch the student sees, and KA and DTD are applied to its logits on the
+fly by the same functions the stages run (`knowledge_adjustment`, `kd_batch_loss`).
 
 Loss (DESIGN §4, arXiv:1911.07471 §3): L = (1−α)·CE(s, y) + α·(1/B)·Σ τ_x²·KL(q_x ‖ p^{τ_x}(s)),
 with τ_x from `dtd`: off (τ0), static (teacher-only τ^T), flsw or cwsm (online, batch mean).
@@ -25,7 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import nets
+from stages.adjust import knowledge_adjustment
 from stages.functional import kd_loss
+from stages.lessons import Lessons, LessonStores, open_lessons
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
 from stages.training import (
     Fit,
@@ -36,33 +42,20 @@ from stages.training import (
     dataset_record,
     explain_cross_entropy,
     fit,
+    load_checkpoint,
     logits_blowup,
+    normalize,
     owns_outputs,
     save_checkpoint,
     topk_accuracy,
     training_state_path,
 )
 from storage import StoreError, atomic_write_json, open_store
+from stages.views import training_augmentation
 from storage.beton import make_loader
-from storage.manifest import read_prepared
+from storage.manifest import file_sha256, read_prepared
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Lessons:
-    """The per-sample supervision of one experiment, indexed by sample_index, on one device.
-
-    target_logits: (N, C) float32 (KA-adjusted teacher logits, or log q for fixed rows).
-    fixed_target: (N,) bool (LSR rows: use softmax(target) without softening).
-    teacher_logits: (N, C) float32, the teacher as dumped (for FLSW), or None.
-    static_temperature: (N,) float32 τ^T, or None.
-    """
-
-    target_logits: Tensor
-    fixed_target: Tensor
-    teacher_logits: Tensor | None
-    static_temperature: Tensor | None
 
 
 def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: Lessons, dtd: str,
@@ -185,70 +178,34 @@ def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_ind
     return f"{facts} and logits within ±{limit:g}, which should be finite; rerun with -v and report it"
 
 
-def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, Any],
-                 device: torch.device) -> tuple[Lessons, dict[str, Any], dict[str, str]]:
-    """Load and cross-check the stores of one teacher for one experiment.
+class OnlineTeacher:
+    """The teacher checkpoint run in eval mode on every batch the student sees (`teacher_mode:
+    online`, the baseline offline lessons must match; Beyer et al. 2022's consistent teacher).
 
-    Reads `logits.zarr`, `adjusted-<adjust>.zarr` (unless adjust is none) and `dtd.zarr`
-    (for dtd static). Only view 0 is used (V = 1 stores).
-
-    Returns:
-        (lessons on `device`, the teacher attributes of the logits store, {store folder name:
-        content digest} of every store read).
-    Raises:
-        StoreError: a store is missing or unfinished, or its fingerprint, class count,
-            sample_index or teacher checkpoint does not match, or a KA/DTD store was derived
-            from another dump than `logits.zarr` (content digest or sample_index).
+    `observe(inputs)` runs the teacher on the normalised batch, `lessons(labels)` turns its logits
+    into that batch's Lessons (rows 0..B-1) with the same `knowledge_adjustment` the KA stage runs.
     """
-    train = manifest["splits"]["train"]
-    expected = dict(dataset_fingerprint=train["fingerprint"], num_classes=manifest["num_classes"])
-    dataset = f"the prepared dataset ({manifest['dataset']})"
-    logits_path = store_dir / "logits.zarr"
-    logits_store = open_store(logits_path, kind="logits")
-    logits_store.expect(**expected, split="train", against=dataset)
-    logits_store.expect_sample_index(np.arange(train["num_samples"], dtype=np.int64), against=dataset)
-    teacher = logits_store.attrs["teacher"]
-    teacher_logits = _finite(logits_store, "logits")
-    digests = {logits_path.name: logits_store.content_digest}
-    if adjust == "none":
-        target_logits, fixed = teacher_logits, torch.zeros(teacher_logits.shape[0], dtype=torch.bool)
-    else:
-        adjusted = open_store(store_dir / f"adjusted-{adjust}.zarr", kind="adjusted")
-        adjusted.expect(**expected, method=adjust, against=dataset)
-        adjusted.expect(teacher=teacher, against=str(logits_path))
-        adjusted.expect_source(logits_store)
-        digests[adjusted.path.name] = adjusted.content_digest
-        target_logits = _finite(adjusted, "target_logits")
-        fixed = torch.from_numpy(adjusted.read_view("fixed_target"))
-    static = None
-    if dtd == "static":
-        dtd_store = open_store(store_dir / "dtd.zarr", kind="dtd")
-        dtd_store.expect(**expected, against=dataset)
-        dtd_store.expect(teacher=teacher, against=str(logits_path))
-        dtd_store.expect_source(logits_store)
-        digests[dtd_store.path.name] = dtd_store.content_digest
-        static = _finite(dtd_store, "static_temperature", positive=True)
-    lessons = Lessons(
-        target_logits=target_logits.to(device), fixed_target=fixed.to(device),
-        teacher_logits=teacher_logits.to(device) if dtd == "flsw" else None,
-        static_temperature=static.to(device) if static is not None else None,
-    )
-    return lessons, teacher, digests
 
+    def __init__(self, checkpoint: str | Path, *, manifest: dict[str, Any], method: str, epsilon: float,
+                 device: torch.device) -> None:
+        model, _ = load_checkpoint(checkpoint, manifest=manifest)
+        self.model = model.to(device).eval()
+        self.sha256 = file_sha256(checkpoint)
+        self.method, self.epsilon = method, epsilon
+        self.logits: Tensor | None = None
 
-def _finite(store: Any, name: str, *, positive: bool = False) -> Tensor:
-    """View 0 of array `name` as float32, refused when it holds NaN/inf, or with `positive` a value
-    <= 0 (temperatures): the KD loss checks nothing per step, and training on them would only
-    report a NaN loss. A missing chunk never gets here: `open_store` refuses it."""
-    values = store.read_view(name).astype(np.float32)
-    bad = ~(np.isfinite(values) & (values > 0)) if positive else ~np.isfinite(values)
-    if bad.any():
-        rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
-        what = "NaN/inf or values <= 0" if positive else "NaN/inf"
-        raise StoreError(f"{store.path}: {name} has {what} in {rows.size} rows (first: sample "
-                         f"{int(rows[0])}); lessons never writes them, so the store was changed after it "
-                         "was written: rebuild it")
-    return torch.from_numpy(values)
+    @torch.no_grad()
+    def observe(self, inputs: Tensor) -> None:
+        """Run the teacher on `inputs` (B, C, H, W) float32, normalised as the student's."""
+        self.logits = self.model(inputs).float()
+
+    def lessons(self, labels: Tensor) -> Lessons:
+        """The Lessons of the batch last observed: (B, C) targets after KA, the raw logits for FLSW."""
+        assert self.logits is not None, "observe() runs before the loss"
+        adjusted = knowledge_adjustment(self.logits, labels.to(self.logits.device), self.method,  # type: ignore[arg-type]
+                                        self.epsilon)
+        return Lessons(target_logits=adjusted.target_logits, fixed_target=adjusted.fixed_target,
+                       teacher_logits=self.logits, static_temperature=None)
 
 
 def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
@@ -265,7 +222,8 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
 def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, stores_dir: str | Path | None,
         checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path,
         device: torch.device, resume: bool = True, data_config: Any = None,
-        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        overrides: dict[str, Any] | None = None, teacher_checkpoint: str | Path | None = None,
+        epsilon: float = 0.1) -> dict[str, Any]:
     """Train student `experiment.name` and write its checkpoint, metrics, config record and curve.
 
     The metrics file holds numbers only (val_top1 with a val split, test_top1, top-5, agreement
@@ -284,6 +242,8 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
         data_config: the DataConfig used (recorded; default: the manifest's record).
         overrides: the keys the experiment sets itself in params.yaml, over `student_train`'s
             shared values (recorded for the report's settings column; default: none known).
+        teacher_checkpoint: the teacher's checkpoint, read only with `teacher_mode: online`.
+        epsilon: KA-LSR's smoothing mass (`adjust.epsilon`), read only online with adjust lsr.
     Returns:
         the metrics dict (numbers only).
     Raises:
@@ -297,17 +257,22 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
     check_batch_size(experiment.batch_size, num_train, f"student_train.experiments.{experiment.name}")
     num_test = manifest["splits"]["test"]["num_samples"]
     num_val = manifest["splits"]["val"]["num_samples"] if "val" in manifest["splits"] else 0
-    lessons, teacher, teacher_test = None, None, None
+    where = f"student_train.experiments.{experiment.name}"
+    augmentation = training_augmentation(image_shape, experiment.augment)
+    lesson_stores: LessonStores | None = None
+    teacher, teacher_test = None, None
     store_digests: dict[str, str] = {}
     if stores_dir is not None:
         stores_dir = Path(stores_dir)
-        if experiment.kd:
-            lessons, teacher, store_digests = load_lessons(stores_dir, adjust=experiment.adjust,
-                                                           dtd=experiment.dtd, manifest=manifest, device=device)
+        if experiment.kd and experiment.teacher_mode == "offline":
+            lesson_stores, teacher, store_digests = open_lessons(
+                stores_dir, adjust=experiment.adjust, dtd=experiment.dtd, manifest=manifest,
+                augmentation=augmentation, max_bytes=experiment.max_lesson_bytes, device=device, where=where)
         test_store = open_store(stores_dir / "test-logits.zarr", kind="logits")
         test_store.expect(dataset_fingerprint=manifest["splits"]["test"]["fingerprint"],
                           num_classes=manifest["num_classes"], split="test",
                           against=f"the prepared dataset ({manifest['dataset']})")
+        test_store.expect(num_views=1, against="the test split (always the plain image)")
         if teacher is not None and test_store.attrs["teacher"] != teacher:
             raise StoreError(f"{stores_dir / 'test-logits.zarr'}: from another teacher checkpoint than "
                              f"{stores_dir / 'logits.zarr'}; rerun teacher-dump")
@@ -315,16 +280,43 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
         teacher_test = test_store.read_view("logits").astype(np.float32)
     elif experiment.kd:
         raise StoreError(f"experiment {experiment.name}: kd needs the teacher's stores")
+    online: OnlineTeacher | None = None
+    if experiment.kd and experiment.teacher_mode == "online":
+        if teacher_checkpoint is None:
+            raise StoreError(f"{where}: teacher_mode online needs the teacher checkpoint (--teacher-checkpoint)")
+        online = OnlineTeacher(teacher_checkpoint, manifest=manifest, method=experiment.adjust,
+                               epsilon=epsilon, device=device)
+        if teacher is not None and online.sha256 != teacher.get("checkpoint_sha256"):
+            raise StoreError(f"{teacher_checkpoint}: is not the checkpoint the stores in {stores_dir} were "
+                             "dumped from (sha256 differs); rerun teacher-dump or name the right checkpoint")
+        store_digests = {Path(teacher_checkpoint).name: online.sha256}
 
-    where = f"student_train.experiments.{experiment.name}"
+    current: dict[str, Lessons] = {}
+
+    def epoch_views(epoch: int) -> np.ndarray | None:
+        """Gather the epoch's lessons (offline) and return the view params the student trains on."""
+        if lesson_stores is None:
+            return None
+        current["lessons"], params = lesson_stores.epoch(experiment.seed, epoch, where=where)
+        return params
+
     if experiment.kd:
-        assert lessons is not None
-        supervision = dict(lessons=lessons, alpha=experiment.alpha, dtd=experiment.dtd,
-                           temperature_config=temperature_config,
+        supervision = dict(alpha=experiment.alpha, dtd=experiment.dtd, temperature_config=temperature_config,
                            fixed_target_temperature=experiment.fixed_target_temperature)
-        loss_fn = lambda logits, labels, index: kd_batch_loss(logits, labels, index, **supervision)  # noqa: E731
-        explain = lambda logits, labels, index: explain_nonfinite_kd_loss(  # noqa: E731
-            logits, labels, index, **supervision, where=where, lr=experiment.lr)
+
+        def batch_lessons(labels: Tensor, index: Tensor) -> tuple[Lessons, Tensor]:
+            if online is None:
+                return current["lessons"], index
+            return online.lessons(labels), torch.arange(labels.shape[0])
+
+        def loss_fn(logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+            lessons, rows = batch_lessons(labels, index)
+            return kd_batch_loss(logits, labels, rows, lessons=lessons, **supervision)
+
+        def explain(logits: Tensor, labels: Tensor, index: Tensor) -> str:
+            lessons, rows = batch_lessons(labels, index)
+            return explain_nonfinite_kd_loss(logits, labels, rows, lessons=lessons, **supervision, where=where,
+                                             lr=experiment.lr)
     else:
         loss_fn = lambda logits, labels, _index: F.cross_entropy(logits, labels)  # noqa: E731
         explain = explain_cross_entropy(
@@ -360,7 +352,8 @@ def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, store
                  num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
                  loss_fn=loss_fn, state_path=training_state_path(checkpoint_out),
                  resume=resume, run_key=run_key, desc=f"student {experiment.name}", explain=explain,
-                 val_loader=val_loader, num_val=num_val)
+                 val_loader=val_loader, num_val=num_val, epoch_views=epoch_views,
+                 on_inputs=None if online is None else online.observe)
     test_logits, test_labels = result["test_logits"], result["test_labels"]
     metrics: dict[str, Any] = {
         **({"val_top1": topk_accuracy(result["val_logits"], result["val_labels"], 1),

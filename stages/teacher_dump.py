@@ -2,9 +2,12 @@
 
 Writes `stores/<teacher>/logits.zarr` (train split) and `stores/<teacher>/test-logits.zarr`
 (test split, for agreement metrics): `logits` (V, N, C), `labels` (N,), `sample_index` (N,),
-`view_params` (V, N, P) with V = 1 and P = 0 (the plain image). Each chunk of N rows is
-forwarded in batches that start at the chunk's first row, so a resumed dump computes exactly
-the batches an uninterrupted one would and the stores are byte-identical.
+`view_params` (V, N, P) and `view_spec`: the views `teacher_dump.views` asks for (DESIGN §5;
+`stages.views.StoredViews`), built by the same `Augmentation.apply` the student trains with. The
+test split always holds the plain image (V = 1): it is only compared with the student's test
+predictions. Each chunk of N rows (all V views of those rows) is forwarded in batches that start
+at the chunk's first row, so a resumed dump computes exactly the batches an uninterrupted one
+would and the stores are byte-identical.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 
 from stages.progress import progress
 from stages.training import channel_stats, load_checkpoint, normalize
+from stages.views import StoredViews, training_augmentation
 from storage import ArraySpec, StoreWriter
 from storage.atomic import check_folder_output
 from storage.beton import make_loader
@@ -26,19 +30,29 @@ from storage.versions import library_versions
 
 logger = logging.getLogger(__name__)
 
-VIEW_SPEC = {"kind": "identity", "num_views": 1, "view_param_names": []}
+VIEW_SPEC = {"kind": "identity", "num_views": 1, "view_param_names": []}  # stores written before views
+
+
+def stored_views(config: Any, image_shape: tuple[int, ...] | list[int]) -> StoredViews:
+    """The views a train-split dump holds for `config` (TeacherDumpConfig) and images of `image_shape`.
+
+    Raises:
+        ViewError: a view setting the augmentation cannot support (one line naming the key).
+    """
+    return StoredViews.plan(config.views, training_augmentation(image_shape), num_views=config.num_views,
+                            seeds=tuple(config.seeds), epochs=config.epochs, seed=config.seed)
 
 
 def store_attrs(*, manifest: dict[str, Any], split: str, teacher: str, checkpoint_meta: dict[str, Any],
-                checkpoint_sha256: str, dtype: str) -> dict[str, Any]:
+                checkpoint_sha256: str, dtype: str, views: StoredViews | None = None) -> dict[str, Any]:
     """The attributes of a teacher logit store (no timestamps or host names)."""
     return {
         "split": split,
         "dataset": manifest["dataset"],
         "dataset_fingerprint": manifest["splits"][split]["fingerprint"],
         "num_classes": manifest["num_classes"],
-        "num_views": 1,
-        "view_spec": VIEW_SPEC,
+        "num_views": 1 if views is None else views.num_views,
+        "view_spec": VIEW_SPEC if views is None else views.spec(),
         "logits_dtype": dtype,
         "teacher": {
             "name": teacher,
@@ -54,7 +68,7 @@ def store_attrs(*, manifest: dict[str, Any], split: str, teacher: str, checkpoin
 
 def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: int,
                attrs: dict[str, Any], config: Any, mean: torch.Tensor, std: torch.Tensor,
-               device: torch.device) -> dict[str, float]:
+               device: torch.device, views: StoredViews | None = None) -> dict[str, float]:
     """Forward every pending chunk of one split and write it; returns timing figures.
 
     On CPU the model is switched to channels-last memory format (in place) and fed channels-last
@@ -62,16 +76,18 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
     slower (bench/README.md), and the logits agree with NCHW ones to float rounding.
     """
     num_classes = attrs["num_classes"]
+    views = views or StoredViews("none", training_augmentation(attrs["teacher"]["image_shape"], False))
+    num_views, num_params = views.num_views, len(views.augmentation.param_names)
     channels_last = device.type == "cpu"
     if channels_last:
         model.to(memory_format=torch.channels_last)
     arrays = {
-        "logits": ArraySpec((1, num_samples, num_classes), config.dtype, sample_axis=1),
+        "logits": ArraySpec((num_views, num_samples, num_classes), config.dtype, sample_axis=1),
         "labels": ArraySpec((num_samples,), "int64"),
         "sample_index": ArraySpec((num_samples,), "int64"),
-        "view_params": ArraySpec((1, num_samples, 0), "int16", sample_axis=1),
+        "view_params": ArraySpec((num_views, num_samples, num_params), "int16", sample_axis=1),
     }
-    timing = {"load_s": 0.0, "forward_s": 0.0, "write_s": 0.0, "rows": 0}
+    timing = {"load_s": 0.0, "forward_s": 0.0, "write_s": 0.0, "rows": 0, "views": 0}
     with StoreWriter(out, kind="logits", arrays=arrays, attrs=attrs, chunk_rows=config.chunk_size) as writer:
         pending = writer.pending_chunks()
         if pending:
@@ -82,34 +98,38 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
                                     unit="img", unit_scale=config.batch_size, log=logger))
             for chunk in pending:
                 rows = writer.rows(chunk)
-                logits = np.empty((rows.stop - rows.start, num_classes), dtype=np.float32)
+                sample_index_rows = np.arange(rows.start, rows.stop, dtype=np.int64)
+                view_params = views.view_params(sample_index_rows)  # (V, rows, P)
+                logits = np.empty((num_views, rows.stop - rows.start, num_classes), dtype=np.float32)
                 labels = np.empty(rows.stop - rows.start, dtype=np.int64)
                 filled = 0
-                while filled < logits.shape[0]:
+                while filled < logits.shape[1]:
                     tick = time.perf_counter()
                     images, batch_labels, sample_index = next(batches)
                     got = sample_index.numpy() - rows.start
                     if not np.array_equal(got, np.arange(filled, filled + got.shape[0])):
                         raise RuntimeError(f"{beton}: loader returned rows out of order")
                     tock = time.perf_counter()
-                    with torch.no_grad():  # inference tensors would break ffcv buffers
-                        inputs = normalize(images.to(device), mean, std)
-                        if channels_last:
-                            inputs = inputs.contiguous(memory_format=torch.channels_last)
-                        out_logits = model(inputs).float().cpu().numpy()
+                    images = images.to(device)
+                    batch = slice(filled, filled + got.shape[0])
+                    for view in range(num_views):
+                        with torch.no_grad():  # inference tensors would break ffcv buffers
+                            inputs = normalize(views.augmentation.apply(images, view_params[view, batch]), mean, std)
+                            if channels_last:
+                                inputs = inputs.contiguous(memory_format=torch.channels_last)
+                            logits[view, batch] = model(inputs).float().cpu().numpy()
                     timing["forward_s"] += time.perf_counter() - tock
                     timing["load_s"] += tock - tick
-                    logits[filled:filled + got.shape[0]] = out_logits
-                    labels[filled:filled + got.shape[0]] = batch_labels.numpy()
+                    labels[batch] = batch_labels.numpy()
                     filled += got.shape[0]
                 tick = time.perf_counter()
                 writer.write_chunk(chunk, {
-                    "logits": logits[None], "labels": labels,
-                    "sample_index": np.arange(rows.start, rows.stop, dtype=np.int64),
-                    "view_params": np.zeros((1, logits.shape[0], 0), dtype=np.int16),
+                    "logits": logits, "labels": labels, "sample_index": sample_index_rows,
+                    "view_params": view_params,
                 })
                 timing["write_s"] += time.perf_counter() - tick
-                timing["rows"] += logits.shape[0]
+                timing["rows"] += logits.shape[1]
+                timing["views"] += logits.shape[0] * logits.shape[1]
         writer.finalize()
     return timing
 
@@ -130,6 +150,7 @@ def run(config: Any, *, teacher: str, data_dir: str | Path, checkpoint: str | Pa
     for out in (train_out, test_out):  # both, before the train split is dumped and published
         check_folder_output(out, "zarr.json", "a zarr store")
     manifest = read_prepared(data_dir)
+    views = stored_views(config, manifest["image_shape"])  # a bad view setting: refused before any work
     model, meta = load_checkpoint(checkpoint, manifest=manifest)
     if meta.get("dataset_fingerprint") not in (None, manifest["splits"]["train"]["fingerprint"]):
         logger.warning("teacher %s was trained on another train split than %s (fingerprints differ)",
@@ -140,14 +161,15 @@ def run(config: Any, *, teacher: str, data_dir: str | Path, checkpoint: str | Pa
     report: dict[str, Any] = {}
     started = time.perf_counter()
     for split, out in (("train", train_out), ("test", test_out)):
+        split_views = views if split == "train" else None
         attrs = store_attrs(manifest=manifest, split=split, teacher=teacher, checkpoint_meta=meta,
-                            checkpoint_sha256=sha256, dtype=config.dtype)
+                            checkpoint_sha256=sha256, dtype=config.dtype, views=split_views)
         report[split] = dump_split(model, beton=data_dir / f"{split}.beton", out=Path(out),
                                    num_samples=manifest["splits"][split]["num_samples"], attrs=attrs,
-                                   config=config, mean=mean, std=std, device=device)
+                                   config=config, mean=mean, std=std, device=device, views=split_views)
     elapsed = time.perf_counter() - started
-    rows = report["train"]["rows"] + report["test"]["rows"]
+    rows = report["train"]["views"] + report["test"]["views"]
     report["images_per_s"] = rows / max(elapsed, 1e-9)
-    logger.info("teacher %s: dumped %d rows in %.1f s (%.0f img/s)", teacher, rows, elapsed,
+    logger.info("teacher %s: dumped %d views (%s) in %.1f s (%.0f img/s)", teacher, rows, views.mode, elapsed,
                 report["images_per_s"])
     return report

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 import nets
 from stages.progress import progress
-from stages.views import apply_views, augmentation_params
+from stages.views import Augmentation, training_augmentation
 from storage.atomic import OutputError, atomic_write_bytes, ensure_parents, exclusive_lock
 
 logger = logging.getLogger(__name__)
@@ -367,9 +367,10 @@ class Fit:
         self.augment, self.image_shape, self.batch_size = augment, tuple(image_shape), batch_size
 
     @property
-    def padding(self) -> int:
-        """Pad-4 random crops for 32x32 and larger images (the CIFAR recipe), none below."""
-        return 4 if self.augment and self.image_shape[0] >= 32 else 0
+    def augmentation(self) -> Augmentation:
+        """The training augmentation (`stages.views.training_augmentation`): pad-4 crop + flip
+        for 32×32, flip only below, random-resized-crop + flip from 64 px, identity without `augment`."""
+        return training_augmentation(self.image_shape, self.augment)
 
 
 def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: Any,
@@ -377,7 +378,9 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], state_path: Path | None = None,
         resume: bool = False, run_key: str = "", desc: str = "train",
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        explain: Explain | None = None, val_loader: Any = None, num_val: int = 0) -> dict[str, Any]:
+        explain: Explain | None = None, val_loader: Any = None, num_val: int = 0,
+        epoch_views: Callable[[int], np.ndarray | None] | None = None,
+        on_inputs: Callable[[Tensor], None] | None = None) -> dict[str, Any]:
     """Train `model` for `fit_config.epochs` epochs, evaluating on the val split (when
     `val_loader` is given) and the test split after each.
 
@@ -388,14 +391,19 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
 
     `explain` names the cause and the knob when the loss turns NaN/inf (see `train_epoch`).
 
+    Each image is trained on the view `fit_config.augmentation` draws for (seed, epoch,
+    sample_index), unless `epoch_views(epoch)` — called at the start of every epoch, e.g. to
+    gather that epoch's lessons — returns the (N, P) view params of every sample (the views
+    whose teacher targets a multi-view store holds). `on_inputs` sees every normalised input
+    batch before the student does (an online teacher's forward).
+
     Returns:
         {"curve": [{"epoch", "train_loss", ("val_top1", "val_top5",) "test_top1", "test_top5",
          "lr", "elapsed_s"}...], "wall_s", "images_per_s" (training steps only), "test_logits"
          (N_test, C) float32, "test_labels", and with a val split "val_logits" (N_val, C) and
          "val_labels"}.
     """
-    fit_config_padding = fit_config.padding
-    flip = fit_config.augment
+    augmentation = fit_config.augmentation
     steps_per_epoch = max(1, len(train_loader))
     total_steps = fit_config.epochs * steps_per_epoch
     optimizer = sgd(model, fit_config.lr, fit_config.momentum, fit_config.weight_decay)
@@ -415,23 +423,25 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         logger.info("%s: resuming after epoch %d of %d", desc, start_epoch, fit_config.epochs)
     train_loader.next_epoch = start_epoch  # epoch e is ordered by storage.beton.epoch_order(seed, e)
 
-    def prepare(images: Tensor, sample_index: Tensor, epoch: int) -> Tensor:
-        if fit_config.augment:
-            params = augmentation_params(fit_config.seed, epoch, sample_index.numpy(),
-                                         padding=fit_config_padding, flip=flip)
-            images = apply_views(images, torch.from_numpy(params), padding=fit_config_padding)
-        return normalize(images, mean, std)
+    def prepare(images: Tensor, sample_index: Tensor, epoch: int, params: np.ndarray | None) -> Tensor:
+        index = sample_index.numpy()
+        view = augmentation.draw(fit_config.seed, epoch, index)[1] if params is None else params[index]
+        inputs = normalize(augmentation.apply(images, view), mean, std)
+        if on_inputs is not None:
+            on_inputs(inputs)
+        return inputs
 
     lr_at = lambda s: learning_rate(fit_config.lr, s / total_steps, fit_config.schedule,  # noqa: E731
                                     fit_config.milestones, fit_config.gamma)
     test_logits = test_labels = val_logits = val_labels = None
     for epoch in range(start_epoch, fit_config.epochs):
         started = time.perf_counter()
+        params = None if epoch_views is None else epoch_views(epoch)
         batches = progress(train_loader, desc=f"{desc} epoch {epoch + 1}/{fit_config.epochs}",
                            total=steps_per_epoch, unit="img", unit_scale=fit_config.batch_size, log=logger)
         train_loss, seen, step = train_epoch(
             model, batches, optimizer, loss_fn=loss_fn,
-            prepare=lambda images, index, e=epoch: prepare(images, index, e),
+            prepare=lambda images, index, e=epoch, p=params: prepare(images, index, e, p),
             lr_at=lr_at, step=step, device=device, explain=explain)
         train_s = time.perf_counter() - started
         if val_loader is not None:

@@ -100,7 +100,7 @@ def test_kd_without_a_teacher_and_ce_with_adjustment_are_refused():
         "a": {"kd": True}, "b": {"kd": False, "adjust": "ps"}}}}, "")
     with pytest.raises(ConfigError, match="teacher: required when kd is true"):
         params.student_train.experiment("a")
-    with pytest.raises(ConfigError, match="adjust/dtd need kd: true"):
+    with pytest.raises(ConfigError, match="adjust/dtd/teacher_mode need kd: true"):
         params.student_train.experiment("b")
 
 

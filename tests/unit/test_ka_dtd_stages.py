@@ -149,7 +149,13 @@ def test_student_train_refuses_a_dtd_store_whose_static_temperature_is_not_posit
     import torch
     import zarr
 
-    from stages.student_train import load_lessons
+    from stages.lessons import open_lessons
+    from stages.views import training_augmentation
+
+    def load_lessons(path, **kwargs):
+        stores, _, _ = open_lessons(path, **kwargs, augmentation=training_augmentation((28, 28, 1)),
+                                    max_bytes=1 << 30)
+        return stores.epoch(0, 0)[0], None, None
     from tests.reliability.conftest import as_written
 
     logits, labels = teacher
@@ -163,5 +169,5 @@ def test_student_train_refuses_a_dtd_store_whose_static_temperature_is_not_posit
     array[0, 300] = bad
     as_written(tmp_path / "dtd.zarr")  # as if the store had been written so (the digest check passes)
     with pytest.raises(StoreError, match=r"static_temperature has NaN/inf or values <= 0 in 1 rows \(first: "
-                                         r"sample 300\).*rebuild it"):
+                                         r"sample 300, view 0\).*rebuild it"):
         load_lessons(tmp_path, adjust="none", dtd="static", manifest=manifest, device=torch.device("cpu"))

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-import stages.student_train as student_train
+import stages.lessons as lessons
+from stages.views import training_augmentation
 from stages.store_digests import run, stores_read
 from storage import StoreError
 
 
 def _experiment(name: str, teacher: str | None = "t", kd: bool = True, adjust: str = "none",
-                dtd: str = "off") -> SimpleNamespace:
-    return SimpleNamespace(name=name, teacher=teacher, kd=kd, adjust=adjust, dtd=dtd)
+                dtd: str = "off", teacher_mode: str = "offline") -> SimpleNamespace:
+    return SimpleNamespace(name=name, teacher=teacher, kd=kd, adjust=adjust, dtd=dtd, teacher_mode=teacher_mode)
 
 
 def _stores(root: Path) -> Path:
@@ -100,18 +101,31 @@ class _FakeStore:
     def expect_source(self, *_: object) -> None:
         pass
 
-    def read_view(self, name: str) -> np.ndarray:
+    def __contains__(self, name: str) -> bool:
+        return False
+
+    def array(self, name: str) -> np.ndarray:
         if name == "static_temperature":
-            return np.full(4, 4.0, np.float32)
-        return np.zeros(4, bool) if name == "fixed_target" else np.zeros((4, 3), np.float32)
+            return np.full((1, 4), 4.0, np.float32)
+        if name == "view_params":
+            return np.zeros((1, 4, 0), np.int16)
+        return np.zeros((1, 4), bool) if name == "fixed_target" else np.zeros((1, 4, 3), np.float32)
 
 
 @pytest.mark.parametrize("adjust, dtd", itertools.product(("none", "ps", "lsr"), ("off", "static", "flsw", "cwsm")))
 def test_the_kd_stores_digested_are_the_stores_the_student_opens(monkeypatch, adjust, dtd):
     opened: list[str] = []
-    monkeypatch.setattr(student_train, "open_store", lambda path, **_: _FakeStore(path, opened))
+    monkeypatch.setattr(lessons, "open_store", lambda path, **_: _FakeStore(path, opened))
     manifest = {"splits": {"train": {"fingerprint": "f", "num_samples": 4}}, "num_classes": 3, "dataset": "d"}
-    student_train.load_lessons(Path("stores/t"), adjust=adjust, dtd=dtd, manifest=manifest,
-                               device=torch.device("cpu"))
+    lessons.open_lessons(Path("stores/t"), adjust=adjust, dtd=dtd, manifest=manifest,
+                         augmentation=training_augmentation((28, 28, 1)), max_bytes=1 << 30,
+                         device=torch.device("cpu"))
     # run() opens test-logits.zarr itself whenever there is a teacher.
     assert sorted(opened + ["test-logits.zarr"]) == stores_read(teacher="t", kd=True, adjust=adjust, dtd=dtd)
+
+
+def test_an_online_student_digests_only_the_test_store_that_names_its_checkpoint(tmp_path):
+    stores = _stores(tmp_path / "stores")
+    summary = run(_experiment("kd_online", adjust="ps", dtd="flsw", teacher_mode="online"), stores_root=stores,
+                  out=tmp_path / "o.json")
+    assert sorted(summary["stores"]) == ["test-logits.zarr"]
