@@ -388,6 +388,33 @@ def export_command(store: str, h5_file: str) -> None:
     click.echo(f"{h5_file}: exported {store}")
 
 
+@main.command("verify-views")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="The prepared dataset the store was dumped from.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="The teacher checkpoint.")
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="How many random (view, sample) pairs to replay.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which pairs.")
+@click.pass_context
+@friendly
+def verify_views_command(ctx: click.Context, store: str, data_dir: str, checkpoint: str, samples: int,
+                         seed: int) -> None:
+    """Replay stored views through the teacher: the largest |Δ logit| against the store (exit 1
+    above the tolerance float16 storage justifies)."""
+    _ready_torch()
+    from stages import verify_views
+    from storage import StoreError
+
+    result = verify_views.run(store, data_dir=data_dir, checkpoint=checkpoint, samples=samples, seed=seed)
+    line = (f"{store}: replayed {result['pairs']} (view, sample) pairs of {result['views']} views: max |Δ logit| "
+            f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:.3g})")
+    if not result["ok"]:
+        raise StoreError(f"{line}: the store does not hold what this teacher gives on its views; rebuild it "
+                         "(lessons teacher-dump)")
+    click.echo(line + ": ok")
+
+
 def run_main() -> None:  # pragma: no cover - thin wrapper for `python -m pipeline`
     main(prog_name="lessons", obj={})
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from stages.functional import InvalidLogitsError, compute_dtype, teacher_is_wrong
 from stages.parallel import block_rows, dask_scheduler, one_torch_thread, prefixed
+from stages.views import augmentation_from_spec
 from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.atomic import ensure_parents
 from storage.versions import library_versions
@@ -200,6 +201,16 @@ def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: str, epsilo
     return packed.reshape(views, rows, num_classes + 3).numpy()
 
 
+def plain_view_index(view_spec: dict[str, Any] | None) -> int | None:
+    """The index of the plain image among a store's views: 0 for a V = 1 store of the plain image,
+    its place in the enumerated set for `views: all`, None when the store does not hold it."""
+    if not view_spec or view_spec.get("views", "none") == "none":
+        return 0
+    if view_spec["views"] != "all":
+        return None
+    return augmentation_from_spec(view_spec).plain_view()
+
+
 def adjustment_summary(counts: dict[str, Any], total_views: int) -> dict[str, Any]:
     """Counts of a KA store: views rewritten, fraction, per-class rewrites, teacher accuracy.
 
@@ -273,6 +284,15 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
     }
     started = time.perf_counter()
     rewritten = packed[..., num_classes + 1] > 0.5
+    wrong = packed[..., num_classes + 2] > 0.5  # (V, N)
+    plain = plain_view_index(source.attrs.get("view_spec"))
+    view_reductions = {}
+    if plain is not None and views > 1:  # the plain image is one of the stored views (views: all)
+        top = da.argmax(logits, axis=2)  # (V, N)
+        view_reductions = {
+            "right_plain_wrong_some_view": (~wrong[plain] & wrong.any(axis=0)).sum(),
+            "top_class_changed": (top != top[plain][None, :]).sum(),
+        }
     with dask_scheduler(scheduler) as dask_sched, StoreWriter(
             out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer, \
             prefixed(str(logits_path), InvalidLogitsError), checked_reads(logits_path):
@@ -282,11 +302,15 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
             "fixed_target": packed[..., num_classes] > 0.5,
             "rewritten": rewritten,
         }, scheduler=dask_sched, reductions={
-            "wrong": (packed[..., num_classes + 2] > 0.5).sum(),
+            "wrong": wrong.sum(),
+            **view_reductions,
             "per_class": da.bincount(labels_da, weights=rewritten.sum(axis=0), minlength=num_classes),
             "rewritten": rewritten.sum(),
         })
         summary = adjustment_summary(counts, views * samples)
+        if view_reductions:
+            summary["right_plain_wrong_some_view"] = float(counts["right_plain_wrong_some_view"]) / samples
+            summary["top_class_changed_fraction"] = float(counts["top_class_changed"]) / (views * samples)
         writer.finalize(extra_attrs=summary)
     summary.update(method=method, elapsed_s=round(time.perf_counter() - started, 3))
     # Numbers only in the metrics file (dvc metrics/exp show); the method, its epsilon, the teacher

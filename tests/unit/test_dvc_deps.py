@@ -202,6 +202,7 @@ READS: dict[str, list[tuple[str, str | None, str, type, Any]]] = {
     ],
     "student_train": [
         ("pipeline/cli.py", "student_train_command", "resolved", C.ResolvedExperiment, _resolved_keys),
+        ("pipeline/cli.py", "student_train_command", "params.adjust", C.AdjustConfig, _section("adjust")),
         ("stages/student_train.py", None, "experiment", C.ResolvedExperiment, _resolved_keys),
         ("stages/student_train.py", None, "temperature_config", C.TemperatureConfig, _section("temperature")),
     ],

@@ -1,0 +1,91 @@
+"""Command `verify-views`: replay stored views and check the teacher still gives the stored logits.
+
+For a random sample of (view v, sample n) pairs of a logit store, the image is rebuilt from
+`view_params[v, n]` with the same `Augmentation.apply` the dump and the student use, the teacher
+checkpoint runs on it, and the largest |Δ logit| against `logits[v, n]` is reported (TinyViT ships
+such a check for its stored augmentations). A store whose views, images or teacher drifted from
+what its attributes say fails it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.training import channel_stats, load_checkpoint, normalize
+from stages.views import StoredViews
+from storage import StoreError, open_store
+from storage.beton import make_loader
+from storage.manifest import file_sha256, read_prepared
+
+logger = logging.getLogger(__name__)
+
+
+def replay_tolerance(stored: np.ndarray, dtype: str) -> float:
+    """The largest |Δ logit| a faithful store may show: float16 storage rounds to 11 significant
+    bits (a relative half-ulp of 2^-11 at the largest |logit| replayed), plus 1e-3 for float32
+    forward-pass rounding (other batch compositions, channels-last kernels)."""
+    peak = float(np.abs(stored).max()) if stored.size else 0.0
+    return (2.0**-11 * peak if dtype == "float16" else 0.0) + 1e-3
+
+
+def run(store_path: str | Path, *, data_dir: str | Path, checkpoint: str | Path, samples: int,
+        seed: int = 0, device: torch.device | None = None) -> dict[str, Any]:
+    """Replay `samples` random (v, n) pairs of the train-split store at `store_path`.
+
+    Args:
+        store_path: a `logits.zarr` store. data_dir: its prepared dataset. checkpoint: the
+            teacher checkpoint it was dumped from. samples: pairs to replay (>= 1). seed: which pairs.
+    Returns:
+        {"pairs", "views", "max_abs_diff", "tolerance", "ok"} (max_abs_diff in logits).
+    Raises:
+        StoreError: the store is not from this dataset or checkpoint, or is not a train-split store.
+        ManifestError, CheckpointError: as their readers raise them.
+    """
+    device = device or torch.device("cpu")
+    data_dir = Path(data_dir)
+    store = open_store(store_path, kind="logits")
+    manifest = read_prepared(data_dir)
+    split = store.attrs.get("split", "train")
+    store.expect(dataset_fingerprint=manifest["splits"][split]["fingerprint"], against=str(data_dir))
+    sha256 = file_sha256(checkpoint)
+    if store.attrs["teacher"]["checkpoint_sha256"] != sha256:
+        raise StoreError(f"{store_path}: was dumped from another checkpoint than {checkpoint} (sha256 differs); "
+                         "name the checkpoint it came from (stores/<teacher> ↔ checkpoints/teachers/<teacher>.pt)")
+    views = StoredViews.from_spec(store.attrs.get("view_spec") or {"kind": "identity"})
+    num_views, num_samples = store.array("logits").shape[:2]
+    rng = np.random.default_rng(seed)
+    count = min(samples, num_views * num_samples)
+    flat = rng.choice(num_views * num_samples, size=count, replace=False)
+    pair_view, pair_sample = flat // num_samples, flat % num_samples
+    order = np.argsort(pair_sample, kind="stable")
+    pair_view, pair_sample = pair_view[order], pair_sample[order]
+    stored = np.stack([store.array("logits")[v, n] for v, n in zip(pair_view, pair_sample)]).astype(np.float32)
+    params = np.stack([store.array("view_params")[v, n] for v, n in zip(pair_view, pair_sample)])
+    model, _ = load_checkpoint(checkpoint, manifest=manifest)
+    model.to(device).eval()
+    mean, std = channel_stats(manifest, device)
+    unique = np.unique(pair_sample)
+    images: dict[int, torch.Tensor] = {}
+    loader = make_loader(data_dir / f"{split}.beton", batch_size=min(256, unique.size), shuffle=False,
+                         indices=unique)
+    for batch_images, _, sample_index in loader:
+        for image, n in zip(batch_images, sample_index.tolist()):
+            images[n] = image.clone()
+    replayed = np.empty_like(stored)
+    for start in range(0, count, 256):
+        rows = slice(start, min(start + 256, count))
+        batch = torch.stack([images[int(n)] for n in pair_sample[rows]]).to(device)
+        with torch.no_grad():
+            inputs = normalize(views.augmentation.apply(batch, params[rows]), mean, std)
+            replayed[rows] = model(inputs).float().cpu().numpy()
+    max_abs_diff = float(np.abs(replayed - stored).max())
+    tolerance = replay_tolerance(stored, store.attrs.get("logits_dtype", "float16"))
+    result = {"pairs": int(count), "views": int(num_views), "max_abs_diff": max_abs_diff,
+              "tolerance": tolerance, "ok": max_abs_diff <= tolerance}
+    logger.info("verify-views %s: %d pairs, max |Δ logit| %.3g (tolerance %.3g)", store_path, count,
+                max_abs_diff, tolerance)
+    return result
