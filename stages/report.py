@@ -41,8 +41,8 @@ MISSING = "–"
 SUMMARY_NAME = "summary.md"
 ACCURACY_PNG, CURVES_PNG, TEMPERATURE_PNG = "accuracy.png", "curves.png", "temperature.png"
 #: Student settings that must agree between runs aggregated under one experiment name.
-EXPERIMENT_KEYS = ("teacher", "kd", "adjust", "dtd", "fixed_target_temperature", "arch", "epochs", "lr",
-                   "alpha")
+EXPERIMENT_KEYS = ("teacher", "kd", "adjust", "dtd", "fixed_target_temperature", "teacher_mode", "arch",
+                   "epochs", "lr", "alpha")
 #: (header, body) of a Markdown table; body cells are display strings.
 Table = tuple[list[str], list[list[Any]]]
 
@@ -71,6 +71,8 @@ class ExperimentRow:
     val_top1_mean: float | None = None  # over the runs with a val split; None without one
     val_top1_std: float | None = None  # sample std (ddof = 1) when n > 1
     settings: str = ""  # what this experiment sets differently from the shared defaults
+    teacher_mode: str = "offline"  # online: the teacher ran on every batch (the baseline of the stores)
+    images_per_s: float | None = None  # training images per second, mean over seeds
 
     @property
     def n(self) -> int:
@@ -173,6 +175,7 @@ def student_record(metrics: Mapping[str, Any], config: Mapping[str, Any] | None)
     teacher = config.get("teacher")
     return {**{key: resolved.get(key) for key in ("kd", "adjust", "dtd", "fixed_target_temperature", "arch",
                                                   "epochs", "batch_size", "lr", "alpha")},
+            "teacher_mode": resolved.get("teacher_mode", "offline"),
             "experiment": config.get("experiment"), "seed": config.get("seed"),
             "teacher": teacher.get("name") if isinstance(teacher, Mapping) else teacher,
             **{key: config[key] for key in ("config", "overrides", "temperature", "dataset") if key in config},
@@ -182,7 +185,7 @@ def student_record(metrics: Mapping[str, Any], config: Mapping[str, Any] | None)
 def _adjust_label(record: Mapping[str, Any]) -> str:
     """The KA column: the method, and the student's temperature on fixed rows when overridden."""
     label = str(record.get("adjust", "none"))
-    if record.get("fixed_target_temperature") is not None:
+    if record.get("fixed_target_temperature") not in (None, 1.0):  # 1.0: the default (DESIGN §4)
         label += f" (fixed rows at τ {float(record['fixed_target_temperature']):g})"
     return label
 
@@ -233,8 +236,33 @@ def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[Experim
             val_top1_mean=statistics.fmean(val) if val else None,
             val_top1_std=statistics.stdev(val) if len(val) > 1 else None,
             settings=settings_label(first),
+            teacher_mode=str(first.get("teacher_mode") or "offline"),
+            images_per_s=_mean_of(records, "images_per_s"),
         ))
     return rows
+
+
+def online_table(rows: Sequence[ExperimentRow]) -> Table:
+    """Offline lessons against online KD: each `teacher_mode: online` experiment beside the
+    offline experiment with the same teacher, KA, DTD and settings (DESIGN §5).
+
+    Returns:
+        (header, body): method, both experiments, top-1 mean ± std, Δ (points, online − offline),
+        wall time and images/s of each. Online experiments without an offline twin are left out.
+    """
+    header = ["teacher", "KA", "DTD", "offline", "online", "offline top-1", "online top-1", "Δ",
+              "offline s", "online s", "offline img/s", "online img/s"]
+    body = []
+    for online in (r for r in rows if r.teacher_mode == "online"):
+        twin = next((r for r in rows if r.teacher_mode == "offline" and r.kd and (r.teacher, r.adjust, r.dtd,
+                     r.settings) == (online.teacher, online.adjust, online.dtd, online.settings)), None)
+        if twin is None:
+            continue
+        body.append([online.teacher, online.adjust, online.dtd, twin.experiment, online.experiment,
+                     format_top1(twin), format_top1(online), format_delta(online, twin),
+                     format_number(twin.wall_s, 0), format_number(online.wall_s, 0),
+                     format_number(twin.images_per_s, 0), format_number(online.images_per_s, 0)])
+    return header, body
 
 
 def order_rows(rows: Iterable[ExperimentRow], baseline: str, kd_baseline: str) -> list[ExperimentRow]:
@@ -451,6 +479,19 @@ def summary_markdown(rows: Sequence[ExperimentRow], *, baseline: str, kd_baselin
                            for key, value in shared.items()) if shared else "")
         + " (τ0, β of the temperature section shown for DTD experiments).",
         markdown_table(*student_table(rows, baseline, kd_baseline, teacher_top1)),
+    ]
+    online = online_table(rows)
+    if online[1]:
+        parts += [
+            "## Offline lessons vs online KD",
+            "Each `teacher_mode: online` experiment (the teacher run on every batch the student sees) "
+            "beside its offline twin (same teacher, KA, DTD and settings, lessons read from the stores). "
+            "With `teacher_dump.views: all` or `scheduled` both see the same views and targets, so Δ "
+            "should be rounding noise; with `none` the offline student learns from the plain image only. "
+            "Δ in points, online − offline; wall time in seconds per run (training and evaluation).",
+            markdown_table(*online),
+        ]
+    parts += [
         "## Plots",
         f"![Student top-1 per experiment]({ACCURACY_PNG})\n\n"
         f"![Student test top-1 per epoch]({CURVES_PNG})\n\n"

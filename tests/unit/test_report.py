@@ -12,6 +12,7 @@ from stages.report import (
     aggregate_experiments,
     format_signed,
     near_chance,
+    online_table,
     order_rows,
     run,
     shared_settings,
@@ -58,9 +59,26 @@ def test_delta_columns_are_percentage_point_differences_of_top1():
 
 
 def test_the_ka_column_names_an_overridden_fixed_row_temperature():
-    header, body = table([student("kd_lsr", 0.8, adjust="lsr"),
-                          student("kd_lsr_t1", 0.8, adjust="lsr", fixed_target_temperature=1.0)])
-    assert column(header, body, "KA") == {"kd_lsr": "lsr", "kd_lsr_t1": "lsr (fixed rows at τ 1)"}
+    header, body = table([student("kd_lsr", 0.8, adjust="lsr", fixed_target_temperature=1.0),
+                          student("kd_lsr_t2", 0.8, adjust="lsr", fixed_target_temperature=2.0)])
+    # 1.0 is the default (DESIGN §4: the plain student distribution on fixed rows), so unnamed
+    assert column(header, body, "KA") == {"kd_lsr": "lsr", "kd_lsr_t2": "lsr (fixed rows at τ 2)"}
+
+
+def test_online_experiments_sit_beside_their_offline_twin():
+    rows = aggregate_experiments([
+        student("kd", 0.80, seed=0, wall_s=10.0, images_per_s=500.0),
+        student("kd", 0.82, seed=1, wall_s=12.0, images_per_s=400.0),
+        student("kd_online", 0.83, seed=0, teacher_mode="online", wall_s=30.0, images_per_s=150.0),
+        student("kd_online", 0.81, seed=1, teacher_mode="online", wall_s=30.0, images_per_s=150.0),
+        student("kd_ps", 0.70, adjust="ps", teacher_mode="offline")])
+    header, body = online_table(rows)
+    assert len(body) == 1
+    cells = dict(zip(header, body[0]))
+    assert (cells["offline"], cells["online"]) == ("kd", "kd_online")
+    assert cells["offline top-1"].startswith("81.00 ± 1.41") and cells["online top-1"].startswith("82.00 ± 1.41")
+    assert cells["Δ"].startswith("+1.00") and (cells["offline s"], cells["online s"]) == ("11", "30")
+    assert (cells["offline img/s"], cells["online img/s"]) == ("450", "150")
 
 
 def test_rows_are_baseline_then_kd_baseline_then_by_name():
