@@ -1,0 +1,147 @@
+"""Section `student_train`: the shared student settings and the experiment matrix.
+
+`StudentTrainConfig.experiment(name, seed)` resolves one experiment against the shared values into
+the `ResolvedExperiment` a student stage receives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline.sections import (
+    ConfigError, Device, _check_optimizer, _check_schedule, _check_seed, _positive, check_temperature,
+)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One student experiment. Unset (null) fields fall back to `student_train` defaults."""
+
+    teacher: str | None = None
+    kd: bool = True
+    adjust: Literal["ps", "lsr", "none"] = "none"
+    dtd: Literal["off", "static", "flsw", "cwsm"] = "off"
+    arch: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    alpha: float | None = None
+    # KA-LSR rows: null = soften the student by the row's τ and weight by τ² (DESIGN §4); a
+    # number = use this τ instead on fixed-target rows only (1.0: unsoftened student, weight 1).
+    fixed_target_temperature: float | None = None
+
+
+#: `student_train` keys an experiment may set for itself (null = the shared value).
+OVERRIDABLE = ("arch", "epochs", "batch_size", "lr", "alpha")
+
+
+@dataclass(frozen=True)
+class StudentTrainConfig:
+    """Section `student_train`: shared student settings plus the experiment matrix."""
+
+    arch: str = "cnn_tiny"
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the run, for `step`
+    gamma: float = 0.1  # lr factor at each milestone, for `step`
+    alpha: float = 0.9  # weight of the KD term; (1 - alpha) on cross-entropy
+    seeds: tuple[int, ...] = (0,)  # every experiment runs once per seed (a dvc matrix axis)
+    augment: bool = True
+    num_workers: int = 2
+    device: Device = "auto"
+    experiments: dict[str, ExperimentConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _positive(self, "student_train", ("epochs", "batch_size", "lr", "num_workers"))
+        _check_optimizer(self, "student_train")
+        _check_schedule(self, "student_train")
+        for name, exp in self.experiments.items():
+            _positive(exp, f"student_train.experiments.{name}", ("epochs", "batch_size", "lr"))
+            if exp.alpha is not None and not 0.0 <= exp.alpha <= 1.0:
+                raise ConfigError(f"student_train.experiments.{name}.alpha: must lie in [0, 1], got {exp.alpha}")
+            value = exp.fixed_target_temperature
+            if value is not None and (exp.adjust != "lsr" or not (value > 0 and math.isfinite(value))):
+                raise ConfigError(
+                    f"student_train.experiments.{name}.fixed_target_temperature: a positive number, and "
+                    f"only with adjust: lsr (got {value}, adjust={exp.adjust})")
+            if value is not None:
+                check_temperature(value, f"student_train.experiments.{name}.fixed_target_temperature")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"student_train.seeds: must be a non-empty list of distinct integers, "
+                              f"got {list(self.seeds)}")
+        for seed in self.seeds:
+            _check_seed(seed, "student_train.seeds")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"student_train.alpha: must lie in [0, 1], got {self.alpha}")
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every configured (experiment, seed) pair, experiment-major in params.yaml order: the
+        `student_train` matrix of dvc.yaml, which the report shows and nothing else."""
+        return [(name, seed) for name in self.experiments for seed in self.seeds]
+
+    def overrides(self, name: str) -> dict[str, Any]:
+        """The shared keys (`OVERRIDABLE`) that experiment `name` sets itself, with its values."""
+        exp = self.experiment_config(name)
+        return {key: getattr(exp, key) for key in OVERRIDABLE if getattr(exp, key) is not None}
+
+    def experiment_config(self, name: str) -> ExperimentConfig:
+        """The entry `name` of `experiments` as written (unset fields None)."""
+        if name not in self.experiments:
+            raise ConfigError(
+                f"student_train.experiments: no experiment named {name!r}; "
+                f"known: {sorted(self.experiments)}"
+            )
+        return self.experiments[name]
+
+    def experiment(self, name: str, seed: int | None = None) -> "ResolvedExperiment":
+        """The experiment `name` (for `seed`, default the first of `seeds`) with every unset
+        field filled from the shared defaults."""
+        exp = self.experiment_config(name)
+        if exp.kd and exp.teacher is None:
+            raise ConfigError(f"student_train.experiments.{name}.teacher: required when kd is true")
+        if not exp.kd and (exp.adjust != "none" or exp.dtd != "off"):
+            raise ConfigError(
+                f"student_train.experiments.{name}: adjust/dtd need kd: true "
+                f"(got adjust={exp.adjust}, dtd={exp.dtd})"
+            )
+        pick = lambda key: getattr(self, key) if getattr(exp, key) is None else getattr(exp, key)  # noqa: E731
+        resolved = ResolvedExperiment(
+            name=name, teacher=exp.teacher, kd=exp.kd, adjust=exp.adjust, dtd=exp.dtd,
+            fixed_target_temperature=exp.fixed_target_temperature,
+            arch=pick("arch"), epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
+            alpha=pick("alpha"), seed=self.seeds[0] if seed is None else seed, momentum=self.momentum,
+            weight_decay=self.weight_decay, schedule=self.schedule, milestones=self.milestones,
+            gamma=self.gamma, augment=self.augment, num_workers=self.num_workers, device=self.device,
+        )
+        return resolved  # every field was checked on load (shared values and overrides alike)
+
+
+@dataclass(frozen=True)
+class ResolvedExperiment:
+    """A student experiment with shared defaults applied (what `student_train.run` receives)."""
+
+    name: str
+    teacher: str | None
+    kd: bool
+    adjust: Literal["ps", "lsr", "none"]
+    dtd: Literal["off", "static", "flsw", "cwsm"]
+    fixed_target_temperature: float | None
+    arch: str
+    epochs: int
+    batch_size: int
+    lr: float
+    alpha: float
+    seed: int
+    momentum: float
+    weight_decay: float
+    schedule: Literal["cosine", "step"]
+    milestones: tuple[float, ...]
+    gamma: float
+    augment: bool
+    num_workers: int
+    device: Device
