@@ -222,7 +222,7 @@ def adjust_command(ctx: click.Context, method: str, logits_path: str, out: str, 
 
 @main.command("temperature")
 @click.option("--logits", "logits_path", required=True, type=click.Path(), help="Teacher logit store.")
-@click.option("--out", required=True, type=click.Path(), help="DTD store to write.")
+@click.option("--out", required=True, type=click.Path(), help="DTD store to write (stores/T/dtd.zarr).")
 @click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--histogram-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--plot-out", default=None, type=click.Path(dir_okay=False), help="PNG histogram.")

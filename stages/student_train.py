@@ -2,7 +2,8 @@
 
 The student reads images from the dataset's FFCV beton and, for every batch, gathers its
 targets by `sample_index` from tensors loaded once per run: the KA store's `target_logits` and
-`fixed_target`, the DTD store's `static_temperature`, and the raw teacher logits (for FLSW).
+`fixed_target`, `dtd.zarr`'s `static_temperature` (written by the `temperature` stage; for
+`dtd: static`), and the raw teacher logits (for FLSW).
 The teacher network is never loaded. Every store is checked against the beton's manifest
 (dataset fingerprint, sample_index, classes) and against each other (same teacher checkpoint)
 before training starts.

@@ -5,7 +5,9 @@ arXiv:1911.07471) §3.2, as DESIGN §4 specifies it: a per-sample temperature
 τ_x = clamp(τ0 + (mean ω − ω_x)·β, τ_min, τ_max), where ω_x is large for samples the student
 finds hard (so they get a lower τ and sharper targets). FLSW and CWSM depend on the student and
 are computed online by the trainer; the teacher-only weight and the teacher statistics are
-precomputed by this stage. The pure math sits at the top; `run()` below loops and writes.
+precomputed by this stage, into `dtd.zarr` (store kind `dtd`; an experiment's `dtd` key picks
+the mode, README "One story for DTD's names"). The pure math sits at the top; `run()` below
+loops and writes.
 
 All math runs in float32 (float64 for float64 input) whatever the storage dtype.
 """
