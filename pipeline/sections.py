@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from storage.errors import LessonsError
+
 Device = Literal["auto", "cpu", "cuda"]
 
 
-class ConfigError(ValueError):
+class ConfigError(LessonsError, ValueError):
     """A `params.yaml` section or key is missing, unknown or of the wrong type."""
 
 

@@ -13,8 +13,10 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
+from storage.errors import LessonsError
 
-class DatasetError(ValueError):
+
+class DatasetError(LessonsError, ValueError):
     """A dataset is unknown, missing, corrupt or inconsistent (one line: what + how to fix)."""
 
 
