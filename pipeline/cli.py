@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import AdjustMethod, ConfigError, Params, load_params
 from pipeline.log import configure_logging
 from storage.atomic import OutputError
 from storage.errors import LessonsError
@@ -192,7 +192,7 @@ def teacher_dump_command(ctx: click.Context, teacher: str, data_dir: str, checkp
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address (default: local threads).")
 @click.pass_context
 @friendly
-def adjust_command(ctx: click.Context, method: str, logits_path: str, out: str, metrics_out: str,
+def adjust_command(ctx: click.Context, method: AdjustMethod, logits_path: str, out: str, metrics_out: str,
                    scheduler: str | None) -> None:
     """Knowledge Adjustment: rewrite the teacher targets that are wrong (PS or LSR)."""
     from stages import adjust

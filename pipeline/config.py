@@ -22,16 +22,17 @@ import yaml
 
 from pipeline.experiments import OVERRIDABLE, ExperimentConfig, ResolvedExperiment, StudentTrainConfig
 from pipeline.sections import (
-    BETA_LIMIT, GAMMA_LIMIT, LOGIT_LIMIT, TEMPERATURE_RANGE, AdjustConfig, ConfigError, DataConfig, Device,
-    PrepareDataConfig, ReportConfig, TeacherConfig, TeacherDumpConfig, TeacherTrainConfig, TemperatureConfig,
-    check_temperature,
+    BETA_LIMIT, GAMMA_LIMIT, LOGIT_LIMIT, TEMPERATURE_RANGE, AdjustConfig, AdjustMethod, ConfigError,
+    DataConfig, Device, DtdMode, PrepareDataConfig, ReportConfig, TeacherConfig, TeacherDumpConfig,
+    TeacherTrainConfig, TemperatureConfig, check_temperature,
 )
 
 __all__ = [
-    "BETA_LIMIT", "GAMMA_LIMIT", "LOGIT_LIMIT", "OVERRIDABLE", "TEMPERATURE_RANGE", "AdjustConfig", "ConfigError",
-    "DataConfig", "Device", "ExperimentConfig", "Params", "PrepareDataConfig", "ReportConfig", "ResolvedExperiment",
-    "StudentTrainConfig", "TeacherConfig", "TeacherDumpConfig", "TeacherTrainConfig", "TemperatureConfig",
-    "check_temperature", "from_dict", "load_params",
+    "BETA_LIMIT", "GAMMA_LIMIT", "LOGIT_LIMIT", "OVERRIDABLE", "TEMPERATURE_RANGE", "AdjustConfig",
+    "AdjustMethod", "ConfigError", "DataConfig", "Device", "DtdMode", "ExperimentConfig", "Params",
+    "PrepareDataConfig", "ReportConfig", "ResolvedExperiment", "StudentTrainConfig", "TeacherConfig",
+    "TeacherDumpConfig", "TeacherTrainConfig", "TemperatureConfig", "check_temperature", "from_dict",
+    "load_params",
 ]
 
 logger = logging.getLogger(__name__)

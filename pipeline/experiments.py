@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.sections import (
-    ConfigError, Device, _check_optimizer, _check_schedule, _check_seed, _positive, check_temperature,
+    AdjustMethod, ConfigError, Device, DtdMode, _check_optimizer, _check_schedule, _check_seed, _positive,
+    check_temperature,
 )
 
 
@@ -20,8 +21,8 @@ class ExperimentConfig:
 
     teacher: str | None = None
     kd: bool = True
-    adjust: Literal["ps", "lsr", "none"] = "none"
-    dtd: Literal["off", "static", "flsw", "cwsm"] = "off"
+    adjust: AdjustMethod = "none"
+    dtd: DtdMode = "off"
     arch: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -128,8 +129,8 @@ class ResolvedExperiment:
     name: str
     teacher: str | None
     kd: bool
-    adjust: Literal["ps", "lsr", "none"]
-    dtd: Literal["off", "static", "flsw", "cwsm"]
+    adjust: AdjustMethod
+    dtd: DtdMode
     fixed_target_temperature: float | None
     arch: str
     epochs: int

@@ -11,6 +11,8 @@ from typing import Any, ClassVar, Literal
 from storage.errors import LessonsError
 
 Device = Literal["auto", "cpu", "cuda"]
+AdjustMethod = Literal["ps", "lsr", "none"]  # Knowledge Adjustment: probability shift, label smoothing, off
+DtdMode = Literal["off", "static", "flsw", "cwsm"]  # an experiment's `dtd` key (README: DTD's names)
 
 
 class ConfigError(LessonsError, ValueError):
@@ -118,7 +120,7 @@ class TeacherDumpConfig:
 class AdjustConfig:
     """Section `adjust` (Knowledge Adjustment, arXiv:1911.07471 §3.1)."""
 
-    methods: tuple[Literal["ps", "lsr", "none"], ...] = ("ps", "lsr")
+    methods: tuple[AdjustMethod, ...] = ("ps", "lsr")
     epsilon: float = 0.1  # LSR smoothing mass, in (0, 1)
 
     def __post_init__(self) -> None:

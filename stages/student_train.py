@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from storage import StoreError, atomic_write_json, open_store
 from storage.beton import make_loader
 from storage.manifest import read_prepared
 
+if TYPE_CHECKING:
+    from pipeline.config import AdjustMethod, DataConfig, DtdMode, ResolvedExperiment, TemperatureConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,8 +69,8 @@ class Lessons:
     static_temperature: Tensor | None
 
 
-def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: Lessons, dtd: str,
-                      temperature_config: Any, fixed_target_temperature: float | None = None
+def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: Lessons, dtd: DtdMode,
+                      temperature_config: TemperatureConfig, fixed_target_temperature: float | None = None
                       ) -> tuple[Tensor, Tensor, float | Tensor]:
     """The targets, fixed-target mask and temperatures of one batch (pure; DESIGN §4).
 
@@ -106,7 +109,7 @@ def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: 
 
 
 def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *, lessons: Lessons,
-                  alpha: float, dtd: str, temperature_config: Any,
+                  alpha: float, dtd: DtdMode, temperature_config: TemperatureConfig,
                   fixed_target_temperature: float | None = None) -> Tensor:
     """The KD loss of one batch with targets gathered by `sample_index` (pure; DESIGN §4).
 
@@ -128,7 +131,8 @@ def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, 
 
 
 def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *,
-                              lessons: Lessons, alpha: float, dtd: str, temperature_config: Any,
+                              lessons: Lessons, alpha: float, dtd: DtdMode,
+                              temperature_config: TemperatureConfig,
                               fixed_target_temperature: float | None = None,
                               where: str = "student_train", lr: float | None = None) -> str:
     """Why the KD loss of this batch is NaN/inf and which knob fixes it, in one sentence.
@@ -186,7 +190,7 @@ def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_ind
     return f"{facts} and logits within ±{limit:g}, which should be finite; rerun with -v and report it"
 
 
-def load_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, Any],
+def load_lessons(store_dir: Path, *, adjust: AdjustMethod, dtd: DtdMode, manifest: dict[str, Any],
                  device: torch.device) -> tuple[Lessons, dict[str, Any], dict[str, str]]:
     """Load and cross-check the stores of one teacher for one experiment.
 
@@ -263,9 +267,10 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
 
 
 @owns_outputs
-def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, stores_dir: str | Path | None,
+def run(experiment: ResolvedExperiment, *, temperature_config: TemperatureConfig, data_dir: str | Path,
+        stores_dir: str | Path | None,
         checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path,
-        device: torch.device, resume: bool = True, data_config: Any = None,
+        device: torch.device, resume: bool = True, data_config: DataConfig | None = None,
         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train student `experiment.name` and write its checkpoint, metrics, config record and curve.
 

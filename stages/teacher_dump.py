@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from storage.atomic import check_folder_output
 from storage.beton import make_loader
 from storage.manifest import file_sha256, read_prepared
 from storage.versions import library_versions
+
+if TYPE_CHECKING:
+    from pipeline.config import TeacherDumpConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def store_attrs(*, manifest: dict[str, Any], split: str, teacher: str, checkpoin
 
 
 def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: int,
-               attrs: dict[str, Any], config: Any, mean: torch.Tensor, std: torch.Tensor,
+               attrs: dict[str, Any], config: TeacherDumpConfig, mean: torch.Tensor, std: torch.Tensor,
                device: torch.device) -> dict[str, float]:
     """Forward every pending chunk of one split and write it; returns timing figures.
 
@@ -114,7 +117,7 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
     return timing
 
 
-def run(config: Any, *, teacher: str, data_dir: str | Path, checkpoint: str | Path,
+def run(config: TeacherDumpConfig, *, teacher: str, data_dir: str | Path, checkpoint: str | Path,
         train_out: str | Path, test_out: str | Path, device: torch.device) -> dict[str, Any]:
     """Dump the logits of teacher `teacher` over both splits.
 

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from stages.progress import progress
 from stages.views import apply_views, augmentation_params
 from storage.atomic import OutputError, atomic_write_bytes, ensure_parents, exclusive_lock
 from storage.errors import LessonsError, SettingsError
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +203,7 @@ def config_path(metrics_out: str | Path) -> Path:
     return metrics_out.with_name(f"{metrics_out.stem}-config.json")
 
 
-def data_record(manifest: dict[str, Any], data_config: Any = None) -> dict[str, Any]:
+def data_record(manifest: dict[str, Any], data_config: DataConfig | None = None) -> dict[str, Any]:
     """The `data` section a run used, defaults included: `data_config` (a DataConfig) as a dict,
     else the one the manifest records (whose `validation_fraction` is left out at its default 0.0)."""
     if data_config is not None:
