@@ -22,6 +22,7 @@ from nets.shufflenetv2 import ShuffleNetV2
 from nets.small import MLP, SMALL_CNN_SPECS, SmallCNN
 from nets.vgg import VGG_SPECS, build_vgg
 from nets.wrn import WRN_SPECS, build_wrn
+from storage.errors import LessonsError
 
 __all__ = ["UnknownArchitectureError", "available_nets", "build_net"]
 
@@ -51,7 +52,7 @@ _register("shufflenetv2", lambda c, k, s: ShuffleNetV2(c, k))
 _register("mlp", lambda c, k, s: MLP(c, k, grid_size=min(s, 32)))
 
 
-class UnknownArchitectureError(ValueError):
+class UnknownArchitectureError(LessonsError, ValueError):
     """Raised by :func:`build_net` for a name that is not registered."""
 
 

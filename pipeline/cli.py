@@ -1,8 +1,9 @@
 """`lessons <stage>`: one click command per pipeline stage (also `python -m pipeline <stage>`).
 
 Commands are thin: parse paths, load the typed config from `params.yaml`, call the stage's
-`run`. Hyper-parameters come only from `params.yaml`; options carry paths. Known errors reach
-the user as one line and exit status 1; `-v` shows the traceback.
+`run`. Hyper-parameters come only from `params.yaml`; options carry paths. Deliberate errors
+(`storage.errors.LessonsError`) reach the user as one line and exit status 1 (`-v` shows the
+traceback); any other exception is a bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -14,46 +15,28 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import AdjustMethod, ConfigError, Params, load_params
 from pipeline.log import configure_logging
+from storage.atomic import OutputError
+from storage.errors import LessonsError
 
 logger = logging.getLogger("lessons")
 
 
-# Deliberate error types outside this module, as (module, class). `_user_errors` looks them up
-# only in modules already imported: an error class whose module never ran cannot have been
-# raised, and importing them here would put every module into every command's code (and so
-# into every dvc stage's deps, tests/unit/test_dvc_deps.py).
-_ERROR_CLASSES = (
-    ("nets", "UnknownArchitectureError"), ("pipeline.datasets", "DatasetError"),
-    ("stages.functional", "InvalidLogitsError"), ("stages.training", "CheckpointError"),
-    ("storage.soft_labels", "StoreError"), ("storage.manifest", "ManifestError"),
-    ("storage.atomic", "OutputError"), ("storage.beton", "BetonError"), ("storage.h5", "H5Error"),
-)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input or environment, not a bug in lessons."""
-    loaded = tuple(getattr(sys.modules[module], name) for module, name in _ERROR_CLASSES
-                   if module in sys.modules)
-    return (ValueError, ConfigError, FloatingPointError, OSError, *loaded)
-
-
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn known errors into a one-line `Error: ...` and exit status 1 (traceback with -v)."""
+    """Turn a deliberate error (`LessonsError`) into a one-line `Error: ...` and exit status 1
+    (traceback with -v). Any other exception is a bug in lessons and keeps its traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
         try:
             return command(*args, **kwargs)
-        except _user_errors() as exc:
+        except LessonsError as exc:
             if ctx.obj.get("verbose"):
                 raise
-            atomic = sys.modules.get("storage.atomic")  # OutputError was raised only if it ran
-            is_output_error = atomic is not None and isinstance(exc, atomic.OutputError)
-            message = exc.strerror if is_output_error else str(exc)
-            raise click.ClickException(" ".join(message.split())) from exc
+            message = exc.strerror if isinstance(exc, OutputError) else str(exc)
+            raise click.ClickException(" ".join(str(message).split())) from exc
 
     return wrapper
 
@@ -209,7 +192,7 @@ def teacher_dump_command(ctx: click.Context, teacher: str, data_dir: str, checkp
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address (default: local threads).")
 @click.pass_context
 @friendly
-def adjust_command(ctx: click.Context, method: str, logits_path: str, out: str, metrics_out: str,
+def adjust_command(ctx: click.Context, method: AdjustMethod, logits_path: str, out: str, metrics_out: str,
                    scheduler: str | None) -> None:
     """Knowledge Adjustment: rewrite the teacher targets that are wrong (PS or LSR)."""
     from stages import adjust
@@ -222,7 +205,7 @@ def adjust_command(ctx: click.Context, method: str, logits_path: str, out: str, 
 
 @main.command("temperature")
 @click.option("--logits", "logits_path", required=True, type=click.Path(), help="Teacher logit store.")
-@click.option("--out", required=True, type=click.Path(), help="DTD store to write.")
+@click.option("--out", required=True, type=click.Path(), help="DTD store to write (stores/T/dtd.zarr).")
 @click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--histogram-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--plot-out", default=None, type=click.Path(dir_okay=False), help="PNG histogram.")

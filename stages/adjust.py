@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from stages.views import augmentation_from_spec
 from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.atomic import ensure_parents
 from storage.versions import library_versions
+
+if TYPE_CHECKING:
+    from pipeline.config import AdjustConfig, AdjustMethod
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +229,7 @@ def adjustment_summary(counts: dict[str, Any], total_views: int) -> dict[str, An
     }
 
 
-def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
+def run(config: AdjustConfig, *, method: AdjustMethod, logits_path: str | Path, out: str | Path,
         metrics_out: str | Path, scheduler: str | None = None) -> dict[str, Any]:
     """Rewrite the wrong teacher distributions of a logit store (KA, arXiv:1911.07471 §3.1).
 

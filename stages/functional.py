@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from storage.errors import LessonsError
+
 logger = logging.getLogger(__name__)
 
-class InvalidLogitsError(ValueError):
+class InvalidLogitsError(LessonsError, ValueError):
     """Bad input to a KD/KA/DTD math function (shape, dtype, label range, NaN/inf).
 
     The message is one line that says what is wrong and how to fix it, so the CLI can show it

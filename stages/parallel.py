@@ -8,6 +8,8 @@ from typing import Any, Iterator
 
 import torch
 
+from storage.errors import SettingsError
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,7 +21,7 @@ def dask_scheduler(address: str | None) -> Iterator[Any]:
         address: None for the local threaded scheduler; else a scheduler address such as
             `tcp://10.0.0.5:8786` (needs the `distributed` extra), used for the duration.
     Raises:
-        ValueError: `distributed` is not installed or the scheduler cannot be reached.
+        SettingsError: `distributed` is not installed or the scheduler cannot be reached.
     """
     if address is None:
         yield "threads"
@@ -27,11 +29,11 @@ def dask_scheduler(address: str | None) -> Iterator[Any]:
     try:
         from distributed import Client
     except ImportError as exc:
-        raise ValueError("--scheduler needs dask.distributed: pip install 'lessons[distributed]'") from exc
+        raise SettingsError("--scheduler needs dask.distributed: pip install 'lessons[distributed]'") from exc
     try:
         client = Client(address, timeout="10s", set_as_default=False)
     except OSError as exc:
-        raise ValueError(f"cannot reach the dask scheduler at {address} ({exc})") from exc
+        raise SettingsError(f"cannot reach the dask scheduler at {address} ({exc})") from exc
     logger.info("dask: using the cluster at %s", address)
     try:
         yield client

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,10 @@ from storage.atomic import (
     replace_dir,
 )
 from storage.beton import write_beton
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig, PrepareDataConfig
+    from pipeline.datasets import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ def pixel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-def build_manifest(dataset: Any, data_config: Any) -> dict[str, Any]:
+def build_manifest(dataset: Dataset, data_config: DataConfig) -> dict[str, Any]:
     """The manifest of `dataset` (a pipeline.datasets.Dataset), without beton hashes."""
     mean, std = pixel_stats(dataset.train.images)
     splits = {}
@@ -76,7 +80,8 @@ def build_manifest(dataset: Any, data_config: Any) -> dict[str, Any]:
     }
 
 
-def run(config: Any, dataset: Any, data_config: Any, out_dir: str | Path) -> dict[str, Any]:
+def run(config: PrepareDataConfig, dataset: Dataset, data_config: DataConfig,
+        out_dir: str | Path) -> dict[str, Any]:
     """Write `out_dir/{train,test}.beton` (and `val.beton`) and `out_dir/manifest.json` atomically.
 
     Args:

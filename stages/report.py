@@ -30,11 +30,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from storage.atomic import atomic_write_bytes, refuse_foreign_file
+from storage.errors import LessonsError
 
 if TYPE_CHECKING:
     from pipeline.config import ReportConfig
 
 logger = logging.getLogger(__name__)
+
+
+class ReportError(LessonsError, ValueError):
+    """A metrics, curve or histogram file the report needs is missing, unreadable or inconsistent."""
 
 #: Shown in a table cell whose value is unknown (no baseline, no teacher, metric not recorded).
 MISSING = "–"
@@ -202,7 +207,7 @@ def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[Experim
         One row per experiment, in first-seen order. top1_mean is the mean over seeds, top1_std
         the sample std (ddof = 1) for n > 1, else None.
     Raises:
-        ValueError: two runs of one experiment share a seed, or differ in a setting other than
+        ReportError: two runs of one experiment share a seed, or differ in a setting other than
             the seed (`EXPERIMENT_KEYS`).
     """
     groups: dict[str, list[Mapping[str, Any]]] = {}
@@ -213,12 +218,12 @@ def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[Experim
         first = records[0]
         seeds = tuple(r.get("seed") for r in records)
         if len(set(map(repr, seeds))) != len(seeds):
-            raise ValueError(f"experiment {name!r}: several metrics files have the same seed "
+            raise ReportError(f"experiment {name!r}: several metrics files have the same seed "
                              f"({', '.join(map(repr, seeds))}); pass each run once")
         for record in records[1:]:
             for key in EXPERIMENT_KEYS:
                 if record.get(key) != first.get(key):
-                    raise ValueError(
+                    raise ReportError(
                         f"experiment {name!r}: runs differ in {key} ({first.get(key)!r} vs "
                         f"{record.get(key)!r}); only the seed may differ, rename one experiment")
         top1 = [float(r["test_top1"]) for r in records]
@@ -606,33 +611,33 @@ def mean_curve(curves: Sequence[Sequence[Mapping[str, Any]]]) -> list[tuple[floa
 
 
 def read_json(path: str | Path) -> Any:
-    """Parse one JSON file. Raises ValueError naming the file when it is missing or not JSON."""
+    """Parse one JSON file. Raises ReportError naming the file when it is missing or not JSON."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"{path}: file not found; run the stage that writes it first") from None
+        raise ReportError(f"{path}: file not found; run the stage that writes it first") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a JSON file (not UTF-8 text)") from None
+        raise ReportError(f"{path}: not a JSON file (not UTF-8 text)") from None
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        raise ReportError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
 
 def _read_dict(path: str | Path, required: Sequence[str]) -> dict[str, Any]:
     obj = read_json(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+        raise ReportError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     missing = [key for key in required if key not in obj]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+        raise ReportError(f"{path}: missing key(s) {', '.join(missing)}")
     for key in required:
         if key.endswith(("top1", "_mean", "_std", "_p05", "_p50", "_p95", "fraction")) and (
                 isinstance(obj[key], bool) or not isinstance(obj[key], (int, float))):
-            raise ValueError(f"{path}: {key} must be a number, got {obj[key]!r}")
+            raise ReportError(f"{path}: {key} must be a number, got {obj[key]!r}")
     return obj
 
 
@@ -647,22 +652,22 @@ def _read_record(path: Path, required: Sequence[str],
     missing = [key for key in required if key not in merged]
     if missing:
         beside = "" if config is not None else f" (and there is no {record_path.name} beside it)"
-        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}{beside}")
+        raise ReportError(f"{path}: missing key(s) {', '.join(missing)}{beside}")
     for key in required:
         if key.endswith(("top1", "fraction")) and (
                 isinstance(merged[key], bool) or not isinstance(merged[key], (int, float))):
-            raise ValueError(f"{path}: {key} must be a number, got {merged[key]!r}")
+            raise ReportError(f"{path}: {key} must be a number, got {merged[key]!r}")
     return merged
 
 
 def _read_list(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]]:
     obj = read_json(path)
     if not isinstance(obj, list) or not all(isinstance(item, dict) for item in obj):
-        raise ValueError(f"{path}: expected a JSON list of objects")
+        raise ReportError(f"{path}: expected a JSON list of objects")
     for item in obj:
         missing = [key for key in required if key not in item]
         if missing:
-            raise ValueError(f"{path}: an entry lacks key(s) {', '.join(missing)}")
+            raise ReportError(f"{path}: an entry lacks key(s) {', '.join(missing)}")
     return obj
 
 
@@ -691,7 +696,7 @@ def configured_inputs(*, runs: Sequence[tuple[str, int]], teachers: Sequence[str
         `teachers`, `adjust_metrics`, `temperature_metrics`, `temperature_histograms` (the
         configured files that exist) and `strays` (sorted).
     Raises:
-        ValueError: a configured run has no metrics file (one line naming the run and the file).
+        ReportError: a configured run has no metrics file (one line naming the run and the file).
     """
     stems = [run_stem(experiment, seed) for experiment, seed in runs]
     students_dir, metrics_root = Path(students_dir), Path(metrics_root)
@@ -703,7 +708,7 @@ def configured_inputs(*, runs: Sequence[tuple[str, int]], teachers: Sequence[str
         shown = "; ".join(f"{students_dir / (run_stem(e, s) + '.json')}: file not found (experiment "
                           f"{e!r}, seed {s})" for e, s in missing[:3])
         more = f"; and {len(missing) - 3} more configured run(s)" if len(missing) > 3 else ""
-        raise ValueError(f"{shown}{more}; run the stage that writes it first (`dvc repro`)")
+        raise ReportError(f"{shown}{more}; run the stage that writes it first (`dvc repro`)")
     teacher_files = [p for p in _json_files(metrics_root / "teachers")
                      if not p.stem.endswith(("-curve", f"-curve{CONFIG_SUFFIX}"))]
     inputs = {"students": [students_dir / f"{stem}.json" for stem in stems], "curves": curves}
@@ -754,13 +759,13 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
     Returns:
         The path of `summary.md` (written last, after the PNGs).
     Raises:
-        ValueError: no student metrics; a file missing, not JSON, or lacking a required key;
+        ReportError: no student metrics; a file missing, not JSON, or lacking a required key;
             inconsistent runs of one experiment (see `aggregate_experiments`).
         OutputError: `out_dir` is not writable, or an output path holds a link, a folder or a
             file lessons did not write (checked before anything is read).
     """
     if not students:
-        raise ValueError("report: no student metrics given; run `lessons student-train` first")
+        raise ReportError("report: no student metrics given; run `lessons student-train` first")
     out_dir = Path(out_dir)
     for name in (ACCURACY_PNG, CURVES_PNG, TEMPERATURE_PNG, SUMMARY_NAME):
         refuse_foreign_file(out_dir / name)  # nothing is created before the inputs are checked

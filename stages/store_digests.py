@@ -13,15 +13,19 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage import StoreError, atomic_write_json
 from storage.atomic import ensure_parents
 
+if TYPE_CHECKING:
+    from pipeline.config import AdjustMethod, DtdMode, ResolvedExperiment
+
 logger = logging.getLogger(__name__)
 
 
-def stores_read(*, teacher: str | None, kd: bool, adjust: str, dtd: str, teacher_mode: str = "offline") -> list[str]:
+def stores_read(*, teacher: str | None, kd: bool, adjust: AdjustMethod, dtd: DtdMode,
+                teacher_mode: str = "offline") -> list[str]:
     """Names of the stores under `stores/<teacher>/` that `student_train.run` reads.
 
     Args:
@@ -67,7 +71,7 @@ def tree_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def run(experiment: Any, *, stores_root: str | Path, out: str | Path) -> dict[str, Any]:
+def run(experiment: ResolvedExperiment, *, stores_root: str | Path, out: str | Path) -> dict[str, Any]:
     """Write `out`: {teacher, stores: {name: sha256}} for the stores `experiment` reads.
 
     Args:

@@ -2,8 +2,9 @@
 
 The student reads images from the dataset's FFCV beton and, for every batch, gathers its
 targets by `sample_index` from the epoch's lessons (`stages.lessons`): the KA store's
-`target_logits` and `fixed_target`, the DTD store's `static_temperature`, and the raw teacher
-logits (for FLSW), each of the view the student trains on this epoch. The teacher network is
+`target_logits` and `fixed_target`, `dtd.zarr`'s `static_temperature` (written by the
+`temperature` stage; for `dtd: static`), and the raw teacher logits (for FLSW), each of the
+view the student trains on this epoch. The teacher network is
 never loaded. Every store is checked against the beton's manifest (dataset fingerprint,
 sample_index, classes, views) and against each other (same teacher checkpoint) before training.
 
@@ -21,7 +22,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,11 +56,14 @@ from stages.views import training_augmentation
 from storage.beton import make_loader
 from storage.manifest import file_sha256, read_prepared
 
+if TYPE_CHECKING:
+    from pipeline.config import AdjustMethod, DataConfig, DtdMode, ResolvedExperiment, TemperatureConfig
+
 logger = logging.getLogger(__name__)
 
 
-def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: Lessons, dtd: str,
-                      temperature_config: Any, fixed_target_temperature: float | None = None
+def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: Lessons, dtd: DtdMode,
+                      temperature_config: TemperatureConfig, fixed_target_temperature: float | None = None
                       ) -> tuple[Tensor, Tensor, float | Tensor]:
     """The targets, fixed-target mask and temperatures of one batch (pure; DESIGN §4).
 
@@ -98,7 +102,7 @@ def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: 
 
 
 def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *, lessons: Lessons,
-                  alpha: float, dtd: str, temperature_config: Any,
+                  alpha: float, dtd: DtdMode, temperature_config: TemperatureConfig,
                   fixed_target_temperature: float | None = None) -> Tensor:
     """The KD loss of one batch with targets gathered by `sample_index` (pure; DESIGN §4).
 
@@ -120,7 +124,8 @@ def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, 
 
 
 def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *,
-                              lessons: Lessons, alpha: float, dtd: str, temperature_config: Any,
+                              lessons: Lessons, alpha: float, dtd: DtdMode,
+                              temperature_config: TemperatureConfig,
                               fixed_target_temperature: float | None = None,
                               where: str = "student_train", lr: float | None = None) -> str:
     """Why the KD loss of this batch is NaN/inf and which knob fixes it, in one sentence.
@@ -219,9 +224,10 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
 
 
 @owns_outputs
-def run(experiment: Any, *, temperature_config: Any, data_dir: str | Path, stores_dir: str | Path | None,
+def run(experiment: ResolvedExperiment, *, temperature_config: TemperatureConfig, data_dir: str | Path,
+        stores_dir: str | Path | None,
         checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path,
-        device: torch.device, resume: bool = True, data_config: Any = None,
+        device: torch.device, resume: bool = True, data_config: DataConfig | None = None,
         overrides: dict[str, Any] | None = None, teacher_checkpoint: str | Path | None = None,
         epsilon: float = 0.1) -> dict[str, Any]:
     """Train student `experiment.name` and write its checkpoint, metrics, config record and curve.

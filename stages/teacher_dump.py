@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,12 +28,15 @@ from storage.beton import make_loader
 from storage.manifest import file_sha256, read_prepared
 from storage.versions import library_versions
 
+if TYPE_CHECKING:
+    from pipeline.config import TeacherDumpConfig
+
 logger = logging.getLogger(__name__)
 
 VIEW_SPEC = {"kind": "identity", "num_views": 1, "view_param_names": []}  # stores written before views
 
 
-def stored_views(config: Any, image_shape: tuple[int, ...] | list[int]) -> StoredViews:
+def stored_views(config: TeacherDumpConfig, image_shape: tuple[int, ...] | list[int]) -> StoredViews:
     """The views a train-split dump holds for `config` (TeacherDumpConfig) and images of `image_shape`.
 
     Raises:
@@ -67,7 +70,7 @@ def store_attrs(*, manifest: dict[str, Any], split: str, teacher: str, checkpoin
 
 
 def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: int,
-               attrs: dict[str, Any], config: Any, mean: torch.Tensor, std: torch.Tensor,
+               attrs: dict[str, Any], config: TeacherDumpConfig, mean: torch.Tensor, std: torch.Tensor,
                device: torch.device, views: StoredViews | None = None) -> dict[str, float]:
     """Forward every pending chunk of one split and write it; returns timing figures.
 
@@ -134,7 +137,7 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
     return timing
 
 
-def run(config: Any, *, teacher: str, data_dir: str | Path, checkpoint: str | Path,
+def run(config: TeacherDumpConfig, *, teacher: str, data_dir: str | Path, checkpoint: str | Path,
         train_out: str | Path, test_out: str | Path, device: torch.device) -> dict[str, Any]:
     """Dump the logits of teacher `teacher` over both splits.
 

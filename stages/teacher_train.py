@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +40,16 @@ from storage.atomic import atomic_write_json
 from storage.beton import make_loader
 from storage.manifest import read_prepared
 
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig, TeacherConfig
+
 logger = logging.getLogger(__name__)
 
 
 @owns_outputs
-def run(config: Any, *, name: str, data_dir: str | Path, checkpoint_out: str | Path,
+def run(config: TeacherConfig, *, name: str, data_dir: str | Path, checkpoint_out: str | Path,
         metrics_out: str | Path, curve_out: str | Path, device: torch.device,
-        resume: bool = True, data_config: Any = None) -> dict[str, Any]:
+        resume: bool = True, data_config: DataConfig | None = None) -> dict[str, Any]:
     """Train (or load) teacher `name` and write its checkpoint, metrics and config record.
 
     Args:

@@ -5,7 +5,9 @@ arXiv:1911.07471) §3.2, as DESIGN §4 specifies it: a per-sample temperature
 τ_x = clamp(τ0 + (mean ω − ω_x)·β, τ_min, τ_max), where ω_x is large for samples the student
 finds hard (so they get a lower τ and sharper targets). FLSW and CWSM depend on the student and
 are computed online by the trainer; the teacher-only weight and the teacher statistics are
-precomputed by this stage. The pure math sits at the top; `run()` below loops and writes.
+precomputed by this stage, into `dtd.zarr` (store kind `dtd`; an experiment's `dtd` key picks
+the mode, README "One story for DTD's names"). The pure math sits at the top; `run()` below
+loops and writes.
 
 All math runs in float32 (float64 for float64 input) whatever the storage dtype.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +28,9 @@ from stages.parallel import block_rows, dask_scheduler, one_torch_thread, prefix
 from storage import ArraySpec, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.atomic import ensure_parents
 from storage.versions import library_versions
+
+if TYPE_CHECKING:
+    from pipeline.config import TemperatureConfig
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +229,7 @@ def _statistics_block(logits: np.ndarray, block_info: Any = None) -> np.ndarray:
     return packed.reshape(views, rows, len(STATISTICS)).numpy()
 
 
-def _temperature_block(omega: np.ndarray, *, reference_mean: float, config: Any) -> np.ndarray:
+def _temperature_block(omega: np.ndarray, *, reference_mean: float, config: TemperatureConfig) -> np.ndarray:
     weights = torch.from_numpy(np.ascontiguousarray(omega)).reshape(-1)
     temperature = dynamic_temperature(
         weights, base_temperature=config.base_temperature, beta=config.beta,
@@ -249,7 +254,7 @@ def _summary(parts: dict[str, Any], name: str) -> dict[str, Any]:
             **{f"{name}_p{q:02d}": float(v) for q, v in zip(QUANTILES, parts[f"{name}_quantiles"])}}
 
 
-def run(config: Any, *, logits_path: str | Path, out: str | Path, metrics_out: str | Path,
+def run(config: TemperatureConfig, *, logits_path: str | Path, out: str | Path, metrics_out: str | Path,
         histogram_out: str | Path, plot_out: str | Path | None = None,
         scheduler: str | None = None) -> dict[str, Any]:
     """Precompute the teacher-side DTD statistics of a logit store (arXiv:1911.07471 §3.2).

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,14 +26,22 @@ import nets
 from stages.progress import progress
 from stages.views import Augmentation, training_augmentation
 from storage.atomic import OutputError, atomic_write_bytes, ensure_parents, exclusive_lock
+from storage.errors import LessonsError, SettingsError
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LessonsError, ValueError):
     """A checkpoint file is missing, unreadable, or for another architecture or dataset."""
+
+
+class DivergenceError(LessonsError, FloatingPointError):
+    """The training loss became NaN or inf; the message names the cause and the knob to change."""
 
 
 def owns_outputs(run: Callable[..., Any]) -> Callable[..., Any]:
@@ -114,11 +122,11 @@ def check_batch_size(batch_size: int, num_train: int, where: str) -> None:
     so no optimiser step would run (and the loader would try to allocate the whole batch).
 
     Raises:
-        ValueError: batch_size > num_train.
+        SettingsError: batch_size > num_train.
     """
     if batch_size > num_train:
-        raise ValueError(f"{where}: batch_size {batch_size} exceeds the {num_train} training images "
-                         "(the last partial batch is dropped, so no step would run); lower batch_size")
+        raise SettingsError(f"{where}: batch_size {batch_size} exceeds the {num_train} training images "
+                            "(the last partial batch is dropped, so no step would run); lower batch_size")
 
 
 def channel_stats(manifest: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -195,7 +203,7 @@ def config_path(metrics_out: str | Path) -> Path:
     return metrics_out.with_name(f"{metrics_out.stem}-config.json")
 
 
-def data_record(manifest: dict[str, Any], data_config: Any = None) -> dict[str, Any]:
+def data_record(manifest: dict[str, Any], data_config: DataConfig | None = None) -> dict[str, Any]:
     """The `data` section a run used, defaults included: `data_config` (a DataConfig) as a dict,
     else the one the manifest records (whose `validation_fraction` is left out at its default 0.0)."""
     if data_config is not None:
@@ -322,7 +330,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     Returns:
         (mean loss, number of samples seen, global step at the end).
     Raises:
-        FloatingPointError: the loss became NaN or inf; one line naming the cause and the knob.
+        DivergenceError (a FloatingPointError): the loss became NaN or inf; one line naming the
+            cause and the knob.
     """
     explain = explain or explain_cross_entropy("net", "the learning rate")
     model.train()
@@ -338,11 +347,11 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         except ValueError as exc:  # e.g. DTD weights refusing NaN student logits: name the real cause
             if logits_blowup(logits) is None:
                 raise
-            raise FloatingPointError(f"loss is not finite at step {step}: "
-                                     f"{explain(logits.detach(), labels, sample_index)}") from exc
+            raise DivergenceError(f"loss is not finite at step {step}: "
+                                  f"{explain(logits.detach(), labels, sample_index)}") from exc
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}: "
-                                     f"{explain(logits.detach(), labels, sample_index)}")
+            raise DivergenceError(f"loss is {loss.item()} at step {step}: "
+                                  f"{explain(logits.detach(), labels, sample_index)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -28,6 +28,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
+from storage.errors import LessonsError
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 # Streams of the keyed hash, so that draws for different purposes never coincide.
@@ -40,7 +42,7 @@ _SAMPLE_STREAM = 15  # the K views per image of a `sample` store
 ViewKind = Literal["identity", "pad_crop_flip", "resized_crop_flip"]
 
 
-class ViewError(ValueError):
+class ViewError(LessonsError, ValueError):
     """A view setting the augmentation cannot support, or a store whose views do not fit it."""
 
 

@@ -35,13 +35,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from storage.errors import LessonsError
+
 logger = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
 WORK_MARKER = ".lessons"  # the folder inside every work folder lessons creates: its ownership mark
 
 
-class OutputError(OSError):
+class OutputError(LessonsError, OSError):
     """An output cannot be written (locked by another process, not writable, disk full)."""
 
 

@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from storage.atomic import OutputError, describe_os_error, temporary_sibling
+from storage.errors import LessonsError
 
 logger = logging.getLogger(__name__)
 
 
-class BetonError(ValueError):
+class BetonError(LessonsError, ValueError):
     """A beton cannot be written or read (bad input arrays, missing file)."""
 
 

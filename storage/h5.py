@@ -16,12 +16,13 @@ import h5py
 import numpy as np
 
 from storage.atomic import OutputError, describe_os_error, temporary_sibling
+from storage.errors import LessonsError
 from storage.soft_labels import SoftLabelStore
 
 logger = logging.getLogger(__name__)
 
 
-class H5Error(ValueError):
+class H5Error(LessonsError, ValueError):
     """An HDF5 file is missing, unreadable or lacks the datasets asked for."""
 
 

@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 
 from storage.atomic import atomic_write_json
+from storage.errors import LessonsError
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 
 
-class ManifestError(ValueError):
+class ManifestError(LessonsError, ValueError):
     """`manifest.json` is missing, unreadable or of another version."""
 
 

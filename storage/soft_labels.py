@@ -53,6 +53,7 @@ from storage.atomic import (
     refuse_foreign_output,
     replace_dir,
 )
+from storage.errors import LessonsError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 _MARKS = WORK_MARKER  # resume marks live inside the ownership marker folder
 
 
-class StoreError(ValueError):
+class StoreError(LessonsError, ValueError):
     """A store is missing, unfinished, of another schema, or does not match what it is used with."""
 
 

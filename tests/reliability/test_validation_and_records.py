@@ -166,7 +166,7 @@ def test_the_config_records_beside_the_metrics_hold_the_names_and_the_resolved_c
     assert student["config"] == json.loads(json.dumps(dataclasses.asdict(resolved)))
     assert student["config"]["momentum"] == 0.9 and student["config"]["weight_decay"] == 5e-4  # defaults
     assert student["overrides"] == {"epochs": 2, "lr": 0.02}
-    # The temperature keys the student's loss reads (histogram_bins is the DTD stage's alone).
+    # The temperature keys the student's loss reads (histogram_bins is the temperature stage's alone).
     assert student["temperature"] == {k: v for k, v in dataclasses.asdict(TemperatureConfig()).items()
                                       if k != "histogram_bins"}
     assert student["teacher"] == {"name": "t", "arch": "mlp", "checkpoint_sha256": teacher["checkpoint_sha256"]}

@@ -128,7 +128,7 @@ def test_dotted_overrides_apply_after_reading(tmp_path):
 
 def test_every_parameter_dvc_yaml_names_is_set_in_params_yaml():
     # dvc refuses to run a stage whose listed parameter is missing from params.yaml, even when
-    # pipeline/config.py has a default for it: a key added to dvc.yaml must be added here too.
+    # pipeline/sections.py has a default for it: a key added to dvc.yaml must be added here too.
     import yaml
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -184,7 +184,7 @@ READS: dict[str, list[tuple[str, str | None, str, type, Any]]] = {
         ("pipeline/cli.py", "prepare_data_command", "params", C.Params, lambda f: set()),  # sections passed whole
         ("stages/prepare_data.py", None, "config", C.PrepareDataConfig, _section("prepare_data")),
         ("stages/prepare_data.py", None, "data_config", C.DataConfig, _section("data")),
-        ("pipeline/datasets.py", None, "config", C.DataConfig, _section("data")),
+        ("pipeline/datasets/__init__.py", None, "config", C.DataConfig, _section("data")),
     ],
     "teacher_train": [
         ("pipeline/cli.py", "teacher_train_command", "config", C.TeacherConfig, _section("teacher_train.teachers.${key}")),

@@ -145,7 +145,7 @@ def test_float16_logits_of_60000_are_softened_exactly_in_float32():
 
 
 def test_the_kd_loss_at_the_smallest_temperature_and_the_largest_logits_has_no_nan():
-    # |logits| up to LOGIT_LIMIT = 1e33 at tau = 1e-4 (pipeline/config.py): shifting by the row max
+    # |logits| up to LOGIT_LIMIT = 1e33 at tau = 1e-4 (pipeline/sections.py): shifting by the row max
     # first keeps every tempered logit finite, so identical sides give exactly 0.
     logits = torch.tensor([[1.0e33, -1.0e33, 1.0]], requires_grad=True)
     got = kd(logits, logits.detach(), temperature=1e-4)
