@@ -82,6 +82,15 @@ class LessonStores:
     def num_views(self) -> int:
         return self.views.num_views
 
+    def check_covers(self, seed: int, epochs: int, *, where: str = "student") -> None:
+        """Refuse, before any training, a run whose (seed, epoch) the stores do not hold.
+
+        Raises:
+            ViewError: a scheduled store without this seed or with fewer epochs.
+        """
+        for epoch in range(epochs):
+            self.views.pick(seed, epoch, np.zeros(1, dtype=np.int64), where=where)
+
     def gather(self, source: _Source, pick: np.ndarray) -> np.ndarray:
         """Rows `source[pick[n], n]` for every n: (N, ...) in the store's dtype.
 

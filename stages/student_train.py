@@ -274,6 +274,7 @@ def run(experiment: ResolvedExperiment, *, temperature_config: TemperatureConfig
             lesson_stores, teacher, store_digests = open_lessons(
                 stores_dir, adjust=experiment.adjust, dtd=experiment.dtd, manifest=manifest,
                 augmentation=augmentation, max_bytes=experiment.max_lesson_bytes, device=device, where=where)
+            lesson_stores.check_covers(experiment.seed, experiment.epochs, where=where)
         test_store = open_store(stores_dir / "test-logits.zarr", kind="logits")
         test_store.expect(dataset_fingerprint=manifest["splits"]["test"]["fingerprint"],
                           num_classes=manifest["num_classes"], split="test",

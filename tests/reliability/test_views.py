@@ -150,10 +150,14 @@ def test_offline_lessons_from_an_all_store_equal_online_kd_step_by_step(views, p
     assert abs(metrics["off"]["test_top1"] - metrics["on"]["test_top1"]) <= 1 / 64  # one test image at most
 
 
-def _params(views: Views) -> dict:
+def yaml_load(path: Path) -> dict:
     import yaml
 
-    return yaml.safe_load(views.params.read_text())
+    return yaml.safe_load(path.read_text())
+
+
+def _params(views: Views) -> dict:
+    return yaml_load(views.params)
 
 
 def test_a_none_store_is_the_fixed_teacher_the_student_does_not_see(views, pipeline, tmp_path, monkeypatch):
@@ -182,6 +186,10 @@ def test_a_scheduled_store_serves_its_seeds_and_refuses_others_in_one_line(pipel
     line = one_line_error(_student(params, pipeline, tmp_path / "stores", tmp_path, "kd", "--seed", "5"),
                           "teacher_dump.seeds")
     assert "seed 5" in line
+    longer = write_params(tmp_path / "p3.yaml", yaml_load(params), student_train={"epochs": 3})
+    line = one_line_error(_student(longer, pipeline, tmp_path / "stores", tmp_path, "kd", "--seed", "0"),
+                          "teacher_dump.epochs")
+    assert "epoch 3" in line and not (tmp_path / "kd.pt.state").exists()  # refused before any training
     assert not (tmp_path / "kd.json").exists() or json.loads((tmp_path / "kd-config.json").read_text())["seed"] == 1
 
 
