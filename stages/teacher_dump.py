@@ -150,10 +150,10 @@ def run(config: TeacherDumpConfig, *, teacher: str, data_dir: str | Path, checkp
         ManifestError, CheckpointError, StoreError (NaN/inf or float16 overflow), OutputError.
     """
     data_dir = Path(data_dir)
-    for out in (train_out, test_out):  # both, before the train split is dumped and published
-        check_folder_output(out, "zarr.json", "a zarr store")
     manifest = read_prepared(data_dir)
     views = stored_views(config, manifest["image_shape"])  # a bad view setting: refused before any work
+    for out in (train_out, test_out):  # both, before the train split is dumped and published
+        check_folder_output(out, "zarr.json", "a zarr store")
     model, meta = load_checkpoint(checkpoint, manifest=manifest)
     if meta.get("dataset_fingerprint") not in (None, manifest["splits"]["train"]["fingerprint"]):
         logger.warning("teacher %s was trained on another train split than %s (fingerprints differ)",

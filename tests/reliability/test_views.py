@@ -259,3 +259,42 @@ def test_a_killed_multi_view_dump_resumes_byte_identical(views, pipeline, tmp_pa
     result = ok(cli(views.params, *args))
     assert "resuming" in result.output
     assert tree_digest(out) == tree_digest(views.teacher / "logits.zarr")
+
+
+def test_random_resized_crop_data_stores_sampled_views_that_replay_and_train(tmp_path):
+    # A generated 64×64 RGB miniature (the real layout of Tiny ImageNet-sized data): sample K views.
+    from tests.reliability.conftest import base_params, make_npz
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(96) % 4
+    images = rng.integers(0, 200, (96, 64, 64, 3), dtype=np.uint8)
+    for c in range(4):
+        images[labels == c, 16 * c:16 * c + 16] += 50
+    npz = make_npz(tmp_path / "big.npz", x_train=images[:64], y_train=labels[:64], x_test=images[64:],
+                   y_test=labels[64:])
+    params = base_params(npz)
+    params["teacher_dump"].update(views="all")
+    bad = write_params(tmp_path / "bad.yaml", params)
+    data, checkpoint, teacher = tmp_path / "data", tmp_path / "t.pt", tmp_path / "stores" / "t"
+    ok(cli(bad, "prepare-data", "--out", data))
+    ok(cli(bad, "teacher-train", "--teacher", "t", "--data", data, "--checkpoint-out", checkpoint,
+           "--metrics-out", tmp_path / "t.json", "--curve-out", tmp_path / "t-curve.json"))
+    dump = ("teacher-dump", "--teacher", "t", "--data", data, "--checkpoint", checkpoint,
+            "--out", teacher / "logits.zarr", "--test-out", teacher / "test-logits.zarr")
+    one_line_error(cli(bad, *dump), "views: all", "views: sample with num_views")
+    assert not teacher.exists()
+    params["teacher_dump"].update(views="sample", num_views=3)
+    good = write_params(tmp_path / "good.yaml", params)
+    ok(cli(good, *dump))
+    store = open_store(teacher / "logits.zarr")
+    assert store.array("logits").shape == (3, 64, 4)
+    top, left, height, width, flip = np.moveaxis(store.read("view_params").astype(int), -1, 0)
+    assert (top + height <= 64).all() and (left + width <= 64).all() and set(np.unique(flip)) <= {0, 1}
+    assert len({tuple(p) for p in store.read("view_params").reshape(-1, 5).tolist()}) > 150  # distinct crops
+    result = ok(cli(good, "verify-views", teacher / "logits.zarr", "--data", data, "--checkpoint", checkpoint,
+                    "--samples", "64"))
+    assert ": ok" in result.output
+    ok(cli(good, "student-train", "--experiment", "kd", "--data", data, "--stores", tmp_path / "stores",
+           "--checkpoint-out", tmp_path / "s.pt", "--metrics-out", tmp_path / "s.json",
+           "--curve-out", tmp_path / "s-curve.json"))
+    assert 0.0 <= json.loads((tmp_path / "s.json").read_text())["test_top1"] <= 1.0
