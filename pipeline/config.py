@@ -12,9 +12,10 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -293,7 +294,7 @@ class StudentTrainConfig:
             )
         return self.experiments[name]
 
-    def experiment(self, name: str, seed: int | None = None) -> "ResolvedExperiment":
+    def experiment(self, name: str, seed: int | None = None) -> ResolvedExperiment:
         """The experiment `name` (for `seed`, default the first of `seeds`) with every unset
         field filled from the shared defaults."""
         exp = self.experiment_config(name)
@@ -385,10 +386,9 @@ class Params:
             if exp.kd and exp.teacher not in self.teacher_train.teachers:
                 raise ConfigError(f"student_train.experiments.{name}.teacher: no teacher named {exp.teacher!r} in "
                                   f"teacher_train.teachers (known: {', '.join(self.teacher_train.teachers)})")
-            if exp.kd:
-                if exp.adjust != "none" and exp.adjust not in self.adjust.methods:
-                    raise ConfigError(f"student_train.experiments.{name}.adjust: {exp.adjust!r} is not in "
-                                      f"adjust.methods {list(self.adjust.methods)}; add it there")
+            if exp.kd and exp.adjust != "none" and exp.adjust not in self.adjust.methods:
+                raise ConfigError(f"student_train.experiments.{name}.adjust: {exp.adjust!r} is not in "
+                                  f"adjust.methods {list(self.adjust.methods)}; add it there")
             check_arch(exp.arch, f"student_train.experiments.{name}")
         return list(self.student_train.experiments)
 
@@ -508,7 +508,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             _convert(k, key_hint, where): _convert(v, item_hint, f"{where}.{k}")
             for k, v in value.items()
         }
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if hint is bool:
         if not isinstance(value, bool):

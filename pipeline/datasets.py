@@ -28,9 +28,10 @@ import struct
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -260,7 +261,7 @@ def _decode(sources: Sequence[Path | bytes], names: Sequence[str]) -> np.ndarray
     """Decode images with Pillow to (n, H, W, 3) RGB, or (n, H, W, 1) when every one is grey."""
     images: np.ndarray | None = None
     all_grey = True
-    for i, (source, name) in enumerate(zip(sources, names)):
+    for i, (source, name) in enumerate(zip(sources, names, strict=True)):
         try:
             with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
                 if image.mode in _GREY_MODES:
