@@ -20,13 +20,14 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
+from bench import common
 
 NAME = "loader"
 BATCH = 128
@@ -58,7 +59,7 @@ def _run(work: Path, num_samples: int, batches: int, reps: int) -> dict[str, Any
     from stages.views import apply_views, augmentation_params
     from storage.beton import make_loader
 
-    dataset, manifest = common.prepare(common.cifar10(num_samples, 256), work / "cifar10")
+    dataset, _ = common.prepare(common.cifar10(num_samples, 256), work / "cifar10")
     common.ready_torch()
     images = torch.from_numpy(dataset.train.images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
     labels = torch.from_numpy(dataset.train.labels.astype("int64"))

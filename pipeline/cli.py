@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -303,7 +304,6 @@ def check_params_command(ctx: click.Context, out: str | None) -> None:
     """Check params.yaml as a whole before any stage runs (dvc runs this first, so a bad value
     never gets as far as a stage that would delete its old outputs)."""
     import nets
-
     from pipeline.checks import check_environment
 
     params = _params(ctx)

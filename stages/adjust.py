@@ -211,7 +211,7 @@ def adjustment_summary(counts: dict[str, Any], total_views: int) -> dict[str, An
         "rewritten_views": int(counts["rewritten"]),
         "rewritten_fraction": float(counts["rewritten"]) / total_views,
         "teacher_train_accuracy": 1.0 - float(counts["wrong"]) / total_views,
-        "rewrites_per_class": [int(round(c)) for c in np.asarray(counts["per_class"])],
+        "rewrites_per_class": [round(c) for c in np.asarray(counts["per_class"])],
     }
 
 

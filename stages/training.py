@@ -15,8 +15,9 @@ import io
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -422,8 +423,10 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
             images = apply_views(images, torch.from_numpy(params), padding=fit_config_padding)
         return normalize(images, mean, std)
 
-    lr_at = lambda s: learning_rate(fit_config.lr, s / total_steps, fit_config.schedule,  # noqa: E731
-                                    fit_config.milestones, fit_config.gamma)
+    def lr_at(global_step: int) -> float:
+        return learning_rate(fit_config.lr, global_step / total_steps, fit_config.schedule, fit_config.milestones,
+                             fit_config.gamma)
+
     test_logits = test_labels = val_logits = val_labels = None
     for epoch in range(start_epoch, fit_config.epochs):
         started = time.perf_counter()

@@ -111,9 +111,8 @@ class GuardedLoader:
     def __iter__(self) -> Any:
         import queue
 
-        from ffcv.loader import epoch_iterator
-
         import torch
+        from ffcv.loader import epoch_iterator
 
         it = iter(self.loader)
         # ffcv sets torch to num_workers threads twice: in Loader.__iter__ and again from the

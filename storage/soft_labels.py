@@ -31,23 +31,24 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import zarr
 import zarr.codecs
 
 from storage.atomic import (
+    WORK_MARKER,
     OutputError,
     atomic_write_bytes,
     atomic_write_json,
+    create_work_dir,
     describe_os_error,
     exclusive_lock,
-    WORK_MARKER,
-    create_work_dir,
     owns_work_dir,
     partial_path,
     refuse_foreign_output,
@@ -222,7 +223,7 @@ class StoreWriter:
         self._written: set[str] = set()
 
     # -- context management -------------------------------------------------------------
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         self._lock.__enter__()
         try:
             self._open()
@@ -362,7 +363,7 @@ class StoreWriter:
             zarr_chunks = spec.chunks(self.chunk_rows)
             expected = tuple(
                 tuple(min(c, n - start) for start in range(0, n, c)) if n else (0,)
-                for c, n in zip(zarr_chunks, spec.shape)
+                for c, n in zip(zarr_chunks, spec.shape, strict=True)
             )
             if tuple(value.chunks) != expected:
                 raise StoreError(f"{self.out}: array {name!r} dask chunks {value.chunks} do not "
@@ -389,7 +390,7 @@ class StoreWriter:
         self._written.update(values)
         if self._written >= set(self.arrays):
             self._mark_all_done()
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     def _mark_all_done(self) -> None:
         """Mark every chunk done at once. A mark is an empty file, whose creation is atomic, so
@@ -472,7 +473,7 @@ class SoftLabelStore:
         the content digest. The derived store also copies `sample_index`."""
         return {"store": self.path.name, "content_digest": self.content_digest}
 
-    def expect_source(self, source: "SoftLabelStore") -> None:
+    def expect_source(self, source: SoftLabelStore) -> None:
         """Refuse this derived store unless it was computed from `source`, exactly: the content
         digest it recorded is `source`'s and its `sample_index` equals `source`'s row for row.
 
@@ -485,7 +486,8 @@ class SoftLabelStore:
                              "older lessons); rebuild it (dvc repro)")
         if recorded["content_digest"] != source.content_digest:
             raise StoreError(
-                f"{self.path}: was derived from a store of content digest {recorded['content_digest'][:12]}... "
+                f"{self.path}: was derived from a store of content digest "
+                f"{recorded['content_digest'][:12]}... "
                 f"but {source.path} has {source.content_digest[:12]}...; it belongs to another dump of the "
                 "teacher: rebuild it from this one (dvc repro)")
         self.expect_sample_index(source.read("sample_index"), against=str(source.path))

@@ -64,7 +64,7 @@ def test_the_ka_column_names_an_overridden_fixed_row_temperature():
 
 
 def test_rows_are_baseline_then_kd_baseline_then_by_name():
-    header, body = table([student(name, 0.8) for name in ("kd_ps", "kd_lsr", "kd", "ce", "a_kd")])
+    _, body = table([student(name, 0.8) for name in ("kd_ps", "kd_lsr", "kd", "ce", "a_kd")])
     assert [cells[0] for cells in body] == ["ce", "kd", "a_kd", "kd_lsr", "kd_ps"]
 
 

@@ -114,4 +114,4 @@ def test_the_kd_stores_digested_are_the_stores_the_student_opens(monkeypatch, ad
     student_train.load_lessons(Path("stores/t"), adjust=adjust, dtd=dtd, manifest=manifest,
                                device=torch.device("cpu"))
     # run() opens test-logits.zarr itself whenever there is a teacher.
-    assert sorted(opened + ["test-logits.zarr"]) == stores_read(teacher="t", kd=True, adjust=adjust, dtd=dtd)
+    assert sorted([*opened, "test-logits.zarr"]) == stores_read(teacher="t", kd=True, adjust=adjust, dtd=dtd)
