@@ -17,6 +17,7 @@ Figures: stages seconds ÷ floor seconds (target ≤ 1.5); the stages' peak RSS 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stores[size] = tmp / f"logits-{size}.zarr"
             write_logits_store(stores[size], size, chunk_rows)
             print(f"wrote a {size} x {NUM_CLASSES} float16 store in {time.perf_counter() - tick:.1f} s")
-        contenders = {f"{kind}_{size}": (lambda kind=kind, size=size: run_child(kind, stores[size], tmp / "work"))
+        contenders = {f"{kind}_{size}": functools.partial(run_child, kind, stores[size], tmp / "work")
                       for size in sizes for kind in ("floor", "stages")}
         if args.baseline_ref:
             baseline = tmp / "baseline"
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      cwd=common.REPO_ROOT, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
             for size in sizes:
-                contenders[f"baseline_{size}"] = (lambda size=size: run_child(
-                    "stages", stores[size], tmp / "work", code=baseline))
+                contenders[f"baseline_{size}"] = functools.partial(
+                    run_child, "stages", stores[size], tmp / "work", code=baseline)
         samples = common.interleave(contenders, reps, warmup=False)
     per_size: dict[str, Any] = {}
     for size in sizes:

@@ -17,6 +17,7 @@ images/s (target ≥ 2).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import time
@@ -98,8 +99,8 @@ def _run(work: Path, num_samples: int, batches: int, reps: int) -> dict[str, Any
 
     print(f"cifar10 N={images.shape[0]}: {batches} batches of {BATCH} per repetition, "
           f"torch threads {torch.get_num_threads()}")
-    samples = common.interleave({name: (lambda name=name: draw(name, batches)) for name in streams}, reps,
-                                warmup={name: (lambda name=name: draw(name, 3)) for name in streams})
+    samples = common.interleave({name: functools.partial(draw, name, batches) for name in streams}, reps,
+                                warmup={name: functools.partial(draw, name, 3) for name in streams})
     ratio = common.ratio_summary(samples["ffcv"], samples["torch"])
     result = {
         "dataset": "cifar10", "num_samples": int(images.shape[0]), "batch_size": BATCH,

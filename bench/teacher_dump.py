@@ -54,7 +54,8 @@ def _baseline_dump_split(ref: str, work: Path, image_shape: tuple[int, int, int]
     path = work / "teacher_dump_baseline.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("teacher_dump_baseline", path)
-    module = importlib.util.module_from_spec(spec)
+    assert spec is not None and spec.loader is not None
+    module: Any = importlib.util.module_from_spec(spec)  # a module of an older revision: names unknown here
     spec.loader.exec_module(module)
     # A baseline from before make_loader lost `augment` (always False) and `image_shape` (used
     # only for augmentation), and dump_split its `image_shape` (passed on to make_loader only).

@@ -387,4 +387,4 @@ def run_main() -> None:  # pragma: no cover - thin wrapper for `python -m pipeli
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run_main())
+    run_main()

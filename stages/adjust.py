@@ -183,7 +183,7 @@ def label_smoothing(
 # ---------------------------------------------------------------------------------------------
 
 
-def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: str, epsilon: float,
+def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: AdjustMethod, epsilon: float,
                   block_info: Any = None) -> np.ndarray:
     """One (V, n, C) block, labels (1, n, 1) -> packed (V, n, C + 3) float32: target logits,
     fixed, rewritten, wrong."""
@@ -257,7 +257,7 @@ def run(config: Any, *, method: str, logits_path: str | Path, out: str | Path,
         dtype=np.float32, chunks=(logits.chunks[0], logits.chunks[1], (num_classes + 3,)),
     )
     dtype = str(logits_array.dtype)
-    attrs = {
+    attrs: dict[str, Any] = {
         key: source.attrs[key]
         for key in ("split", "dataset", "dataset_fingerprint", "num_classes", "num_views", "view_spec",
                     "teacher")

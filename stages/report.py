@@ -102,7 +102,8 @@ def split_by_stem(paths: Iterable[Path], stems: Iterable[str]) -> tuple[list[Pat
     A config record `<stem>-config.json` goes with its metrics file: never kept (it is read
     beside the metrics), a stray when `<stem>` is not wanted."""
     wanted = set(stems)
-    kept, strays = [], []
+    kept: list[Path] = []
+    strays: list[Path] = []
     for path in paths:
         if path.stem.endswith(CONFIG_SUFFIX) and path.stem[:-len(CONFIG_SUFFIX)] in wanted:
             continue
@@ -423,9 +424,11 @@ def summary_markdown(rows: Sequence[ExperimentRow], *, baseline: str, kd_baselin
     if teachers:
         classes = (dataset_info or {}).get("num_classes")
         parts += ["## Teachers", markdown_table(*teacher_table(teachers, classes))]
-        flagged = [name for name, m in sorted(teachers.items()) if m.get("test_top1") is not None
-                   and ((m.get("dataset") or {}).get("num_classes", classes))
-                   and near_chance(float(m["test_top1"]), int((m.get("dataset") or {}).get("num_classes", classes)))]
+        flagged = []
+        for name, m in sorted(teachers.items()):
+            num_classes = (m.get("dataset") or {}).get("num_classes", classes)
+            if m.get("test_top1") is not None and num_classes and near_chance(float(m["test_top1"]), int(num_classes)):
+                flagged.append(name)
         if flagged:
             parts.append(f"**Near chance:** {', '.join(flagged)} (test top-1 at most min(1.5/C, 1/C + 2 points), "
                          "C classes): its soft labels carry little beyond the label, so its students "
@@ -493,10 +496,10 @@ def accuracy_png(rows: Sequence[ExperimentRow], teacher_top1: Mapping[str, float
     if spread:
         ax.errorbar([x for x, _, _ in spread], [h for _, h, _ in spread],
                     yerr=[e for _, _, e in spread], fmt="none", ecolor="black", capsize=4)
-    for x, height, error, row in zip(positions, heights, errors, rows):
+    for x, height, error, row in zip(positions, heights, errors, rows, strict=True):
         ax.annotate(f"{height:.2f}" + (f"\nn={row.n}" if row.n > 1 else ""), (x, height + error),
                     textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
-    references = sorted({row.teacher for row in rows if row.teacher in teacher_top1})
+    references = sorted({row.teacher for row in rows if row.teacher is not None and row.teacher in teacher_top1})
     for k, name in enumerate(references):
         level = 100.0 * teacher_top1[name]
         ax.axhline(level, linestyle="--", color=f"C{(k + 1) % 10}",

@@ -281,7 +281,7 @@ def run(config: Any, *, logits_path: str | Path, out: str | Path, metrics_out: s
     logits = da.from_zarr(logits_array)
     packed = da.map_blocks(_statistics_block, logits, dtype=np.float32,
                            chunks=(logits.chunks[0], logits.chunks[1], (len(STATISTICS),)))
-    attrs = {key: source.attrs[key] for key in ("split", "dataset", "dataset_fingerprint",
+    attrs: dict[str, Any] = {key: source.attrs[key] for key in ("split", "dataset", "dataset_fingerprint",
                                                 "num_classes", "num_views", "view_spec", "teacher")
              if key in source.attrs}
     attrs.update(source=source.as_source(), versions=library_versions(),

@@ -131,7 +131,8 @@ def channel_stats(manifest: dict[str, Any], device: torch.device) -> tuple[Tenso
 
 def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with Nesterov momentum; no weight decay on biases and BatchNorm parameters."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -434,7 +435,7 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
                            total=steps_per_epoch, unit="img", unit_scale=fit_config.batch_size, log=logger)
         train_loss, seen, step = train_epoch(
             model, batches, optimizer, loss_fn=loss_fn,
-            prepare=lambda images, index, e=epoch: prepare(images, index, e),
+            prepare=functools.partial(prepare, epoch=epoch),
             lr_at=lr_at, step=step, device=device, explain=explain)
         train_s = time.perf_counter() - started
         if val_loader is not None:
@@ -446,7 +447,7 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         train_seen += seen
         row = {
             "epoch": epoch + 1, "train_loss": round(train_loss, 6),
-            **({} if val_logits is None else {"val_top1": topk_accuracy(val_logits, val_labels, 1),
+            **({} if val_logits is None or val_labels is None else {"val_top1": topk_accuracy(val_logits, val_labels, 1),
                                               "val_top5": topk_accuracy(val_logits, val_labels, 5)}),
             "test_top1": topk_accuracy(test_logits, test_labels, 1),
             "test_top5": topk_accuracy(test_logits, test_labels, 5),

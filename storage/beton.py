@@ -119,7 +119,7 @@ class GuardedLoader:
         # epoch thread as it starts (EpochIterator.run). Re-applying our count only after the
         # first batch arrived (so after the epoch thread's call) avoids a race whose winner
         # decided the thread count, and so the float rounding, of every epoch.
-        threads_pending = self.torch_threads is not None
+        threads_pending = self.torch_threads
         while True:
             try:
                 item = it.output_queue.get(timeout=0.5)
@@ -129,9 +129,9 @@ class GuardedLoader:
                     raise RuntimeError("the ffcv loader thread died (its error is printed above); "
                                        "check the beton and the pipeline") from None
                 continue
-            if threads_pending:
-                torch.set_num_threads(self.torch_threads)
-                threads_pending = False
+            if threads_pending is not None:
+                torch.set_num_threads(threads_pending)
+                threads_pending = None
             if item is None:
                 it.close()
                 return
