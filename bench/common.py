@@ -16,8 +16,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -87,7 +88,7 @@ def interleave(contenders: Mapping[str, Callable[[], float | dict[str, float]]],
 
 def ratio_summary(numerators: Sequence[float], denominators: Sequence[float]) -> dict[str, Any]:
     """Per-repetition ratios (rep r of A over rep r of B: measured side by side) summarised."""
-    return summary([a / b for a, b in zip(numerators, denominators)])
+    return summary([a / b for a, b in zip(numerators, denominators, strict=True)])
 
 
 def machine() -> dict[str, Any]:

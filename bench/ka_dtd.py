@@ -17,6 +17,7 @@ Figures: stages seconds ÷ floor seconds (target ≤ 1.5); the stages' peak RSS 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -30,7 +31,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
+from bench import common
 
 NAME = "ka_dtd"
 NUM_CLASSES = 100
@@ -118,10 +119,10 @@ def child_floor(logits: Path, work: Path) -> dict[str, Any]:
                                       compressors=_compressors(dtype))
              for name, dtype in SMALL_ARRAYS.items()}
     for start in range(0, samples, rows):
-        block = source[:, start:start + rows]
+        block = np.asarray(source[:, start:start + rows])
         target[:, start:start + rows] = block
         column = block[..., 0]
-        for name, array in small.items():
+        for array in small.values():
             array[:, start:start + rows] = column > 0 if array.dtype == np.bool_ else column.astype(np.float32)
     return {"elapsed_s": time.perf_counter() - started, "peak_rss_bytes": _peak_rss_bytes(),
             "rss_after_imports_bytes": baseline}
@@ -135,7 +136,7 @@ def _child_main(argv: list[str]) -> None:
     import dask.array  # noqa: F401
     import torch  # noqa: F401
 
-    import stages.adjust  # noqa: F401
+    import stages.adjust
     import stages.temperature  # noqa: F401
 
     work.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stores[size] = tmp / f"logits-{size}.zarr"
             write_logits_store(stores[size], size, chunk_rows)
             print(f"wrote a {size} x {NUM_CLASSES} float16 store in {time.perf_counter() - tick:.1f} s")
-        contenders = {f"{kind}_{size}": (lambda kind=kind, size=size: run_child(kind, stores[size], tmp / "work"))
+        contenders = {f"{kind}_{size}": functools.partial(run_child, kind, stores[size], tmp / "work")
                       for size in sizes for kind in ("floor", "stages")}
         if args.baseline_ref:
             baseline = tmp / "baseline"
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      cwd=common.REPO_ROOT, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
             for size in sizes:
-                contenders[f"baseline_{size}"] = (lambda size=size: run_child(
-                    "stages", stores[size], tmp / "work", code=baseline))
+                contenders[f"baseline_{size}"] = functools.partial(
+                    run_child, "stages", stores[size], tmp / "work", code=baseline)
         samples = common.interleave(contenders, reps, warmup=False)
     per_size: dict[str, Any] = {}
     for size in sizes:
@@ -241,13 +242,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         entry = per_size[str(size)]
         print(f"N={size}: stages {common.fmt(entry['stages_s'])} s (adjust {entry['adjust_s']['median']:.2f}, "
               f"temperature {entry['temperature_s']['median']:.2f}), floor {common.fmt(entry['floor_s'])} s, "
-              f"ratio {common.fmt(entry['stages_over_floor'])} (target <= {TARGET_TIME}: {entry['verdict_time']}), "
+              f"ratio {common.fmt(entry['stages_over_floor'])} "
+              f"(target <= {TARGET_TIME}: {entry['verdict_time']}), "
               f"peak RSS {entry['stages_peak_rss_bytes']['median'] / 2**20:.0f} MiB "
               f"(floor {entry['floor_peak_rss_bytes']['median'] / 2**20:.0f} MiB)")
         if "baseline" in entry:
             before = entry["baseline"]
             print(f"  before ({before['ref']}): {common.fmt(before['stages_s'])} s, ratio "
-                  f"{common.fmt(before['stages_over_floor'])}, peak RSS {before['peak_rss_bytes']['median'] / 2**20:.0f} MiB;"
+                  f"{common.fmt(before['stages_over_floor'])}, "
+                  f"peak RSS {before['peak_rss_bytes']['median'] / 2**20:.0f} MiB;"
                   f" speedup {common.fmt(before['speedup'])}")
     print(f"peak RSS growth {small['num_samples']} -> {large['num_samples']}: {100 * growth:+.1f} % "
           f"({result['verdict_rss_growth']}); < 1 GiB at {large['num_samples']}: {result['verdict_rss']}")

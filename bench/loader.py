@@ -17,16 +17,18 @@ images/s (target ≥ 2).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
+from bench import common
 
 NAME = "loader"
 BATCH = 128
@@ -58,7 +60,7 @@ def _run(work: Path, num_samples: int, batches: int, reps: int) -> dict[str, Any
     from stages.views import training_augmentation
     from storage.beton import make_loader
 
-    dataset, manifest = common.prepare(common.cifar10(num_samples, 256), work / "cifar10")
+    dataset, _ = common.prepare(common.cifar10(num_samples, 256), work / "cifar10")
     common.ready_torch()
     images = torch.from_numpy(dataset.train.images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
     labels = torch.from_numpy(dataset.train.labels.astype("int64"))
@@ -97,8 +99,8 @@ def _run(work: Path, num_samples: int, batches: int, reps: int) -> dict[str, Any
 
     print(f"cifar10 N={images.shape[0]}: {batches} batches of {BATCH} per repetition, "
           f"torch threads {torch.get_num_threads()}")
-    samples = common.interleave({name: (lambda name=name: draw(name, batches)) for name in streams}, reps,
-                                warmup={name: (lambda name=name: draw(name, 3)) for name in streams})
+    samples = common.interleave({name: functools.partial(draw, name, batches) for name in streams}, reps,
+                                warmup={name: functools.partial(draw, name, 3) for name in streams})
     ratio = common.ratio_summary(samples["ffcv"], samples["torch"])
     result = {
         "dataset": "cifar10", "num_samples": int(images.shape[0]), "batch_size": BATCH,

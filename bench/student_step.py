@@ -20,16 +20,18 @@ Teachers are random-init (timing only).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
+from bench import common
 
 NAME = "student_step"
 BATCH = 128
@@ -153,8 +155,8 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
     steps, warm = setup["steps"], setup["warmup_steps"]
     print(f"{setup['dataset']} {'/'.join(setup['teachers'])} -> {setup['student']}: {steps} steps of "
           f"{BATCH} per repetition, torch threads {torch.get_num_threads()}")
-    samples = common.interleave({k: (lambda f=f: f(steps)) for k, f in runs.items()}, reps,
-                                warmup={k: (lambda f=f: f(warm)) for k, f in runs.items()})
+    samples = common.interleave({k: functools.partial(f, steps) for k, f in runs.items()}, reps,
+                                warmup={k: functools.partial(f, warm) for k, f in runs.items()})
     ce, kd = samples["ce"], samples["lessons"]
     result: dict[str, Any] = {
         "dataset": setup["dataset"], "student": setup["student"], "num_samples": num_train,
@@ -167,12 +169,12 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
     print(f"  lessons/ce {common.fmt(result['lessons_over_ce'])} (target >= {TARGET_CE}: "
           f"{result['verdict_lessons_over_ce']})")
     for name in setup["teachers"]:
-        online, forward = samples[f"online_{name}"], samples[f"forward_{name}"]
+        online_rates, forward_rates = samples[f"online_{name}"], samples[f"forward_{name}"]
         # S, F: seconds per batch of a ce step and of a teacher forward, same repetition.
-        limit = [(BATCH / c + BATCH / f) / (BATCH / c) for c, f in zip(ce, forward)]
-        over_online = [k / o for k, o in zip(kd, online)]
-        of_limit = [r / m for r, m in zip(over_online, limit)]
-        entry = {"lessons_over_online": common.summary(over_online), "limit": common.summary(limit),
+        limit = [(BATCH / c + BATCH / f) / (BATCH / c) for c, f in zip(ce, forward_rates, strict=True)]
+        over_online = [k / o for k, o in zip(kd, online_rates, strict=True)]
+        of_limit = [r / m for r, m in zip(over_online, limit, strict=True)]
+        entry: dict[str, Any] = {"lessons_over_online": common.summary(over_online), "limit": common.summary(limit),
                  "fraction_of_limit": common.summary(of_limit), "target_fraction_of_limit": TARGET_LIMIT}
         entry["verdict"] = common.verdict(entry["fraction_of_limit"]["median"], TARGET_LIMIT)
         result["teachers"][name] = entry

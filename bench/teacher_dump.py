@@ -29,7 +29,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
+from bench import common
 
 NAME = "teacher_dump"
 TARGET = 0.9
@@ -54,7 +54,8 @@ def _baseline_dump_split(ref: str, work: Path, image_shape: tuple[int, int, int]
     path = work / "teacher_dump_baseline.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("teacher_dump_baseline", path)
-    module = importlib.util.module_from_spec(spec)
+    assert spec is not None and spec.loader is not None
+    module: Any = importlib.util.module_from_spec(spec)  # a module of an older revision: names unknown here
     spec.loader.exec_module(module)
     # A baseline from before make_loader lost `augment` (always False) and `image_shape` (used
     # only for augmentation), and dump_split its `image_shape` (passed on to make_loader only).
@@ -150,7 +151,7 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
     samples = common.interleave(contenders, reps, warmup=False)
     dumps = samples["dump"]
     best_floor = [max(a["images_per_s"], b["images_per_s"])
-                  for a, b in zip(samples["floor_nchw"], samples["floor_cl"])]
+                  for a, b in zip(samples["floor_nchw"], samples["floor_cl"], strict=True)]
     ratio = common.ratio_summary([d["images_per_s"] for d in dumps], best_floor)
     shares = {part: common.summary([d[part] / d["elapsed_s"] for d in dumps])
               for part in ("load_s", "forward_s", "write_s")}
@@ -175,7 +176,8 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
             "share_of_dump_time": {part.replace("_s", ""): common.summary([b[part] / b["elapsed_s"] for b in before])
                                    for part in ("load_s", "forward_s", "write_s")},
         }
-        print(f"  before ({baseline_ref}): dump/floor {common.fmt(result['baseline']['ratio_dump_over_floor'])}, "
+        print(f"  before ({baseline_ref}): "
+              f"dump/floor {common.fmt(result['baseline']['ratio_dump_over_floor'])}, "
               f"speedup {common.fmt(result['baseline']['speedup'])}")
     print(f"  dump/floor {common.fmt(ratio)} (target >= {TARGET}: {result['verdict']}); shares "
           + ", ".join(f"{k} {v['median']:.2f}" for k, v in result["share_of_dump_time"].items()))

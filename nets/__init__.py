@@ -12,6 +12,7 @@ arXiv:1910.10699); with ``num_classes=100`` their parameter counts equal the pub
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable
 
 from torch import nn
@@ -40,13 +41,13 @@ def _register(name: str, builder: _Builder) -> None:
 
 
 for _name in RESNET_SPECS:
-    _register(_name, lambda c, k, s, _n=_name: build_resnet(_n, c, k))
+    _register(_name, functools.partial(lambda n, c, k, s: build_resnet(n, c, k), _name))
 for _name in WRN_SPECS:
-    _register(_name, lambda c, k, s, _n=_name: build_wrn(_n, c, k))
+    _register(_name, functools.partial(lambda n, c, k, s: build_wrn(n, c, k), _name))
 for _name in VGG_SPECS:
-    _register(_name, lambda c, k, s, _n=_name: build_vgg(_n, c, k, s))
+    _register(_name, functools.partial(build_vgg, _name))
 for _name, (_widths, _grid) in SMALL_CNN_SPECS.items():
-    _register(_name, lambda c, k, s, _w=_widths, _g=_grid: SmallCNN(_w, _g, c, k))
+    _register(_name, functools.partial(lambda w, g, c, k, s: SmallCNN(w, g, c, k), _widths, _grid))
 _register("mobilenetv2", lambda c, k, s: MobileNetV2(c, k))
 _register("shufflenetv2", lambda c, k, s: ShuffleNetV2(c, k))
 _register("mlp", lambda c, k, s: MLP(c, k, grid_size=min(s, 32)))

@@ -107,7 +107,7 @@ class ShuffleNetV2(nn.Module):
         self.conv1 = _conv_bn(in_channels, 24, 1)
         channels = 24
         stages = []
-        for out_channels, num_blocks in zip(_OUT_CHANNELS[:3], _NUM_BLOCKS):
+        for out_channels, num_blocks in zip(_OUT_CHANNELS[:3], _NUM_BLOCKS, strict=True):
             units: list[nn.Module] = [DownUnit(channels, out_channels)]
             units += [ShuffleUnit(out_channels) for _ in range(num_blocks)]
             stages.append(nn.Sequential(*units))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -292,7 +293,6 @@ def check_params_command(ctx: click.Context, out: str | None) -> None:
     """Check params.yaml as a whole before any stage runs (dvc runs this first, so a bad value
     never gets as far as a stage that would delete its old outputs)."""
     import nets
-
     from pipeline.checks import check_environment
 
     params = _params(ctx)
@@ -403,4 +403,4 @@ def run_main() -> None:  # pragma: no cover - thin wrapper for `python -m pipeli
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run_main())
+    run_main()

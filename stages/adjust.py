@@ -187,7 +187,7 @@ def label_smoothing(
 # ---------------------------------------------------------------------------------------------
 
 
-def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: str, epsilon: float,
+def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: AdjustMethod, epsilon: float,
                   block_info: Any = None) -> np.ndarray:
     """One (V, n, C) block, labels (1, n, 1) -> packed (V, n, C + 3) float32: target logits,
     fixed, rewritten, wrong."""
@@ -225,7 +225,7 @@ def adjustment_summary(counts: dict[str, Any], total_views: int) -> dict[str, An
         "rewritten_views": int(counts["rewritten"]),
         "rewritten_fraction": float(counts["rewritten"]) / total_views,
         "teacher_train_accuracy": 1.0 - float(counts["wrong"]) / total_views,
-        "rewrites_per_class": [int(round(c)) for c in np.asarray(counts["per_class"])],
+        "rewrites_per_class": [round(c) for c in np.asarray(counts["per_class"])],
     }
 
 
@@ -271,7 +271,7 @@ def run(config: AdjustConfig, *, method: AdjustMethod, logits_path: str | Path, 
         dtype=np.float32, chunks=(logits.chunks[0], logits.chunks[1], (num_classes + 3,)),
     )
     dtype = str(logits_array.dtype)
-    attrs = {
+    attrs: dict[str, Any] = {
         key: source.attrs[key]
         for key in ("split", "dataset", "dataset_fingerprint", "num_classes", "num_views", "view_spec",
                     "teacher")

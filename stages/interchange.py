@@ -15,8 +15,8 @@ import numpy as np
 from stages.teacher_dump import VIEW_SPEC
 from storage import ArraySpec, StoreError, StoreWriter
 from storage.h5 import H5Error, H5Source
-from storage.soft_labels import check_blocks
 from storage.manifest import file_sha256, read_labels, read_prepared
+from storage.soft_labels import check_blocks
 from storage.versions import library_versions
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from storage import dataset_fingerprint, partial_path, write_manifest
-from storage.manifest import file_sha256
 from storage.atomic import (
     OutputError,
     create_work_dir,
@@ -31,6 +30,7 @@ from storage.atomic import (
     replace_dir,
 )
 from storage.beton import write_beton
+from storage.manifest import file_sha256
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig, PrepareDataConfig
@@ -101,8 +101,10 @@ def run(config: PrepareDataConfig, dataset: Dataset, data_config: DataConfig,
     with exclusive_lock(out_dir):
         try:
             create_work_dir(work)  # refuses a folder at that name that lessons did not make
+        except OutputError:
+            raise
         except OSError as exc:
-            raise exc if isinstance(exc, OutputError) else OutputError(exc.errno, describe_os_error(exc, work))
+            raise OutputError(exc.errno, describe_os_error(exc, work)) from exc
         try:
             for split_name, split in dataset.splits().items():
                 beton = work / f"{split_name}.beton"

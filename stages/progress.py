@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -18,10 +19,8 @@ def progress(items: Iterable[T], *, desc: str, total: int | None = None, unit: s
     `unit_scale` is how many units one item stands for (e.g. the batch size, for images/s).
     """
     start = last = time.perf_counter()
-    done = 0
-    for item in tqdm(items, desc=desc, total=total, unit="batch", disable=None, leave=False):
+    for done, item in enumerate(tqdm(items, desc=desc, total=total, unit="batch", disable=None, leave=False), 1):
         yield item
-        done += 1
         now = time.perf_counter()
         if now - last >= every_s:
             last = now

@@ -16,18 +16,20 @@ over the n seeds.
 
 Two judgements are printed with their rule: a teacher is *near chance* when its test top-1 is at
 most min(1.5/C, 1/C + 0.02) (`near_chance`), and a Δ is *within the seed spread* (marked ≈) when
-|Δ| is at most the larger sample std of the two experiments (`within_spread`). PNGs carry no timestamp or software metadata, so the same inputs give the
-same bytes (stable DVC hashes).
+|Δ| is at most the larger sample std of the two experiments (`within_spread`). PNGs carry no
+timestamp or software metadata, so the same inputs give the same bytes (stable DVC hashes).
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from storage.atomic import atomic_write_bytes, refuse_foreign_file
 from storage.errors import LessonsError
@@ -107,7 +109,8 @@ def split_by_stem(paths: Iterable[Path], stems: Iterable[str]) -> tuple[list[Pat
     A config record `<stem>-config.json` goes with its metrics file: never kept (it is read
     beside the metrics), a stray when `<stem>` is not wanted."""
     wanted = set(stems)
-    kept, strays = [], []
+    kept: list[Path] = []
+    strays: list[Path] = []
     for path in paths:
         if path.stem.endswith(CONFIG_SUFFIX) and path.stem[:-len(CONFIG_SUFFIX)] in wanted:
             continue
@@ -454,9 +457,11 @@ def summary_markdown(rows: Sequence[ExperimentRow], *, baseline: str, kd_baselin
     if teachers:
         classes = (dataset_info or {}).get("num_classes")
         parts += ["## Teachers", markdown_table(*teacher_table(teachers, classes))]
-        flagged = [name for name, m in sorted(teachers.items()) if m.get("test_top1") is not None
-                   and ((m.get("dataset") or {}).get("num_classes", classes))
-                   and near_chance(float(m["test_top1"]), int((m.get("dataset") or {}).get("num_classes", classes)))]
+        flagged = []
+        for name, m in sorted(teachers.items()):
+            num_classes = (m.get("dataset") or {}).get("num_classes", classes)
+            if m.get("test_top1") is not None and num_classes and near_chance(float(m["test_top1"]), int(num_classes)):
+                flagged.append(name)
         if flagged:
             parts.append(f"**Near chance:** {', '.join(flagged)} (test top-1 at most min(1.5/C, 1/C + 2 points), "
                          "C classes): its soft labels carry little beyond the label, so its students "
@@ -533,21 +538,21 @@ def accuracy_png(rows: Sequence[ExperimentRow], teacher_top1: Mapping[str, float
     errors = [100.0 * (row.top1_std or 0.0) for row in rows]
     positions = list(range(len(rows)))
     ax.bar(positions, heights, color="tab:blue")
-    spread = [(x, h, e) for x, h, e, row in zip(positions, heights, errors, rows) if row.n > 1]
+    spread = [(x, h, e) for x, h, e, row in zip(positions, heights, errors, rows, strict=True) if row.n > 1]
     if spread:
         ax.errorbar([x for x, _, _ in spread], [h for _, h, _ in spread],
                     yerr=[e for _, _, e in spread], fmt="none", ecolor="black", capsize=4)
-    for x, height, error, row in zip(positions, heights, errors, rows):
+    for x, height, error, row in zip(positions, heights, errors, rows, strict=True):
         ax.annotate(f"{height:.2f}" + (f"\nn={row.n}" if row.n > 1 else ""), (x, height + error),
                     textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
-    references = sorted({row.teacher for row in rows if row.teacher in teacher_top1})
+    references = sorted({row.teacher for row in rows if row.teacher is not None and row.teacher in teacher_top1})
     for k, name in enumerate(references):
         level = 100.0 * teacher_top1[name]
         ax.axhline(level, linestyle="--", color=f"C{(k + 1) % 10}",
                    label=f"teacher {name} ({level:.2f})")
     levels = heights + [100.0 * teacher_top1[name] for name in references]
-    low = min(h - e for h, e in zip(heights, errors)) if heights else 0.0
-    high = max((h + e for h, e in zip(heights, errors)), default=100.0)
+    low = min(h - e for h, e in zip(heights, errors, strict=True)) if heights else 0.0
+    high = max((h + e for h, e in zip(heights, errors, strict=True)), default=100.0)
     ax.set_ylim(max(0.0, min([low, *levels]) - 5.0), min(100.0, max([high, *levels]) + 3.0))
     ax.set_xticks(positions, [row.experiment for row in rows], rotation=30, ha="right")
     ax.set_ylabel("test top-1 (%)")
@@ -590,7 +595,7 @@ def temperature_png(histograms: Mapping[str, Sequence[Mapping[str, Any]]]) -> by
     for k, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), k + 1)
         centers = [float(b["temperature"]) for b in histograms[name]]
-        width = min((b - a for a, b in zip(centers, centers[1:])), default=0.1)
+        width = min((b - a for a, b in itertools.pairwise(centers)), default=0.1)
         ax.bar(centers, [b["count"] for b in histograms[name]], width=0.9 * width)
         ax.set_xlabel("static temperature τ^T")
         ax.set_ylabel("views")
@@ -703,7 +708,7 @@ def configured_inputs(*, runs: Sequence[tuple[str, int]], teachers: Sequence[str
     students, stray_students = split_by_stem(_json_files(students_dir), stems)
     curves, stray_curves = split_by_stem(_json_files(curves_dir), stems)
     found = {path.stem for path in students}
-    missing = [(experiment, seed) for (experiment, seed), stem in zip(runs, stems) if stem not in found]
+    missing = [(experiment, seed) for (experiment, seed), stem in zip(runs, stems, strict=True) if stem not in found]
     if missing:
         shown = "; ".join(f"{students_dir / (run_stem(e, s) + '.json')}: file not found (experiment "
                           f"{e!r}, seed {s})" for e, s in missing[:3])
@@ -795,7 +800,7 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
         if name not in known:
             logger.warning("report.%s is %r, which is not among the experiments (%s): its Δ column "
                            "will be empty", key, name, ", ".join(row.experiment for row in rows))
-    experiment_of_stem = {path.stem: str(r["experiment"]) for path, r in zip(student_paths, records)}
+    experiment_of_stem = {path.stem: str(r["experiment"]) for path, r in zip(student_paths, records, strict=True)}
     curves_by_experiment: dict[str, list[list[dict[str, Any]]]] = {}
     for path in map(Path, curves):
         curve = _read_list(path, ("epoch", "test_top1"))

@@ -251,7 +251,7 @@ def _summary_parts(values: Any, name: str) -> dict[str, Any]:
 def _summary(parts: dict[str, Any], name: str) -> dict[str, Any]:
     """Mean, std, min, max and quantiles of `name` from the computed `_summary_parts`."""
     return {**{f"{name}_{key}": float(parts[f"{name}_{key}"]) for key in ("mean", "std", "min", "max")},
-            **{f"{name}_p{q:02d}": float(v) for q, v in zip(QUANTILES, parts[f"{name}_quantiles"])}}
+            **{f"{name}_p{q:02d}": float(v) for q, v in zip(QUANTILES, parts[f"{name}_quantiles"], strict=True)}}
 
 
 def run(config: TemperatureConfig, *, logits_path: str | Path, out: str | Path, metrics_out: str | Path,
@@ -281,12 +281,12 @@ def run(config: TemperatureConfig, *, logits_path: str | Path, out: str | Path, 
     source = open_store(logits_path, kind="logits")
     source.check_layout()
     logits_array = source.array("logits")
-    views, samples, num_classes = logits_array.shape
+    views, samples, _ = logits_array.shape
     chunk_rows = source.chunk_rows
     logits = da.from_zarr(logits_array)
     packed = da.map_blocks(_statistics_block, logits, dtype=np.float32,
                            chunks=(logits.chunks[0], logits.chunks[1], (len(STATISTICS),)))
-    attrs = {key: source.attrs[key] for key in ("split", "dataset", "dataset_fingerprint",
+    attrs: dict[str, Any] = {key: source.attrs[key] for key in ("split", "dataset", "dataset_fingerprint",
                                                 "num_classes", "num_views", "view_spec", "teacher")
              if key in source.attrs}
     attrs.update(source=source.as_source(), versions=library_versions(),
@@ -320,7 +320,7 @@ def run(config: TemperatureConfig, *, logits_path: str | Path, out: str | Path, 
         counts = parts["histogram"]
         writer.finalize(extra_attrs={"summary": summary})
     histogram = [{"temperature": round(float((lo + hi) / 2), 6), "count": int(c)}
-                 for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+                 for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)]
     atomic_write_json(histogram_out, histogram)
     summary["elapsed_s"] = round(time.perf_counter() - started, 3)
     atomic_write_json(metrics_out, summary)

@@ -15,8 +15,9 @@ import io
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -138,7 +139,8 @@ def channel_stats(manifest: dict[str, Any], device: torch.device) -> tuple[Tenso
 
 def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with Nesterov momentum; no weight decay on biases and BatchNorm parameters."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -440,8 +442,10 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
             on_inputs(inputs)
         return inputs
 
-    lr_at = lambda s: learning_rate(fit_config.lr, s / total_steps, fit_config.schedule,  # noqa: E731
-                                    fit_config.milestones, fit_config.gamma)
+    def lr_at(global_step: int) -> float:
+        return learning_rate(fit_config.lr, global_step / total_steps, fit_config.schedule, fit_config.milestones,
+                             fit_config.gamma)
+
     test_logits = test_labels = val_logits = val_labels = None
     for epoch in range(start_epoch, fit_config.epochs):
         started = time.perf_counter()
@@ -450,7 +454,7 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
                            total=steps_per_epoch, unit="img", unit_scale=fit_config.batch_size, log=logger)
         train_loss, seen, step = train_epoch(
             model, batches, optimizer, loss_fn=loss_fn,
-            prepare=lambda images, index, e=epoch, p=params: prepare(images, index, e, p),
+            prepare=functools.partial(prepare, epoch=epoch, params=params),
             lr_at=lr_at, step=step, device=device, explain=explain)
         train_s = time.perf_counter() - started
         if val_loader is not None:
@@ -462,7 +466,7 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         train_seen += seen
         row = {
             "epoch": epoch + 1, "train_loss": round(train_loss, 6),
-            **({} if val_logits is None else {"val_top1": topk_accuracy(val_logits, val_labels, 1),
+            **({} if val_logits is None or val_labels is None else {"val_top1": topk_accuracy(val_logits, val_labels, 1),
                                               "val_top5": topk_accuracy(val_logits, val_labels, 5)}),
             "test_top1": topk_accuracy(test_logits, test_labels, 1),
             "test_top5": topk_accuracy(test_logits, test_labels, 5),

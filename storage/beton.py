@@ -112,16 +112,15 @@ class GuardedLoader:
     def __iter__(self) -> Any:
         import queue
 
-        from ffcv.loader import epoch_iterator
-
         import torch
+        from ffcv.loader import epoch_iterator
 
         it = iter(self.loader)
         # ffcv sets torch to num_workers threads twice: in Loader.__iter__ and again from the
         # epoch thread as it starts (EpochIterator.run). Re-applying our count only after the
         # first batch arrived (so after the epoch thread's call) avoids a race whose winner
         # decided the thread count, and so the float rounding, of every epoch.
-        threads_pending = self.torch_threads is not None
+        threads_pending = self.torch_threads
         while True:
             try:
                 item = it.output_queue.get(timeout=0.5)
@@ -131,9 +130,9 @@ class GuardedLoader:
                     raise RuntimeError("the ffcv loader thread died (its error is printed above); "
                                        "check the beton and the pipeline") from None
                 continue
-            if threads_pending:
-                torch.set_num_threads(self.torch_threads)
-                threads_pending = False
+            if threads_pending is not None:
+                torch.set_num_threads(threads_pending)
+                threads_pending = None
             if item is None:
                 it.close()
                 return

@@ -9,8 +9,9 @@ import contextlib
 import errno
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -82,7 +83,7 @@ class H5Source:
         self.path = Path(path)
         self._file: h5py.File | None = None
 
-    def __enter__(self) -> "H5Source":
+    def __enter__(self) -> H5Source:
         if not self.path.is_file():
             raise H5Error(f"{self.path}: no such file")
         try:
@@ -108,7 +109,7 @@ class H5Source:
 
     def names(self) -> list[str]:
         """The top-level datasets' names (groups and other objects left out)."""
-        return [name for name in self.file.keys() if isinstance(self.file.get(name), h5py.Dataset)]
+        return [name for name in self.file if isinstance(self.file.get(name), h5py.Dataset)]
 
     def dataset(self, name: str) -> h5py.Dataset | None:
         """The top-level dataset `name` (shape and dtype only; no data read), None if absent."""
@@ -194,5 +195,5 @@ def read_h5(path: str | Path, names: Iterable[str] | None = None) -> tuple[dict[
     with H5Source(path) as source:
         wanted = source.names() if names is None else [n for n in names if source.dataset(n) is not None]
         arrays = {name: source.read(name) for name in wanted}
-        attrs = {key: source.attr(key) for key in source.file.attrs.keys() if key != "lessons_export"}
+        attrs = {key: source.attr(key) for key in source.file.attrs if key != "lessons_export"}
     return arrays, attrs

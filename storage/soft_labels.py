@@ -31,23 +31,24 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import zarr
 import zarr.codecs
 
 from storage.atomic import (
+    WORK_MARKER,
     OutputError,
     atomic_write_bytes,
     atomic_write_json,
+    create_work_dir,
     describe_os_error,
     exclusive_lock,
-    WORK_MARKER,
-    create_work_dir,
     owns_work_dir,
     partial_path,
     refuse_foreign_output,
@@ -223,7 +224,7 @@ class StoreWriter:
         self._written: set[str] = set()
 
     # -- context management -------------------------------------------------------------
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         self._lock.__enter__()
         try:
             self._open()
@@ -353,7 +354,8 @@ class StoreWriter:
         import dask.array as da
 
         assert self._group is not None, "use StoreWriter as a context manager"
-        sources, targets = [], []
+        sources: list[da.Array] = []
+        targets: list[Any] = []  # zarr arrays: dask types `targets` as numpy-like, zarr is written by __setitem__
         for name, value in values.items():
             if name not in self.arrays:
                 raise StoreError(f"{self.out}: no array {name!r} in this store")
@@ -363,7 +365,7 @@ class StoreWriter:
             zarr_chunks = spec.chunks(self.chunk_rows)
             expected = tuple(
                 tuple(min(c, n - start) for start in range(0, n, c)) if n else (0,)
-                for c, n in zip(zarr_chunks, spec.shape)
+                for c, n in zip(zarr_chunks, spec.shape, strict=True)
             )
             if tuple(value.chunks) != expected:
                 raise StoreError(f"{self.out}: array {name!r} dask chunks {value.chunks} do not "
@@ -373,7 +375,8 @@ class StoreWriter:
         import dask
         import dask.system
 
-        names = list(reductions or {})
+        reductions = reductions or {}
+        names = list(reductions)
         # On the local threaded scheduler, a private pool: when one task fails, dask raises at
         # once while other tasks may still be writing chunks; shutting the pool down waits for
         # them, so a failed write's cleanup never races a writer (which left `.partial` behind).
@@ -390,7 +393,7 @@ class StoreWriter:
         self._written.update(values)
         if self._written >= set(self.arrays):
             self._mark_all_done()
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     def _mark_all_done(self) -> None:
         """Mark every chunk done at once. A mark is an empty file, whose creation is atomic, so
@@ -411,12 +414,12 @@ class StoreWriter:
         # Every chunk is written, even one that equals the fill value (zarr skips those by
         # default), so that `open_store` can take a missing chunk file for damage.
         assert self._group is not None
-        return self._group[name].with_config({"write_empty_chunks": True})
+        return _member_array(self._group, name).with_config({"write_empty_chunks": True})
 
     def partial_array(self, name: str) -> zarr.Array:
         """An array of the store being written (to read back what was stored)."""
         assert self._group is not None
-        return self._group[name]
+        return _member_array(self._group, name)
 
     def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> None:
         """Publish the store: check every chunk is marked, record completeness, rename into place.
@@ -473,7 +476,7 @@ class SoftLabelStore:
         the content digest. The derived store also copies `sample_index`."""
         return {"store": self.path.name, "content_digest": self.content_digest}
 
-    def expect_source(self, source: "SoftLabelStore") -> None:
+    def expect_source(self, source: SoftLabelStore) -> None:
         """Refuse this derived store unless it was computed from `source`, exactly: the content
         digest it recorded is `source`'s and its `sample_index` equals `source`'s row for row.
 
@@ -486,7 +489,8 @@ class SoftLabelStore:
                              "older lessons); rebuild it (dvc repro)")
         if recorded["content_digest"] != source.content_digest:
             raise StoreError(
-                f"{self.path}: was derived from a store of content digest {recorded['content_digest'][:12]}... "
+                f"{self.path}: was derived from a store of content digest "
+                f"{recorded['content_digest'][:12]}... "
                 f"but {source.path} has {source.content_digest[:12]}...; it belongs to another dump of the "
                 "teacher: rebuild it from this one (dvc repro)")
         self.expect_sample_index(source.read("sample_index"), against=str(source.path))
@@ -495,9 +499,10 @@ class SoftLabelStore:
         return name in self.group
 
     def array(self, name: str) -> zarr.Array:
-        if name not in self.group:
+        node = self.group.get(name)
+        if not isinstance(node, zarr.Array):
             raise StoreError(f"{self.path}: no array {name!r} in this {self.kind} store")
-        return self.group[name]
+        return node
 
     def read(self, name: str) -> np.ndarray:
         """The whole array `name` in memory (every chunk's checksum verified).
@@ -506,7 +511,7 @@ class SoftLabelStore:
             StoreError: no such array, or a chunk fails its checksum.
         """
         with checked_reads(self.path):
-            return self.array(name)[...]
+            return np.asarray(self.array(name)[...])
 
     def read_view(self, name: str, view: int = 0) -> np.ndarray:
         """View `view` of a (V, N, ...) array in memory, e.g. (N, C) logits (checksums verified).
@@ -515,7 +520,7 @@ class SoftLabelStore:
             StoreError: no such array, or a chunk fails its checksum.
         """
         with checked_reads(self.path):
-            return self.array(name)[view]
+            return np.asarray(self.array(name)[view])
 
     def expect(self, *, against: str = "what it is used with", **expected: Any) -> None:
         """Refuse the store when an attribute differs from what it is combined with.
@@ -561,7 +566,7 @@ class SoftLabelStore:
         """
         n = self.num_samples
         for name in sorted(self.group.array_keys()):
-            shape = self.group[name].shape
+            shape = _member_array(self.group, name).shape
             rows = shape[0] if len(shape) == 1 else shape[1] if len(shape) > 1 else None
             if rows != n:
                 raise StoreError(f"{self.path}: array {name!r} has shape {shape} but the store says "
@@ -636,7 +641,7 @@ def _check_digest(path: Path, group: zarr.Group, attrs: dict[str, Any]) -> None:
         return
     with checked_reads(path):
         for name in sorted(group.array_keys()):
-            group[name][...]  # a damaged chunk raises its checksum error here
+            _member_array(group, name)[...]  # a damaged chunk raises its checksum error here
     raise StoreError(f"{path}: its arrays changed after it was written (their files no longer match the "
                      f"recorded content digest): it was edited in place; {_rebuild_hint(attrs)}")
 
@@ -652,7 +657,7 @@ def _check_chunks(path: Path, group: zarr.Group) -> None:
         StoreError: naming the store, the missing chunk and its samples, and the stage to rerun.
     """
     for name in sorted(group.array_keys()):
-        array = group[name]
+        array = _member_array(group, name)
         if array.dtype == np.bool_:
             continue
         folder = path / array.path
@@ -668,13 +673,20 @@ def _check_chunks(path: Path, group: zarr.Group) -> None:
                                  f"store is damaged or incomplete; {_rebuild_hint(dict(group.attrs))}")
 
 
+def _member_array(group: zarr.Group, name: str) -> zarr.Array:
+    """`group[name]`, for a name from `group.array_keys()` or a store's own array specs."""
+    node = group[name]
+    assert isinstance(node, zarr.Array), f"{name} is a group, not an array"
+    return node
+
+
 def _rebuild_hint(attrs: dict[str, Any]) -> str:
     """How to rebuild a store: the `dvc repro --force` command of the stage that writes it."""
-    teacher = attrs.get("teacher") if isinstance(attrs.get("teacher"), dict) else {}
+    teacher = attrs["teacher"] if isinstance(attrs.get("teacher"), dict) else {}
     name = teacher.get("name")
     if attrs.get("kind") == "logits" and teacher.get("arch") == "external":
         return "rebuild it: rerun lessons import-logits"
     stage = {"logits": f"teacher_dump@{name}", "adjusted": f"adjust@{name}-{attrs.get('method')}",
-             "dtd": f"temperature@{name}"}.get(attrs.get("kind"))
+             "dtd": f"temperature@{name}"}.get(attrs.get("kind", ""))
     return f"rebuild it: dvc repro --force {stage}" if name and stage else \
         "rebuild it: dvc repro --force the stage that writes it"

@@ -1,6 +1,8 @@
 """Property tests (hypothesis) for the KA, DTD and KD math (arXiv:1911.07471 §3, DESIGN §4)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,7 @@ def logits_and_labels(draw, dtypes=("float16", "float32", "float64"), max_classe
     num_rows = draw(st.integers(min_rows, 10))
     num_classes = draw(st.integers(1, max_classes))
     width = {np.float16: 16, np.float32: 32, np.float64: 64}[dtype]
-    special = EXTREME_VALUES if extreme else TIE_VALUES + [-0.0]
+    special = EXTREME_VALUES if extreme else [*TIE_VALUES, -0.0]
     elements = st.one_of(
         st.sampled_from(special),
         st.floats(-50, 50, width=width, allow_nan=False, allow_infinity=False),
@@ -101,7 +103,7 @@ def test_ps_commutes_with_softmax_at_any_temperature(case, temperature):
 def test_ka_on_a_split_of_the_rows_equals_ka_on_the_whole_bit_for_bit(case, cuts, epsilon):
     logits, labels = case
     bounds = [0, *sorted(min(c, len(labels)) for c in cuts), len(labels)]
-    pieces = list(zip(bounds[:-1], bounds[1:]))
+    pieces = list(itertools.pairwise(bounds))
 
     whole = probability_shift(logits, labels)
     parts = torch.cat([probability_shift(logits[a:b], labels[a:b]) for a, b in pieces])

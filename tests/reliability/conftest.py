@@ -233,10 +233,12 @@ def spawn_cli(params: Path, *args: str, cwd: Path, pause_s: float = 0.0,
     saved training state, so a test can SIGKILL it at a known point.
     """
     env = {**child_env(), "LESSONS_TEST_PAUSE_S": str(pause_s), "PYTHONUNBUFFERED": "1"}
-    stream = open(log, "wb") if log is not None else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("slow_cli.py")), "--params", str(params),
-         *map(str, args)], cwd=cwd, env=env, stdout=stream, stderr=subprocess.STDOUT)
+    command = [sys.executable, str(Path(__file__).with_name("slow_cli.py")), "--params", str(params),
+               *map(str, args)]
+    if log is None:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    with open(log, "wb") as stream:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=stream, stderr=subprocess.STDOUT)
 
 
 def wait_for(predicate: Any, proc: subprocess.Popen, timeout_s: float, what: str,

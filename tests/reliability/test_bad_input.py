@@ -25,7 +25,6 @@ from tests.reliability.conftest import (
     cli,
     leftovers,
     make_npz,
-    ok,
     one_line_error,
     tree_digest,
     write_params,

@@ -2,6 +2,7 @@
 chunked writers never share a zarr chunk."""
 from __future__ import annotations
 
+import itertools
 import signal
 import tempfile
 import time
@@ -57,10 +58,12 @@ def test_a_second_writer_of_the_same_store_is_refused_at_once_and_the_first_is_u
 
 def test_a_second_writer_in_the_same_process_is_refused_too(tmp_path):
     specs = {"x": ArraySpec((10,), "float32")}
-    with StoreWriter(tmp_path / "s.zarr", kind="dtd", arrays=specs, attrs={}, chunk_rows=5):
-        with pytest.raises(OSError, match="another process is writing this output"):
-            with StoreWriter(tmp_path / "s.zarr", kind="dtd", arrays=specs, attrs={}, chunk_rows=5):
-                pass  # pragma: no cover
+    with (
+        StoreWriter(tmp_path / "s.zarr", kind="dtd", arrays=specs, attrs={}, chunk_rows=5),
+        pytest.raises(OSError, match="another process is writing this output"),
+        StoreWriter(tmp_path / "s.zarr", kind="dtd", arrays=specs, attrs={}, chunk_rows=5),
+    ):
+        pass  # pragma: no cover
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -78,7 +81,7 @@ def test_writer_rows_coincide_with_the_zarr_chunks_of_every_array(num_samples, c
         rows = [writer.rows(c) for c in range(writer.num_chunks)]
         # The writers' row ranges partition [0, N) in order, without gaps or overlaps...
         assert rows[0].start == 0 and rows[-1].stop == num_samples
-        assert all(a.stop == b.start for a, b in zip(rows, rows[1:]))
+        assert all(a.stop == b.start for a, b in itertools.pairwise(rows))
         assert all(r.stop > r.start for r in rows)
         for name, spec in specs.items():
             array = writer.partial_array(name)

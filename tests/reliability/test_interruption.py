@@ -24,7 +24,6 @@ from tests.reliability.conftest import (
 )
 
 
-
 def _kill(proc) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -108,8 +107,11 @@ def test_a_student_killed_after_epoch_one_of_two_resumes_to_the_uninterrupted_re
     timing = {"wall_s", "images_per_s"}
     assert {k: v for k, v in resumed.items() if k not in timing} == \
         {k: v for k, v in straight.items() if k not in timing}
-    curve = lambda name: [{k: v for k, v in row.items() if k != "elapsed_s"}  # noqa: E731
-                          for row in json.loads((tmp_path / f"{name}-curve.json").read_text())]
+
+    def curve(name: str) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "elapsed_s"}
+                for row in json.loads((tmp_path / f"{name}-curve.json").read_text())]
+
     assert curve("resumed") == curve("straight") and len(curve("resumed")) == 2
     a, b = _weights(tmp_path / "resumed.pt"), _weights(tmp_path / "straight.pt")
     assert a.keys() == b.keys()

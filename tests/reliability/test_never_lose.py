@@ -11,8 +11,8 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import dask.array as da
 import numpy as np
@@ -218,10 +218,11 @@ def test_a_failed_parallel_write_leaves_no_partial_even_with_a_block_still_writi
         return x + 1
 
     values = da.map_blocks(block, da.zeros((8,), chunks=4, dtype="float32"), dtype=np.float32)
-    with pytest.raises(ValueError, match="a damaged chunk"):
-        with StoreWriter(out, kind="test", arrays={"x": ArraySpec((8,), "float32")}, attrs={},
-                         chunk_rows=4) as writer:
-            writer.write_dask({"x": values})
+    with (
+        pytest.raises(ValueError, match="a damaged chunk"),
+        StoreWriter(out, kind="test", arrays={"x": ArraySpec((8,), "float32")}, attrs={}, chunk_rows=4) as writer,
+    ):
+        writer.write_dask({"x": values})
     time.sleep(1.0)  # any straggler would have written by now
     assert leftovers(out) == []
 

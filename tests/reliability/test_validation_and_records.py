@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DataConfig, TemperatureConfig, TeacherConfig, load_params
+from pipeline.config import DataConfig, TeacherConfig, TemperatureConfig, load_params
 from storage import dataset_fingerprint, open_store
 from tests.reliability.conftest import NUM_CLASSES, NUM_TRAIN, Pipeline, cli, ok, one_line_error, write_params
 

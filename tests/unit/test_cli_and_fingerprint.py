@@ -111,7 +111,7 @@ def test_fingerprint_changes_when_one_label_or_one_pixel_changes():
     one_label[17] = (one_label[17] + 1) % 10
     one_pixel = images.copy()
     one_pixel[49, 7, 7, 2] ^= 1
-    swapped = images[[1, 0] + list(range(2, 50))]
+    swapped = images[[1, 0, *range(2, 50)]]
     fingerprints = {base, dataset_fingerprint(images, one_label), dataset_fingerprint(one_pixel, labels),
                     dataset_fingerprint(swapped, labels), dataset_fingerprint(images[:49], labels[:49])}
     assert len(fingerprints) == 5

@@ -32,7 +32,8 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
     ({"temperature": {"min_temperature": 0.0}}, "temperature: need 0 < min_temperature"),
     ({"teacher_dump": {"batch_size": 1000, "chunk_size": 16384}}, "must be a multiple of batch_size (1000)"),
     ({"student_train": {"experiments": {"a": {"teacher": "t", "adjust": "ps", "fixed_target_temperature": 1}}}},
-     "student_train.experiments.a.fixed_target_temperature: a positive number, and only with adjust: lsr"),
+     "student_train.experiments.a.fixed_target_temperature: "
+     "a positive number, and only with adjust: lsr"),
     ({"student_train": {"experiments": {"a": {"teacher": "t", "adjust": "lsr", "fixed_target_temperature": 0}}}},
      "student_train.experiments.a.fixed_target_temperature: a positive number"),
     ({"student_train": {"momentum": -1}}, "student_train.momentum: must lie in [0, 1), got -1"),
@@ -153,7 +154,8 @@ def test_every_parameter_dvc_yaml_names_is_set_in_params_yaml():
 
 @pytest.mark.parametrize("student, message", [
     ({"experiments": {"a": {"teacher": "nobody"}}},
-     "student_train.experiments.a.teacher: no teacher named 'nobody' in teacher_train.teachers (known: t)"),
+     "student_train.experiments.a.teacher: "
+     "no teacher named 'nobody' in teacher_train.teachers (known: t)"),
     ({"experiments": {"a": {"teacher": "t", "adjust": "lsr"}}},
      "student_train.experiments.a.adjust: 'lsr' is not in adjust.methods ['ps']; add it there"),
     ({"experiments": {"a": {"teacher": "t", "arch": "resnet2O"}}},

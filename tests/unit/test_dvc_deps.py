@@ -19,8 +19,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml

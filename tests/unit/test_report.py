@@ -82,7 +82,7 @@ def test_online_experiments_sit_beside_their_offline_twin():
 
 
 def test_rows_are_baseline_then_kd_baseline_then_by_name():
-    header, body = table([student(name, 0.8) for name in ("kd_ps", "kd_lsr", "kd", "ce", "a_kd")])
+    _, body = table([student(name, 0.8) for name in ("kd_ps", "kd_lsr", "kd", "ce", "a_kd")])
     assert [cells[0] for cells in body] == ["ce", "kd", "a_kd", "kd_lsr", "kd_ps"]
 
 

@@ -121,7 +121,7 @@ def test_the_kd_stores_digested_are_the_stores_the_student_opens(monkeypatch, ad
                          augmentation=training_augmentation((28, 28, 1)), max_bytes=1 << 30,
                          device=torch.device("cpu"))
     # run() opens test-logits.zarr itself whenever there is a teacher.
-    assert sorted(opened + ["test-logits.zarr"]) == stores_read(teacher="t", kd=True, adjust=adjust, dtd=dtd)
+    assert sorted([*opened, "test-logits.zarr"]) == stores_read(teacher="t", kd=True, adjust=adjust, dtd=dtd)
 
 
 def test_an_online_student_digests_only_the_test_store_that_names_its_checkpoint(tmp_path):
