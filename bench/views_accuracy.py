@@ -47,14 +47,15 @@ RECIPES: dict[str, dict[str, Any]] = {
 # (experiment, store mode or "online"): the runs of the table, in the order they run.
 RUNS = [("ce", "none"), ("kd", "none"), ("kd", "all"), ("kd", "online"), ("kd", "scheduled"),
         ("kd_ps_flsw", "none"), ("kd_ps_flsw", "all"), ("kd_ps_flsw", "online"), ("kd_ps_flsw", "scheduled")]
-EXPERIMENTS = {"ce": {"kd": False}, "kd": {"adjust": "none", "dtd": "off"}, "kd_ps_flsw": {"adjust": "ps", "dtd": "flsw"}}
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "ce": {"kd": False}, "kd": {"adjust": "none", "dtd": "off"}, "kd_ps_flsw": {"adjust": "ps", "dtd": "flsw"}}
 
 
 def params_for(recipe: dict[str, Any], seeds: list[int], views: str) -> dict[str, Any]:
-    data = dict(recipe["data"])
+    data: dict[str, Any] = dict(recipe["data"])
     if data["name"] == "npz":
         data["root"] = str(shared_data_dir() / "cifar10-jpeg.npz")
-    experiments = {}
+    experiments: dict[str, dict[str, Any]] = {}
     for name, settings in EXPERIMENTS.items():
         experiments[name] = {"teacher": "t", "kd": settings.get("kd", True),
                              **({k: v for k, v in settings.items() if k != "kd"})}
@@ -138,7 +139,8 @@ def main() -> None:
 
 
 def write_table(work: Path, dataset: str, seeds: list[int], timings: dict[str, float]) -> None:
-    rows, record = [], {"dataset": dataset, "seeds": seeds, "timings": timings, "runs": {}}
+    rows: list[str] = []
+    record: dict[str, Any] = {"dataset": dataset, "seeds": seeds, "timings": timings, "runs": {}}
     teacher = json.loads((work / "teacher.json").read_text())
     for experiment, mode in RUNS:
         metrics = [json.loads(p.read_text()) for seed in seeds

@@ -14,17 +14,32 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
 from pipeline.experiments import OVERRIDABLE, ExperimentConfig, ResolvedExperiment, StudentTrainConfig
 from pipeline.sections import (
-    BETA_LIMIT, GAMMA_LIMIT, LOGIT_LIMIT, TEMPERATURE_RANGE, AdjustConfig, AdjustMethod, ConfigError,
-    DataConfig, Device, DtdMode, PrepareDataConfig, ReportConfig, TeacherConfig, TeacherDumpConfig,
-    TeacherTrainConfig, TemperatureConfig, check_temperature,
+    BETA_LIMIT,
+    GAMMA_LIMIT,
+    LOGIT_LIMIT,
+    TEMPERATURE_RANGE,
+    AdjustConfig,
+    AdjustMethod,
+    ConfigError,
+    DataConfig,
+    Device,
+    DtdMode,
+    PrepareDataConfig,
+    ReportConfig,
+    TeacherConfig,
+    TeacherDumpConfig,
+    TeacherTrainConfig,
+    TemperatureConfig,
+    check_temperature,
 )
 
 __all__ = [
@@ -73,10 +88,10 @@ class Params:
             if exp.kd and exp.teacher not in self.teacher_train.teachers:
                 raise ConfigError(f"student_train.experiments.{name}.teacher: no teacher named {exp.teacher!r} in "
                                   f"teacher_train.teachers (known: {', '.join(self.teacher_train.teachers)})")
-            if exp.kd:
-                if exp.adjust != "none" and exp.adjust not in self.adjust.methods:
-                    raise ConfigError(f"student_train.experiments.{name}.adjust: {exp.adjust!r} is not in "
-                                      f"adjust.methods {list(self.adjust.methods)}; add it there")
+            offline = exp.kd and exp.teacher_mode == "offline"  # an online student reads no KA store
+            if offline and exp.adjust != "none" and exp.adjust not in self.adjust.methods:
+                raise ConfigError(f"student_train.experiments.{name}.adjust: {exp.adjust!r} is not in "
+                                  f"adjust.methods {list(self.adjust.methods)}; add it there")
             check_arch(exp.arch, f"student_train.experiments.{name}")
         return list(self.student_train.experiments)
 
@@ -161,7 +176,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             _convert(k, key_hint, where): _convert(v, item_hint, f"{where}.{k}")
             for k, v in value.items()
         }
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if hint is bool:
         if not isinstance(value, bool):

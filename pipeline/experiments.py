@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.sections import (
-    AdjustMethod, ConfigError, Device, DtdMode, _check_optimizer, _check_schedule, _check_seed, _positive,
+    AdjustMethod,
+    ConfigError,
+    Device,
+    DtdMode,
+    _check_optimizer,
+    _check_schedule,
+    _check_seed,
+    _positive,
     check_temperature,
 )
 
@@ -106,7 +113,7 @@ class StudentTrainConfig:
             )
         return self.experiments[name]
 
-    def experiment(self, name: str, seed: int | None = None) -> "ResolvedExperiment":
+    def experiment(self, name: str, seed: int | None = None) -> ResolvedExperiment:
         """The experiment `name` (for `seed`, default the first of `seeds`) with every unset
         field filled from the shared defaults."""
         exp = self.experiment_config(name)

@@ -30,7 +30,7 @@ from storage.atomic import ensure_parents
 from storage.versions import library_versions
 
 if TYPE_CHECKING:
-    from pipeline.config import AdjustConfig, AdjustMethod
+    from pipeline.config import AdjustConfig
 
 logger = logging.getLogger(__name__)
 

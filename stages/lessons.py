@@ -75,7 +75,7 @@ class LessonStores:
                 key = (source.store.path, source.name)
                 if key not in loaded:
                     with checked_reads(source.store.path):
-                        loaded[key] = source.store.array(source.name)[...]
+                        loaded[key] = np.asarray(source.store.array(source.name)[...])
                 source.values = loaded[key]
 
     @property
@@ -105,7 +105,7 @@ class LessonStores:
         with checked_reads(source.store.path):
             for start in range(0, pick.shape[0], step):
                 stop = min(start + step, pick.shape[0])
-                block = array[:, start:stop]  # (V, rows, ...): whole chunks, read once
+                block = np.asarray(array[:, start:stop])  # (V, rows, ...): whole chunks, read once
                 out[start:stop] = block[pick[start:stop], np.arange(stop - start)]
         return out
 

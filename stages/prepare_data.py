@@ -63,7 +63,7 @@ def build_manifest(dataset: Dataset, data_config: DataConfig) -> dict[str, Any]:
             "fingerprint": dataset_fingerprint(split.images, split.labels),
             "class_counts": np.bincount(split.labels, minlength=dataset.num_classes).tolist(),
         }
-    if dataset.val is not None:
+    if dataset.val is not None and dataset.val_source_index is not None:
         splits["val"]["source_index"] = [int(i) for i in dataset.val_source_index]
     data = dataclasses.asdict(data_config)
     if data.get("validation_fraction") == 0.0:

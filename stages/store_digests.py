@@ -87,6 +87,7 @@ def run(experiment: ResolvedExperiment, *, stores_root: str | Path, out: str | P
                         dtd=experiment.dtd, teacher_mode=experiment.teacher_mode)
     digests = {}
     for name in names:
+        assert experiment.teacher is not None  # stores_read names no store without a teacher
         path = Path(stores_root) / experiment.teacher / name
         if not path.exists():
             raise StoreError(f"{path}: missing, and student experiment {experiment.name} reads it; "

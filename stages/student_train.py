@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from stages.functional import kd_loss
 from stages.lessons import Lessons, LessonStores, open_lessons
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
 from stages.training import (
+    Explain,
     Fit,
     channel_stats,
     check_batch_size,
@@ -45,19 +47,18 @@ from stages.training import (
     fit,
     load_checkpoint,
     logits_blowup,
-    normalize,
     owns_outputs,
     save_checkpoint,
     topk_accuracy,
     training_state_path,
 )
-from storage import StoreError, atomic_write_json, open_store
 from stages.views import training_augmentation
+from storage import StoreError, atomic_write_json, open_store
 from storage.beton import make_loader
 from storage.manifest import file_sha256, read_prepared
 
 if TYPE_CHECKING:
-    from pipeline.config import AdjustMethod, DataConfig, DtdMode, ResolvedExperiment, TemperatureConfig
+    from pipeline.config import DataConfig, DtdMode, ResolvedExperiment, TemperatureConfig
 
 logger = logging.getLogger(__name__)
 
@@ -307,23 +308,29 @@ def run(experiment: ResolvedExperiment, *, temperature_config: TemperatureConfig
         current["lessons"], params = lesson_stores.epoch(experiment.seed, epoch, where=where)
         return params
 
+    loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor]
+    explain: Explain
     if experiment.kd:
-        supervision = dict(alpha=experiment.alpha, dtd=experiment.dtd, temperature_config=temperature_config,
-                           fixed_target_temperature=experiment.fixed_target_temperature)
 
         def batch_lessons(labels: Tensor, index: Tensor) -> tuple[Lessons, Tensor]:
             if online is None:
                 return current["lessons"], index
             return online.lessons(labels), torch.arange(labels.shape[0])
 
-        def loss_fn(logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+        def kd_loss_fn(logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
             lessons, rows = batch_lessons(labels, index)
-            return kd_batch_loss(logits, labels, rows, lessons=lessons, **supervision)
+            return kd_batch_loss(logits, labels, rows, lessons=lessons, alpha=experiment.alpha, dtd=experiment.dtd,
+                                 temperature_config=temperature_config,
+                                 fixed_target_temperature=experiment.fixed_target_temperature)
 
-        def explain(logits: Tensor, labels: Tensor, index: Tensor) -> str:
+        def explain_kd(logits: Tensor, labels: Tensor, index: Tensor) -> str:
             lessons, rows = batch_lessons(labels, index)
-            return explain_nonfinite_kd_loss(logits, labels, rows, lessons=lessons, **supervision, where=where,
-                                             lr=experiment.lr)
+            return explain_nonfinite_kd_loss(
+                logits, labels, rows, lessons=lessons, alpha=experiment.alpha, dtd=experiment.dtd,
+                temperature_config=temperature_config, fixed_target_temperature=experiment.fixed_target_temperature,
+                where=where, lr=experiment.lr)
+
+        loss_fn, explain = kd_loss_fn, explain_kd
     else:
         loss_fn = lambda logits, labels, _index: F.cross_entropy(logits, labels)  # noqa: E731
         explain = explain_cross_entropy(

@@ -63,8 +63,8 @@ def run(store_path: str | Path, *, data_dir: str | Path, checkpoint: str | Path,
     pair_view, pair_sample = flat // num_samples, flat % num_samples
     order = np.argsort(pair_sample, kind="stable")
     pair_view, pair_sample = pair_view[order], pair_sample[order]
-    stored = np.stack([store.array("logits")[v, n] for v, n in zip(pair_view, pair_sample)]).astype(np.float32)
-    params = np.stack([store.array("view_params")[v, n] for v, n in zip(pair_view, pair_sample)])
+    stored = np.stack([store.array("logits")[v, n] for v, n in zip(pair_view, pair_sample, strict=True)]).astype(np.float32)
+    params = np.stack([store.array("view_params")[v, n] for v, n in zip(pair_view, pair_sample, strict=True)])
     model, _ = load_checkpoint(checkpoint, manifest=manifest)
     model.to(device).eval()
     mean, std = channel_stats(manifest, device)
@@ -73,7 +73,7 @@ def run(store_path: str | Path, *, data_dir: str | Path, checkpoint: str | Path,
     loader = make_loader(data_dir / f"{split}.beton", batch_size=min(256, unique.size), shuffle=False,
                          indices=unique)
     for batch_images, _, sample_index in loader:
-        for image, n in zip(batch_images, sample_index.tolist()):
+        for image, n in zip(batch_images, sample_index.tolist(), strict=True):
             images[n] = image.clone()
     replayed = np.empty_like(stored)
     for start in range(0, count, 256):

@@ -224,12 +224,12 @@ class Augmentation:
         if not found.all():  # torchvision's fallback: the centre crop at the nearest ratio bound
             in_ratio = width / height
             if in_ratio < self.ratio[0]:
-                w, h = width, int(round(width / self.ratio[0]))
+                crop_w, crop_h = width, round(width / self.ratio[0])
             elif in_ratio > self.ratio[1]:
-                h, w = height, int(round(height * self.ratio[1]))
+                crop_h, crop_w = height, round(height * self.ratio[1])
             else:
-                w, h = width, height
-            out[~found, :4] = [(height - h) // 2, (width - w) // 2, h, w]
+                crop_w, crop_h = width, height
+            out[~found, :4] = [(height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w]
         if self.flip:
             out[:, 4] = keyed_integers((*key, _FLIP_STREAM), sample_index, 2)
         return out.astype(np.int16)
@@ -282,12 +282,12 @@ def augmentation_from_spec(spec: dict[str, Any]) -> Augmentation:
     kind = spec.get("kind")
     size = tuple(spec.get("image_size", (0, 0)))
     if kind == "identity":
-        return Augmentation("identity", size)  # type: ignore[arg-type]
+        return Augmentation("identity", size)
     if kind == "pad_crop_flip":
-        return Augmentation("pad_crop_flip", size, padding=int(spec["padding"]), flip=bool(spec["flip"]))  # type: ignore[arg-type]
+        return Augmentation("pad_crop_flip", size, padding=int(spec["padding"]), flip=bool(spec["flip"]))
     if kind == "resized_crop_flip":
-        return Augmentation("resized_crop_flip", size, flip=bool(spec["flip"]),  # type: ignore[arg-type]
-                            scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]))  # type: ignore[arg-type]
+        return Augmentation("resized_crop_flip", size, flip=bool(spec["flip"]),
+                            scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]))
     raise ViewError(f"view_spec kind {kind!r} is not one lessons knows (identity, pad_crop_flip, resized_crop_flip)")
 
 
@@ -318,7 +318,7 @@ class StoredViews:
 
     @classmethod
     def plan(cls, mode: ViewMode, augmentation: Augmentation, *, num_views: int | None = None,
-             seeds: tuple[int, ...] = (0,), epochs: int = 1, seed: int = 0) -> "StoredViews":
+             seeds: tuple[int, ...] = (0,), epochs: int = 1, seed: int = 0) -> StoredViews:
         """The views a dump of `mode` stores for `augmentation`.
 
         Raises:
@@ -359,7 +359,7 @@ class StoredViews:
         return spec
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "StoredViews":
+    def from_spec(cls, spec: dict[str, Any]) -> StoredViews:
         """Inverse of `spec`. A store written before views existed (no `views` key, V = 1) is `none`."""
         augmentation = augmentation_from_spec(spec)
         mode = spec.get("views", "none")

@@ -7,8 +7,9 @@ image-folder dataset decodes only those rows.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -40,7 +41,7 @@ def decode(sources: Sequence[Path | bytes], names: Sequence[str]) -> np.ndarray:
     """Decode images with Pillow to (n, H, W, 3) RGB, or (n, H, W, 1) when every one is grey."""
     images: np.ndarray | None = None
     all_grey = True
-    for i, (source, name) in enumerate(zip(sources, names)):
+    for i, (source, name) in enumerate(zip(sources, names, strict=True)):
         try:
             with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
                 if image.mode in _GREY_MODES:

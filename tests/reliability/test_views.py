@@ -92,7 +92,7 @@ def test_ka_and_dtd_run_per_view_as_numpy_computes_them(views):
     assert adjusted.read("rewritten").shape == (2, NUM_TRAIN)
     assert np.array_equal(adjusted.read("rewritten"), wrong)
     want = logits.copy()
-    for v, n in zip(*np.nonzero(wrong)):
+    for v, n in zip(*np.nonzero(wrong), strict=True):
         top = int(logits[v, n].argmax())
         want[v, n, [top, labels[n]]] = logits[v, n, [labels[n], top]]
     assert np.array_equal(adjusted.read("target_logits").astype(np.float64), want)
@@ -141,10 +141,10 @@ def test_offline_lessons_from_an_all_store_equal_online_kd_step_by_step(views, p
             ok(_student(params, pipeline, views.stores, tmp_path, name))
     off, on = runs["off"], runs["on"]
     assert len(off["images"]) == len(on["images"]) == NUM_TRAIN // BATCH
-    for a, b in zip(off["images"], on["images"]):
+    for a, b in zip(off["images"], on["images"], strict=True):
         assert torch.equal(a, b)  # the very same views, pixel for pixel
     for key in ("targets", "teacher"):
-        for a, b in zip(off[key], on[key]):  # stored float16 vs the live float32 forward
+        for a, b in zip(off[key], on[key], strict=True):  # stored float16 vs the live float32 forward
             torch.testing.assert_close(a, b, rtol=2**-10, atol=1e-4)
     metrics = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in experiments}
     assert abs(metrics["off"]["test_top1"] - metrics["on"]["test_top1"]) <= 1 / 64  # one test image at most
@@ -168,7 +168,7 @@ def test_a_none_store_is_the_fixed_teacher_the_student_does_not_see(views, pipel
     ok(_student(params, pipeline, pipeline.stores, tmp_path, "kd"))
     plain = torch.from_numpy(open_store(pipeline.teacher_stores / "logits.zarr").read("logits")[0].astype(np.float32))
     assert len(seen["targets"]) == NUM_TRAIN // BATCH
-    for targets, index in zip(seen["targets"], seen["index"]):
+    for targets, index in zip(seen["targets"], seen["index"], strict=True):
         assert torch.equal(targets, plain[index])
 
 

@@ -74,7 +74,7 @@ def test_online_experiments_sit_beside_their_offline_twin():
         student("kd_ps", 0.70, adjust="ps", teacher_mode="offline")])
     header, body = online_table(rows)
     assert len(body) == 1
-    cells = dict(zip(header, body[0]))
+    cells = dict(zip(header, body[0], strict=True))
     assert (cells["offline"], cells["online"]) == ("kd", "kd_online")
     assert cells["offline top-1"].startswith("81.00 ± 1.41") and cells["online top-1"].startswith("82.00 ± 1.41")
     assert cells["Δ"].startswith("+1.00") and (cells["offline s"], cells["online s"]) == ("11", "30")

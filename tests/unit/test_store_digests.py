@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import stages.lessons as lessons
-from stages.views import training_augmentation
 from stages.store_digests import run, stores_read
+from stages.views import training_augmentation
 from storage import StoreError
 
 
