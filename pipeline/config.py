@@ -93,6 +93,15 @@ class Params:
                 raise ConfigError(f"student_train.experiments.{name}.adjust: {exp.adjust!r} is not in "
                                   f"adjust.methods {list(self.adjust.methods)}; add it there")
             check_arch(exp.arch, f"student_train.experiments.{name}")
+            dump = self.teacher_dump
+            if offline and dump.views == "scheduled" and exp.augment:
+                missing = sorted(set(self.student_train.seeds) - set(dump.seeds))
+                if missing or exp.epochs > dump.epochs:
+                    raise ConfigError(
+                        f"teacher_dump.seeds/epochs: the scheduled store holds seeds {list(dump.seeds)} × "
+                        f"{dump.epochs} epochs, but experiment {name} runs seeds {list(self.student_train.seeds)} × "
+                        f"{exp.epochs} epochs; list every student seed in teacher_dump.seeds and set "
+                        "teacher_dump.epochs to the longest student run, or use views: all")
         return list(self.student_train.experiments)
 
 

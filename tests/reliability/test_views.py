@@ -234,6 +234,20 @@ def test_a_student_without_augmentation_refuses_a_multi_view_store(views, pipeli
     assert not (tmp_path / "kd.pt").exists() and not (tmp_path / "kd.json").exists()
 
 
+def test_a_scheduled_store_that_misses_a_configured_seed_or_epoch_is_refused_by_check_params(pipeline, tmp_path):
+    params = write_params(tmp_path / "params.yaml", pipeline.params,
+                          teacher_dump={"views": "scheduled", "seeds": [0], "epochs": 1},
+                          student_train={"seeds": [0, 1]})
+    line = one_line_error(cli(params, "check-params"), "teacher_dump.seeds", "views: all")
+    assert "seeds [0, 1]" in line
+    params = write_params(tmp_path / "p2.yaml", pipeline.params,
+                          teacher_dump={"views": "scheduled", "seeds": [0], "epochs": 1})
+    line = one_line_error(cli(params, "check-params"), "teacher_dump.epochs")  # kd_ps_2ep runs 2 epochs
+    assert "kd_ps_2ep" in line
+    ok(cli(write_params(tmp_path / "p3.yaml", pipeline.params,
+                        teacher_dump={"views": "scheduled", "seeds": [0], "epochs": 2}), "check-params"))
+
+
 def test_view_settings_without_their_keys_are_one_line_errors(pipeline, tmp_path):
     params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_dump={"views": "sample"})
     one_line_error(cli(params, "check-params"), "teacher_dump.num_views")
