@@ -98,7 +98,7 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
             loader = make_loader(beton, batch_size=config.batch_size, shuffle=False,
                                  indices=indices)
             batches = iter(progress(loader, desc=f"dump {out.parent.name}/{out.name}", total=len(loader),
-                                    unit="img", unit_scale=config.batch_size, log=logger))
+                                    unit="view", unit_scale=config.batch_size * num_views, log=logger))
             for chunk in pending:
                 rows = writer.rows(chunk)
                 sample_index_rows = np.arange(rows.start, rows.stop, dtype=np.int64)
