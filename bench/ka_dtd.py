@@ -13,7 +13,12 @@ run, each in its own subprocess (so its peak RSS is its own), interleaved:
 Figures: stages seconds ÷ floor seconds (target ≤ 1.5); the stages' peak RSS at 2M (target
 < 1 GiB) and its change between 50k and 2M (target within 20 %).
 
-    python -m bench.ka_dtd [--quick] [--reps N] [--out FILE]
+The `views` group runs the same two contenders on `views: all` stores: V = 162 (pad-4 crop + flip
+of 32×32), C = 10, N = 5 000 and 20 000 (V·N = 0.8M and 3.2M rows), 1 024 rows per chunk: a
+(162, 1024, 10) float16 chunk is 3.3 MB, the bytes of a (1, 16384, 100) one. Same figures: time ÷
+floor (≤ 1.5) and peak RSS flat in N (within 20 % from 5 000 to 20 000).
+
+    python -m bench.ka_dtd [--quick] [--reps N] [--out FILE] [--only v1|views]
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from bench import common
 
 NAME = "ka_dtd"
 NUM_CLASSES = 100
+VIEWS_CLASSES = 10
 TARGET_TIME = 1.5
 TARGET_RSS_GROWTH = 0.2
 TARGET_RSS_BYTES = 1 << 30
@@ -44,25 +50,31 @@ SMALL_ARRAYS = {"fixed_target": "bool", "rewritten": "bool", "teacher_max_prob":
 
 
 def write_logits_store(path: Path, num_samples: int, chunk_rows: int, seed: int = 0,
-                       num_classes: int = NUM_CLASSES, dtype: str = "float16") -> None:
-    """A (1, N, C) teacher logit store, one chunk of rows in memory at a time.
+                       num_classes: int = NUM_CLASSES, dtype: str = "float16", views: bool = False) -> None:
+    """A (V, N, C) teacher logit store, one chunk of rows in memory at a time: V = 1 (the plain
+    image), or with `views` V = 162 (`views: all` of 32×32 images, view_params and view_spec as
+    `teacher_dump` writes them).
 
     Rows look like a trained teacher's: N(0, 2) noise plus a margin of 8 at the predicted class,
-    which is the label for 80 % of the rows (the rest are the rows KA rewrites).
+    which is the label for 80 % of the rows (the rest are the rows KA rewrites); each view draws
+    its own prediction.
     """
     import numpy as np
 
+    from stages.views import StoredViews, training_augmentation
     from storage import ArraySpec, StoreWriter
 
+    stored = StoredViews.plan("all" if views else "none", training_augmentation((32, 32, 3)))
+    num_views, num_params = stored.num_views, len(stored.augmentation.param_names)
     arrays = {
-        "logits": ArraySpec((1, num_samples, num_classes), dtype, sample_axis=1),
+        "logits": ArraySpec((num_views, num_samples, num_classes), dtype, sample_axis=1),
         "labels": ArraySpec((num_samples,), "int64"),
         "sample_index": ArraySpec((num_samples,), "int64"),
-        "view_params": ArraySpec((1, num_samples, 0), "int16", sample_axis=1),
+        "view_params": ArraySpec((num_views, num_samples, num_params), "int16", sample_axis=1),
     }
     attrs = {"split": "train", "dataset": "synthetic", "dataset_fingerprint": f"bench-{num_samples}",
-             "num_classes": num_classes, "num_views": 1,
-             "view_spec": {"kind": "identity", "num_views": 1, "view_param_names": []},
+             "num_classes": num_classes, "num_views": num_views,
+             "view_spec": stored.spec() if views else {"kind": "identity", "num_views": 1, "view_param_names": []},
              "logits_dtype": dtype, "teacher": {"name": "bench", "arch": "none"}}
     with StoreWriter(path, kind="logits", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer:
         for chunk in writer.pending_chunks():
@@ -70,13 +82,15 @@ def write_logits_store(path: Path, num_samples: int, chunk_rows: int, seed: int 
             rng = np.random.default_rng(np.random.SeedSequence([seed, chunk]))
             count = rows.stop - rows.start
             labels = rng.integers(0, num_classes, count)
-            predicted = np.where(rng.random(count) < 0.8, labels, rng.integers(0, num_classes, count))
-            logits = rng.standard_normal((count, num_classes), dtype=np.float32) * 2.0
-            logits[np.arange(count), predicted] += 8.0
+            shape = (num_views, count)
+            predicted = np.where(rng.random(shape) < 0.8, labels, rng.integers(0, num_classes, shape))
+            logits = rng.standard_normal((*shape, num_classes), dtype=np.float32) * 2.0
+            np.put_along_axis(logits, predicted[..., None],
+                              np.take_along_axis(logits, predicted[..., None], axis=-1) + 8.0, axis=-1)
             writer.write_chunk(chunk, {
-                "logits": logits[None].astype(dtype), "labels": labels,
+                "logits": logits.astype(dtype), "labels": labels,
                 "sample_index": np.arange(rows.start, rows.stop, dtype=np.int64),
-                "view_params": np.zeros((1, count, 0), dtype=np.int16)})
+                "view_params": stored.view_params(np.arange(rows.start, rows.stop))})
         writer.finalize()
 
 
@@ -165,6 +179,38 @@ def run_child(kind: str, logits: Path, work: Path, code: Path | None = None) -> 
     return result
 
 
+def _size_entry(samples: dict[str, list[Any]], prefix: str, size: int, num_classes: int, chunk_rows: int,
+                num_views: int, baseline_ref: str | None) -> dict[str, Any]:
+    stages_runs, floor_runs = samples[f"{prefix}stages_{size}"], samples[f"{prefix}floor_{size}"]
+    ratio = common.ratio_summary([s["elapsed_s"] for s in stages_runs], [f["elapsed_s"] for f in floor_runs])
+    entry = {
+        "num_samples": size, "num_views": num_views, "num_classes": num_classes, "dtype": "float16",
+        "chunk_rows": chunk_rows,
+        "stages_s": common.summary([s["elapsed_s"] for s in stages_runs]),
+        "adjust_s": common.summary([s["adjust_s"] for s in stages_runs]),
+        "temperature_s": common.summary([s["temperature_s"] for s in stages_runs]),
+        "floor_s": common.summary([f["elapsed_s"] for f in floor_runs]),
+        "stages_over_floor": ratio,
+        "stages_peak_rss_bytes": common.summary([s["peak_rss_bytes"] for s in stages_runs]),
+        "floor_peak_rss_bytes": common.summary([f["peak_rss_bytes"] for f in floor_runs]),
+        "rss_after_imports_bytes": common.summary([s["rss_after_imports_bytes"] for s in stages_runs]),
+        "verdict_time": "pass" if ratio["median"] <= TARGET_TIME else "miss",
+    }
+    if baseline_ref:
+        before = samples[f"baseline_{size}"]
+        entry["baseline"] = {
+            "ref": baseline_ref,
+            "stages_s": common.summary([b["elapsed_s"] for b in before]),
+            "adjust_s": common.summary([b["adjust_s"] for b in before]),
+            "temperature_s": common.summary([b["temperature_s"] for b in before]),
+            "stages_over_floor": common.ratio_summary([b["elapsed_s"] for b in before],
+                                                      [f["elapsed_s"] for f in floor_runs]),
+            "peak_rss_bytes": common.summary([b["peak_rss_bytes"] for b in before]),
+            "speedup": common.ratio_summary([b["elapsed_s"] for b in before], [s["elapsed_s"] for s in stages_runs]),
+        }
+    return entry
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -173,13 +219,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli = common.parser(__doc__.splitlines()[0])
     cli.add_argument("--baseline-ref", default=None,
                      help="also run the stages of this git revision (a before/after contender)")
+    cli.add_argument("--only", choices=("v1", "views"), default=None,
+                     help="run only the plain-image (V = 1, C = 100) group or only the 162-view group")
     args = cli.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
-    sizes = [2_000, 20_000] if args.quick else [50_000, 2_000_000]
-    chunk_rows = 1024 if args.quick else 16384  # teacher_dump.chunk_size's default
+    # group -> (sizes, classes, chunk rows, views)
+    groups = {"v1": ([2_000, 20_000] if args.quick else [50_000, 2_000_000], NUM_CLASSES,
+                     1024 if args.quick else 16384, False),  # 16384: teacher_dump.chunk_size's default
+              "views": ([256, 1024] if args.quick else [5_000, 20_000], VIEWS_CLASSES,
+                        128 if args.quick else 1024, True)}
+    groups = {g: spec for g, spec in groups.items() if args.only in (None, g)}
     started = time.perf_counter()
+    samples: dict[str, list[Any]] = {}
     with common.tempdir(NAME) as tmp:
         tmp = Path(tmp)
+<<<<<<< HEAD
         stores = {}
         for size in sizes:
             tick = time.perf_counter()
@@ -189,31 +243,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         contenders = {f"{kind}_{size}": functools.partial(run_child, kind, stores[size], tmp / "work")
                       for size in sizes for kind in ("floor", "stages")}
         if args.baseline_ref:
+=======
+        stores, contenders = {}, {}
+        for group, (sizes, num_classes, chunk_rows, views) in groups.items():
+            for size in sizes:
+                tick = time.perf_counter()
+                key = f"{group}-{size}"
+                stores[key] = tmp / f"logits-{key}.zarr"
+                write_logits_store(stores[key], size, chunk_rows, num_classes=num_classes, views=views)
+                print(f"wrote a {'162 x ' if views else ''}{size} x {num_classes} float16 store in "
+                      f"{time.perf_counter() - tick:.1f} s")
+                prefix = "" if group == "v1" else "views_"
+                for kind in ("floor", "stages"):
+                    contenders[f"{prefix}{kind}_{size}"] = (
+                        lambda kind=kind, key=key: run_child(kind, stores[key], tmp / "work"))
+        if args.baseline_ref and "v1" in groups:
+>>>>>>> wip/bench
             baseline = tmp / "baseline"
             baseline.mkdir()
             archive = subprocess.run(["git", "archive", args.baseline_ref, "stages", "storage", "pipeline", "nets"],
                                      cwd=common.REPO_ROOT, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+<<<<<<< HEAD
             for size in sizes:
                 contenders[f"baseline_{size}"] = functools.partial(
                     run_child, "stages", stores[size], tmp / "work", code=baseline)
+=======
+            for size in groups["v1"][0]:
+                contenders[f"baseline_{size}"] = (lambda size=size: run_child(
+                    "stages", stores[f"v1-{size}"], tmp / "work", code=baseline))
+>>>>>>> wip/bench
         samples = common.interleave(contenders, reps, warmup=False)
-    per_size: dict[str, Any] = {}
-    for size in sizes:
-        stages_runs, floor_runs = samples[f"stages_{size}"], samples[f"floor_{size}"]
-        ratio = common.ratio_summary([s["elapsed_s"] for s in stages_runs], [f["elapsed_s"] for f in floor_runs])
-        per_size[str(size)] = {
-            "num_samples": size, "num_classes": NUM_CLASSES, "dtype": "float16", "chunk_rows": chunk_rows,
-            "stages_s": common.summary([s["elapsed_s"] for s in stages_runs]),
-            "adjust_s": common.summary([s["adjust_s"] for s in stages_runs]),
-            "temperature_s": common.summary([s["temperature_s"] for s in stages_runs]),
-            "floor_s": common.summary([f["elapsed_s"] for f in floor_runs]),
-            "stages_over_floor": ratio,
-            "stages_peak_rss_bytes": common.summary([s["peak_rss_bytes"] for s in stages_runs]),
-            "floor_peak_rss_bytes": common.summary([f["peak_rss_bytes"] for f in floor_runs]),
-            "rss_after_imports_bytes": common.summary([s["rss_after_imports_bytes"] for s in stages_runs]),
-            "verdict_time": "pass" if ratio["median"] <= TARGET_TIME else "miss",
+    result: dict[str, Any] = {"quick": args.quick, "reps": reps, "target_stages_over_floor": TARGET_TIME,
+                              "target_rss_growth": TARGET_RSS_GROWTH}
+    for group, (sizes, num_classes, chunk_rows, views) in groups.items():
+        prefix = "" if group == "v1" else "views_"
+        per_size = {str(size): _size_entry(samples, prefix, size, num_classes, chunk_rows,
+                                           162 if views else 1, args.baseline_ref if group == "v1" else None)
+                    for size in sizes}
+        small, large = (per_size[str(s)] for s in sizes)
+        growth = large["stages_peak_rss_bytes"]["median"] / small["stages_peak_rss_bytes"]["median"] - 1
+        figures = {
+            "sizes": per_size, "stages_rss_growth": growth,
+            "verdict_rss_growth": "pass" if abs(growth) <= TARGET_RSS_GROWTH else "miss",
+            "stages_peak_rss_large_bytes": large["stages_peak_rss_bytes"]["median"],
         }
+<<<<<<< HEAD
         if args.baseline_ref:
             before = samples[f"baseline_{size}"]
             per_size[str(size)]["baseline"] = {
@@ -254,6 +329,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f" speedup {common.fmt(before['speedup'])}")
     print(f"peak RSS growth {small['num_samples']} -> {large['num_samples']}: {100 * growth:+.1f} % "
           f"({result['verdict_rss_growth']}); < 1 GiB at {large['num_samples']}: {result['verdict_rss']}")
+=======
+        if group == "v1":
+            figures.update(target_rss_bytes=TARGET_RSS_BYTES,
+                           verdict_rss="pass" if large["stages_peak_rss_bytes"]["median"] < TARGET_RSS_BYTES
+                           else "miss")
+            result.update(figures)
+        else:
+            result["views"] = figures
+        for size in sizes:
+            entry = per_size[str(size)]
+            print(f"{'V=162 ' if views else ''}N={size}: stages {common.fmt(entry['stages_s'])} s (adjust "
+                  f"{entry['adjust_s']['median']:.2f}, temperature {entry['temperature_s']['median']:.2f}), floor "
+                  f"{common.fmt(entry['floor_s'])} s, ratio {common.fmt(entry['stages_over_floor'])} (target <= "
+                  f"{TARGET_TIME}: {entry['verdict_time']}), peak RSS {entry['stages_peak_rss_bytes']['median'] / 2**20:.0f}"
+                  f" MiB (floor {entry['floor_peak_rss_bytes']['median'] / 2**20:.0f} MiB)")
+            if "baseline" in entry:
+                before = entry["baseline"]
+                print(f"  before ({before['ref']}): {common.fmt(before['stages_s'])} s, ratio "
+                      f"{common.fmt(before['stages_over_floor'])}, peak RSS {before['peak_rss_bytes']['median'] / 2**20:.0f}"
+                      f" MiB; speedup {common.fmt(before['speedup'])}")
+        print(f"{'V=162 ' if views else ''}peak RSS growth {sizes[0]} -> {sizes[1]}: {100 * growth:+.1f} % "
+              f"({figures['verdict_rss_growth']})" + (f"; < 1 GiB at {sizes[1]}: {figures['verdict_rss']}"
+                                                      if group == "v1" else ""))
+>>>>>>> wip/bench
     common.write_result(NAME, result, args.out, started)
     return result
 

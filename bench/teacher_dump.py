@@ -8,10 +8,24 @@ Contenders, interleaved in one run, per (dataset, teacher):
               batch, default (NCHW) memory format: the bare loop.
   floor_cl    the same with model and batches in channels-last format (faster on CPU).
   dump@REF    with --baseline-ref: `stages/teacher_dump.py` of that git revision (before/after).
-Figure: dump images/s ÷ the faster floor's images/s in the same repetition (target ≥ 0.9). The
-torch thread count seen at every forward call (a forward pre-hook) is recorded.
 
-    python -m bench.teacher_dump [--quick] [--reps N] [--out FILE] [--baseline-ref REF]
+With `views: all` (the `views` setups: every one of the 162 pad-4 crop + flip views of each CIFAR
+image, 2 flips for Fashion-MNIST) the dump forwards V views of every loaded batch, and the
+contenders are, for the same N images × V views (images/s counts views):
+  dump        `dump_split(..., views=StoredViews all)`: loader, per view `Augmentation.apply` +
+              normalise + channels-last, forward, (V, N, C) store written.
+  floor_cl    the bare forward loop: `model(x)` over the N·V views, built beforehand with the same
+              `Augmentation.apply` + `normalize`, preloaded, channels-last (model too). Building the
+              views is NOT in this floor's time: the strict floor, the target's denominator.
+  floor_views the same loop over the preloaded uint8 images (NCHW, like the loader's), building each
+              view in the loop exactly as the dump does (apply + normalise + channels-last), then
+              `model(x)`: what the dump cannot avoid short of a faster view builder; no loader,
+              no store, no copy of the logits out.
+Figure: dump images/s ÷ the faster pure-forward floor's images/s in the same repetition (target
+≥ 0.9; floor_nchw or floor_cl for V = 1, floor_cl with views); dump ÷ floor_views is reported
+beside it. The torch thread count seen at every forward call (a forward pre-hook) is recorded.
+
+    python -m bench.teacher_dump [--quick] [--reps N] [--out FILE] [--baseline-ref REF] [--only v1|views]
 """
 from __future__ import annotations
 
@@ -37,13 +51,18 @@ TARGET = 0.9
 
 def _setups(quick: bool) -> list[dict[str, Any]]:
     if quick:
-        return [{"dataset": "fashion_mnist", "teacher": "cnn_small", "num_samples": 512, "batch_size": 128}]
+        return [{"dataset": "fashion_mnist", "teacher": "cnn_small", "num_samples": 512, "batch_size": 128},
+                {"dataset": "fashion_mnist", "teacher": "cnn_small", "num_samples": 256, "batch_size": 128,
+                 "views": "all"}]
     return [
         # Subsets, so that a repetition fits in tens of seconds on 2 shared cores; the loader's
         # fixed start-up cost (about 1 s: ffcv builds and JIT-compiles its pipeline per loader)
         # weighs more on them than on a whole split.
         {"dataset": "fashion_mnist", "teacher": "cnn_small", "num_samples": 16384, "batch_size": 1024},
         {"dataset": "cifar10", "teacher": "resnet20", "num_samples": 4096, "batch_size": 512},
+        # 162 views: 256 images x 162 = 41 472 forwards per contender and repetition (the issue's
+        # 5 000 images would take 15 min per contender here); batch 256 = one chunk of rows.
+        {"dataset": "cifar10", "teacher": "resnet20", "num_samples": 256, "batch_size": 256, "views": "all"},
     ]
 
 
@@ -67,12 +86,14 @@ def _baseline_dump_split(ref: str, work: Path, image_shape: tuple[int, int, int]
 
 
 def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str | None = None) -> dict[str, Any]:
+    import numpy as np
     import torch
 
     import nets
     from pipeline.config import TeacherDumpConfig
     from stages.teacher_dump import dump_split, store_attrs
     from stages.training import channel_stats, normalize
+    from stages.views import StoredViews, training_augmentation
 
     data_config = (common.fashion_mnist if setup["dataset"] == "fashion_mnist" else common.cifar10)(
         setup["num_samples"], 256)
@@ -90,15 +111,30 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
                                chunk_size=setup["batch_size"] * max(1, 16384 // setup["batch_size"]))
     attrs = store_attrs(manifest=manifest, split="train", teacher=setup["teacher"],
                         checkpoint_meta={"arch": setup["teacher"]}, checkpoint_sha256="0" * 64,
-                        dtype=config.dtype)
+                        dtype=config.dtype, views=None)
+    views = None
+    if setup.get("views"):
+        views = StoredViews.plan(setup["views"], training_augmentation(manifest["image_shape"]))
+        attrs = store_attrs(manifest=manifest, split="train", teacher=setup["teacher"],
+                            checkpoint_meta={"arch": setup["teacher"]}, checkpoint_sha256="0" * 64,
+                            dtype=config.dtype, views=views)
+    num_views = 1 if views is None else views.num_views
     # (N, H, W, C) -> (N, C, H, W) with standard strides (for C = 1, `.contiguous()` after a
     # permute would keep channels-last strides and make this the channels-last floor).
     images = torch.empty((num_samples, channels, height, height), dtype=torch.uint8)
     images.copy_(torch.from_numpy(dataset.train.images).permute(0, 3, 1, 2))
-    batches = [normalize(images[i:i + config.batch_size], mean, std)
-               for i in range(0, num_samples, config.batch_size)]
     channels_last = torch.channels_last
-    batches_cl = [x.contiguous(memory_format=channels_last) for x in batches]
+    starts = range(0, num_samples, config.batch_size)
+    if views is None:
+        batches = [normalize(images[i:i + config.batch_size], mean, std) for i in starts]
+        batches_cl = [x.contiguous(memory_format=channels_last) for x in batches]
+    else:  # every view of every batch, built as the dump builds it, preloaded
+        view_params = views.view_params(np.arange(num_samples))  # (V, N, P)
+        batches = []
+        batches_cl = [normalize(views.augmentation.apply(images[i:i + config.batch_size],
+                                                         view_params[v, i:i + config.batch_size]), mean, std
+                                ).contiguous(memory_format=channels_last)
+                      for i in starts for v in range(num_views)]
     model_nchw = copy.deepcopy(model)
     model_cl = copy.deepcopy(model).to(memory_format=channels_last)
     threads_seen: list[int] = []
@@ -112,11 +148,12 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
             threads_seen.clear()
             started = time.perf_counter()
             timing = dump_fn(net, beton=data_dir / "train.beton", out=out, num_samples=num_samples,
-                             attrs=attrs, config=config, mean=mean, std=std, device=device)
+                             attrs=attrs, config=config, mean=mean, std=std, device=device,
+                             **({} if views is None else {"views": views}))
             elapsed = time.perf_counter() - started
             assert timing["rows"] == num_samples, timing
             shutil.rmtree(out)
-            return {"images_per_s": num_samples / elapsed, "elapsed_s": elapsed,
+            return {"images_per_s": num_samples * num_views / elapsed, "elapsed_s": elapsed,
                     "load_s": timing["load_s"], "forward_s": timing["forward_s"],
                     "write_s": timing["write_s"], "threads": min(threads_seen)}
         return dump
@@ -129,38 +166,61 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
                 for x in inputs:
                     net(x)
             elapsed = time.perf_counter() - started
-            return {"images_per_s": num_samples / elapsed, "elapsed_s": elapsed, "threads": min(threads_seen)}
+            return {"images_per_s": num_samples * num_views / elapsed, "elapsed_s": elapsed,
+                    "threads": min(threads_seen)}
         return floor
 
-    contenders = {"dump": dump_with(dump_split, model), "floor_nchw": floor_with(model_nchw, batches),
-                  "floor_cl": floor_with(model_cl, batches_cl)}
-    if baseline_ref:
+    def floor_building_views() -> dict[str, float]:
+        threads_seen.clear()
+        started = time.perf_counter()
+        with torch.no_grad():
+            for i in starts:
+                batch = images[i:i + config.batch_size]
+                for v in range(num_views):
+                    x = normalize(views.augmentation.apply(batch, view_params[v, i:i + config.batch_size]),
+                                  mean, std)
+                    model_cl(x.contiguous(memory_format=channels_last))
+        elapsed = time.perf_counter() - started
+        return {"images_per_s": num_samples * num_views / elapsed, "elapsed_s": elapsed,
+                "threads": min(threads_seen)}
+
+    contenders = {"dump": dump_with(dump_split, model)}
+    if views is None:
+        contenders["floor_nchw"] = floor_with(model_nchw, batches)
+    contenders["floor_cl"] = floor_with(model_cl, batches_cl)
+    if views is not None:
+        contenders["floor_views"] = floor_building_views
+    if baseline_ref and views is None:
         contenders[f"dump@{baseline_ref}"] = dump_with(_baseline_dump_split(baseline_ref, work,
                                                                             tuple(manifest["image_shape"])),
                                                        copy.deepcopy(model_nchw))
 
-    print(f"{setup['dataset']} {setup['teacher']}: N={num_samples}, batch {config.batch_size}, "
+    print(f"{setup['dataset']} {setup['teacher']}: N={num_samples}, V={num_views}, batch {config.batch_size}, "
           f"torch threads {torch.get_num_threads()}")
+
     def warm_up() -> None:  # oneDNN builds its kernels for a shape on first use: not timed
         with torch.no_grad():
-            model_nchw(batches[0])
+            if batches:
+                model_nchw(batches[0])
             model_cl(batches_cl[0])
-            model(batches_cl[0])
+            model.to(memory_format=channels_last)(batches_cl[0])
 
     warm_up()
     samples = common.interleave(contenders, reps, warmup=False)
     dumps = samples["dump"]
-    best_floor = [max(a["images_per_s"], b["images_per_s"])
-                  for a, b in zip(samples["floor_nchw"], samples["floor_cl"], strict=True)]
+    pure_floors = [samples[name] for name in ("floor_nchw", "floor_cl") if name in samples]
+    best_floor = [max(runs[r]["images_per_s"] for runs in pure_floors) for r in range(reps)]
     ratio = common.ratio_summary([d["images_per_s"] for d in dumps], best_floor)
     shares = {part: common.summary([d[part] / d["elapsed_s"] for d in dumps])
               for part in ("load_s", "forward_s", "write_s")}
     result = {
-        **setup, "num_samples": num_samples, "chunk_size": config.chunk_size, "dtype": config.dtype,
+        **setup, "views": setup.get("views", "none"), "num_views": num_views,
+        "num_samples": num_samples, "chunk_size": config.chunk_size, "dtype": config.dtype,
         "images_per_s": {name: common.summary([r["images_per_s"] for r in runs]) for name, runs in samples.items()},
         "ratio_dump_over_floor": ratio,
-        "ratio_dump_over_floor_nchw": common.ratio_summary(
-            [d["images_per_s"] for d in dumps], [f["images_per_s"] for f in samples["floor_nchw"]]),
+        **{f"ratio_dump_over_{name}": common.ratio_summary(
+            [d["images_per_s"] for d in dumps], [f["images_per_s"] for f in samples[name]])
+           for name in ("floor_nchw", "floor_views") if name in samples},
         "share_of_dump_time": {k.replace("_s", ""): v for k, v in shares.items()},
         "other_share": common.summary([1 - sum(d[p] for p in ("load_s", "forward_s", "write_s")) / d["elapsed_s"]
                                        for d in dumps]),
@@ -179,6 +239,8 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
         print(f"  before ({baseline_ref}): "
               f"dump/floor {common.fmt(result['baseline']['ratio_dump_over_floor'])}, "
               f"speedup {common.fmt(result['baseline']['speedup'])}")
+    if "ratio_dump_over_floor_views" in result:
+        print(f"  dump/floor_views (views built in the loop) {common.fmt(result['ratio_dump_over_floor_views'])}")
     print(f"  dump/floor {common.fmt(ratio)} (target >= {TARGET}: {result['verdict']}); shares "
           + ", ".join(f"{k} {v['median']:.2f}" for k, v in result["share_of_dump_time"].items()))
     return result
@@ -188,12 +250,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli = common.parser(__doc__.splitlines()[0])
     cli.add_argument("--baseline-ref", default=None,
                      help="also run stages/teacher_dump.py of this git revision (before/after)")
+    cli.add_argument("--only", choices=("v1", "views"), default=None,
+                     help="run only the plain-image (V = 1) setups or only the views: all setups")
     args = cli.parse_args(argv)
     reps = args.reps or (2 if args.quick else 3)
+    setups = [s for s in _setups(args.quick)
+              if args.only is None or (args.only == "views") == bool(s.get("views"))]
     started = time.perf_counter()
     with common.tempdir(NAME) as tmp:
         results = [bench_setup(setup, reps, Path(tmp) / str(i), args.baseline_ref)
-                   for i, setup in enumerate(_setups(args.quick))]
+                   for i, setup in enumerate(setups)]
     result = {"quick": args.quick, "reps": reps, "setups": results}
     common.write_result(NAME, result, args.out, started)
     return result

@@ -23,12 +23,16 @@ def _summary_ok(stats: dict) -> None:
 
 def _check_student_step(result: dict) -> None:
     setup = result["setups"][0]
-    assert set(setup["images_per_s"]) == {"ce", "lessons", "online_cnn_small", "forward_cnn_small"}
+    assert set(setup["images_per_s"]) == {"ce", "lessons", "lessons_views", "online_cnn_small", "forward_cnn_small"}
+    assert setup["num_views"] == 2  # Fashion-MNIST: flip only
     for stats in setup["images_per_s"].values():
         _summary_ok(stats)
-    _summary_ok(setup["lessons_over_ce"])
+    for key in ("lessons_over_ce", "lessons_views_over_ce", "lessons_views_streamed_over_ce",
+                "gather_share_of_epoch", *(f"gather_epoch_s.{m}" for m in ("memory", "streamed"))):
+        _summary_ok(setup[key] if "." not in key else setup["gather_epoch_s"][key.split(".")[1]])
     teacher = setup["teachers"]["cnn_small"]
-    for key in ("lessons_over_online", "limit", "fraction_of_limit"):
+    for key in ("lessons_over_online", "limit", "fraction_of_limit", "views_lessons_over_online",
+                "views_fraction_of_limit"):
         _summary_ok(teacher[key])
     assert teacher["limit"]["min"] > 1
 
@@ -40,6 +44,12 @@ def _check_teacher_dump(result: dict) -> None:
         _summary_ok(stats)
     assert set(setup["share_of_dump_time"]) == {"load", "forward", "write"}
     assert 0 < sum(s["median"] for s in setup["share_of_dump_time"].values()) <= 1.0001
+    views = result["setups"][1]
+    assert views["views"] == "all" and views["num_views"] == 2
+    assert set(views["images_per_s"]) == {"dump", "floor_cl", "floor_views"}
+    for stats in (*views["images_per_s"].values(), views["ratio_dump_over_floor"],
+                  views["ratio_dump_over_floor_views"]):
+        _summary_ok(stats)
 
 
 def _check_ka_dtd(result: dict) -> None:
@@ -49,6 +59,12 @@ def _check_ka_dtd(result: dict) -> None:
                     "stages_peak_rss_bytes", "floor_peak_rss_bytes"):
             _summary_ok(entry[key])
     assert isinstance(result["stages_rss_growth"], float)
+    assert set(result["views"]["sizes"]) == {"256", "1024"}
+    for entry in result["views"]["sizes"].values():
+        assert entry["num_views"] == 162 and entry["num_classes"] == 10
+        for key in ("stages_s", "floor_s", "stages_over_floor", "stages_peak_rss_bytes"):
+            _summary_ok(entry[key])
+    assert isinstance(result["views"]["stages_rss_growth"], float)
 
 
 def _check_loader(result: dict) -> None:
@@ -64,6 +80,12 @@ def _check_storage_size(result: dict) -> None:
     for row in rows:
         assert row["bytes_per_sample"] > 0 and row["compression_ratio"] > 0
         assert row["raw_bytes_per_sample"] == row["num_classes"] * (2 if row["dtype"] == "float16" else 4)
+    views = result["views"]
+    assert {(r["num_classes"], r["num_views"]) for r in views} == {(10, 162), (100, 162)}
+    for row in views:
+        assert 0 < row["logits_bytes_per_view"] < 2 * row["num_classes"] * 1.2
+        assert row["bytes_per_view"] > row["logits_bytes_per_view"]
+        assert row["extrapolated_50000"]["raw_logits_bytes"] == 162 * 50000 * row["num_classes"] * 2
 
 
 CHECKS = {"student_step": _check_student_step, "teacher_dump": _check_teacher_dump, "ka_dtd": _check_ka_dtd,
