@@ -46,6 +46,19 @@ def stored_views(config: TeacherDumpConfig, image_shape: tuple[int, ...] | list[
                             seeds=tuple(config.seeds), epochs=config.epochs, seed=config.seed)
 
 
+CHUNK_BUFFER_BYTES = 64 * 2**20
+
+
+def dump_chunk_rows(config: TeacherDumpConfig, num_views: int, num_classes: int) -> int:
+    """Rows of N per store chunk: `teacher_dump.chunk_size`, lowered in whole batches so that one
+    chunk's float32 logits (V·rows·C·4 bytes, held in memory while it is forwarded) stay within
+    64 MiB — a 162-view chunk of 16 384 rows would be 106 MB at C = 10 and 1 GB at C = 100. A pure
+    function of the settings, so a resumed dump finds the same chunks; V = 1 stores keep `chunk_size`.
+    """
+    fit = CHUNK_BUFFER_BYTES // (4 * num_views * num_classes)
+    return min(config.chunk_size, max(config.batch_size, fit // config.batch_size * config.batch_size))
+
+
 def store_attrs(*, manifest: dict[str, Any], split: str, teacher: str, checkpoint_meta: dict[str, Any],
                 checkpoint_sha256: str, dtype: str, views: StoredViews | None = None) -> dict[str, Any]:
     """The attributes of a teacher logit store (no timestamps or host names)."""
@@ -91,7 +104,8 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
         "view_params": ArraySpec((num_views, num_samples, num_params), "int16", sample_axis=1),
     }
     timing = {"load_s": 0.0, "forward_s": 0.0, "write_s": 0.0, "rows": 0, "views": 0}
-    with StoreWriter(out, kind="logits", arrays=arrays, attrs=attrs, chunk_rows=config.chunk_size) as writer:
+    chunk_rows = dump_chunk_rows(config, num_views, num_classes)
+    with StoreWriter(out, kind="logits", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer:
         pending = writer.pending_chunks()
         if pending:
             indices = np.concatenate([np.arange(writer.rows(c).start, writer.rows(c).stop) for c in pending])

@@ -160,3 +160,16 @@ def test_view_settings_the_augmentation_cannot_support_are_refused():
         StoredViews.plan("sample", CIFAR)
     with pytest.raises(ViewError, match="augment: false"):
         StoredViews.plan("all", training_augmentation((32, 32, 3), augment=False))
+
+
+def test_a_multi_view_dump_chunk_holds_at_most_64_mib_of_logits_in_whole_batches():
+    from pipeline.config import TeacherDumpConfig
+    from stages.teacher_dump import dump_chunk_rows
+
+    config = TeacherDumpConfig(batch_size=1024, chunk_size=16384)
+    assert dump_chunk_rows(config, 1, 10) == 16384  # single-view stores keep their chunking
+    assert dump_chunk_rows(config, 2, 10) == 16384
+    rows = dump_chunk_rows(config, 162, 10)  # 64 MiB / (162 * 10 * 4 B) = 10 356 rows
+    assert rows == 10240 and rows * 162 * 10 * 4 <= 64 * 2**20
+    assert dump_chunk_rows(config, 162, 100) == 1024  # 1 035 rows fit: one whole batch
+    assert dump_chunk_rows(config, 162, 1000) == 1024  # never below one batch
