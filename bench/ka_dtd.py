@@ -233,17 +233,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples: dict[str, list[Any]] = {}
     with common.tempdir(NAME) as tmp:
         tmp = Path(tmp)
-<<<<<<< HEAD
-        stores = {}
-        for size in sizes:
-            tick = time.perf_counter()
-            stores[size] = tmp / f"logits-{size}.zarr"
-            write_logits_store(stores[size], size, chunk_rows)
-            print(f"wrote a {size} x {NUM_CLASSES} float16 store in {time.perf_counter() - tick:.1f} s")
-        contenders = {f"{kind}_{size}": functools.partial(run_child, kind, stores[size], tmp / "work")
-                      for size in sizes for kind in ("floor", "stages")}
-        if args.baseline_ref:
-=======
         stores, contenders = {}, {}
         for group, (sizes, num_classes, chunk_rows, views) in groups.items():
             for size in sizes:
@@ -255,24 +244,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{time.perf_counter() - tick:.1f} s")
                 prefix = "" if group == "v1" else "views_"
                 for kind in ("floor", "stages"):
-                    contenders[f"{prefix}{kind}_{size}"] = (
-                        lambda kind=kind, key=key: run_child(kind, stores[key], tmp / "work"))
+                    contenders[f"{prefix}{kind}_{size}"] = functools.partial(
+                        run_child, kind, stores[key], tmp / "work")
         if args.baseline_ref and "v1" in groups:
->>>>>>> wip/bench
             baseline = tmp / "baseline"
             baseline.mkdir()
             archive = subprocess.run(["git", "archive", args.baseline_ref, "stages", "storage", "pipeline", "nets"],
                                      cwd=common.REPO_ROOT, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
-<<<<<<< HEAD
-            for size in sizes:
-                contenders[f"baseline_{size}"] = functools.partial(
-                    run_child, "stages", stores[size], tmp / "work", code=baseline)
-=======
             for size in groups["v1"][0]:
-                contenders[f"baseline_{size}"] = (lambda size=size: run_child(
-                    "stages", stores[f"v1-{size}"], tmp / "work", code=baseline))
->>>>>>> wip/bench
+                contenders[f"baseline_{size}"] = functools.partial(
+                    run_child, "stages", stores[f"v1-{size}"], tmp / "work", code=baseline)
         samples = common.interleave(contenders, reps, warmup=False)
     result: dict[str, Any] = {"quick": args.quick, "reps": reps, "target_stages_over_floor": TARGET_TIME,
                               "target_rss_growth": TARGET_RSS_GROWTH}
@@ -288,48 +270,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "verdict_rss_growth": "pass" if abs(growth) <= TARGET_RSS_GROWTH else "miss",
             "stages_peak_rss_large_bytes": large["stages_peak_rss_bytes"]["median"],
         }
-<<<<<<< HEAD
-        if args.baseline_ref:
-            before = samples[f"baseline_{size}"]
-            per_size[str(size)]["baseline"] = {
-                "ref": args.baseline_ref,
-                "stages_s": common.summary([b["elapsed_s"] for b in before]),
-                "adjust_s": common.summary([b["adjust_s"] for b in before]),
-                "temperature_s": common.summary([b["temperature_s"] for b in before]),
-                "stages_over_floor": common.ratio_summary([b["elapsed_s"] for b in before],
-                                                          [f["elapsed_s"] for f in floor_runs]),
-                "peak_rss_bytes": common.summary([b["peak_rss_bytes"] for b in before]),
-                "speedup": common.ratio_summary([b["elapsed_s"] for b in before],
-                                                [s["elapsed_s"] for s in stages_runs]),
-            }
-    small, large = (per_size[str(s)] for s in sizes)
-    growth = large["stages_peak_rss_bytes"]["median"] / small["stages_peak_rss_bytes"]["median"] - 1
-    result = {
-        "quick": args.quick, "reps": reps, "sizes": per_size,
-        "target_stages_over_floor": TARGET_TIME,
-        "stages_rss_growth": growth, "target_rss_growth": TARGET_RSS_GROWTH,
-        "verdict_rss_growth": "pass" if abs(growth) <= TARGET_RSS_GROWTH else "miss",
-        "stages_peak_rss_large_bytes": large["stages_peak_rss_bytes"]["median"],
-        "target_rss_bytes": TARGET_RSS_BYTES,
-        "verdict_rss": "pass" if large["stages_peak_rss_bytes"]["median"] < TARGET_RSS_BYTES else "miss",
-    }
-    for size in sizes:
-        entry = per_size[str(size)]
-        print(f"N={size}: stages {common.fmt(entry['stages_s'])} s (adjust {entry['adjust_s']['median']:.2f}, "
-              f"temperature {entry['temperature_s']['median']:.2f}), floor {common.fmt(entry['floor_s'])} s, "
-              f"ratio {common.fmt(entry['stages_over_floor'])} "
-              f"(target <= {TARGET_TIME}: {entry['verdict_time']}), "
-              f"peak RSS {entry['stages_peak_rss_bytes']['median'] / 2**20:.0f} MiB "
-              f"(floor {entry['floor_peak_rss_bytes']['median'] / 2**20:.0f} MiB)")
-        if "baseline" in entry:
-            before = entry["baseline"]
-            print(f"  before ({before['ref']}): {common.fmt(before['stages_s'])} s, ratio "
-                  f"{common.fmt(before['stages_over_floor'])}, "
-                  f"peak RSS {before['peak_rss_bytes']['median'] / 2**20:.0f} MiB;"
-                  f" speedup {common.fmt(before['speedup'])}")
-    print(f"peak RSS growth {small['num_samples']} -> {large['num_samples']}: {100 * growth:+.1f} % "
-          f"({result['verdict_rss_growth']}); < 1 GiB at {large['num_samples']}: {result['verdict_rss']}")
-=======
         if group == "v1":
             figures.update(target_rss_bytes=TARGET_RSS_BYTES,
                            verdict_rss="pass" if large["stages_peak_rss_bytes"]["median"] < TARGET_RSS_BYTES
@@ -352,7 +292,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{'V=162 ' if views else ''}peak RSS growth {sizes[0]} -> {sizes[1]}: {100 * growth:+.1f} % "
               f"({figures['verdict_rss_growth']})" + (f"; < 1 GiB at {sizes[1]}: {figures['verdict_rss']}"
                                                       if group == "v1" else ""))
->>>>>>> wip/bench
     common.write_result(NAME, result, args.out, started)
     return result
 

@@ -128,7 +128,7 @@ def views_stores(work: Path, quick: bool) -> list[dict[str, Any]]:
     num_samples = 32 if quick else 256
     config = TeacherDumpConfig(batch_size=num_samples, chunk_size=num_samples, views="all")
     mean, std = channel_stats(manifest, device)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, num_classes, model in (
             (f"trained cnn_small ({epochs} epochs, {images} CIFAR-10 images)", 10, trained),
             ("random-init cnn_small", 10, None), ("random-init cnn_small, 100 outputs", 100, None)):

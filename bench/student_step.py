@@ -211,16 +211,10 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
 
     steps, warm = setup["steps"], setup["warmup_steps"]
     print(f"{setup['dataset']} {'/'.join(setup['teachers'])} -> {setup['student']}: {steps} steps of "
-<<<<<<< HEAD
-          f"{BATCH} per repetition, torch threads {torch.get_num_threads()}")
-    samples = common.interleave({k: functools.partial(f, steps) for k, f in runs.items()}, reps,
-                                warmup={k: functools.partial(f, warm) for k, f in runs.items()})
-    ce, kd = samples["ce"], samples["lessons"]
-=======
           f"{BATCH} per repetition ({steps_per_epoch} per epoch), V = {num_views}, torch threads "
           f"{torch.get_num_threads()}")
-    samples = common.interleave({k: (lambda f=f: f(steps)) for k, f in runs.items()}, reps,
-                                warmup={k: (lambda f=f: f(warm)) for k, f in runs.items()})
+    samples = common.interleave({k: functools.partial(f, steps) for k, f in runs.items()}, reps,
+                                warmup={k: functools.partial(f, warm) for k, f in runs.items()})
     views_runs = samples.pop("lessons_views")
     streamed_s = samples.pop("gather_streamed")
     samples["lessons_views"] = [r["images_per_s"] for r in views_runs]
@@ -228,8 +222,7 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
     contenders = {"lessons": samples["lessons"], "lessons_views": samples["lessons_views"],
                   # the same steps with the streamed gather charged instead of the in-memory one
                   "lessons_views_streamed": [BATCH * steps / (r["step_s"] + g * steps / steps_per_epoch)
-                                             for r, g in zip(views_runs, streamed_s)]}
->>>>>>> wip/bench
+                                             for r, g in zip(views_runs, streamed_s, strict=True)]}
     result: dict[str, Any] = {
         "dataset": setup["dataset"], "student": setup["student"], "num_samples": num_train,
         "batch_size": BATCH, "steps_per_rep": steps, "steps_per_epoch": steps_per_epoch, "reps": reps,
@@ -251,21 +244,13 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
           f"streamed {common.fmt(result['gather_epoch_s']['streamed'])} s; share of an in-memory epoch "
           f"{common.fmt(result['gather_share_of_epoch'])}")
     for name in setup["teachers"]:
-        online_rates, forward_rates = samples[f"online_{name}"], samples[f"forward_{name}"]
+        online_rates, forward = samples[f"online_{name}"], samples[f"forward_{name}"]
         # S, F: seconds per batch of a ce step and of a teacher forward, same repetition.
-<<<<<<< HEAD
-        limit = [(BATCH / c + BATCH / f) / (BATCH / c) for c, f in zip(ce, forward_rates, strict=True)]
-        over_online = [k / o for k, o in zip(kd, online_rates, strict=True)]
-        of_limit = [r / m for r, m in zip(over_online, limit, strict=True)]
-        entry: dict[str, Any] = {"lessons_over_online": common.summary(over_online), "limit": common.summary(limit),
-                 "fraction_of_limit": common.summary(of_limit), "target_fraction_of_limit": TARGET_LIMIT}
-        entry["verdict"] = common.verdict(entry["fraction_of_limit"]["median"], TARGET_LIMIT)
-=======
-        limit = [(BATCH / c + BATCH / f) / (BATCH / c) for c, f in zip(ce, forward)]
+        limit = [(BATCH / c + BATCH / f) / (BATCH / c) for c, f in zip(ce, forward, strict=True)]
         entry: dict[str, Any] = {"limit": common.summary(limit), "target_fraction_of_limit": TARGET_LIMIT}
         for key in ("lessons", "lessons_views"):
-            over_online = [k / o for k, o in zip(contenders[key], online)]
-            of_limit = [r / m for r, m in zip(over_online, limit)]
+            over_online = [k / o for k, o in zip(contenders[key], online_rates, strict=True)]
+            of_limit = [r / m for r, m in zip(over_online, limit, strict=True)]
             prefix = "" if key == "lessons" else "views_"
             entry[f"{prefix}lessons_over_online"] = common.summary(over_online)
             entry[f"{prefix}fraction_of_limit"] = common.summary(of_limit)
@@ -273,7 +258,6 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path) -> dict[str, Any]:
             print(f"  {name}: {key}/online {common.fmt(entry[f'{prefix}lessons_over_online'])}, limit (S+F)/S "
                   f"{common.fmt(entry['limit'])}, fraction of limit {common.fmt(entry[f'{prefix}fraction_of_limit'])} "
                   f"(target >= {TARGET_LIMIT}: {entry[f'{prefix}verdict']})")
->>>>>>> wip/bench
         result["teachers"][name] = entry
     return result
 

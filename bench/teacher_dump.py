@@ -171,6 +171,7 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
         return floor
 
     def floor_building_views() -> dict[str, float]:
+        assert views is not None  # only a views setup times this floor
         threads_seen.clear()
         started = time.perf_counter()
         with torch.no_grad():
