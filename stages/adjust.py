@@ -188,9 +188,10 @@ def label_smoothing(
 
 
 def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: AdjustMethod, epsilon: float,
-                  block_info: Any = None) -> np.ndarray:
-    """One (V, n, C) block, labels (1, n, 1) -> packed (V, n, C + 3) float32: target logits,
-    fixed, rewritten, wrong."""
+                  plain: int | None = None, block_info: Any = None) -> np.ndarray:
+    """One (V, n, C) block, labels (1, n, 1) -> packed (V, n, C + 4) float32: target logits,
+    fixed, rewritten, wrong, and whether the view's top class differs from that of view `plain`
+    (the plain image; all 0 when None)."""
     views, rows, num_classes = logits.shape
     flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)    # (V·n, C)
     flat_labels = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1)).repeat(views)      # (V·n,)
@@ -199,9 +200,11 @@ def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: AdjustMetho
             adjusted = knowledge_adjustment(flat, flat_labels, method, epsilon)
         except InvalidLogitsError as exc:  # say where in the store (rows below are block-relative)
             raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
-        masks = [adjusted.fixed_target, adjusted.rewritten, adjusted.wrong]
+        top = flat.float().argmax(dim=1).reshape(views, rows)  # (V, n), first max on ties
+        changed = top != top[plain] if plain is not None else torch.zeros_like(top, dtype=torch.bool)
+        masks = [adjusted.fixed_target, adjusted.rewritten, adjusted.wrong, changed.reshape(-1)]
         packed = torch.cat([adjusted.target_logits.float(), *(m.float()[:, None] for m in masks)], dim=1)
-    return packed.reshape(views, rows, num_classes + 3).numpy()
+    return packed.reshape(views, rows, num_classes + 4).numpy()
 
 
 def plain_view_index(view_spec: dict[str, Any] | None) -> int | None:
@@ -266,9 +269,11 @@ def run(config: AdjustConfig, *, method: AdjustMethod, logits_path: str | Path, 
     chunk_rows = source.chunk_rows
     logits = da.from_zarr(logits_array)
     labels_da = da.from_array(labels, chunks=(chunk_rows,))
+    plain = plain_view_index(source.attrs.get("view_spec"))
     packed = da.map_blocks(
         _adjust_block, logits, labels_da[None, :, None], method=method, epsilon=config.epsilon,
-        dtype=np.float32, chunks=(logits.chunks[0], logits.chunks[1], (num_classes + 3,)),
+        plain=plain if views > 1 else None,
+        dtype=np.float32, chunks=(logits.chunks[0], logits.chunks[1], (num_classes + 4,)),
     )
     dtype = str(logits_array.dtype)
     attrs: dict[str, Any] = {
@@ -288,13 +293,11 @@ def run(config: AdjustConfig, *, method: AdjustMethod, logits_path: str | Path, 
     started = time.perf_counter()
     rewritten = packed[..., num_classes + 1] > 0.5
     wrong = packed[..., num_classes + 2] > 0.5  # (V, N)
-    plain = plain_view_index(source.attrs.get("view_spec"))
     view_reductions = {}
     if plain is not None and views > 1:  # the plain image is one of the stored views (views: all)
-        top = da.argmax(logits, axis=2)  # (V, N)
         view_reductions = {
             "right_plain_wrong_some_view": (~wrong[plain] & wrong.any(axis=0)).sum(),
-            "top_class_changed": (top != top[plain][None, :]).sum(),
+            "top_class_changed": (packed[..., num_classes + 3] > 0.5).sum(),
         }
     with dask_scheduler(scheduler) as dask_sched, StoreWriter(
             out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer, \

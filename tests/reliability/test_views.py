@@ -105,6 +105,8 @@ def test_ka_and_dtd_run_per_view_as_numpy_computes_them(views):
     assert metrics["rewritten_views"] == int(wrong.sum())
     plain_right_some_view_wrong = (~wrong[0] & wrong.any(axis=0)).mean()
     assert metrics["right_plain_wrong_some_view"] == pytest.approx(plain_right_some_view_wrong)
+    top = logits.argmax(axis=2)  # (V, N); view 0 is the plain image
+    assert metrics["top_class_changed_fraction"] == pytest.approx((top != top[0]).mean())
 
 
 def _record_steps(monkeypatch) -> dict[str, list]:
