@@ -414,9 +414,15 @@ def teacher_table(teachers: Mapping[str, Mapping[str, Any]], num_classes: int | 
 def adjust_table(adjust: Sequence[tuple[str, Mapping[str, Any]]]) -> Table:
     """Header and body of the KA table from (teacher, metrics) pairs (arXiv:1911.07471 §3.1)."""
     header = ["teacher", "method", "rewritten views", "% rewritten", "teacher train accuracy"]
+    rows = sorted(adjust, key=lambda item: (item[0], str(item[1]["method"])))
     body = [[teacher, m["method"], m["rewritten_views"], format_percent(m["rewritten_fraction"]),
-             format_percent(m.get("teacher_train_accuracy"))]
-            for teacher, m in sorted(adjust, key=lambda item: (item[0], str(item[1]["method"])))]
+             format_percent(m.get("teacher_train_accuracy"))] for teacher, m in rows]
+    if any("top_class_changed_fraction" in m for _, m in rows):  # a store of every view (views: all)
+        header += ["% views whose top class differs from the plain image's",
+                   "% images right on the plain image, wrong on some view"]
+        for cells, (_, m) in zip(body, rows, strict=True):
+            cells += [format_percent(m.get("top_class_changed_fraction")),
+                      format_percent(m.get("right_plain_wrong_some_view"))]
     return header, body
 
 

@@ -504,3 +504,14 @@ def test_config_records_go_with_their_runs_and_stray_ones_are_named(tmp_path):
     assert inputs["students"] == [students / "kd-seed0.json"] and inputs["teachers"] == [teachers / "t.json"]
     assert [p.name for p in inputs["strays"]] == ["gone-config.json", "gone.json", "old-seed0-config.json",
                                                   "old-seed0.json"]
+
+
+def test_the_ka_table_shows_the_view_statistics_of_a_store_of_every_view():
+    from stages.report import adjust_table
+
+    plain = {"method": "ps", "rewritten_views": 5, "rewritten_fraction": 0.05, "teacher_train_accuracy": 0.95}
+    header, body = adjust_table([("t", plain)])
+    assert len(header) == 5
+    views = {**plain, "top_class_changed_fraction": 0.125, "right_plain_wrong_some_view": 0.25}
+    header, body = adjust_table([("t", views), ("u", plain)])
+    assert body[0][-2:] == ["12.50", "25.00"] and body[1][-2:] == ["–", "–"]
