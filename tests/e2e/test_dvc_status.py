@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_dvc_repro import _copy_project
+from tests.e2e.conftest import copy_project
 from tests.unit.test_dvc_deps import command_code
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -37,7 +37,7 @@ def committed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dvc.repo import Repo
 
     work = tmp_path_factory.mktemp("status")
-    _copy_project(work)
+    copy_project(work)
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     with Repo(str(work)) as repo:
         outs = [out.def_path for stage in repo.index.stages for out in stage.outs]
