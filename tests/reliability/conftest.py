@@ -103,10 +103,14 @@ def ok(result: Result) -> Result:
     return result
 
 
-def one_line_error(result: Result, *fragments: str) -> str:
-    """Assert a CLI run failed with exactly one `Error: ...` line (no traceback) naming `fragments`.
+def one_line_error(result: Result, *facts: str) -> str:
+    """Assert a CLI run failed with one line, `Error: ...`, stating `facts`; return that line.
 
-    Returns the error line.
+    One line: the run exits non-zero through click (no traceback anywhere), and the `Error:` line
+    is the only one and the last non-empty line on stderr (no continuation, nothing after it).
+    `facts` are what the message must say, not its wording: the key, path or value at fault
+    (`"teacher_dump.batch_size"`, a file name) and the fix (`"lower"`, `"rebuild"`, a flag or the
+    right spelling), each a substring of the line.
     """
     assert result.exit_code not in (0, None), f"expected a failure, got exit 0:\n{result.output[-2000:]}"
     assert isinstance(result.exception, SystemExit), (
@@ -115,11 +119,13 @@ def one_line_error(result: Result, *fragments: str) -> str:
     assert len(errors) == 1, f"expected one 'Error:' line:\n{result.output[-3000:]}"
     assert "Traceback" not in result.output
     line = errors[0]
+    stderr = [text for text in result.stderr.splitlines() if text.strip()]
+    assert stderr and stderr[-1] == line, f"the error is not the last line on stderr:\n{result.stderr[-3000:]}"
     if os.environ.get("RELIABILITY_ERROR_LOG"):  # collects every message, e.g. for a report
         with open(os.environ["RELIABILITY_ERROR_LOG"], "a") as log:
             log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{line}\n")
-    for fragment in fragments:
-        assert fragment in line, f"{fragment!r} not in the error line:\n{line}"
+    for fact in facts:
+        assert fact in line, f"{fact!r} not in the error line:\n{line}"
     return line
 
 

@@ -41,13 +41,13 @@ def _prepare(tmp_path: Path, params: dict, **data) -> tuple[Path, object]:
 
 def test_a_missing_dataset_root_is_one_line_naming_the_path(tmp_path, pipeline):
     out, result = _prepare(tmp_path, pipeline.params, root=str(tmp_path / "nowhere.npz"))
-    one_line_error(result, "nowhere.npz does not exist", "data.root")
+    one_line_error(result, "data.root", "nowhere.npz", "does not exist")
     assert leftovers(out) == []
 
 
 def test_an_unknown_dataset_name_suggests_the_closest_one(tmp_path, pipeline):
     out, result = _prepare(tmp_path, pipeline.params, name="cifar1O")
-    one_line_error(result, "unknown dataset 'cifar1O'", "did you mean 'cifar10'", "fashion_mnist")
+    one_line_error(result, "'cifar1O'", "'cifar10'", "fashion_mnist")
     assert leftovers(out) == []
 
 
@@ -66,7 +66,7 @@ def test_a_corrupt_npz_is_one_line_and_an_older_prepared_folder_is_untouched(tmp
     shutil.copytree(pipeline.data, tmp_path / "data")
     before = tree_digest(tmp_path / "data")
     out, result = _prepare(tmp_path, pipeline.params, root=str(bad))
-    one_line_error(result, "bad.npz", "replace it with an intact copy")
+    one_line_error(result, "bad.npz", "intact copy")
     assert tree_digest(out) == before
     assert leftovers(out) == ["data"]
 
@@ -77,10 +77,10 @@ def _idx(path: Path, array: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("damage, fragments", [
-    ("bad magic", ["train-images-idx3-ubyte.gz", "bad IDX magic number"]),
-    ("truncated", ["train-labels-idx1-ubyte.gz", "truncated or corrupt"]),
-    ("not gzip", ["t10k-images-idx3-ubyte.gz", "not a valid gzip file"]),
-    ("missing", ["no t10k-labels-idx1-ubyte or t10k-labels-idx1-ubyte.gz"]),
+    ("bad magic", ["train-images-idx3-ubyte.gz", "magic number", "intact copy"]),
+    ("truncated", ["train-labels-idx1-ubyte.gz", "truncated", "intact copy"]),
+    ("not gzip", ["t10k-images-idx3-ubyte.gz", "gzip"]),
+    ("missing", ["t10k-labels-idx1-ubyte.gz"]),
 ])
 def test_a_corrupt_or_missing_idx_file_is_one_line_naming_the_file(tmp_path, pipeline, damage, fragments):
     root = tmp_path / "fashion"
@@ -117,7 +117,7 @@ def test_dataset_labels_outside_the_classes_are_refused_with_the_row(tmp_path, p
     labels[17] = 7
     npz = make_npz(tmp_path / "labels.npz", y_train=labels)
     out, result = _prepare(tmp_path, pipeline.params, root=str(npz))
-    one_line_error(result, "label 7 at row 17 is outside [0, 4)")
+    one_line_error(result, "label 7", "row 17", "[0, 4)")
     assert leftovers(out) == []
 
 
@@ -130,7 +130,7 @@ def test_a_misspelled_params_key_is_named_with_a_suggestion(tmp_path, pipeline):
     out = tmp_path / "logits.zarr"
     result = cli(path, "teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint",
                  pipeline.checkpoint, "--out", out, "--test-out", tmp_path / "test.zarr")
-    one_line_error(result, "teacher_dump: unknown key 'chunk_sise' (did you mean 'chunk_size'?)")
+    one_line_error(result, "teacher_dump", "'chunk_sise'", "'chunk_size'")
     assert leftovers(out) == []
 
 
@@ -169,7 +169,7 @@ def _no_teacher_outputs(tmp_path: Path) -> None:
 
 def test_an_unknown_teacher_architecture_suggests_the_closest_one(tmp_path, pipeline):
     result = _teacher_train(_teacher_params(tmp_path, pipeline, arch="resnet2O"), tmp_path, pipeline)
-    one_line_error(result, "unknown architecture 'resnet2O'", "did you mean", "resnet20")
+    one_line_error(result, "'resnet2O'", "resnet20")
     _no_teacher_outputs(tmp_path)
 
 
@@ -178,20 +178,21 @@ def test_an_unknown_student_architecture_is_refused_before_training(tmp_path, pi
     result = cli(params, "student-train", "--experiment", "ce", "--data", pipeline.data, "--stores",
                  pipeline.stores, "--checkpoint-out", tmp_path / "s.pt", "--metrics-out", tmp_path / "s.json",
                  "--curve-out", tmp_path / "c.json")
-    one_line_error(result, "unknown architecture 'mpl'", "did you mean 'mlp'")
+    one_line_error(result, "'mpl'", "'mlp'")
     assert not (tmp_path / "s.pt").exists() and not (tmp_path / "s.json").exists()
 
 
 def test_a_batch_larger_than_the_training_split_is_refused_before_any_allocation(tmp_path, pipeline):
     # drop_last would leave no step at all; the loader would try to allocate 10^9 images first.
     result = _teacher_train(_teacher_params(tmp_path, pipeline, batch_size=10**9), tmp_path, pipeline)
-    one_line_error(result, "teacher_train.teachers.t: batch_size 1000000000 exceeds the 256 training images")
+    one_line_error(result, "teacher_train.teachers.t", "batch_size 1000000000", "256 training images",
+                   "lower batch_size")
     _no_teacher_outputs(tmp_path)
     params = write_params(tmp_path / "params.yaml", pipeline.params, student_train={"batch_size": 257})
     result = cli(params, "student-train", "--experiment", "kd", "--data", pipeline.data, "--stores",
                  pipeline.stores, "--checkpoint-out", tmp_path / "s.pt", "--metrics-out", tmp_path / "s.json",
                  "--curve-out", tmp_path / "c.json")
-    one_line_error(result, "student_train.experiments.kd: batch_size 257 exceeds the 256 training images",
+    one_line_error(result, "student_train.experiments.kd", "batch_size 257", "256 training images",
                    "lower batch_size")
     assert not (tmp_path / "s.pt").exists() and not (tmp_path / "s.json").exists()
 
@@ -199,7 +200,7 @@ def test_a_batch_larger_than_the_training_split_is_refused_before_any_allocation
 def test_a_given_checkpoint_of_another_architecture_is_refused(tmp_path, pipeline):
     params = _teacher_params(tmp_path, pipeline, arch="cnn_tiny", checkpoint=str(pipeline.checkpoint))
     result = _teacher_train(params, tmp_path, pipeline)
-    one_line_error(result, "t.pt: checkpoint is a 'mlp', params.yaml says 'cnn_tiny'")
+    one_line_error(result, "t.pt", "'mlp'", "'cnn_tiny'")
     _no_teacher_outputs(tmp_path)
 
 
@@ -210,7 +211,7 @@ def test_a_bare_state_dict_of_another_architecture_is_refused(tmp_path, pipeline
     torch.save(nets.build_net("cnn_tiny", NUM_CLASSES, in_channels=1, image_size=28).state_dict(), bare)
     params = _teacher_params(tmp_path, pipeline, arch="mlp", checkpoint=str(bare))
     result = _teacher_train(params, tmp_path, pipeline)
-    one_line_error(result, "bare.pt: weights do not fit 'mlp'")
+    one_line_error(result, "bare.pt", "weights", "'mlp'")
     _no_teacher_outputs(tmp_path)
 
 
@@ -220,7 +221,7 @@ def test_a_checkpoint_for_another_class_count_is_refused_by_teacher_train_and_te
     bare = tmp_path / "ten.pt"
     torch.save(nets.build_net("mlp", 10, in_channels=1, image_size=28).state_dict(), bare)
     result = _teacher_train(_teacher_params(tmp_path, pipeline, checkpoint=str(bare)), tmp_path, pipeline)
-    one_line_error(result, "ten.pt: weights do not fit 'mlp'", "size mismatch")
+    one_line_error(result, "ten.pt", "weights", "'mlp'", "size mismatch")
     _no_teacher_outputs(tmp_path)
 
     payload = torch.load(pipeline.checkpoint, weights_only=True)
@@ -229,7 +230,7 @@ def test_a_checkpoint_for_another_class_count_is_refused_by_teacher_train_and_te
     out = tmp_path / "logits.zarr"
     result = cli(pipeline.params_path, "teacher-dump", "--teacher", "t", "--data", pipeline.data,
                  "--checkpoint", tmp_path / "ten-full.pt", "--out", out, "--test-out", tmp_path / "test.zarr")
-    one_line_error(result, "ten-full.pt: checkpoint has 10 classes, the dataset has 4")
+    one_line_error(result, "ten-full.pt", "10 classes", "has 4")
     assert leftovers(out) == []
 
 
@@ -239,7 +240,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, pipeline):
     out = tmp_path / "logits.zarr"
     result = cli(pipeline.params_path, "teacher-dump", "--teacher", "t", "--data", pipeline.data,
                  "--checkpoint", junk, "--out", out, "--test-out", tmp_path / "test.zarr")
-    one_line_error(result, "junk.pt: not a readable torch checkpoint")
+    one_line_error(result, "junk.pt", "torch checkpoint")
     assert leftovers(out) == []
 
 
@@ -294,21 +295,21 @@ def _bad_h5(good: dict[str, np.ndarray], case: str) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("case, fragments", [
-    ("nan", ["'logits' has 1 NaN/inf values"]),
-    ("inf", ["'logits' has 1 NaN/inf values"]),
-    ("float16 overflow", ["|value| 1e+05 beyond the float16 range (65504)", "float32"]),
-    ("labels out of range", ["label 4 of sample 9 is outside [0, 4)"]),
-    ("negative label", ["label -1 of sample 0 is outside [0, 4)"]),
-    ("logits 1-D", ["'logits' must be float (N, C) or (V, N, C)"]),
-    ("logits 4-D", ["'logits' must be float (N, C) or (V, N, C)"]),
-    ("short labels", ["'labels' must be integer (256,)", "(255,)"]),
-    ("float labels", ["'labels' must be integer (256,)", "float64"]),
-    ("short sample_index", ["'sample_index' must be integer (256,)", "(255,)"]),
-    ("repeated sample_index", ["'sample_index' is not a permutation of 0..255"]),
-    ("view_params of another N", ["'view_params' must be numeric (V, N, P) = (1, 256, P)", "(1, 255, 3)"]),
-    ("too many classes", ["5 classes of logits but npz has 4"]),
-    ("no logits", ["no dataset named 'logits'"]),
-    ("no alignment", ["needs a 'sample_index' or a 'labels' dataset"]),
+    ("nan", ["'logits'", "1 NaN/inf"]),
+    ("inf", ["'logits'", "1 NaN/inf"]),
+    ("float16 overflow", ["1e+05", "float16", "65504", "float32"]),
+    ("labels out of range", ["label 4", "sample 9", "[0, 4)"]),
+    ("negative label", ["label -1", "sample 0", "[0, 4)"]),
+    ("logits 1-D", ["'logits'", "(N, C) or (V, N, C)"]),
+    ("logits 4-D", ["'logits'", "(N, C) or (V, N, C)"]),
+    ("short labels", ["'labels'", "(256,)", "(255,)"]),
+    ("float labels", ["'labels'", "integer", "float64"]),
+    ("short sample_index", ["'sample_index'", "(256,)", "(255,)"]),
+    ("repeated sample_index", ["'sample_index'", "permutation of 0..255"]),
+    ("view_params of another N", ["'view_params'", "(1, 256, P)", "(1, 255, 3)"]),
+    ("too many classes", ["5 classes", "npz has 4"]),
+    ("no logits", ["no dataset", "'logits'"]),
+    ("no alignment", ["'sample_index'", "'labels'"]),
 ])
 def test_a_bad_h5_import_is_one_line_and_an_older_store_at_the_path_is_untouched(
         tmp_path, pipeline, good_h5, case, fragments):
@@ -335,7 +336,7 @@ def test_a_file_that_is_not_hdf5_is_refused(tmp_path, pipeline):
     path.write_text("hello")
     out = tmp_path / "logits.zarr"
     result = cli(pipeline.params_path, "import-logits", path, "--data", pipeline.data, "--out", out)
-    one_line_error(result, "fake.h5: not a readable HDF5 file")
+    one_line_error(result, "fake.h5", "HDF5")
     assert leftovers(out) == []
 
 
@@ -368,7 +369,7 @@ def test_a_store_with_a_missing_logits_chunk_is_refused_as_damaged_not_as_nan(tm
         result, out = cli(pipeline.params_path, "export", store, tmp_path / "out.h5"), tmp_path / "out.h5"
     else:
         result, out = _consume(pipeline, tmp_path, command, work / "stores")
-    line = one_line_error(result, str(store), "chunk logits/c/0/1/0 (samples 64..127) is missing",
+    line = one_line_error(result, str(store), "logits/c/0/1/0", "samples 64..127", "missing",
                           "damaged or incomplete", "dvc repro --force teacher_dump@t")
     assert "NaN" not in line and "float16" not in line
     assert leftovers(out) == [] and not (tmp_path / "m.json").exists()
@@ -415,7 +416,7 @@ def test_a_store_of_another_schema_version_is_refused(tmp_path, pipeline, work, 
     meta["attributes"]["schema_version"] = 0
     meta_path.write_text(json.dumps(meta))
     result, out = _consume(pipeline, tmp_path, command, work / "stores")
-    one_line_error(result, "logits.zarr: schema_version 0 but this lessons reads 1", "rebuild")
+    one_line_error(result, "logits.zarr", "schema_version 0", "rebuild")
     assert leftovers(out) == []
 
 
@@ -424,7 +425,7 @@ def test_a_store_that_was_never_finalized_is_refused(tmp_path, pipeline, work, c
     store = work / "stores" / "t" / "logits.zarr"
     store.rename(store.with_name("logits.zarr.partial"))
     result, out = _consume(pipeline, tmp_path, command, work / "stores")
-    one_line_error(result, "logits.zarr: no such store", "unfinished write exists beside it")
+    one_line_error(result, "logits.zarr", "unfinished write", "rerun the stage")
     assert leftovers(out) == []
 
 
@@ -432,7 +433,7 @@ def test_store_labels_outside_the_classes_are_refused_by_adjust(tmp_path, pipeli
     zarr.open_group(work / "stores" / "t" / "logits.zarr", mode="r+")["labels"][130] = -1
     as_written(work / "stores" / "t" / "logits.zarr")
     result, out = _consume(pipeline, tmp_path, "adjust", work / "stores")
-    one_line_error(result, "labels outside [0, 4) in the store")
+    one_line_error(result, "labels", "[0, 4)", "rebuild")
     assert leftovers(out) == []
 
 
@@ -457,7 +458,7 @@ def test_an_output_path_under_a_regular_file_is_one_line_not_writable(tmp_path, 
         "export": ["export", logits, blocker / "sub" / "out.h5"],
     }[command]
     one_line_error(cli(pipeline.params_path, *args), str(blocker / "sub"),
-                   "not writable (a part of the path is a file, not a folder)", "choose another output path")
+                   "not writable", "another output path")
     assert blocker.read_text() == "I am a file"
     assert not (tmp_path / "m.json").exists()
 
@@ -522,7 +523,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_store_and_the_older_one_intact(
     monkeypatch.setattr(zarr.Array, "__setitem__", _disk_full)  # every array write of the store
     result = cli(pipeline.params_path, *args)
     monkeypatch.undo()
-    one_line_error(result, "out.zarr.partial: no space left on the device", "free some disk space")
+    one_line_error(result, "out.zarr.partial", "no space left", "free some disk space")
     assert tree_digest(out) == before  # the older store is exactly as it was
     assert leftovers(out) == ["out.zarr"]  # and nothing half-written beside it
     open_store(out)
@@ -573,9 +574,9 @@ def test_a_store_output_path_holding_something_else_is_refused_and_kept(tmp_path
     result = cli(pipeline.params_path, command, *extra, "--logits", logits, "--out", out,
                  "--metrics-out", tmp_path / "m.json")
     if victim == "other-kind store":
-        one_line_error(result, f"{out.name}: holds a store of kind", "choose another output path")
+        one_line_error(result, out.name, "store of kind", "another output path")
     else:
-        one_line_error(result, f"{out}: exists and is a {victim}", "lessons only replaces its own outputs")
+        one_line_error(result, str(out), victim, "only replaces its own outputs")
     assert (tree_digest(out) if out.is_dir() else out.read_bytes()) == before
     assert not (tmp_path / "m.json").exists() and not out.with_name(out.name + ".old").exists()
 
@@ -586,7 +587,7 @@ def test_prepare_data_refuses_an_output_folder_that_is_not_a_prepared_dataset(tm
     (out / "thesis.tex").write_text("\\documentclass{article}")
     path = write_params(tmp_path / "params.yaml", pipeline.params)
     result = cli(path, "prepare-data", "--out", out)
-    one_line_error(result, f"{out}: exists and is a folder, not a prepared dataset")
+    one_line_error(result, str(out), "not a prepared dataset")
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
 
 
@@ -597,5 +598,5 @@ def test_temperature_with_an_unwritable_plot_path_fails_before_writing_anything(
     result = cli(pipeline.params_path, "temperature", "--logits", pipeline.teacher_stores / "logits.zarr",
                  "--out", out, "--metrics-out", tmp_path / "m.json", "--histogram-out", tmp_path / "h.json",
                  "--plot-out", blocker / "t.png")
-    one_line_error(result, "t.png: not writable (a part of the path is a file, not a folder)")
+    one_line_error(result, "t.png", "not writable", "another output path")
     assert leftovers(out) == [] and not (tmp_path / "m.json").exists() and not (tmp_path / "h.json").exists()

@@ -53,13 +53,13 @@ def _loss_and_grad(config: TemperatureConfig, dtd: str, static: float | None = N
 # -- 1. temperature bounds ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("temperature, key, fix", [
-    ({"min_temperature": 1.0e-45, "beta": 1.0e30}, "temperature.min_temperature", "raise it to at least 0.0001"),
-    ({"max_temperature": 1.0e20}, "temperature.max_temperature", "lower it to at most 10000"),
-    ({"min_temperature": 1.0e-5, "base_temperature": 1.0e-5}, "temperature.min_temperature", "at least 0.0001"),
+    ({"min_temperature": 1.0e-45, "beta": 1.0e30}, "temperature.min_temperature", ("raise", "0.0001")),
+    ({"max_temperature": 1.0e20}, "temperature.max_temperature", ("lower", "10000")),
+    ({"min_temperature": 1.0e-5, "base_temperature": 1.0e-5}, "temperature.min_temperature", ("raise", "0.0001")),
 ])
 def test_check_params_refuses_a_temperature_outside_the_finite_range_in_one_line(tmp_path, temperature, key, fix):
     result = _check_params(tmp_path, base_params(make_npz(tmp_path / "x.npz")), temperature=temperature)
-    line = one_line_error(result, key, "[0.0001, 10000]", "finite in float32", fix)
+    line = one_line_error(result, key, "[0.0001, 10000]", "finite in float32", *fix)
     assert "lower the learning rate" not in line
     assert not (tmp_path / "check.json").exists()
 
@@ -69,15 +69,15 @@ def test_check_params_refuses_a_fixed_target_temperature_outside_the_range(tmp_p
     params["student_train"]["experiments"]["lsr"] = {"teacher": "t", "adjust": "lsr",
                                                      "fixed_target_temperature": 1.0e5}
     one_line_error(_check_params(tmp_path, params), "student_train.experiments.lsr.fixed_target_temperature",
-                   "[0.0001, 10000]", "lower it to at most 10000")
+                   "[0.0001, 10000]", "lower", "10000")
 
 
-@pytest.mark.parametrize("temperature, fragment", [
-    ({"beta": 1.0e39}, "temperature.beta: must lie in [-1e+38, 1e+38]"),
-    ({"gamma": 200.0}, "temperature.gamma: the FLSW exponent must be <= 64"),
+@pytest.mark.parametrize("temperature, facts", [
+    ({"beta": 1.0e39}, ("temperature.beta", "[-1e+38, 1e+38]")),
+    ({"gamma": 200.0}, ("temperature.gamma", "<= 64")),
 ])
-def test_check_params_refuses_a_beta_or_gamma_that_would_overflow_float32(tmp_path, temperature, fragment):
-    one_line_error(_check_params(tmp_path, base_params(make_npz(tmp_path / "x.npz")), temperature=temperature), fragment)
+def test_check_params_refuses_a_beta_or_gamma_that_would_overflow_float32(tmp_path, temperature, facts):
+    one_line_error(_check_params(tmp_path, base_params(make_npz(tmp_path / "x.npz")), temperature=temperature), *facts)
 
 
 def test_the_ends_of_the_range_pass_and_give_a_finite_loss_with_float16_max_logits(tmp_path):
@@ -192,5 +192,5 @@ def test_teacher_train_with_a_huge_learning_rate_fails_in_one_line_naming_lr_and
     params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_train={"teachers": {"t": teacher}})
     result = cli(params, "teacher-train", "--teacher", "t", "--data", pipeline.data, "--checkpoint-out",
                  tmp_path / "t.pt", "--metrics-out", tmp_path / "t.json", "--curve-out", tmp_path / "c.json")
-    one_line_error(result, "the teacher diverged", "teacher_train.teachers.t.lr (now 1e+30)", "weight_decay")
+    one_line_error(result, "the teacher diverged", "teacher_train.teachers.t.lr", "1e+30", "weight_decay")
     assert not (tmp_path / "t.pt").exists() and not (tmp_path / "t.json").exists()

@@ -90,7 +90,7 @@ def test_a_student_killed_after_epoch_one_of_two_resumes_to_the_uninterrupted_re
         # While it runs, a second run writing the same checkpoint is refused before training.
         saved = state.read_bytes()
         second = cli(pipeline.params_path, *killed)
-        one_line_error(second, "resumed.pt: another process is writing this output")
+        one_line_error(second, "resumed.pt", "another process is writing")
         assert "epoch 1/2" not in second.output and state.read_bytes() == saved
     finally:
         _kill(proc)

@@ -130,7 +130,7 @@ def test_student_train_refuses_a_store_dumped_from_another_dataset(tmp_path, pip
 def test_student_train_refuses_a_store_whose_num_classes_differs(tmp_path, pipeline, work):
     zarr.open_group(work / "stores" / "t" / "logits.zarr", mode="r+").attrs["num_classes"] = 5
     result = _student(pipeline.params_path, "kd", data=pipeline.data, stores=work / "stores", out=tmp_path)
-    one_line_error(result, "logits.zarr", "num_classes is 5 in the store but 4 in the prepared dataset")
+    one_line_error(result, "logits.zarr", "num_classes", "5 in the store", "4 in the prepared dataset")
     _assert_no_student_outputs(tmp_path)
 
 
@@ -143,8 +143,8 @@ def _reverse_sample_index(store: Path) -> None:
 def test_student_train_refuses_a_store_whose_rows_are_in_another_order(tmp_path, pipeline, work):
     _reverse_sample_index(work / "stores" / "t" / "logits.zarr")
     result = _student(pipeline.params_path, "kd", data=pipeline.data, stores=work / "stores", out=tmp_path)
-    one_line_error(result, "logits.zarr", "sample_index does not match the prepared dataset",
-                   f"row 0 holds sample {NUM_TRAIN - 1} in the store, 0 in")
+    one_line_error(result, "logits.zarr", "sample_index", "prepared dataset", "row 0",
+                   f"sample {NUM_TRAIN - 1} in the store")
     _assert_no_student_outputs(tmp_path)
 
 
@@ -157,8 +157,7 @@ def test_adjust_and_temperature_refuse_a_store_whose_rows_are_not_in_canonical_o
     extra = ["--method", "ps"] if command == "adjust" else ["--histogram-out", tmp_path / "h.json"]
     result = cli(pipeline.params_path, command, *extra, "--logits", logits, "--out", out,
                  "--metrics-out", tmp_path / "m.json")
-    one_line_error(result, "sample_index does not match the canonical order",
-                   f"row 0 holds sample {NUM_TRAIN - 1}")
+    one_line_error(result, "sample_index", "canonical order", "row 0", f"sample {NUM_TRAIN - 1}")
     assert leftovers(out) == [] and not (tmp_path / "m.json").exists()
 
 
@@ -171,7 +170,7 @@ def test_adjust_and_temperature_refuse_a_store_whose_num_classes_disagrees_with_
     extra = ["--method", "lsr"] if command == "adjust" else ["--histogram-out", tmp_path / "h.json"]
     result = cli(pipeline.params_path, command, *extra, "--logits", logits, "--out", out,
                  "--metrics-out", tmp_path / "m.json")
-    one_line_error(result, "logits have shape (1, 256, 4)", "(num_views, N, num_classes) = (1, 256, 10)")
+    one_line_error(result, "logits", "(1, 256, 4)", "(1, 256, 10)", "rebuild")
     assert leftovers(out) == []
 
 
@@ -207,7 +206,7 @@ def test_an_exported_store_imports_back_into_its_own_dataset(tmp_path, pipeline,
     ("relabeled", ["dataset fingerprint", "the train split of"]),
     ("reordered", ["dataset fingerprint", "another dataset, subset or order"]),
     ("other", ["dataset fingerprint"]),
-    ("subset", ["256 rows of logits but the train split of npz has 200"]),
+    ("subset", ["256 rows", "has 200"]),
 ])
 def test_import_logits_refuses_an_export_of_another_dataset_subset_or_order(
         tmp_path, pipeline, datasets, exported, variant, fragments):
@@ -222,8 +221,7 @@ def test_import_logits_refuses_foreign_logits_whose_labels_do_not_match(tmp_path
     path = teacher_h5(pipeline.teacher_stores / "logits.zarr", tmp_path / "foreign.h5")
     out = tmp_path / "logits.zarr"
     result = cli(pipeline.params_path, "import-logits", path, "--data", datasets["relabeled"], "--out", out)
-    one_line_error(result, "foreign.h5", "labels differ from the dataset at 1 rows",
-                   "first: sample 5")
+    one_line_error(result, "foreign.h5", "labels differ", "1 rows", "sample 5", "another dataset")
     assert leftovers(out) == []
     ok(cli(pipeline.params_path, "import-logits", path, "--data", pipeline.data, "--out", out))
 
@@ -250,7 +248,7 @@ def test_a_chunk_damaged_on_disk_is_refused_by_its_checksum(tmp_path, pipeline, 
         extra = ["--method", "ps"] if command == "adjust" else ["--histogram-out", tmp_path / "h.json"]
         result = cli(pipeline.params_path, command, *extra, "--logits", logits, "--out", out,
                      "--metrics-out", tmp_path / "m.json")
-    one_line_error(result, "logits.zarr", "fails its crc32c checksum", "rebuild the store")
+    one_line_error(result, "logits.zarr", "crc32c", "rebuild")
     assert leftovers(out) == [] and not (tmp_path / "m.json").exists()
     _assert_no_student_outputs(tmp_path)
     assert not (tmp_path / "out.h5").exists() and not (tmp_path / "out.h5.partial").exists()
