@@ -6,6 +6,7 @@ the same one), so load from other jobs on this shared machine hits all of them a
 ratios stay meaningful even when absolute numbers move. Each figure is reported as the median
 over repetitions with its min–max.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,24 +43,37 @@ def shared_data_dir() -> Path:
 def parser(description: str) -> argparse.ArgumentParser:
     """The common options: --quick, --reps, --out."""
     args = argparse.ArgumentParser(description=description)
-    args.add_argument("--quick", action="store_true",
-                      help="tiny sizes and few repetitions (a smoke test, not a measurement)")
+    args.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and few repetitions (a smoke test, not a measurement)",
+    )
     args.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
-    args.add_argument("--out", type=Path, default=None,
-                      help="JSON file to write (default bench/results/<name>.json)")
+    args.add_argument(
+        "--out", type=Path, default=None, help="JSON file to write (default bench/results/<name>.json)"
+    )
     return args
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
     """{median, min, max, n, values} of repeated measurements."""
     values = [float(v) for v in values]
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values), "values": [round(v, 6) for v in values]}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": [round(v, 6) for v in values],
+    }
 
 
-def interleave(contenders: Mapping[str, Callable[[], float | dict[str, float]]], reps: int,
-               *, warmup: bool | Mapping[str, Callable[[], Any]] = True,
-               log: Callable[[str], None] | None = None) -> dict[str, list[Any]]:
+def interleave(
+    contenders: Mapping[str, Callable[[], float | dict[str, float]]],
+    reps: int,
+    *,
+    warmup: bool | Mapping[str, Callable[[], Any]] = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, list[Any]]:
     """Run each contender once per repetition, interleaved, rotating the start.
 
     Args:
@@ -76,13 +90,18 @@ def interleave(contenders: Mapping[str, Callable[[], float | dict[str, float]]],
             (warmup[name] if isinstance(warmup, Mapping) else contenders[name])()
     samples: dict[str, list[Any]] = {name: [] for name in names}
     for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             value = contenders[name]()
             samples[name].append(value)
-            shown = value if isinstance(value, (int, float)) else {
-                k: round(v, 3) if isinstance(v, float) else v for k, v in value.items()}
-            log(f"  rep {rep + 1}/{reps} {name}: {shown if not isinstance(shown, float) else round(shown, 3)}")
+            shown = (
+                value
+                if isinstance(value, (int, float))
+                else {k: round(v, 3) if isinstance(v, float) else v for k, v in value.items()}
+            )
+            log(
+                f"  rep {rep + 1}/{reps} {name}: {shown if not isinstance(shown, float) else round(shown, 3)}"
+            )
     return samples
 
 
@@ -105,17 +124,27 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "cores": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
-        "torch": torch.__version__, "numpy": numpy.__version__, "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") if _OMP_EFFECTIVE else "default (torch imported first)",
+        "cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")
+        if _OMP_EFFECTIVE
+        else "default (torch imported first)",
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 
 def write_result(name: str, result: dict[str, Any], out: Path | None, started: float) -> Path:
     """Add machine info and wall time, write the JSON, return its path."""
-    result = {"benchmark": name, **result, "machine": machine(),
-              "wall_s": round(time.perf_counter() - started, 1)}
+    result = {
+        "benchmark": name,
+        **result,
+        "machine": machine(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
     path = Path(out) if out is not None else RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -157,8 +186,12 @@ def fashion_mnist(max_train: int | None, max_test: int | None = 1000) -> Any:
 def cifar10(max_train: int | None, max_test: int | None = 1000) -> Any:
     from pipeline.config import DataConfig
 
-    return DataConfig(name="npz", root=str(shared_data_dir() / "cifar10-jpeg.npz"),
-                      max_train_samples=max_train, max_test_samples=max_test)
+    return DataConfig(
+        name="npz",
+        root=str(shared_data_dir() / "cifar10-jpeg.npz"),
+        max_train_samples=max_train,
+        max_test_samples=max_test,
+    )
 
 
 def ready_torch() -> int:

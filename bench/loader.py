@@ -15,6 +15,7 @@ images/s (target ≥ 2).
 
     python -m bench.loader [--quick] [--reps N] [--out FILE]
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,18 +75,28 @@ def _run(work: Path, num_samples: int, batches: int, reps: int) -> dict[str, Any
         def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
             return self.transform(images[i]), labels[i]
 
-    loader = make_loader(work / "cifar10" / "train.beton", batch_size=BATCH, shuffle=True,
-                         seed=0, drop_last=True, num_workers=2)
+    loader = make_loader(
+        work / "cifar10" / "train.beton",
+        batch_size=BATCH,
+        shuffle=True,
+        seed=0,
+        drop_last=True,
+        num_workers=2,
+    )
     epoch = itertools.count()
     augmentation = training_augmentation((32, 32, 3))
 
     def ffcv_epoch() -> Iterator[Any]:
         e = next(epoch)
         for batch_images, batch_labels, sample_index in loader:
-            yield augmentation.apply(batch_images, augmentation.draw(0, e, sample_index.numpy())[1]), batch_labels
+            yield (
+                augmentation.apply(batch_images, augmentation.draw(0, e, sample_index.numpy())[1]),
+                batch_labels,
+            )
 
-    torch_loader = DataLoader(Augmented(), batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True,
-                              persistent_workers=True)
+    torch_loader = DataLoader(
+        Augmented(), batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True, persistent_workers=True
+    )
     streams = {"ffcv": _endless(ffcv_epoch), "torch": _endless(lambda: torch_loader)}
 
     def draw(name: str, count: int) -> float:
@@ -97,16 +108,26 @@ def _run(work: Path, num_samples: int, batches: int, reps: int) -> dict[str, Any
             seen += batch_images.shape[0]
         return seen / (time.perf_counter() - started)
 
-    print(f"cifar10 N={images.shape[0]}: {batches} batches of {BATCH} per repetition, "
-          f"torch threads {torch.get_num_threads()}")
-    samples = common.interleave({name: functools.partial(draw, name, batches) for name in streams}, reps,
-                                warmup={name: functools.partial(draw, name, 3) for name in streams})
+    print(
+        f"cifar10 N={images.shape[0]}: {batches} batches of {BATCH} per repetition, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    samples = common.interleave(
+        {name: functools.partial(draw, name, batches) for name in streams},
+        reps,
+        warmup={name: functools.partial(draw, name, 3) for name in streams},
+    )
     ratio = common.ratio_summary(samples["ffcv"], samples["torch"])
     result = {
-        "dataset": "cifar10", "num_samples": int(images.shape[0]), "batch_size": BATCH,
-        "batches_per_rep": batches, "num_workers": 2,
+        "dataset": "cifar10",
+        "num_samples": int(images.shape[0]),
+        "batch_size": BATCH,
+        "batches_per_rep": batches,
+        "num_workers": 2,
         "images_per_s": {name: common.summary(values) for name, values in samples.items()},
-        "ffcv_over_torch": ratio, "target": TARGET, "verdict": common.verdict(ratio["median"], TARGET),
+        "ffcv_over_torch": ratio,
+        "target": TARGET,
+        "verdict": common.verdict(ratio["median"], TARGET),
     }
     print(f"  ffcv/torch {common.fmt(ratio)} (target >= {TARGET}: {result['verdict']})")
     return result

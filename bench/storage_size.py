@@ -23,6 +23,7 @@ Sizes are deterministic: there is nothing to repeat or interleave.
 
     python -m bench.storage_size [--quick] [--out FILE]
 """
+
 from __future__ import annotations
 
 import sys
@@ -52,13 +53,21 @@ def measure(store: Path) -> dict[str, Any]:
     logits = opened.array("logits")
     views, samples, num_classes = logits.shape
     raw = views * samples * num_classes * np.dtype(logits.dtype).itemsize
-    chunk_bytes = sum(p.stat().st_size for p in (store / "logits").rglob("*")
-                      if p.is_file() and p.name != "zarr.json")
-    return {"num_samples": samples, "num_views": views, "num_classes": num_classes, "dtype": str(logits.dtype),
-            "logits_bytes": chunk_bytes, "raw_bytes": raw,
-            "bytes_per_sample": chunk_bytes / samples, "raw_bytes_per_sample": raw / samples,
-            "compression_ratio": raw / chunk_bytes,
-            "store_bytes_per_sample": _dir_bytes(store) / samples}
+    chunk_bytes = sum(
+        p.stat().st_size for p in (store / "logits").rglob("*") if p.is_file() and p.name != "zarr.json"
+    )
+    return {
+        "num_samples": samples,
+        "num_views": views,
+        "num_classes": num_classes,
+        "dtype": str(logits.dtype),
+        "logits_bytes": chunk_bytes,
+        "raw_bytes": raw,
+        "bytes_per_sample": chunk_bytes / samples,
+        "raw_bytes_per_sample": raw / samples,
+        "compression_ratio": raw / chunk_bytes,
+        "store_bytes_per_sample": _dir_bytes(store) / samples,
+    }
 
 
 def real_teacher(work: Path, quick: bool) -> list[dict[str, Any]]:
@@ -72,17 +81,34 @@ def real_teacher(work: Path, quick: bool) -> list[dict[str, Any]]:
     common.ready_torch()
     device = torch.device("cpu")
     checkpoint = work / "cnn_small.pt"
-    metrics = teacher_train.run(TeacherConfig(arch="cnn_small", epochs=1 if quick else 3), name="cnn_small",
-                                data_dir=data_dir, checkpoint_out=checkpoint, metrics_out=work / "teacher.json",
-                                curve_out=work / "curve.json", device=device)
+    metrics = teacher_train.run(
+        TeacherConfig(arch="cnn_small", epochs=1 if quick else 3),
+        name="cnn_small",
+        data_dir=data_dir,
+        checkpoint_out=checkpoint,
+        metrics_out=work / "teacher.json",
+        curve_out=work / "curve.json",
+        device=device,
+    )
     rows = []
     for dtype in ("float16", "float32"):
         out = work / f"real-{dtype}.zarr"
-        teacher_dump.run(TeacherDumpConfig(dtype=dtype), teacher="cnn_small", data_dir=data_dir,
-                         checkpoint=checkpoint, train_out=out, test_out=work / f"real-{dtype}-test.zarr",
-                         device=device)
-        rows.append({"source": "real cnn_small on fashion_mnist (train split)",
-                     "teacher_train_top1": metrics["train_top1"], **measure(out)})
+        teacher_dump.run(
+            TeacherDumpConfig(dtype=dtype),
+            teacher="cnn_small",
+            data_dir=data_dir,
+            checkpoint=checkpoint,
+            train_out=out,
+            test_out=work / f"real-{dtype}-test.zarr",
+            device=device,
+        )
+        rows.append(
+            {
+                "source": "real cnn_small on fashion_mnist (train split)",
+                "teacher_train_top1": metrics["train_top1"],
+                **measure(out),
+            }
+        )
     return rows
 
 
@@ -115,14 +141,22 @@ def views_stores(work: Path, quick: bool) -> list[dict[str, Any]]:
     from stages.views import StoredViews, training_augmentation
 
     data_dir = work / "cifar10"
-    _, manifest = common.prepare(common.cifar10(512 if quick else 5000, 256), data_dir)  # 5 000: `images` below
+    _, manifest = common.prepare(
+        common.cifar10(512 if quick else 5000, 256), data_dir
+    )  # 5 000: `images` below
     common.ready_torch()
     device = torch.device("cpu")
     checkpoint = work / "cifar-cnn_small.pt"
     epochs, images = (1, 512) if quick else (2, 5000)
-    metrics = teacher_train.run(TeacherConfig(arch="cnn_small", epochs=epochs), name="cnn_small",
-                                data_dir=data_dir, checkpoint_out=checkpoint, metrics_out=work / "cifar-teacher.json",
-                                curve_out=work / "cifar-curve.json", device=device)
+    metrics = teacher_train.run(
+        TeacherConfig(arch="cnn_small", epochs=epochs),
+        name="cnn_small",
+        data_dir=data_dir,
+        checkpoint_out=checkpoint,
+        metrics_out=work / "cifar-teacher.json",
+        curve_out=work / "cifar-curve.json",
+        device=device,
+    )
     trained, _ = load_checkpoint(checkpoint, manifest=manifest)
     views = StoredViews.plan("all", training_augmentation(manifest["image_shape"]))
     num_samples = 32 if quick else 256
@@ -130,30 +164,53 @@ def views_stores(work: Path, quick: bool) -> list[dict[str, Any]]:
     mean, std = channel_stats(manifest, device)
     rows: list[dict[str, Any]] = []
     for label, num_classes, model in (
-            (f"trained cnn_small ({epochs} epochs, {images} CIFAR-10 images)", 10, trained),
-            ("random-init cnn_small", 10, None), ("random-init cnn_small, 100 outputs", 100, None)):
+        (f"trained cnn_small ({epochs} epochs, {images} CIFAR-10 images)", 10, trained),
+        ("random-init cnn_small", 10, None),
+        ("random-init cnn_small, 100 outputs", 100, None),
+    ):
         if model is None:
             torch.manual_seed(0)
             model = nets.build_net("cnn_small", num_classes, in_channels=3, image_size=32)
         model.eval()
-        attrs = store_attrs(manifest={**manifest, "num_classes": num_classes}, split="train", teacher="cnn_small",
-                            checkpoint_meta={"arch": "cnn_small"}, checkpoint_sha256="0" * 64,
-                            dtype="float16", views=views)
+        attrs = store_attrs(
+            manifest={**manifest, "num_classes": num_classes},
+            split="train",
+            teacher="cnn_small",
+            checkpoint_meta={"arch": "cnn_small"},
+            checkpoint_sha256="0" * 64,
+            dtype="float16",
+            views=views,
+        )
         out = work / f"views-{num_classes}-{len(rows)}.zarr"
-        dump_split(model, beton=data_dir / "train.beton", out=out, num_samples=num_samples, attrs=attrs,
-                   config=config, mean=mean, std=std, device=device, views=views)
+        dump_split(
+            model,
+            beton=data_dir / "train.beton",
+            out=out,
+            num_samples=num_samples,
+            attrs=attrs,
+            config=config,
+            mean=mean,
+            std=std,
+            device=device,
+            views=views,
+        )
         row = {"source": f"views: {label}", **measure(out)}
         cells = row["num_views"] * row["num_samples"]
         view_params = _array_bytes(out, "view_params")
-        row.update(logits_bytes_per_view=row["logits_bytes"] / cells,
-                   view_params_bytes_per_view=view_params / cells,
-                   bytes_per_view=(row["logits_bytes"] + view_params) / cells)
+        row.update(
+            logits_bytes_per_view=row["logits_bytes"] / cells,
+            view_params_bytes_per_view=view_params / cells,
+            bytes_per_view=(row["logits_bytes"] + view_params) / cells,
+        )
         if "trained" in label:
             row["teacher_train_top1"] = metrics["train_top1"]
-        row["extrapolated_50000"] = {"num_samples": 50000, "num_views": row["num_views"],
-                                     "logits_bytes": row["logits_bytes_per_view"] * cells / num_samples * 50000,
-                                     "view_params_bytes": row["view_params_bytes_per_view"] * cells / num_samples * 50000,
-                                     "raw_logits_bytes": row["num_views"] * 50000 * num_classes * 2}
+        row["extrapolated_50000"] = {
+            "num_samples": 50000,
+            "num_views": row["num_views"],
+            "logits_bytes": row["logits_bytes_per_view"] * cells / num_samples * 50000,
+            "view_params_bytes": row["view_params_bytes_per_view"] * cells / num_samples * 50000,
+            "raw_logits_bytes": row["num_views"] * 50000 * num_classes * 2,
+        }
         rows.append(row)
     return rows
 
@@ -165,17 +222,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = real_teacher(Path(tmp), args.quick) + synthetic(Path(tmp), args.quick)
         view_rows = views_stores(Path(tmp), args.quick)
     for row in rows:
-        print(f"{row['source'][:9]:9s} C={row['num_classes']:3d} {row['dtype']}: "
-              f"{row['bytes_per_sample']:.1f} B/sample (raw {row['raw_bytes_per_sample']:.0f}), "
-              f"ratio {row['compression_ratio']:.2f}")
+        print(
+            f"{row['source'][:9]:9s} C={row['num_classes']:3d} {row['dtype']}: "
+            f"{row['bytes_per_sample']:.1f} B/sample (raw {row['raw_bytes_per_sample']:.0f}), "
+            f"ratio {row['compression_ratio']:.2f}"
+        )
     for row in view_rows:
         total = row["extrapolated_50000"]
-        print(f"{row['source']}: C={row['num_classes']} V={row['num_views']}: {row['bytes_per_view']:.1f} B/view "
-              f"(logits {row['logits_bytes_per_view']:.1f}, raw {2 * row['num_classes']}; view_params "
-              f"{row['view_params_bytes_per_view']:.2f}), ratio {row['compression_ratio']:.2f}; N=50 000: "
-              f"{(total['logits_bytes'] + total['view_params_bytes']) / 1e6:.0f} MB")
-    result = {"quick": args.quick, "codec": "blosc zstd clevel 3, byte shuffle", "chunk_rows": 16384,
-              "rows": rows, "views": view_rows}
+        print(
+            f"{row['source']}: C={row['num_classes']} V={row['num_views']}: "
+            f"{row['bytes_per_view']:.1f} B/view "
+            f"(logits {row['logits_bytes_per_view']:.1f}, raw {2 * row['num_classes']}; view_params "
+            f"{row['view_params_bytes_per_view']:.2f}), ratio {row['compression_ratio']:.2f}; N=50 000: "
+            f"{(total['logits_bytes'] + total['view_params_bytes']) / 1e6:.0f} MB"
+        )
+    result = {
+        "quick": args.quick,
+        "codec": "blosc zstd clevel 3, byte shuffle",
+        "chunk_rows": 16384,
+        "rows": rows,
+        "views": view_rows,
+    }
     common.write_result(NAME, result, args.out, started)
     return result
 

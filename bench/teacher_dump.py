@@ -27,6 +27,7 @@ beside it. The torch thread count seen at every forward call (a forward pre-hook
 
     python -m bench.teacher_dump [--quick] [--reps N] [--out FILE] [--baseline-ref REF] [--only v1|views]
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,9 +52,16 @@ TARGET = 0.9
 
 def _setups(quick: bool) -> list[dict[str, Any]]:
     if quick:
-        return [{"dataset": "fashion_mnist", "teacher": "cnn_small", "num_samples": 512, "batch_size": 128},
-                {"dataset": "fashion_mnist", "teacher": "cnn_small", "num_samples": 256, "batch_size": 128,
-                 "views": "all"}]
+        return [
+            {"dataset": "fashion_mnist", "teacher": "cnn_small", "num_samples": 512, "batch_size": 128},
+            {
+                "dataset": "fashion_mnist",
+                "teacher": "cnn_small",
+                "num_samples": 256,
+                "batch_size": 128,
+                "views": "all",
+            },
+        ]
     return [
         # Subsets, so that a repetition fits in tens of seconds on 2 shared cores; the loader's
         # fixed start-up cost (about 1 s: ffcv builds and JIT-compiles its pipeline per loader)
@@ -68,8 +76,13 @@ def _setups(quick: bool) -> list[dict[str, Any]]:
 
 def _baseline_dump_split(ref: str, work: Path, image_shape: tuple[int, int, int]) -> Any:
     """`dump_split` from `stages/teacher_dump.py` at git revision `ref` (other modules: current)."""
-    source = subprocess.run(["git", "show", f"{ref}:stages/teacher_dump.py"], cwd=common.REPO_ROOT,
-                            capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{ref}:stages/teacher_dump.py"],
+        cwd=common.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     path = work / "teacher_dump_baseline.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("teacher_dump_baseline", path)
@@ -85,7 +98,9 @@ def _baseline_dump_split(ref: str, work: Path, image_shape: tuple[int, int, int]
     return module.dump_split
 
 
-def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str | None = None) -> dict[str, Any]:
+def bench_setup(
+    setup: dict[str, Any], reps: int, work: Path, baseline_ref: str | None = None
+) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -96,7 +111,8 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
     from stages.views import StoredViews, training_augmentation
 
     data_config = (common.fashion_mnist if setup["dataset"] == "fashion_mnist" else common.cifar10)(
-        setup["num_samples"], 256)
+        setup["num_samples"], 256
+    )
     data_dir = work / setup["dataset"]
     dataset, manifest = common.prepare(data_config, data_dir)
     common.ready_torch()
@@ -104,20 +120,34 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
     num_samples = manifest["splits"]["train"]["num_samples"]
     device = torch.device("cpu")
     torch.manual_seed(0)
-    model = nets.build_net(setup["teacher"], manifest["num_classes"], in_channels=channels,
-                           image_size=height).eval()
+    model = nets.build_net(
+        setup["teacher"], manifest["num_classes"], in_channels=channels, image_size=height
+    ).eval()
     mean, std = channel_stats(manifest, device)
-    config = TeacherDumpConfig(batch_size=setup["batch_size"],
-                               chunk_size=setup["batch_size"] * max(1, 16384 // setup["batch_size"]))
-    attrs = store_attrs(manifest=manifest, split="train", teacher=setup["teacher"],
-                        checkpoint_meta={"arch": setup["teacher"]}, checkpoint_sha256="0" * 64,
-                        dtype=config.dtype, views=None)
+    config = TeacherDumpConfig(
+        batch_size=setup["batch_size"], chunk_size=setup["batch_size"] * max(1, 16384 // setup["batch_size"])
+    )
+    attrs = store_attrs(
+        manifest=manifest,
+        split="train",
+        teacher=setup["teacher"],
+        checkpoint_meta={"arch": setup["teacher"]},
+        checkpoint_sha256="0" * 64,
+        dtype=config.dtype,
+        views=None,
+    )
     views = None
     if setup.get("views"):
         views = StoredViews.plan(setup["views"], training_augmentation(manifest["image_shape"]))
-        attrs = store_attrs(manifest=manifest, split="train", teacher=setup["teacher"],
-                            checkpoint_meta={"arch": setup["teacher"]}, checkpoint_sha256="0" * 64,
-                            dtype=config.dtype, views=views)
+        attrs = store_attrs(
+            manifest=manifest,
+            split="train",
+            teacher=setup["teacher"],
+            checkpoint_meta={"arch": setup["teacher"]},
+            checkpoint_sha256="0" * 64,
+            dtype=config.dtype,
+            views=views,
+        )
     num_views = 1 if views is None else views.num_views
     # (N, H, W, C) -> (N, C, H, W) with standard strides (for C = 1, `.contiguous()` after a
     # permute would keep channels-last strides and make this the channels-last floor).
@@ -126,15 +156,22 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
     channels_last = torch.channels_last
     starts = range(0, num_samples, config.batch_size)
     if views is None:
-        batches = [normalize(images[i:i + config.batch_size], mean, std) for i in starts]
+        batches = [normalize(images[i : i + config.batch_size], mean, std) for i in starts]
         batches_cl = [x.contiguous(memory_format=channels_last) for x in batches]
     else:  # every view of every batch, built as the dump builds it, preloaded
         view_params = views.view_params(np.arange(num_samples))  # (V, N, P)
         batches = []
-        batches_cl = [normalize(views.augmentation.apply(images[i:i + config.batch_size],
-                                                         view_params[v, i:i + config.batch_size]), mean, std
-                                ).contiguous(memory_format=channels_last)
-                      for i in starts for v in range(num_views)]
+        batches_cl = [
+            normalize(
+                views.augmentation.apply(
+                    images[i : i + config.batch_size], view_params[v, i : i + config.batch_size]
+                ),
+                mean,
+                std,
+            ).contiguous(memory_format=channels_last)
+            for i in starts
+            for v in range(num_views)
+        ]
     model_nchw = copy.deepcopy(model)
     model_cl = copy.deepcopy(model).to(memory_format=channels_last)
     threads_seen: list[int] = []
@@ -147,15 +184,30 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
             out = work / "stores" / f"logits-{next(counter)}.zarr"
             threads_seen.clear()
             started = time.perf_counter()
-            timing = dump_fn(net, beton=data_dir / "train.beton", out=out, num_samples=num_samples,
-                             attrs=attrs, config=config, mean=mean, std=std, device=device,
-                             **({} if views is None else {"views": views}))
+            timing = dump_fn(
+                net,
+                beton=data_dir / "train.beton",
+                out=out,
+                num_samples=num_samples,
+                attrs=attrs,
+                config=config,
+                mean=mean,
+                std=std,
+                device=device,
+                **({} if views is None else {"views": views}),
+            )
             elapsed = time.perf_counter() - started
             assert timing["rows"] == num_samples, timing
             shutil.rmtree(out)
-            return {"images_per_s": num_samples * num_views / elapsed, "elapsed_s": elapsed,
-                    "load_s": timing["load_s"], "forward_s": timing["forward_s"],
-                    "write_s": timing["write_s"], "threads": min(threads_seen)}
+            return {
+                "images_per_s": num_samples * num_views / elapsed,
+                "elapsed_s": elapsed,
+                "load_s": timing["load_s"],
+                "forward_s": timing["forward_s"],
+                "write_s": timing["write_s"],
+                "threads": min(threads_seen),
+            }
+
         return dump
 
     def floor_with(net: torch.nn.Module, inputs: list[torch.Tensor]) -> Any:
@@ -166,8 +218,12 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
                 for x in inputs:
                     net(x)
             elapsed = time.perf_counter() - started
-            return {"images_per_s": num_samples * num_views / elapsed, "elapsed_s": elapsed,
-                    "threads": min(threads_seen)}
+            return {
+                "images_per_s": num_samples * num_views / elapsed,
+                "elapsed_s": elapsed,
+                "threads": min(threads_seen),
+            }
+
         return floor
 
     def floor_building_views() -> dict[str, float]:
@@ -176,14 +232,18 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
         started = time.perf_counter()
         with torch.no_grad():
             for i in starts:
-                batch = images[i:i + config.batch_size]
+                batch = images[i : i + config.batch_size]
                 for v in range(num_views):
-                    x = normalize(views.augmentation.apply(batch, view_params[v, i:i + config.batch_size]),
-                                  mean, std)
+                    x = normalize(
+                        views.augmentation.apply(batch, view_params[v, i : i + config.batch_size]), mean, std
+                    )
                     model_cl(x.contiguous(memory_format=channels_last))
         elapsed = time.perf_counter() - started
-        return {"images_per_s": num_samples * num_views / elapsed, "elapsed_s": elapsed,
-                "threads": min(threads_seen)}
+        return {
+            "images_per_s": num_samples * num_views / elapsed,
+            "elapsed_s": elapsed,
+            "threads": min(threads_seen),
+        }
 
     contenders = {"dump": dump_with(dump_split, model)}
     if views is None:
@@ -192,12 +252,15 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
     if views is not None:
         contenders["floor_views"] = floor_building_views
     if baseline_ref and views is None:
-        contenders[f"dump@{baseline_ref}"] = dump_with(_baseline_dump_split(baseline_ref, work,
-                                                                            tuple(manifest["image_shape"])),
-                                                       copy.deepcopy(model_nchw))
+        contenders[f"dump@{baseline_ref}"] = dump_with(
+            _baseline_dump_split(baseline_ref, work, tuple(manifest["image_shape"])),
+            copy.deepcopy(model_nchw),
+        )
 
-    print(f"{setup['dataset']} {setup['teacher']}: N={num_samples}, V={num_views}, batch {config.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{setup['dataset']} {setup['teacher']}: N={num_samples}, V={num_views}, batch {config.batch_size}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     def warm_up() -> None:  # oneDNN builds its kernels for a shape on first use: not timed
         with torch.no_grad():
@@ -212,55 +275,91 @@ def bench_setup(setup: dict[str, Any], reps: int, work: Path, baseline_ref: str 
     pure_floors = [samples[name] for name in ("floor_nchw", "floor_cl") if name in samples]
     best_floor = [max(runs[r]["images_per_s"] for runs in pure_floors) for r in range(reps)]
     ratio = common.ratio_summary([d["images_per_s"] for d in dumps], best_floor)
-    shares = {part: common.summary([d[part] / d["elapsed_s"] for d in dumps])
-              for part in ("load_s", "forward_s", "write_s")}
+    shares = {
+        part: common.summary([d[part] / d["elapsed_s"] for d in dumps])
+        for part in ("load_s", "forward_s", "write_s")
+    }
     result = {
-        **setup, "views": setup.get("views", "none"), "num_views": num_views,
-        "num_samples": num_samples, "chunk_size": config.chunk_size, "dtype": config.dtype,
-        "images_per_s": {name: common.summary([r["images_per_s"] for r in runs]) for name, runs in samples.items()},
+        **setup,
+        "views": setup.get("views", "none"),
+        "num_views": num_views,
+        "num_samples": num_samples,
+        "chunk_size": config.chunk_size,
+        "dtype": config.dtype,
+        "images_per_s": {
+            name: common.summary([r["images_per_s"] for r in runs]) for name, runs in samples.items()
+        },
         "ratio_dump_over_floor": ratio,
-        **{f"ratio_dump_over_{name}": common.ratio_summary(
-            [d["images_per_s"] for d in dumps], [f["images_per_s"] for f in samples[name]])
-           for name in ("floor_nchw", "floor_views") if name in samples},
+        **{
+            f"ratio_dump_over_{name}": common.ratio_summary(
+                [d["images_per_s"] for d in dumps], [f["images_per_s"] for f in samples[name]]
+            )
+            for name in ("floor_nchw", "floor_views")
+            if name in samples
+        },
         "share_of_dump_time": {k.replace("_s", ""): v for k, v in shares.items()},
-        "other_share": common.summary([1 - sum(d[p] for p in ("load_s", "forward_s", "write_s")) / d["elapsed_s"]
-                                       for d in dumps]),
-        "torch_threads_in_loop": {name: sorted({r["threads"] for r in runs}) for name, runs in samples.items()},
-        "target": TARGET, "verdict": common.verdict(ratio["median"], TARGET),
+        "other_share": common.summary(
+            [1 - sum(d[p] for p in ("load_s", "forward_s", "write_s")) / d["elapsed_s"] for d in dumps]
+        ),
+        "torch_threads_in_loop": {
+            name: sorted({r["threads"] for r in runs}) for name, runs in samples.items()
+        },
+        "target": TARGET,
+        "verdict": common.verdict(ratio["median"], TARGET),
     }
     if baseline_ref:
         before = samples[f"dump@{baseline_ref}"]
         result["baseline"] = {
             "ref": baseline_ref,
             "ratio_dump_over_floor": common.ratio_summary([b["images_per_s"] for b in before], best_floor),
-            "speedup": common.ratio_summary([d["images_per_s"] for d in dumps], [b["images_per_s"] for b in before]),
-            "share_of_dump_time": {part.replace("_s", ""): common.summary([b[part] / b["elapsed_s"] for b in before])
-                                   for part in ("load_s", "forward_s", "write_s")},
+            "speedup": common.ratio_summary(
+                [d["images_per_s"] for d in dumps], [b["images_per_s"] for b in before]
+            ),
+            "share_of_dump_time": {
+                part.replace("_s", ""): common.summary([b[part] / b["elapsed_s"] for b in before])
+                for part in ("load_s", "forward_s", "write_s")
+            },
         }
-        print(f"  before ({baseline_ref}): "
-              f"dump/floor {common.fmt(result['baseline']['ratio_dump_over_floor'])}, "
-              f"speedup {common.fmt(result['baseline']['speedup'])}")
+        print(
+            f"  before ({baseline_ref}): "
+            f"dump/floor {common.fmt(result['baseline']['ratio_dump_over_floor'])}, "
+            f"speedup {common.fmt(result['baseline']['speedup'])}"
+        )
     if "ratio_dump_over_floor_views" in result:
-        print(f"  dump/floor_views (views built in the loop) {common.fmt(result['ratio_dump_over_floor_views'])}")
-    print(f"  dump/floor {common.fmt(ratio)} (target >= {TARGET}: {result['verdict']}); shares "
-          + ", ".join(f"{k} {v['median']:.2f}" for k, v in result["share_of_dump_time"].items()))
+        print(
+            "  dump/floor_views (views built in the loop) "
+            f"{common.fmt(result['ratio_dump_over_floor_views'])}"
+        )
+    print(
+        f"  dump/floor {common.fmt(ratio)} (target >= {TARGET}: {result['verdict']}); shares "
+        + ", ".join(f"{k} {v['median']:.2f}" for k, v in result["share_of_dump_time"].items())
+    )
     return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli = common.parser(__doc__.splitlines()[0])
-    cli.add_argument("--baseline-ref", default=None,
-                     help="also run stages/teacher_dump.py of this git revision (before/after)")
-    cli.add_argument("--only", choices=("v1", "views"), default=None,
-                     help="run only the plain-image (V = 1) setups or only the views: all setups")
+    cli.add_argument(
+        "--baseline-ref",
+        default=None,
+        help="also run stages/teacher_dump.py of this git revision (before/after)",
+    )
+    cli.add_argument(
+        "--only",
+        choices=("v1", "views"),
+        default=None,
+        help="run only the plain-image (V = 1) setups or only the views: all setups",
+    )
     args = cli.parse_args(argv)
     reps = args.reps or (2 if args.quick else 3)
-    setups = [s for s in _setups(args.quick)
-              if args.only is None or (args.only == "views") == bool(s.get("views"))]
+    setups = [
+        s for s in _setups(args.quick) if args.only is None or (args.only == "views") == bool(s.get("views"))
+    ]
     started = time.perf_counter()
     with common.tempdir(NAME) as tmp:
-        results = [bench_setup(setup, reps, Path(tmp) / str(i), args.baseline_ref)
-                   for i, setup in enumerate(setups)]
+        results = [
+            bench_setup(setup, reps, Path(tmp) / str(i), args.baseline_ref) for i, setup in enumerate(setups)
+        ]
     result = {"quick": args.quick, "reps": reps, "setups": results}
     common.write_result(NAME, result, args.out, started)
     return result

@@ -33,9 +33,13 @@ def channel_shuffle(x: Tensor, groups: int = 2) -> Tensor:
     return x.reshape(batch, channels, height, width)
 
 
-def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+def _conv_bn(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
+) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
+        nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False
+        ),
         nn.BatchNorm2d(out_channels),
     )
 

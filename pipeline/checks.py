@@ -1,5 +1,6 @@
 """What `lessons check-params` checks beyond the config itself: the files and devices that
 params.yaml points at exist here, before `dvc repro` deletes any stage's old outputs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,11 +20,15 @@ def check_environment(params: Params) -> None:
         ConfigError: the first problem found.
     """
     if not params.teacher_train.teachers:
-        raise ConfigError("teacher_train.teachers: no teacher is defined (is params.yaml empty?); add one, "
-                          "e.g. teachers: {cnn_small: {arch: cnn_small}}")
+        raise ConfigError(
+            "teacher_train.teachers: no teacher is defined (is params.yaml empty?); add one, "
+            "e.g. teachers: {cnn_small: {arch: cnn_small}}"
+        )
     if not params.student_train.experiments:
-        raise ConfigError("student_train.experiments: no experiment is defined; add one, "
-                          "e.g. experiments: {ce: {kd: false}}")
+        raise ConfigError(
+            "student_train.experiments: no experiment is defined; add one, "
+            "e.g. experiments: {ce: {kd: false}}"
+        )
     try:
         default_root(params.data.name)  # raises for an unknown name, with the closest known one
     except DatasetError as exc:
@@ -36,14 +41,23 @@ def check_environment(params: Params) -> None:
         if teacher.checkpoint is not None and not Path(teacher.checkpoint).expanduser().is_file():
             shown = Path(teacher.checkpoint)
             shown_text = shown if shown.is_absolute() else f"{shown} (from {Path.cwd()})"
-            raise ConfigError(f"teacher_train.teachers.{name}.checkpoint: {shown_text} is not a file; give "
-                              "an existing checkpoint, or null to train the teacher")
-    devices = {f"teacher_train.teachers.{name}.device": t.device for name, t in params.teacher_train.teachers.items()}
-    devices |= {"teacher_dump.device": params.teacher_dump.device, "student_train.device": params.student_train.device}
+            raise ConfigError(
+                f"teacher_train.teachers.{name}.checkpoint: {shown_text} is not a file; give "
+                "an existing checkpoint, or null to train the teacher"
+            )
+    devices = {
+        f"teacher_train.teachers.{name}.device": t.device for name, t in params.teacher_train.teachers.items()
+    }
+    devices |= {
+        "teacher_dump.device": params.teacher_dump.device,
+        "student_train.device": params.student_train.device,
+    }
     cuda_keys = [key for key, device in devices.items() if device == "cuda"]
     if cuda_keys:
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"{cuda_keys[0]}: cuda, but no CUDA device is visible on this machine; use auto "
-                              "(CUDA when present, else CPU) or cpu")
+            raise ConfigError(
+                f"{cuda_keys[0]}: cuda, but no CUDA device is visible on this machine; use auto "
+                "(CUDA when present, else CPU) or cpu"
+            )

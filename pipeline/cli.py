@@ -5,6 +5,7 @@ Commands are thin: parse paths, load the typed config from `params.yaml`, call t
 (`storage.errors.LessonsError`) reach the user as one line and exit status 1 (`-v` shows the
 traceback); any other exception is a bug and shows its traceback.
 """
+
 from __future__ import annotations
 
 import functools
@@ -106,8 +107,14 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--params", "params_path", default="params.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="The parameters file.")
+@click.option(
+    "--params",
+    "params_path",
+    default="params.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The parameters file.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, params_path: str, verbose: bool) -> None:
@@ -122,8 +129,13 @@ def main(ctx: click.Context, params_path: str, verbose: bool) -> None:
 
 
 @main.command("prepare-data")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Dataset folder to write (e.g. data/fashion_mnist).")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Dataset folder to write (e.g. data/fashion_mnist).",
+)
 @click.pass_context
 @friendly
 def prepare_data_command(ctx: click.Context, out_dir: str) -> None:
@@ -134,8 +146,11 @@ def prepare_data_command(ctx: click.Context, out_dir: str) -> None:
     params = _params(ctx)
     dataset = load_dataset(params.data)
     manifest = prepare_data.run(params.prepare_data, dataset, params.data, out_dir)
-    sizes = " / ".join(f"{manifest['splits'][split]['num_samples']} {split}"
-                       for split in ("train", "val", "test") if split in manifest["splits"])
+    sizes = " / ".join(
+        f"{manifest['splits'][split]['num_samples']} {split}"
+        for split in ("train", "val", "test")
+        if split in manifest["splits"]
+    )
     click.echo(f"{out_dir}: {sizes} images of {manifest['dataset']}")
 
 
@@ -145,20 +160,39 @@ def prepare_data_command(ctx: click.Context, out_dir: str) -> None:
 @click.option("--checkpoint-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--curve-out", required=True, type=click.Path(dir_okay=False))
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue an interrupted run of the same teacher from its last epoch.")
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Continue an interrupted run of the same teacher from its last epoch.",
+)
 @click.pass_context
 @friendly
-def teacher_train_command(ctx: click.Context, teacher: str, data_dir: str, checkpoint_out: str,
-                          metrics_out: str, curve_out: str, resume: bool) -> None:
+def teacher_train_command(
+    ctx: click.Context,
+    teacher: str,
+    data_dir: str,
+    checkpoint_out: str,
+    metrics_out: str,
+    curve_out: str,
+    resume: bool,
+) -> None:
     """Train a teacher with cross-entropy (or load the checkpoint params.yaml names)."""
     _ready_torch()
     from stages import teacher_train
 
     config = _params(ctx).teacher_train.teacher(teacher)
-    metrics = teacher_train.run(config, name=teacher, data_dir=data_dir, checkpoint_out=checkpoint_out,
-                                metrics_out=metrics_out, curve_out=curve_out,
-                                device=_device(config.device), resume=resume, data_config=_params(ctx).data)
+    metrics = teacher_train.run(
+        config,
+        name=teacher,
+        data_dir=data_dir,
+        checkpoint_out=checkpoint_out,
+        metrics_out=metrics_out,
+        curve_out=curve_out,
+        device=_device(config.device),
+        resume=resume,
+        data_config=_params(ctx).data,
+    )
     click.echo(f"teacher {teacher}: test top-1 {metrics['test_top1']:.4f} -> {checkpoint_out}")
 
 
@@ -170,37 +204,66 @@ def teacher_train_command(ctx: click.Context, teacher: str, data_dir: str, check
 @click.option("--test-out", required=True, type=click.Path(), help="Test-split store.")
 @click.pass_context
 @friendly
-def teacher_dump_command(ctx: click.Context, teacher: str, data_dir: str, checkpoint: str,
-                         train_out: str, test_out: str) -> None:
+def teacher_dump_command(
+    ctx: click.Context, teacher: str, data_dir: str, checkpoint: str, train_out: str, test_out: str
+) -> None:
     """Run the teacher once and write its logits to zarr stores (resumes an interrupted dump)."""
     _ready_torch()
     from stages import teacher_dump
 
     config = _params(ctx).teacher_dump
-    report = teacher_dump.run(config, teacher=teacher, data_dir=data_dir, checkpoint=checkpoint,
-                              train_out=train_out, test_out=test_out, device=_device(config.device))
-    click.echo(f"teacher {teacher}: logits in {train_out} and {test_out} "
-               f"({report['images_per_s']:.0f} img/s)")
+    report = teacher_dump.run(
+        config,
+        teacher=teacher,
+        data_dir=data_dir,
+        checkpoint=checkpoint,
+        train_out=train_out,
+        test_out=test_out,
+        device=_device(config.device),
+    )
+    click.echo(
+        f"teacher {teacher}: logits in {train_out} and {test_out} ({report['images_per_s']:.0f} img/s)"
+    )
 
 
 @main.command("adjust")
-@click.option("--method", required=True, type=click.Choice(["ps", "lsr", "none"]),
-              help="Knowledge Adjustment method (a matrix item of adjust.methods).")
+@click.option(
+    "--method",
+    required=True,
+    type=click.Choice(["ps", "lsr", "none"]),
+    help="Knowledge Adjustment method (a matrix item of adjust.methods).",
+)
 @click.option("--logits", "logits_path", required=True, type=click.Path(), help="Teacher logit store.")
 @click.option("--out", required=True, type=click.Path(), help="Adjusted store to write.")
 @click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
-@click.option("--scheduler", default=None, help="dask.distributed scheduler address (default: local threads).")
+@click.option(
+    "--scheduler", default=None, help="dask.distributed scheduler address (default: local threads)."
+)
 @click.pass_context
 @friendly
-def adjust_command(ctx: click.Context, method: AdjustMethod, logits_path: str, out: str, metrics_out: str,
-                   scheduler: str | None) -> None:
+def adjust_command(
+    ctx: click.Context,
+    method: AdjustMethod,
+    logits_path: str,
+    out: str,
+    metrics_out: str,
+    scheduler: str | None,
+) -> None:
     """Knowledge Adjustment: rewrite the teacher targets that are wrong (PS or LSR)."""
     from stages import adjust
 
-    summary = adjust.run(_params(ctx).adjust, method=method, logits_path=logits_path, out=out,
-                         metrics_out=metrics_out, scheduler=scheduler)
-    click.echo(f"{out}: {method} rewrote {summary['rewritten_views']} views "
-               f"({100 * summary['rewritten_fraction']:.2f}%)")
+    summary = adjust.run(
+        _params(ctx).adjust,
+        method=method,
+        logits_path=logits_path,
+        out=out,
+        metrics_out=metrics_out,
+        scheduler=scheduler,
+    )
+    click.echo(
+        f"{out}: {method} rewrote {summary['rewritten_views']} views "
+        f"({100 * summary['rewritten_fraction']:.2f}%)"
+    )
 
 
 @main.command("temperature")
@@ -209,41 +272,82 @@ def adjust_command(ctx: click.Context, method: AdjustMethod, logits_path: str, o
 @click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--histogram-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--plot-out", default=None, type=click.Path(dir_okay=False), help="PNG histogram.")
-@click.option("--scheduler", default=None, help="dask.distributed scheduler address (default: local threads).")
+@click.option(
+    "--scheduler", default=None, help="dask.distributed scheduler address (default: local threads)."
+)
 @click.pass_context
 @friendly
-def temperature_command(ctx: click.Context, logits_path: str, out: str, metrics_out: str,
-                        histogram_out: str, plot_out: str | None, scheduler: str | None) -> None:
+def temperature_command(
+    ctx: click.Context,
+    logits_path: str,
+    out: str,
+    metrics_out: str,
+    histogram_out: str,
+    plot_out: str | None,
+    scheduler: str | None,
+) -> None:
     """Dynamic Temperature Distillation: precompute teacher-side per-sample statistics."""
     from stages import temperature
 
-    summary = temperature.run(_params(ctx).temperature, logits_path=logits_path, out=out,
-                              metrics_out=metrics_out, histogram_out=histogram_out,
-                              plot_out=plot_out, scheduler=scheduler)
-    click.echo(f"{out}: static temperature mean {summary['static_temperature_mean']:.3f} "
-               f"(p5 {summary['static_temperature_p05']:.3f}, p95 {summary['static_temperature_p95']:.3f})")
+    summary = temperature.run(
+        _params(ctx).temperature,
+        logits_path=logits_path,
+        out=out,
+        metrics_out=metrics_out,
+        histogram_out=histogram_out,
+        plot_out=plot_out,
+        scheduler=scheduler,
+    )
+    click.echo(
+        f"{out}: static temperature mean {summary['static_temperature_mean']:.3f} "
+        f"(p5 {summary['static_temperature_p05']:.3f}, p95 {summary['static_temperature_p95']:.3f})"
+    )
 
 
 @main.command("student-train")
 @click.option("--experiment", required=True, help="Name in student_train.experiments.")
-@click.option("--seed", type=int, default=None,
-              help="One of student_train.seeds (a matrix item; default: the first).")
+@click.option(
+    "--seed", type=int, default=None, help="One of student_train.seeds (a matrix item; default: the first)."
+)
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--stores", "stores_root", default="stores", show_default=True, type=click.Path(),
-              help="Folder holding one store folder per teacher.")
+@click.option(
+    "--stores",
+    "stores_root",
+    default="stores",
+    show_default=True,
+    type=click.Path(),
+    help="Folder holding one store folder per teacher.",
+)
 @click.option("--checkpoint-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--curve-out", required=True, type=click.Path(dir_okay=False))
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue an interrupted run of the same experiment from its last epoch.")
-@click.option("--teacher-checkpoints", default="checkpoints/teachers", show_default=True,
-              type=click.Path(file_okay=False),
-              help="Folder of <teacher>.pt checkpoints, read by teacher_mode: online experiments only.")
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Continue an interrupted run of the same experiment from its last epoch.",
+)
+@click.option(
+    "--teacher-checkpoints",
+    default="checkpoints/teachers",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder of <teacher>.pt checkpoints, read by teacher_mode: online experiments only.",
+)
 @click.pass_context
 @friendly
-def student_train_command(ctx: click.Context, experiment: str, seed: int | None, data_dir: str,
-                          stores_root: str, checkpoint_out: str, metrics_out: str, curve_out: str,
-                          resume: bool, teacher_checkpoints: str) -> None:
+def student_train_command(
+    ctx: click.Context,
+    experiment: str,
+    seed: int | None,
+    data_dir: str,
+    stores_root: str,
+    checkpoint_out: str,
+    metrics_out: str,
+    curve_out: str,
+    resume: bool,
+    teacher_checkpoints: str,
+) -> None:
     """Train a student from the precomputed lessons (KD + KA + DTD), or with plain CE."""
     _ready_torch()
     from stages import student_train
@@ -253,24 +357,41 @@ def student_train_command(ctx: click.Context, experiment: str, seed: int | None,
         raise ConfigError(f"--seed {seed}: not in student_train.seeds {list(params.student_train.seeds)}")
     resolved = params.student_train.experiment(experiment, seed)
     if resolved.teacher is not None and resolved.teacher not in params.teacher_train.teachers:
-        raise ConfigError(f"student_train.experiments.{experiment}.teacher: no teacher named "
-                          f"{resolved.teacher!r}; known: {sorted(params.teacher_train.teachers)}")
+        raise ConfigError(
+            f"student_train.experiments.{experiment}.teacher: no teacher named "
+            f"{resolved.teacher!r}; known: {sorted(params.teacher_train.teachers)}"
+        )
     stores_dir = Path(stores_root) / resolved.teacher if resolved.teacher is not None else None
-    metrics = student_train.run(resolved, temperature_config=params.temperature, data_dir=data_dir,
-                                stores_dir=stores_dir, checkpoint_out=checkpoint_out,
-                                metrics_out=metrics_out, curve_out=curve_out,
-                                device=_device(resolved.device), resume=resume, data_config=params.data,
-                                overrides=params.student_train.overrides(experiment),
-                                teacher_checkpoint=None if resolved.teacher is None
-                                else Path(teacher_checkpoints) / f"{resolved.teacher}.pt",
-                                epsilon=params.adjust.epsilon)
+    metrics = student_train.run(
+        resolved,
+        temperature_config=params.temperature,
+        data_dir=data_dir,
+        stores_dir=stores_dir,
+        checkpoint_out=checkpoint_out,
+        metrics_out=metrics_out,
+        curve_out=curve_out,
+        device=_device(resolved.device),
+        resume=resume,
+        data_config=params.data,
+        overrides=params.student_train.overrides(experiment),
+        teacher_checkpoint=None
+        if resolved.teacher is None
+        else Path(teacher_checkpoints) / f"{resolved.teacher}.pt",
+        epsilon=params.adjust.epsilon,
+    )
     click.echo(f"student {experiment}: test top-1 {metrics['test_top1']:.4f} -> {metrics_out}")
 
 
 @main.command("store-digests")
 @click.option("--experiment", required=True, help="Name in student_train.experiments.")
-@click.option("--stores", "stores_root", default="stores", show_default=True, type=click.Path(),
-              help="Folder holding one store folder per teacher.")
+@click.option(
+    "--stores",
+    "stores_root",
+    default="stores",
+    show_default=True,
+    type=click.Path(),
+    help="Folder holding one store folder per teacher.",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Digest file to write.")
 @click.pass_context
 @friendly
@@ -284,8 +405,12 @@ def store_digests_command(ctx: click.Context, experiment: str, stores_root: str,
 
 
 @main.command("check-params")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="Write a fixed marker file when the check passes (the dvc stage's output).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write a fixed marker file when the check passes (the dvc stage's output).",
+)
 @click.pass_context
 @friendly
 def check_params_command(ctx: click.Context, out: str | None) -> None:
@@ -303,24 +428,55 @@ def check_params_command(ctx: click.Context, out: str | None) -> None:
 
         ensure_parents(out)
         atomic_write_json(out, {"params": "checked"})  # fixed content: later stages never rerun for it
-    click.echo(f"params: {len(params.teacher_train.teachers)} teacher(s), {len(names)} experiment(s) x "
-               f"{len(params.student_train.seeds)} seed(s): ok")
+    click.echo(
+        f"params: {len(params.teacher_train.teachers)} teacher(s), {len(names)} experiment(s) x "
+        f"{len(params.student_train.seeds)} seed(s): ok"
+    )
 
 
 @main.command("report")
-@click.option("--students", "students_dir", default="metrics/students", show_default=True,
-              type=click.Path(file_okay=False), help="Student metrics (*.json).")
-@click.option("--curves", "curves_dir", default="plots/students", show_default=True,
-              type=click.Path(file_okay=False), help="Student learning curves (*.json).")
-@click.option("--metrics-root", default="metrics", show_default=True, type=click.Path(file_okay=False),
-              help="Holds teachers/, adjust/ and temperature/ metrics.")
-@click.option("--histograms", "histograms_dir", default="plots/temperature", show_default=True,
-              type=click.Path(file_okay=False), help="DTD temperature histograms (*.json).")
+@click.option(
+    "--students",
+    "students_dir",
+    default="metrics/students",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Student metrics (*.json).",
+)
+@click.option(
+    "--curves",
+    "curves_dir",
+    default="plots/students",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Student learning curves (*.json).",
+)
+@click.option(
+    "--metrics-root",
+    default="metrics",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Holds teachers/, adjust/ and temperature/ metrics.",
+)
+@click.option(
+    "--histograms",
+    "histograms_dir",
+    default="plots/temperature",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="DTD temperature histograms (*.json).",
+)
 @click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False))
 @click.pass_context
 @friendly
-def report_command(ctx: click.Context, students_dir: str, curves_dir: str, metrics_root: str,
-                   histograms_dir: str, out_dir: str) -> None:
+def report_command(
+    ctx: click.Context,
+    students_dir: str,
+    curves_dir: str,
+    metrics_root: str,
+    histograms_dir: str,
+    out_dir: str,
+) -> None:
     """Write reports/summary.md and plots: the configured student experiments side by side.
 
     Exactly the experiments x seeds of params.yaml; files of others are named, never deleted."""
@@ -328,9 +484,14 @@ def report_command(ctx: click.Context, students_dir: str, curves_dir: str, metri
 
     params = _params(ctx)
     inputs = report.configured_inputs(
-        runs=params.student_train.runs(), teachers=list(params.teacher_train.teachers),
-        adjust_methods=list(params.adjust.methods), students_dir=students_dir, curves_dir=curves_dir,
-        metrics_root=metrics_root, histograms_dir=histograms_dir)
+        runs=params.student_train.runs(),
+        teachers=list(params.teacher_train.teachers),
+        adjust_methods=list(params.adjust.methods),
+        students_dir=students_dir,
+        curves_dir=curves_dir,
+        metrics_root=metrics_root,
+        histograms_dir=histograms_dir,
+    )
     summary = report.run(params.report, **inputs, out_dir=out_dir, dataset=params.data.name)
     click.echo(f"Report: {summary}")
 
@@ -341,19 +502,30 @@ def report_command(ctx: click.Context, students_dir: str, curves_dir: str, metri
 @click.option("--out", required=True, type=click.Path(), help="Store to write.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
 @click.option("--teacher", default="imported", show_default=True, help="Name recorded in the store.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
-              help="Storage dtype (default: teacher_dump.dtype).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default=None,
+    help="Storage dtype (default: teacher_dump.dtype).",
+)
 @click.pass_context
 @friendly
-def import_logits_command(ctx: click.Context, h5_file: str, data_dir: str, out: str, split: str,
-                          teacher: str, dtype: str | None) -> None:
+def import_logits_command(
+    ctx: click.Context, h5_file: str, data_dir: str, out: str, split: str, teacher: str, dtype: str | None
+) -> None:
     """Turn teacher logits computed elsewhere (HDF5) into a checked store for this dataset."""
     from stages import interchange
 
     config = _params(ctx).teacher_dump
-    rows = interchange.import_logits(h5_file, data_dir=data_dir, out=out, split=split,
-                                     teacher=teacher, dtype=dtype or config.dtype,
-                                     chunk_rows=config.chunk_size)
+    rows = interchange.import_logits(
+        h5_file,
+        data_dir=data_dir,
+        out=out,
+        split=split,
+        teacher=teacher,
+        dtype=dtype or config.dtype,
+        chunk_rows=config.chunk_size,
+    )
     click.echo(f"{out}: {rows} rows imported from {h5_file}")
 
 
@@ -372,16 +544,27 @@ def export_command(store: str, h5_file: str) -> None:
 
 @main.command("verify-views")
 @click.argument("store", type=click.Path(file_okay=False))
-@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
-              help="The prepared dataset the store was dumped from.")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="The prepared dataset the store was dumped from.",
+)
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="The teacher checkpoint.")
-@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
-              help="How many random (view, sample) pairs to replay.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="How many random (view, sample) pairs to replay.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Which pairs.")
 @click.pass_context
 @friendly
-def verify_views_command(ctx: click.Context, store: str, data_dir: str, checkpoint: str, samples: int,
-                         seed: int) -> None:
+def verify_views_command(
+    ctx: click.Context, store: str, data_dir: str, checkpoint: str, samples: int, seed: int
+) -> None:
     """Replay stored views through the teacher: the largest |Δ logit| against the store (exit 1
     above the tolerance float16 storage justifies)."""
     _ready_torch()
@@ -389,11 +572,15 @@ def verify_views_command(ctx: click.Context, store: str, data_dir: str, checkpoi
     from storage import StoreError
 
     result = verify_views.run(store, data_dir=data_dir, checkpoint=checkpoint, samples=samples, seed=seed)
-    line = (f"{store}: replayed {result['pairs']} (view, sample) pairs of {result['views']} views: max |Δ logit| "
-            f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:.3g})")
+    line = (
+        f"{store}: replayed {result['pairs']} (view, sample) pairs of {result['views']} views: max |Δ logit| "
+        f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:.3g})"
+    )
     if not result["ok"]:
-        raise StoreError(f"{line}: the store does not hold what this teacher gives on its views; rebuild it "
-                         "(lessons teacher-dump)")
+        raise StoreError(
+            f"{line}: the store does not hold what this teacher gives on its views; rebuild it "
+            "(lessons teacher-dump)"
+        )
     click.echo(line + ": ok")
 
 

@@ -5,6 +5,7 @@ re-exported here, so `from pipeline.config import TemperatureConfig` is the one 
 loader refuses unknown keys, missing required keys and values of the wrong type with a
 `ConfigError` that names the section and key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,10 +44,29 @@ from pipeline.sections import (
 )
 
 __all__ = [
-    "BETA_LIMIT", "GAMMA_LIMIT", "LOGIT_LIMIT", "OVERRIDABLE", "TEMPERATURE_RANGE", "AdjustConfig",
-    "AdjustMethod", "ConfigError", "DataConfig", "Device", "DtdMode", "ExperimentConfig", "Params",
-    "PrepareDataConfig", "ReportConfig", "ResolvedExperiment", "StudentTrainConfig", "TeacherConfig",
-    "TeacherDumpConfig", "TeacherTrainConfig", "TemperatureConfig", "check_temperature", "from_dict",
+    "BETA_LIMIT",
+    "GAMMA_LIMIT",
+    "LOGIT_LIMIT",
+    "OVERRIDABLE",
+    "TEMPERATURE_RANGE",
+    "AdjustConfig",
+    "AdjustMethod",
+    "ConfigError",
+    "DataConfig",
+    "Device",
+    "DtdMode",
+    "ExperimentConfig",
+    "Params",
+    "PrepareDataConfig",
+    "ReportConfig",
+    "ResolvedExperiment",
+    "StudentTrainConfig",
+    "TeacherConfig",
+    "TeacherDumpConfig",
+    "TeacherTrainConfig",
+    "TemperatureConfig",
+    "check_temperature",
+    "from_dict",
     "load_params",
 ]
 
@@ -86,12 +106,16 @@ class Params:
         for name in self.student_train.experiments:
             exp = self.student_train.experiment(name)  # seeds change nothing else; all were checked
             if exp.kd and exp.teacher not in self.teacher_train.teachers:
-                raise ConfigError(f"student_train.experiments.{name}.teacher: no teacher named {exp.teacher!r} in "
-                                  f"teacher_train.teachers (known: {', '.join(self.teacher_train.teachers)})")
+                raise ConfigError(
+                    f"student_train.experiments.{name}.teacher: no teacher named {exp.teacher!r} in "
+                    f"teacher_train.teachers (known: {', '.join(self.teacher_train.teachers)})"
+                )
             offline = exp.kd and exp.teacher_mode == "offline"  # an online student reads no KA store
             if offline and exp.adjust != "none" and exp.adjust not in self.adjust.methods:
-                raise ConfigError(f"student_train.experiments.{name}.adjust: {exp.adjust!r} is not in "
-                                  f"adjust.methods {list(self.adjust.methods)}; add it there")
+                raise ConfigError(
+                    f"student_train.experiments.{name}.adjust: {exp.adjust!r} is not in "
+                    f"adjust.methods {list(self.adjust.methods)}; add it there"
+                )
             check_arch(exp.arch, f"student_train.experiments.{name}")
             dump = self.teacher_dump
             if offline and dump.views == "scheduled" and exp.augment:
@@ -99,9 +123,11 @@ class Params:
                 if missing or exp.epochs > dump.epochs:
                     raise ConfigError(
                         f"teacher_dump.seeds/epochs: the scheduled store holds seeds {list(dump.seeds)} × "
-                        f"{dump.epochs} epochs, but experiment {name} runs seeds {list(self.student_train.seeds)} × "
+                        f"{dump.epochs} epochs, but experiment {name} runs seeds "
+                        f"{list(self.student_train.seeds)} × "
                         f"{exp.epochs} epochs; list every student seed in teacher_dump.seeds and set "
-                        "teacher_dump.epochs to the longest student run, or use views: all")
+                        "teacher_dump.epochs to the longest student run, or use views: all"
+                    )
         return list(self.student_train.experiments)
 
 
@@ -114,8 +140,11 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
-                    "keep one", key_node.start_mark)
+                    None,
+                    None,
+                    f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one",
+                    key_node.start_mark,
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -182,8 +211,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: must be a mapping, got {value!r}")
         key_hint, item_hint = args
         return {
-            _convert(k, key_hint, where): _convert(v, item_hint, f"{where}.{k}")
-            for k, v in value.items()
+            _convert(k, key_hint, where): _convert(v, item_hint, f"{where}.{k}") for k, v in value.items()
         }
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
@@ -197,8 +225,10 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, str) and (spelling := _yaml_number_spelling(value)) is not None:
-            raise ConfigError(f"{where}: YAML read {value!r} as text, not a number (YAML 1.1 wants a dot in "
-                              f"the mantissa and a sign in the exponent, and no quotes); write {spelling}")
+            raise ConfigError(
+                f"{where}: YAML read {value!r} as text, not a number (YAML 1.1 wants a dot in "
+                f"the mantissa and a sign in the exponent, and no quotes); write {spelling}"
+            )
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: must be a number, got {value!r}")
         try:
@@ -259,8 +289,10 @@ def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the parameters file ({exc.strerror})") from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
-                          "save the parameters file as UTF-8") from exc
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+            "save the parameters file as UTF-8"
+        ) from exc
     try:
         raw = yaml.load(text, Loader=_StrictLoader)
         raw = {} if raw is None else raw

@@ -3,6 +3,7 @@
 `StudentTrainConfig.experiment(name, seed)` resolves one experiment against the shared values into
 the `ResolvedExperiment` a student stage receives.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,17 +79,21 @@ class StudentTrainConfig:
         for name, exp in self.experiments.items():
             _positive(exp, f"student_train.experiments.{name}", ("epochs", "batch_size", "lr"))
             if exp.alpha is not None and not 0.0 <= exp.alpha <= 1.0:
-                raise ConfigError(f"student_train.experiments.{name}.alpha: must lie in [0, 1], got {exp.alpha}")
+                raise ConfigError(
+                    f"student_train.experiments.{name}.alpha: must lie in [0, 1], got {exp.alpha}"
+                )
             value = exp.fixed_target_temperature
             if value is not None and (exp.adjust != "lsr" or not (value > 0 and math.isfinite(value))):
                 raise ConfigError(
                     f"student_train.experiments.{name}.fixed_target_temperature: a positive number, and "
-                    f"only with adjust: lsr (got {value}, adjust={exp.adjust})")
+                    f"only with adjust: lsr (got {value}, adjust={exp.adjust})"
+                )
             if value is not None:
                 check_temperature(value, f"student_train.experiments.{name}.fixed_target_temperature")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"student_train.seeds: must be a non-empty list of distinct integers, "
-                              f"got {list(self.seeds)}")
+            raise ConfigError(
+                f"student_train.seeds: must be a non-empty list of distinct integers, got {list(self.seeds)}"
+            )
         for seed in self.seeds:
             _check_seed(seed, "student_train.seeds")
         if not 0.0 <= self.alpha <= 1.0:
@@ -108,8 +113,7 @@ class StudentTrainConfig:
         """The entry `name` of `experiments` as written (unset fields None)."""
         if name not in self.experiments:
             raise ConfigError(
-                f"student_train.experiments: no experiment named {name!r}; "
-                f"known: {sorted(self.experiments)}"
+                f"student_train.experiments: no experiment named {name!r}; known: {sorted(self.experiments)}"
             )
         return self.experiments[name]
 
@@ -128,18 +132,34 @@ class StudentTrainConfig:
             raise ConfigError(
                 f"student_train.experiments.{name}.dtd: static reads τ^T precomputed over the whole dump "
                 "(dtd.zarr), which an online teacher does not have: use teacher_mode: offline, or dtd: "
-                "flsw, cwsm or off")
+                "flsw, cwsm or off"
+            )
         fixed_target_temperature = exp.fixed_target_temperature
         if fixed_target_temperature is None and exp.adjust == "lsr":
             fixed_target_temperature = 1.0  # DESIGN §4: the plain student distribution, weight 1
         pick = lambda key: getattr(self, key) if getattr(exp, key) is None else getattr(exp, key)  # noqa: E731
         resolved = ResolvedExperiment(
-            name=name, teacher=exp.teacher, kd=exp.kd, adjust=exp.adjust, dtd=exp.dtd,
-            fixed_target_temperature=fixed_target_temperature, teacher_mode=exp.teacher_mode,
-            arch=pick("arch"), epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
-            alpha=pick("alpha"), seed=self.seeds[0] if seed is None else seed, momentum=self.momentum,
-            weight_decay=self.weight_decay, schedule=self.schedule, milestones=self.milestones,
-            gamma=self.gamma, augment=self.augment, num_workers=self.num_workers, device=self.device,
+            name=name,
+            teacher=exp.teacher,
+            kd=exp.kd,
+            adjust=exp.adjust,
+            dtd=exp.dtd,
+            fixed_target_temperature=fixed_target_temperature,
+            teacher_mode=exp.teacher_mode,
+            arch=pick("arch"),
+            epochs=pick("epochs"),
+            batch_size=pick("batch_size"),
+            lr=pick("lr"),
+            alpha=pick("alpha"),
+            seed=self.seeds[0] if seed is None else seed,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            schedule=self.schedule,
+            milestones=self.milestones,
+            gamma=self.gamma,
+            augment=self.augment,
+            num_workers=self.num_workers,
+            device=self.device,
             max_lesson_bytes=self.max_lesson_bytes,
         )
         return resolved  # every field was checked on load (shared values and overrides alike)

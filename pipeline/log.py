@@ -1,4 +1,5 @@
 """Logging set-up, done once by the CLI."""
+
 from __future__ import annotations
 
 import logging

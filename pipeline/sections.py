@@ -3,6 +3,7 @@
 Defaults live here and only here; each section checks its own values on construction and raises
 a `ConfigError` naming the key. `pipeline.config` loads them from YAML strictly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,8 +36,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_seed(self.seed, "data.seed")
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ConfigError(f"data.validation_fraction: must lie in [0, 1) (0.0 = no validation split), "
-                              f"got {self.validation_fraction}; e.g. 0.1 holds out 10% of each class")
+            raise ConfigError(
+                f"data.validation_fraction: must lie in [0, 1) (0.0 = no validation split), "
+                f"got {self.validation_fraction}; e.g. 0.1 holds out 10% of each class"
+            )
         for key in ("max_train_samples", "max_test_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -87,8 +90,10 @@ class TeacherTrainConfig:
     def __post_init__(self) -> None:
         for name in self.teachers:
             if name.endswith(("-config", "-curve")):  # metrics/teachers/<name>-config.json is a record
-                raise ConfigError(f"teacher_train.teachers.{name}: a teacher name must not end in -config or "
-                                  "-curve (names of the files beside each teacher's metrics); rename it")
+                raise ConfigError(
+                    f"teacher_train.teachers.{name}: a teacher name must not end in -config or "
+                    "-curve (names of the files beside each teacher's metrics); rename it"
+                )
 
     def teacher(self, name: str) -> TeacherConfig:
         if name not in self.teachers:
@@ -117,14 +122,19 @@ class TeacherDumpConfig:
     def __post_init__(self) -> None:
         _positive(self, "teacher_dump", ("batch_size", "chunk_size", "epochs"))
         if self.views == "sample" and (self.num_views is None or self.num_views < 1):
-            raise ConfigError(f"teacher_dump.num_views: views: sample needs num_views (an integer >= 1), "
-                              f"got {self.num_views}; set num_views: K")
+            raise ConfigError(
+                f"teacher_dump.num_views: views: sample needs num_views (an integer >= 1), "
+                f"got {self.num_views}; set num_views: K"
+            )
         if self.views != "sample" and self.num_views is not None:
-            raise ConfigError(f"teacher_dump.num_views: only read with views: sample (views is {self.views}); "
-                              "remove it or set views: sample")
+            raise ConfigError(
+                f"teacher_dump.num_views: only read with views: sample (views is {self.views}); "
+                "remove it or set views: sample"
+            )
         if self.views == "scheduled" and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
-            raise ConfigError(f"teacher_dump.seeds: views: scheduled needs distinct student seeds, got "
-                              f"{list(self.seeds)}")
+            raise ConfigError(
+                f"teacher_dump.seeds: views: scheduled needs distinct student seeds, got {list(self.seeds)}"
+            )
         for seed in (*self.seeds, self.seed):
             _check_seed(seed, "teacher_dump.seeds")
         if self.chunk_size % self.batch_size:
@@ -195,15 +205,19 @@ class TemperatureConfig:
             check_temperature(getattr(self, key), f"temperature.{key}")
         _positive(self, "temperature", ("histogram_bins",))
         if not abs(self.beta) <= BETA_LIMIT:
-            raise ConfigError(f"temperature.beta: must lie in [-{BETA_LIMIT:g}, {BETA_LIMIT:g}] (beyond, it "
-                              f"is inf in float32 and 0·beta is NaN), got {self.beta:g}; the clamp to "
-                              "[min_temperature, max_temperature] already bounds every τ, so a smaller "
-                              "beta loses nothing")
+            raise ConfigError(
+                f"temperature.beta: must lie in [-{BETA_LIMIT:g}, {BETA_LIMIT:g}] (beyond, it "
+                f"is inf in float32 and 0·beta is NaN), got {self.beta:g}; the clamp to "
+                "[min_temperature, max_temperature] already bounds every τ, so a smaller "
+                "beta loses nothing"
+            )
         if not self.gamma >= 0.0:
             raise ConfigError(f"temperature.gamma: the FLSW exponent must be >= 0, got {self.gamma}")
         if not self.gamma <= GAMMA_LIMIT:
-            raise ConfigError(f"temperature.gamma: the FLSW exponent must be <= {GAMMA_LIMIT:g} (the weights "
-                              f"(1 - cos)^gamma reach 2^gamma), got {self.gamma:g}; use e.g. 1 or 2")
+            raise ConfigError(
+                f"temperature.gamma: the FLSW exponent must be <= {GAMMA_LIMIT:g} (the weights "
+                f"(1 - cos)^gamma reach 2^gamma), got {self.gamma:g}; use e.g. 1 or 2"
+            )
 
 
 def check_temperature(value: float, where: str) -> None:
@@ -215,8 +229,10 @@ def check_temperature(value: float, where: str) -> None:
     low, high = TEMPERATURE_RANGE
     if not low <= value <= high:
         fix = f"raise it to at least {low:g}" if value < high else f"lower it to at most {high:g}"
-        raise ConfigError(f"{where}: must lie in [{low:g}, {high:g}], where the KD loss is finite in float32 "
-                          f"for any float16 logits, got {value:g}; {fix}")
+        raise ConfigError(
+            f"{where}: must lie in [{low:g}, {high:g}], where the KD loss is finite in float32 "
+            f"for any float16 logits, got {value:g}; {fix}"
+        )
 
 
 @dataclass(frozen=True)
@@ -245,14 +261,18 @@ def _check_schedule(obj: Any, section: str) -> None:
     a step schedule needs at least one milestone."""
     m = list(obj.milestones)
     if obj.schedule == "step" and not m:
-        raise ConfigError(f"{section}.milestones: a step schedule needs at least one milestone, "
-                          "e.g. [0.5, 0.75]")
+        raise ConfigError(
+            f"{section}.milestones: a step schedule needs at least one milestone, e.g. [0.5, 0.75]"
+        )
     if any(not 0.0 < x < 1.0 for x in m) or m != sorted(set(m)):
-        raise ConfigError(f"{section}.milestones: must be increasing fractions of the run in (0, 1), "
-                          f"e.g. [0.5, 0.75]; got {m}")
+        raise ConfigError(
+            f"{section}.milestones: must be increasing fractions of the run in (0, 1), "
+            f"e.g. [0.5, 0.75]; got {m}"
+        )
     if not 0.0 < obj.gamma <= 1.0:
-        raise ConfigError(f"{section}.gamma: the lr factor at each milestone must lie in (0, 1], "
-                          f"got {obj.gamma}")
+        raise ConfigError(
+            f"{section}.gamma: the lr factor at each milestone must lie in (0, 1], got {obj.gamma}"
+        )
 
 
 def _positive(obj: Any, section: str, keys: tuple[str, ...]) -> None:

@@ -1,5 +1,6 @@
 """Device choice and torch's thread count. Random draws come from explicit keys (STYLE principle 4):
 `np.random.SeedSequence` per draw, and `torch.manual_seed(seed)` before a net is built."""
+
 from __future__ import annotations
 
 import logging

@@ -9,6 +9,7 @@ loops over store blocks and writes.
 Every function here is row-wise: processing any split of the rows and concatenating gives the
 same bits as processing the whole array.
 """
+
 from __future__ import annotations
 
 import logging
@@ -103,29 +104,29 @@ def knowledge_adjustment(
         raise ValueError(f"method: expected one of 'ps', 'lsr', 'none', got {method!r}")
     if method == "lsr":
         epsilon = _check_epsilon(epsilon)
-    wrong = teacher_is_wrong(teacher_logits, labels)                   # (N,) bool; validates
+    wrong = teacher_is_wrong(teacher_logits, labels)  # (N,) bool; validates
     nothing = torch.zeros_like(wrong)
     if method == "none":
         return AdjustedTargets(teacher_logits.clone(), nothing, nothing.clone(), wrong)
-    rows = wrong.nonzero().squeeze(1)                                  # (W,) the wrong rows only
-    label_col = labels[rows].long().unsqueeze(1)                       # (W, 1)
+    rows = wrong.nonzero().squeeze(1)  # (W,) the wrong rows only
+    label_col = labels[rows].long().unsqueeze(1)  # (W, 1)
     if method == "ps":
         shifted = teacher_logits.clone()
         block = teacher_logits[rows].to(compute_dtype(teacher_logits))  # (W, C) float32|64, exact
-        pred_col = block.argmax(dim=1, keepdim=True)                   # (W, 1) first max
+        pred_col = block.argmax(dim=1, keepdim=True)  # (W, 1) first max
         swapped = block.scatter(1, pred_col, block.gather(1, label_col))
         shifted[rows] = swapped.scatter_(1, label_col, block.gather(1, pred_col)).to(shifted.dtype)
         return AdjustedTargets(shifted, nothing, wrong, wrong.clone())
     num_classes = teacher_logits.shape[1]
     off_value = epsilon / num_classes
     on_value = (1.0 - epsilon) + off_value
-    classes = torch.arange(num_classes, device=teacher_logits.device).unsqueeze(0)   # (1, C)
-    at_label = classes == labels.long().unsqueeze(1)                                  # (N, C)
+    classes = torch.arange(num_classes, device=teacher_logits.device).unsqueeze(0)  # (1, C)
+    at_label = classes == labels.long().unsqueeze(1)  # (N, C)
     smoothed = torch.where(
         at_label,
         torch.tensor(math.log(on_value), dtype=torch.float64, device=teacher_logits.device),
         torch.tensor(math.log(off_value), dtype=torch.float64, device=teacher_logits.device),
-    ).to(teacher_logits.dtype)                                                        # (N, C)
+    ).to(teacher_logits.dtype)  # (N, C)
     target_logits = torch.where(wrong.unsqueeze(1), smoothed, teacher_logits)
     return AdjustedTargets(target_logits, wrong, wrong.clone(), wrong.clone())
 
@@ -155,9 +156,7 @@ def _check_epsilon(epsilon: float) -> float:
     return epsilon
 
 
-def label_smoothing(
-    teacher_logits: Tensor, labels: Tensor, epsilon: float
-) -> tuple[Tensor, Tensor]:
+def label_smoothing(teacher_logits: Tensor, labels: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
     """Replace wrong teacher rows by log((1−ε)·onehot(y) + ε/C) (KA-LSR, paper §3.1).
 
     `knowledge_adjustment(teacher_logits, labels, "lsr", epsilon)`, the stage's own path. With a
@@ -187,14 +186,21 @@ def label_smoothing(
 # ---------------------------------------------------------------------------------------------
 
 
-def _adjust_block(logits: np.ndarray, labels: np.ndarray, *, method: AdjustMethod, epsilon: float,
-                  plain: int | None = None, block_info: Any = None) -> np.ndarray:
+def _adjust_block(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    method: AdjustMethod,
+    epsilon: float,
+    plain: int | None = None,
+    block_info: Any = None,
+) -> np.ndarray:
     """One (V, n, C) block, labels (1, n, 1) -> packed (V, n, C + 4) float32: target logits,
     fixed, rewritten, wrong, and whether the view's top class differs from that of view `plain`
     (the plain image; all 0 when None)."""
     views, rows, num_classes = logits.shape
-    flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)    # (V·n, C)
-    flat_labels = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1)).repeat(views)      # (V·n,)
+    flat = torch.from_numpy(np.ascontiguousarray(logits)).reshape(views * rows, num_classes)  # (V·n, C)
+    flat_labels = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1)).repeat(views)  # (V·n,)
     with one_torch_thread():
         try:
             adjusted = knowledge_adjustment(flat, flat_labels, method, epsilon)
@@ -232,8 +238,15 @@ def adjustment_summary(counts: dict[str, Any], total_views: int) -> dict[str, An
     }
 
 
-def run(config: AdjustConfig, *, method: AdjustMethod, logits_path: str | Path, out: str | Path,
-        metrics_out: str | Path, scheduler: str | None = None) -> dict[str, Any]:
+def run(
+    config: AdjustConfig,
+    *,
+    method: AdjustMethod,
+    logits_path: str | Path,
+    out: str | Path,
+    metrics_out: str | Path,
+    scheduler: str | None = None,
+) -> dict[str, Any]:
     """Rewrite the wrong teacher distributions of a logit store (KA, arXiv:1911.07471 §3.1).
 
     Reads `logits.zarr` chunk by chunk as a dask array (output chunks = input chunks, so peak
@@ -258,32 +271,52 @@ def run(config: AdjustConfig, *, method: AdjustMethod, logits_path: str | Path, 
     source = open_store(logits_path, kind="logits")
     source.check_layout()
     if source.attrs.get("split") != "train":
-        raise StoreError(f"{logits_path}: a {source.attrs.get('split')!r}-split logit store; KA rewrites "
-                         "the train split's targets: pass the teacher's logits.zarr")
+        raise StoreError(
+            f"{logits_path}: a {source.attrs.get('split')!r}-split logit store; KA rewrites "
+            "the train split's targets: pass the teacher's logits.zarr"
+        )
     logits_array = source.array("logits")
     views, samples, num_classes = logits_array.shape
     labels = source.read("labels")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise InvalidLogitsError(f"{logits_path}: labels outside [0, {num_classes}) in the store; "
-                                 "rebuild it from the prepared dataset")
+        raise InvalidLogitsError(
+            f"{logits_path}: labels outside [0, {num_classes}) in the store; "
+            "rebuild it from the prepared dataset"
+        )
     chunk_rows = source.chunk_rows
     logits = da.from_zarr(logits_array)
     labels_da = da.from_array(labels, chunks=(chunk_rows,))
     plain = plain_view_index(source.attrs.get("view_spec"))
     packed = da.map_blocks(
-        _adjust_block, logits, labels_da[None, :, None], method=method, epsilon=config.epsilon,
+        _adjust_block,
+        logits,
+        labels_da[None, :, None],
+        method=method,
+        epsilon=config.epsilon,
         plain=plain if views > 1 else None,
-        dtype=np.float32, chunks=(logits.chunks[0], logits.chunks[1], (num_classes + 4,)),
+        dtype=np.float32,
+        chunks=(logits.chunks[0], logits.chunks[1], (num_classes + 4,)),
     )
     dtype = str(logits_array.dtype)
     attrs: dict[str, Any] = {
         key: source.attrs[key]
-        for key in ("split", "dataset", "dataset_fingerprint", "num_classes", "num_views", "view_spec",
-                    "teacher")
+        for key in (
+            "split",
+            "dataset",
+            "dataset_fingerprint",
+            "num_classes",
+            "num_views",
+            "view_spec",
+            "teacher",
+        )
         if key in source.attrs
     }
-    attrs.update(method=method, epsilon=config.epsilon if method == "lsr" else None,
-                 source=source.as_source(), versions=library_versions())
+    attrs.update(
+        method=method,
+        epsilon=config.epsilon if method == "lsr" else None,
+        source=source.as_source(),
+        versions=library_versions(),
+    )
     arrays = {
         "sample_index": ArraySpec((samples,), "int64"),
         "target_logits": ArraySpec((views, samples, num_classes), dtype, sample_axis=1),
@@ -299,20 +332,27 @@ def run(config: AdjustConfig, *, method: AdjustMethod, logits_path: str | Path, 
             "right_plain_wrong_some_view": (~wrong[plain] & wrong.any(axis=0)).sum(),
             "top_class_changed": (packed[..., num_classes + 3] > 0.5).sum(),
         }
-    with dask_scheduler(scheduler) as dask_sched, StoreWriter(
-            out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer, \
-            prefixed(str(logits_path), InvalidLogitsError), checked_reads(logits_path):
-        counts = writer.write_dask({
-            "sample_index": da.from_array(source.read("sample_index"), chunks=(chunk_rows,)),
-            "target_logits": packed[..., :num_classes],
-            "fixed_target": packed[..., num_classes] > 0.5,
-            "rewritten": rewritten,
-        }, scheduler=dask_sched, reductions={
-            "wrong": wrong.sum(),
-            **view_reductions,
-            "per_class": da.bincount(labels_da, weights=rewritten.sum(axis=0), minlength=num_classes),
-            "rewritten": rewritten.sum(),
-        })
+    with (
+        dask_scheduler(scheduler) as dask_sched,
+        StoreWriter(out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer,
+        prefixed(str(logits_path), InvalidLogitsError),
+        checked_reads(logits_path),
+    ):
+        counts = writer.write_dask(
+            {
+                "sample_index": da.from_array(source.read("sample_index"), chunks=(chunk_rows,)),
+                "target_logits": packed[..., :num_classes],
+                "fixed_target": packed[..., num_classes] > 0.5,
+                "rewritten": rewritten,
+            },
+            scheduler=dask_sched,
+            reductions={
+                "wrong": wrong.sum(),
+                **view_reductions,
+                "per_class": da.bincount(labels_da, weights=rewritten.sum(axis=0), minlength=num_classes),
+                "rewritten": rewritten.sum(),
+            },
+        )
         summary = adjustment_summary(counts, views * samples)
         if view_reductions:
             summary["right_plain_wrong_some_view"] = float(counts["right_plain_wrong_some_view"]) / samples
@@ -323,11 +363,22 @@ def run(config: AdjustConfig, *, method: AdjustMethod, logits_path: str | Path, 
     # and the per-class list go to `<stem>-config.json` beside it.
     record_keys = ("method", "rewrites_per_class")
     metrics_out = Path(metrics_out)
-    atomic_write_json(metrics_out.with_name(f"{metrics_out.stem}-config.json"), {
-        **{key: summary[key] for key in record_keys}, "epsilon": attrs["epsilon"],
-        "teacher": attrs.get("teacher"), "logits": str(logits_path)})
+    atomic_write_json(
+        metrics_out.with_name(f"{metrics_out.stem}-config.json"),
+        {
+            **{key: summary[key] for key in record_keys},
+            "epsilon": attrs["epsilon"],
+            "teacher": attrs.get("teacher"),
+            "logits": str(logits_path),
+        },
+    )
     atomic_write_json(metrics_out, {key: value for key, value in summary.items() if key not in record_keys})
-    logger.info("adjust %s: rewrote %d of %d views (%.2f%%), teacher train accuracy %.4f", method,
-                summary["rewritten_views"], views * samples, 100 * summary["rewritten_fraction"],
-                summary["teacher_train_accuracy"])
+    logger.info(
+        "adjust %s: rewrote %d of %d views (%.2f%%), teacher train accuracy %.4f",
+        method,
+        summary["rewritten_views"],
+        views * samples,
+        100 * summary["rewritten_fraction"],
+        summary["teacher_train_accuracy"],
+    )
     return summary

@@ -7,6 +7,7 @@ DESIGN §4 for *Preparing Lessons: Improve Knowledge Distillation with Better Su
 Numerics: every function computes in float32 whatever the input dtype (float16 and bfloat16 are
 upcast first), or in float64 when an input is float64, so tests can check golden values exactly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,6 +19,7 @@ from torch import Tensor
 from storage.errors import LessonsError
 
 logger = logging.getLogger(__name__)
+
 
 class InvalidLogitsError(LessonsError, ValueError):
     """Bad input to a KD/KA/DTD math function (shape, dtype, label range, NaN/inf).
@@ -63,10 +65,11 @@ def check_logits(logits: object, name: str = "logits") -> Tensor:
             "flatten views with reshape(-1, C) first"
         )
     if logits.shape[1] < 1:
-        raise InvalidLogitsError(f"{name}: need at least one class (C >= 1), got shape "
-                                 f"{tuple(logits.shape)}")
+        raise InvalidLogitsError(f"{name}: need at least one class (C >= 1), got shape {tuple(logits.shape)}")
     logits = logits.to(compute_dtype(logits))
-    finite_rows = torch.isfinite(logits.abs().amax(dim=1))  # (N,): a row holds NaN/inf iff its max |logit| does
+    finite_rows = torch.isfinite(
+        logits.abs().amax(dim=1)
+    )  # (N,): a row holds NaN/inf iff its max |logit| does
     if not bool(finite_rows.all()):
         bad = (~finite_rows).nonzero(as_tuple=True)[0]
         raise InvalidLogitsError(
@@ -137,12 +140,19 @@ def teacher_is_wrong(teacher_logits: Tensor, labels: Tensor) -> Tensor:
         InvalidLogitsError: see `validate_logits_and_labels`.
     """
     logits = validate_logits_and_labels(teacher_logits, labels, name="teacher_logits")  # (N, C)
-    label_logit = logits.gather(1, labels.long().unsqueeze(1)).squeeze(1)              # (N,)
+    label_logit = logits.gather(1, labels.long().unsqueeze(1)).squeeze(1)  # (N,)
     return label_logit < logits.amax(dim=1)
 
 
-def kd_loss(student_logits: Tensor, target_logits: Tensor, labels: Tensor, *, alpha: float,
-            temperature: float | Tensor, fixed_target: Tensor) -> Tensor:
+def kd_loss(
+    student_logits: Tensor,
+    target_logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    temperature: float | Tensor,
+    fixed_target: Tensor,
+) -> Tensor:
     """(1−α)·CE + α·mean_b τ_b²·KL(q_b ‖ p_b)  (DESIGN §4; arXiv:1911.07471 §3; arXiv:1503.02531).
 
     p_b = softmax(s_b / τ_b) and q_b = softmax(t_b / τ_b), or q_b = softmax(t_b) unsoftened on
@@ -159,13 +169,13 @@ def kd_loss(student_logits: Tensor, target_logits: Tensor, labels: Tensor, *, al
     Returns:
         Scalar tensor, nats, >= 0: float32, or float64 if an input is float64.
     """
-    dtype = compute_dtype(student_logits, target_logits)                                    # float32|64
-    student = student_logits.to(dtype)                                                      # (B, C)
-    target = target_logits.detach().to(device=student.device, dtype=dtype)                  # (B, C)
+    dtype = compute_dtype(student_logits, target_logits)  # float32|64
+    student = student_logits.to(dtype)  # (B, C)
+    target = target_logits.detach().to(device=student.device, dtype=dtype)  # (B, C)
     tau = torch.as_tensor(temperature, dtype=dtype, device=student.device).detach().reshape(-1, 1)  # (B|1, 1)
     log_p = F.log_softmax((student - student.detach().amax(1, keepdim=True)) / tau, dim=1)  # (B, C)
     soft = torch.where(fixed_target.unsqueeze(1), target, (target - target.amax(1, keepdim=True)) / tau)
-    log_q = F.log_softmax(soft, dim=1)                                                      # (B, C)
-    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(1)                   # (B,) nats
-    kd = (tau[:, 0] ** 2 * kl).sum() / kl.shape[0]                                          # batchmean
+    log_q = F.log_softmax(soft, dim=1)  # (B, C)
+    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(1)  # (B,) nats
+    kd = (tau[:, 0] ** 2 * kl).sum() / kl.shape[0]  # batchmean
     return (1 - alpha) * F.cross_entropy(student, labels) + alpha * kd

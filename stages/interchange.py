@@ -4,6 +4,7 @@ Accepted HDF5 layout: dataset `logits` (N, C) or (V, N, C), and `sample_index` (
 `labels` (N,). Rows are put in sample_index order; the file is refused when its sample count,
 class count, sample_index or labels do not match the prepared dataset.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,16 @@ from storage.versions import library_versions
 logger = logging.getLogger(__name__)
 
 
-def import_logits(h5_file: str | Path, *, data_dir: str | Path, out: str | Path, split: str,
-                  teacher: str, dtype: str, chunk_rows: int) -> int:
+def import_logits(
+    h5_file: str | Path,
+    *,
+    data_dir: str | Path,
+    out: str | Path,
+    split: str,
+    teacher: str,
+    dtype: str,
+    chunk_rows: int,
+) -> int:
     """Check an HDF5 file of logits against the prepared dataset and write it as a logit store.
 
     Only the datasets `logits`, `sample_index`, `labels`, `view_params` and the attributes
@@ -49,34 +58,47 @@ def import_logits(h5_file: str | Path, *, data_dir: str | Path, out: str | Path,
         if logits_ds is None:
             raise H5Error(f"{h5_file}: no dataset named 'logits' (expected (N, C) or (V, N, C))")
         if logits_ds.ndim not in (2, 3) or logits_ds.dtype.kind != "f":
-            raise H5Error(f"{h5_file}: 'logits' must be float (N, C) or (V, N, C), got "
-                          f"{logits_ds.dtype} {logits_ds.shape}")
-        num_views, num_samples, num_classes = (1, *logits_ds.shape) if logits_ds.ndim == 2 else logits_ds.shape
+            raise H5Error(
+                f"{h5_file}: 'logits' must be float (N, C) or (V, N, C), got "
+                f"{logits_ds.dtype} {logits_ds.shape}"
+            )
+        num_views, num_samples, num_classes = (
+            (1, *logits_ds.shape) if logits_ds.ndim == 2 else logits_ds.shape
+        )
         expected_n, expected_c = manifest["splits"][split]["num_samples"], manifest["num_classes"]
         if num_samples != expected_n:
-            raise StoreError(f"{h5_file}: {num_samples} rows of logits but the {split} split of "
-                             f"{manifest['dataset']} has {expected_n}")
+            raise StoreError(
+                f"{h5_file}: {num_samples} rows of logits but the {split} split of "
+                f"{manifest['dataset']} has {expected_n}"
+            )
         if num_classes != expected_c:
-            raise StoreError(f"{h5_file}: {num_classes} classes of logits but {manifest['dataset']} "
-                             f"has {expected_c}")
+            raise StoreError(
+                f"{h5_file}: {num_classes} classes of logits but {manifest['dataset']} has {expected_c}"
+            )
         fingerprint = manifest["splits"][split]["fingerprint"]
         given_fingerprint = source.attr("dataset_fingerprint")
         if given_fingerprint is not None and not isinstance(given_fingerprint, str):
-            raise H5Error(f"{h5_file}: attribute 'dataset_fingerprint' must be a string (the sha256 of "
-                          f"the dataset the logits belong to), got {type(given_fingerprint).__name__} "
-                          f"{str(given_fingerprint)[:40]}; remove the attribute or write it as text")
+            raise H5Error(
+                f"{h5_file}: attribute 'dataset_fingerprint' must be a string (the sha256 of "
+                f"the dataset the logits belong to), got {type(given_fingerprint).__name__} "
+                f"{str(given_fingerprint)[:40]}; remove the attribute or write it as text"
+            )
         if given_fingerprint not in (None, fingerprint):
-            raise StoreError(f"{h5_file}: exported from a store of dataset fingerprint "
-                             f"{given_fingerprint[:16]}... but the {split} split of "
-                             f"{data_dir} has {fingerprint[:16]}...; the logits belong to another "
-                             "dataset, subset or order")
+            raise StoreError(
+                f"{h5_file}: exported from a store of dataset fingerprint "
+                f"{given_fingerprint[:16]}... but the {split} split of "
+                f"{data_dir} has {fingerprint[:16]}...; the logits belong to another "
+                "dataset, subset or order"
+            )
         found = {name: source.dataset(name) for name in ("sample_index", "labels")}
         if found["sample_index"] is None and found["labels"] is None:
             raise H5Error(f"{h5_file}: needs a 'sample_index' or a 'labels' dataset to check alignment")
         for name, ds in found.items():
             if ds is not None and (ds.shape != (num_samples,) or ds.dtype.kind not in "iu"):
-                raise H5Error(f"{h5_file}: {name!r} must be integer ({num_samples},) like the logits' rows, "
-                              f"got {ds.dtype} {ds.shape}")
+                raise H5Error(
+                    f"{h5_file}: {name!r} must be integer ({num_samples},) like the logits' rows, "
+                    f"got {ds.dtype} {ds.shape}"
+                )
         order = np.arange(num_samples)
         if found["sample_index"] is not None:
             sample_index = source.read("sample_index").astype(np.int64)
@@ -87,35 +109,53 @@ def import_logits(h5_file: str | Path, *, data_dir: str | Path, out: str | Path,
             given = source.read("labels").astype(np.int64)[order]
             outside = np.flatnonzero((given < 0) | (given >= num_classes))
             if outside.size:
-                raise StoreError(f"{h5_file}: label {given[outside[0]]} of sample {outside[0]} is outside "
-                                 f"[0, {num_classes}) ({outside.size} such rows); the labels are not class "
-                                 f"ids of {manifest['dataset']}")
+                raise StoreError(
+                    f"{h5_file}: label {given[outside[0]]} of sample {outside[0]} is outside "
+                    f"[0, {num_classes}) ({outside.size} such rows); the labels are not class "
+                    f"ids of {manifest['dataset']}"
+                )
             wrong = np.flatnonzero(given != labels)
             if wrong.size:
-                raise StoreError(f"{h5_file}: labels differ from the dataset at {wrong.size} rows (first: "
-                                 f"sample {wrong[0]}, {given[wrong[0]]} vs {labels[wrong[0]]}); the logits "
-                                 "belong to another dataset or order")
+                raise StoreError(
+                    f"{h5_file}: labels differ from the dataset at {wrong.size} rows (first: "
+                    f"sample {wrong[0]}, {given[wrong[0]]} vs {labels[wrong[0]]}); the logits "
+                    "belong to another dataset or order"
+                )
         view_params_ds = source.dataset("view_params")
         if view_params_ds is None:
             view_params_spec = ArraySpec((num_views, num_samples, 0), "int16", sample_axis=1)
-        elif view_params_ds.ndim != 3 or view_params_ds.shape[:2] != (num_views, num_samples) \
-                or view_params_ds.dtype.kind not in "iuf":
-            raise H5Error(f"{h5_file}: 'view_params' must be numeric (V, N, P) = ({num_views}, {num_samples}, P) "
-                          f"like the logits, got {view_params_ds.dtype} {view_params_ds.shape}")
+        elif (
+            view_params_ds.ndim != 3
+            or view_params_ds.shape[:2] != (num_views, num_samples)
+            or view_params_ds.dtype.kind not in "iuf"
+        ):
+            raise H5Error(
+                f"{h5_file}: 'view_params' must be numeric (V, N, P) = ({num_views}, {num_samples}, P) "
+                f"like the logits, got {view_params_ds.dtype} {view_params_ds.shape}"
+            )
         else:
             view_params_spec = ArraySpec(view_params_ds.shape, str(view_params_ds.dtype), sample_axis=1)
-        file_rows = [np.arange(start, min(start + chunk_rows, num_samples))
-                     for start in range(0, num_samples, max(chunk_rows, 1))]
-        check_blocks((_read_rows(source, "logits", rows) for rows in file_rows), dtype,
-                     where=f"{h5_file}: 'logits'")  # before any output exists
+        file_rows = [
+            np.arange(start, min(start + chunk_rows, num_samples))
+            for start in range(0, num_samples, max(chunk_rows, 1))
+        ]
+        check_blocks(
+            (_read_rows(source, "logits", rows) for rows in file_rows), dtype, where=f"{h5_file}: 'logits'"
+        )  # before any output exists
         store_attrs: dict[str, Any] = {
-            "split": split, "dataset": manifest["dataset"],
+            "split": split,
+            "dataset": manifest["dataset"],
             "dataset_fingerprint": fingerprint,
-            "num_classes": num_classes, "num_views": num_views,
+            "num_classes": num_classes,
+            "num_views": num_views,
             "view_spec": source.attr("view_spec", VIEW_SPEC) if num_views > 1 else VIEW_SPEC,
             "logits_dtype": dtype,
-            "teacher": {"name": teacher, "arch": "external", "checkpoint_sha256": file_sha256(h5_file),
-                        "source": Path(h5_file).name},
+            "teacher": {
+                "name": teacher,
+                "arch": "external",
+                "checkpoint_sha256": file_sha256(h5_file),
+                "source": Path(h5_file).name,
+            },
             "versions": library_versions(),
         }
         specs = {
@@ -124,15 +164,25 @@ def import_logits(h5_file: str | Path, *, data_dir: str | Path, out: str | Path,
             "sample_index": ArraySpec((num_samples,), "int64"),
             "view_params": view_params_spec,
         }
-        with StoreWriter(out, kind="logits", arrays=specs, attrs=store_attrs, chunk_rows=chunk_rows) as writer:
+        with StoreWriter(
+            out, kind="logits", arrays=specs, attrs=store_attrs, chunk_rows=chunk_rows
+        ) as writer:
             for chunk in writer.pending_chunks():
                 rows = writer.rows(chunk)
-                view_params = (np.zeros((num_views, rows.stop - rows.start, 0), dtype=np.int16)
-                               if view_params_ds is None else _read_rows(source, "view_params", order[rows]))
-                writer.write_chunk(chunk, {"logits": _read_rows(source, "logits", order[rows]),
-                                           "labels": labels[rows],
-                                           "sample_index": np.arange(rows.start, rows.stop),
-                                           "view_params": view_params})
+                view_params = (
+                    np.zeros((num_views, rows.stop - rows.start, 0), dtype=np.int16)
+                    if view_params_ds is None
+                    else _read_rows(source, "view_params", order[rows])
+                )
+                writer.write_chunk(
+                    chunk,
+                    {
+                        "logits": _read_rows(source, "logits", order[rows]),
+                        "labels": labels[rows],
+                        "sample_index": np.arange(rows.start, rows.stop),
+                        "view_params": view_params,
+                    },
+                )
             writer.finalize()
     logger.info("%s: imported %d x %d x %d logits from %s", out, num_views, num_samples, num_classes, h5_file)
     return num_samples

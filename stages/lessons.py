@@ -9,6 +9,7 @@ once per epoch: from arrays held in memory, or — for lessons larger than
 `student_train.max_lesson_bytes` — streamed from the stores in chunk order, one pass per epoch,
 never holding V·N·C. Both give identical tensors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,15 @@ class LessonStores:
     view params of the images the student trains on.
     """
 
-    def __init__(self, sources: dict[str, _Source], views: StoredViews, view_params: _Source,
-                 *, streamed: bool, device: torch.device) -> None:
+    def __init__(
+        self,
+        sources: dict[str, _Source],
+        views: StoredViews,
+        view_params: _Source,
+        *,
+        streamed: bool,
+        device: torch.device,
+    ) -> None:
         self.sources, self.views, self.view_params = sources, views, view_params
         self.streamed, self.device = streamed, device
         if not streamed:
@@ -143,9 +151,11 @@ def _finite(values: np.ndarray, source: _Source, pick: np.ndarray) -> np.ndarray
     if bad.any():
         rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
         what = "NaN/inf or values <= 0" if source.positive else "NaN/inf"
-        raise StoreError(f"{source.store.path}: {source.name} has {what} in {rows.size} rows (first: sample "
-                         f"{int(rows[0])}, view {int(pick[rows[0]])}); lessons never writes them, so the store "
-                         "was changed after it was written: rebuild it")
+        raise StoreError(
+            f"{source.store.path}: {source.name} has {what} in {rows.size} rows (first: sample "
+            f"{int(rows[0])}, view {int(pick[rows[0]])}); lessons never writes them, so the store "
+            "was changed after it was written: rebuild it"
+        )
     return values
 
 
@@ -158,23 +168,37 @@ def check_views(store: SoftLabelStore, augmentation: Augmentation, *, where: str
     """
     views = StoredViews.from_spec(store.attrs.get("view_spec") or {"kind": "identity"})
     if "logits" in store and store.array("logits").shape[0] != views.num_views:
-        raise StoreError(f"{store.path}: view_spec says {views.num_views} views but logits hold "
-                         f"{store.array('logits').shape[0]}; rebuild it (lessons teacher-dump)")
+        raise StoreError(
+            f"{store.path}: view_spec says {views.num_views} views but logits hold "
+            f"{store.array('logits').shape[0]}; rebuild it (lessons teacher-dump)"
+        )
     if views.mode == "none":
         return views
     if augmentation.kind == "identity":
-        raise ViewError(f"{where}: student_train.augment is false, but {store.path} holds {views.num_views} "
-                        f"views ({views.mode}) of each image, which only an augmenting student reads: set "
-                        "student_train.augment: true, or dump with teacher_dump.views: none")
+        raise ViewError(
+            f"{where}: student_train.augment is false, but {store.path} holds {views.num_views} "
+            f"views ({views.mode}) of each image, which only an augmenting student reads: set "
+            "student_train.augment: true, or dump with teacher_dump.views: none"
+        )
     if views.augmentation != augmentation:
-        raise ViewError(f"{store.path}: view_spec is {views.augmentation.spec()}, but the student trains with "
-                        f"{augmentation.spec()}; rebuild the store (lessons teacher-dump) for this dataset")
+        raise ViewError(
+            f"{store.path}: view_spec is {views.augmentation.spec()}, but the student trains with "
+            f"{augmentation.spec()}; rebuild the store (lessons teacher-dump) for this dataset"
+        )
     return views
 
 
-def open_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, Any],
-                 augmentation: Augmentation, max_bytes: int, device: torch.device,
-                 where: str = "student") -> tuple[LessonStores, dict[str, Any], dict[str, str]]:
+def open_lessons(
+    store_dir: Path,
+    *,
+    adjust: str,
+    dtd: str,
+    manifest: dict[str, Any],
+    augmentation: Augmentation,
+    max_bytes: int,
+    device: torch.device,
+    where: str = "student",
+) -> tuple[LessonStores, dict[str, Any], dict[str, str]]:
     """Open and cross-check the stores of one teacher for one offline experiment.
 
     Reads `logits.zarr`, `adjusted-<adjust>.zarr` (unless adjust is none) and `dtd.zarr` (for dtd
@@ -224,7 +248,9 @@ def open_lessons(store_dir: Path, *, adjust: str, dtd: str, manifest: dict[str, 
     total = sum(source.nbytes for source in unique.values())
     streamed = total > max_bytes
     if streamed:
-        logger.info("lessons of %s: %.2f GB > student_train.max_lesson_bytes: streamed once per epoch",
-                    store_dir, total / 1e9)
+        logger.info(
+            "lessons of %s: %.2f GB > student_train.max_lesson_bytes: streamed once per epoch",
+            store_dir,
+            total / 1e9,
+        )
     return LessonStores(sources, views, view_params, streamed=streamed, device=device), teacher, digests
-

@@ -1,5 +1,6 @@
 """Where dask runs (the local threaded scheduler, or a `dask.distributed` cluster by address), and
 how torch behaves inside a dask task."""
+
 from __future__ import annotations
 
 import contextlib

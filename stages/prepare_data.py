@@ -10,6 +10,7 @@ then holds the other rows. With 0.0 the folder is byte-identical to one written 
 validation split existed (the manifest's `data` record leaves the key out). The folder is built as
 `<out>.partial/` and renamed into place when complete.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,7 @@ def pixel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     total = np.zeros(images.shape[-1])
     squares = np.zeros(images.shape[-1])
     for start in range(0, images.shape[0], 8192):
-        block = images[start:start + 8192].astype(np.float64) / 255.0
+        block = images[start : start + 8192].astype(np.float64) / 255.0
         total += block.sum(axis=(0, 1, 2))
         squares += (block**2).sum(axis=(0, 1, 2))
     mean = total / count
@@ -80,8 +81,9 @@ def build_manifest(dataset: Dataset, data_config: DataConfig) -> dict[str, Any]:
     }
 
 
-def run(config: PrepareDataConfig, dataset: Dataset, data_config: DataConfig,
-        out_dir: str | Path) -> dict[str, Any]:
+def run(
+    config: PrepareDataConfig, dataset: Dataset, data_config: DataConfig, out_dir: str | Path
+) -> dict[str, Any]:
     """Write `out_dir/{train,test}.beton` (and `val.beton`) and `out_dir/manifest.json` atomically.
 
     Args:
@@ -119,6 +121,12 @@ def run(config: PrepareDataConfig, dataset: Dataset, data_config: DataConfig,
                 raise OutputError(exc.errno, describe_os_error(exc, out_dir)) from exc
             raise
     sizes = ", ".join(f"{info['num_samples']} {name}" for name, info in manifest["splits"].items())
-    logger.info("%s: %s ready (%s, %d classes, images %s)", out_dir, dataset.name, sizes,
-                manifest["num_classes"], "x".join(map(str, manifest["image_shape"])))
+    logger.info(
+        "%s: %s ready (%s, %d classes, images %s)",
+        out_dir,
+        dataset.name,
+        sizes,
+        manifest["num_classes"],
+        "x".join(map(str, manifest["image_shape"])),
+    )
     return manifest

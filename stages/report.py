@@ -19,6 +19,7 @@ most min(1.5/C, 1/C + 0.02) (`near_chance`), and a Δ is *within the seed spread
 |Δ| is at most the larger sample std of the two experiments (`within_spread`). PNGs carry no
 timestamp or software metadata, so the same inputs give the same bytes (stable DVC hashes).
 """
+
 from __future__ import annotations
 
 import io
@@ -43,13 +44,24 @@ logger = logging.getLogger(__name__)
 class ReportError(LessonsError, ValueError):
     """A metrics, curve or histogram file the report needs is missing, unreadable or inconsistent."""
 
+
 #: Shown in a table cell whose value is unknown (no baseline, no teacher, metric not recorded).
 MISSING = "–"
 SUMMARY_NAME = "summary.md"
 ACCURACY_PNG, CURVES_PNG, TEMPERATURE_PNG = "accuracy.png", "curves.png", "temperature.png"
 #: Student settings that must agree between runs aggregated under one experiment name.
-EXPERIMENT_KEYS = ("teacher", "kd", "adjust", "dtd", "fixed_target_temperature", "teacher_mode", "arch",
-                   "epochs", "lr", "alpha")
+EXPERIMENT_KEYS = (
+    "teacher",
+    "kd",
+    "adjust",
+    "dtd",
+    "fixed_target_temperature",
+    "teacher_mode",
+    "arch",
+    "epochs",
+    "lr",
+    "alpha",
+)
 #: (header, body) of a Markdown table; body cells are display strings.
 Table = tuple[list[str], list[list[Any]]]
 
@@ -112,7 +124,7 @@ def split_by_stem(paths: Iterable[Path], stems: Iterable[str]) -> tuple[list[Pat
     kept: list[Path] = []
     strays: list[Path] = []
     for path in paths:
-        if path.stem.endswith(CONFIG_SUFFIX) and path.stem[:-len(CONFIG_SUFFIX)] in wanted:
+        if path.stem.endswith(CONFIG_SUFFIX) and path.stem[: -len(CONFIG_SUFFIX)] in wanted:
             continue
         (kept if path.stem in wanted else strays).append(path)
     return kept, strays
@@ -142,12 +154,16 @@ def settings_label(record: Mapping[str, Any]) -> str:
     """The settings column of one experiment: every key it overrides (its config record's
     `overrides`, e.g. "epochs 2, lr 0.02"), then, when it uses DTD, the τ0 and β of the
     `temperature` section it ran with (and γ for flsw). "" when there is nothing to show."""
-    parts = [f"{SETTING_LABELS.get(key, key)} {_format_value(value)}"
-             for key, value in sorted((record.get("overrides") or {}).items())]
+    parts = [
+        f"{SETTING_LABELS.get(key, key)} {_format_value(value)}"
+        for key, value in sorted((record.get("overrides") or {}).items())
+    ]
     temperature = record.get("temperature") or {}
     if record.get("dtd", "off") != "off" and temperature:
         keys = ("base_temperature", "beta") + (("gamma",) if record.get("dtd") == "flsw" else ())
-        parts += [f"{SETTING_LABELS[key]} {_format_value(temperature[key])}" for key in keys if key in temperature]
+        parts += [
+            f"{SETTING_LABELS[key]} {_format_value(temperature[key])}" for key in keys if key in temperature
+        ]
     return ", ".join(parts)
 
 
@@ -181,13 +197,28 @@ def student_record(metrics: Mapping[str, Any], config: Mapping[str, Any] | None)
         return dict(metrics)
     resolved = config.get("config") or {}
     teacher = config.get("teacher")
-    return {**{key: resolved.get(key) for key in ("kd", "adjust", "dtd", "fixed_target_temperature", "arch",
-                                                  "epochs", "batch_size", "lr", "alpha")},
-            "teacher_mode": resolved.get("teacher_mode", "offline"),
-            "experiment": config.get("experiment"), "seed": config.get("seed"),
-            "teacher": teacher.get("name") if isinstance(teacher, Mapping) else teacher,
-            **{key: config[key] for key in ("config", "overrides", "temperature", "dataset") if key in config},
-            **metrics}
+    return {
+        **{
+            key: resolved.get(key)
+            for key in (
+                "kd",
+                "adjust",
+                "dtd",
+                "fixed_target_temperature",
+                "arch",
+                "epochs",
+                "batch_size",
+                "lr",
+                "alpha",
+            )
+        },
+        "teacher_mode": resolved.get("teacher_mode", "offline"),
+        "experiment": config.get("experiment"),
+        "seed": config.get("seed"),
+        "teacher": teacher.get("name") if isinstance(teacher, Mapping) else teacher,
+        **{key: config[key] for key in ("config", "overrides", "temperature", "dataset") if key in config},
+        **metrics,
+    }
 
 
 def _adjust_label(record: Mapping[str, Any]) -> str:
@@ -221,32 +252,41 @@ def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[Experim
         first = records[0]
         seeds = tuple(r.get("seed") for r in records)
         if len(set(map(repr, seeds))) != len(seeds):
-            raise ReportError(f"experiment {name!r}: several metrics files have the same seed "
-                             f"({', '.join(map(repr, seeds))}); pass each run once")
+            raise ReportError(
+                f"experiment {name!r}: several metrics files have the same seed "
+                f"({', '.join(map(repr, seeds))}); pass each run once"
+            )
         for record in records[1:]:
             for key in EXPERIMENT_KEYS:
                 if record.get(key) != first.get(key):
                     raise ReportError(
                         f"experiment {name!r}: runs differ in {key} ({first.get(key)!r} vs "
-                        f"{record.get(key)!r}); only the seed may differ, rename one experiment")
+                        f"{record.get(key)!r}); only the seed may differ, rename one experiment"
+                    )
         top1 = [float(r["test_top1"]) for r in records]
         val = [float(r["val_top1"]) for r in records if r.get("val_top1") is not None]
-        rows.append(ExperimentRow(
-            experiment=name, teacher=first.get("teacher"), kd=bool(first.get("kd", False)),
-            adjust=_adjust_label(first), dtd=str(first.get("dtd", "off")),
-            seeds=seeds, top1_mean=statistics.fmean(top1),
-            top1_std=statistics.stdev(top1) if len(top1) > 1 else None,
-            top5_mean=_mean_of(records, "test_top5"),
-            teacher_top1=_mean_of(records, "teacher_test_top1"),
-            agreement_top1=_mean_of(records, "agreement_top1"),
-            mean_kl_teacher=_mean_of(records, "mean_kl_teacher"),
-            wall_s=_mean_of(records, "wall_s"),
-            val_top1_mean=statistics.fmean(val) if val else None,
-            val_top1_std=statistics.stdev(val) if len(val) > 1 else None,
-            settings=settings_label(first),
-            teacher_mode=str(first.get("teacher_mode") or "offline"),
-            images_per_s=_mean_of(records, "images_per_s"),
-        ))
+        rows.append(
+            ExperimentRow(
+                experiment=name,
+                teacher=first.get("teacher"),
+                kd=bool(first.get("kd", False)),
+                adjust=_adjust_label(first),
+                dtd=str(first.get("dtd", "off")),
+                seeds=seeds,
+                top1_mean=statistics.fmean(top1),
+                top1_std=statistics.stdev(top1) if len(top1) > 1 else None,
+                top5_mean=_mean_of(records, "test_top5"),
+                teacher_top1=_mean_of(records, "teacher_test_top1"),
+                agreement_top1=_mean_of(records, "agreement_top1"),
+                mean_kl_teacher=_mean_of(records, "mean_kl_teacher"),
+                wall_s=_mean_of(records, "wall_s"),
+                val_top1_mean=statistics.fmean(val) if val else None,
+                val_top1_std=statistics.stdev(val) if len(val) > 1 else None,
+                settings=settings_label(first),
+                teacher_mode=str(first.get("teacher_mode") or "offline"),
+                images_per_s=_mean_of(records, "images_per_s"),
+            )
+        )
     return rows
 
 
@@ -258,18 +298,51 @@ def online_table(rows: Sequence[ExperimentRow]) -> Table:
         (header, body): method, both experiments, top-1 mean ± std, Δ (points, online − offline),
         wall time and images/s of each. Online experiments without an offline twin are left out.
     """
-    header = ["teacher", "KA", "DTD", "offline", "online", "offline top-1", "online top-1", "Δ",
-              "offline s", "online s", "offline img/s", "online img/s"]
+    header = [
+        "teacher",
+        "KA",
+        "DTD",
+        "offline",
+        "online",
+        "offline top-1",
+        "online top-1",
+        "Δ",
+        "offline s",
+        "online s",
+        "offline img/s",
+        "online img/s",
+    ]
     body = []
     for online in (r for r in rows if r.teacher_mode == "online"):
-        twin = next((r for r in rows if r.teacher_mode == "offline" and r.kd and (r.teacher, r.adjust, r.dtd,
-                     r.settings) == (online.teacher, online.adjust, online.dtd, online.settings)), None)
+        twin = next(
+            (
+                r
+                for r in rows
+                if r.teacher_mode == "offline"
+                and r.kd
+                and (r.teacher, r.adjust, r.dtd, r.settings)
+                == (online.teacher, online.adjust, online.dtd, online.settings)
+            ),
+            None,
+        )
         if twin is None:
             continue
-        body.append([online.teacher, online.adjust, online.dtd, twin.experiment, online.experiment,
-                     format_top1(twin), format_top1(online), format_delta(online, twin),
-                     format_number(twin.wall_s, 0), format_number(online.wall_s, 0),
-                     format_number(twin.images_per_s, 0), format_number(online.images_per_s, 0)])
+        body.append(
+            [
+                online.teacher,
+                online.adjust,
+                online.dtd,
+                twin.experiment,
+                online.experiment,
+                format_top1(twin),
+                format_top1(online),
+                format_delta(online, twin),
+                format_number(twin.wall_s, 0),
+                format_number(online.wall_s, 0),
+                format_number(twin.images_per_s, 0),
+                format_number(online.images_per_s, 0),
+            ]
+        )
     return header, body
 
 
@@ -349,14 +422,17 @@ def _cell(value: Any) -> str:
 
 def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table; None cells render as "–", pipes are escaped."""
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in cells) + " |" for cells in body]
     return "\n".join(lines)
 
 
-def student_table(rows: Sequence[ExperimentRow], baseline: str, kd_baseline: str,
-                  teacher_top1: Mapping[str, float] | None = None) -> Table:
+def student_table(
+    rows: Sequence[ExperimentRow],
+    baseline: str,
+    kd_baseline: str,
+    teacher_top1: Mapping[str, float] | None = None,
+) -> Table:
     """Header and body of the main table, one row per experiment in the given order.
 
     Args:
@@ -372,24 +448,49 @@ def student_table(rows: Sequence[ExperimentRow], baseline: str, kd_baseline: str
     teacher_top1 = teacher_top1 or {}
     by_name = {row.experiment: row for row in rows}
     with_val = any(row.val_top1_mean is not None for row in rows)
-    header = ["experiment", "n", "teacher", "KD", "KA", "DTD", "teacher top-1",
-              *(["val top-1"] if with_val else []), "student top-1",
-              "top-5", f"Δ vs {baseline}", f"Δ vs {kd_baseline}", "agreement",
-              "KL(teacher‖student)", "time (s)", "settings"]
+    header = [
+        "experiment",
+        "n",
+        "teacher",
+        "KD",
+        "KA",
+        "DTD",
+        "teacher top-1",
+        *(["val top-1"] if with_val else []),
+        "student top-1",
+        "top-5",
+        f"Δ vs {baseline}",
+        f"Δ vs {kd_baseline}",
+        "agreement",
+        "KL(teacher‖student)",
+        "time (s)",
+        "settings",
+    ]
     body = []
     for row in rows:
         teacher_acc = row.teacher_top1
         if teacher_acc is None and row.teacher is not None:
             teacher_acc = teacher_top1.get(row.teacher)
-        body.append([
-            row.experiment, str(row.n), row.teacher or MISSING, "yes" if row.kd else "no",
-            row.adjust, row.dtd, format_percent(teacher_acc),
-            *([format_mean_std(row.val_top1_mean, row.val_top1_std)] if with_val else []),
-            format_top1(row), format_percent(row.top5_mean),
-            format_delta(row, by_name.get(baseline)), format_delta(row, by_name.get(kd_baseline)),
-            format_percent(row.agreement_top1), format_number(row.mean_kl_teacher, 4),
-            format_number(row.wall_s, 1), row.settings or MISSING,
-        ])
+        body.append(
+            [
+                row.experiment,
+                str(row.n),
+                row.teacher or MISSING,
+                "yes" if row.kd else "no",
+                row.adjust,
+                row.dtd,
+                format_percent(teacher_acc),
+                *([format_mean_std(row.val_top1_mean, row.val_top1_std)] if with_val else []),
+                format_top1(row),
+                format_percent(row.top5_mean),
+                format_delta(row, by_name.get(baseline)),
+                format_delta(row, by_name.get(kd_baseline)),
+                format_percent(row.agreement_top1),
+                format_number(row.mean_kl_teacher, 4),
+                format_number(row.wall_s, 1),
+                row.settings or MISSING,
+            ]
+        )
     return header, body
 
 
@@ -398,16 +499,32 @@ def teacher_table(teachers: Mapping[str, Mapping[str, Any]], num_classes: int | 
     teacher has one; "(near chance)" after a test top-1 that `near_chance` flags (C from the
     teacher's `dataset` record, else `num_classes`)."""
     with_val = any(m.get("val_top1") is not None for m in teachers.values())
-    header = ["teacher", "arch", "test top-1", *(["val top-1"] if with_val else []), "train top-1", "epochs",
-              "wall time (s)"]
+    header = [
+        "teacher",
+        "arch",
+        "test top-1",
+        *(["val top-1"] if with_val else []),
+        "train top-1",
+        "epochs",
+        "wall time (s)",
+    ]
     body = []
     for name, m in sorted(teachers.items()):
         test = format_percent(m.get("test_top1"))
         classes = (m.get("dataset") or {}).get("num_classes", num_classes)
         if m.get("test_top1") is not None and classes and near_chance(float(m["test_top1"]), int(classes)):
             test += " (near chance)"
-        body.append([name, m.get("arch"), test, *([format_percent(m.get("val_top1"))] if with_val else []),
-                     format_percent(m.get("train_top1")), m.get("epochs"), format_number(m.get("wall_s"), 1)])
+        body.append(
+            [
+                name,
+                m.get("arch"),
+                test,
+                *([format_percent(m.get("val_top1"))] if with_val else []),
+                format_percent(m.get("train_top1")),
+                m.get("epochs"),
+                format_number(m.get("wall_s"), 1),
+            ]
+        )
     return header, body
 
 
@@ -415,32 +532,53 @@ def adjust_table(adjust: Sequence[tuple[str, Mapping[str, Any]]]) -> Table:
     """Header and body of the KA table from (teacher, metrics) pairs (arXiv:1911.07471 §3.1)."""
     header = ["teacher", "method", "rewritten views", "% rewritten", "teacher train accuracy"]
     rows = sorted(adjust, key=lambda item: (item[0], str(item[1]["method"])))
-    body = [[teacher, m["method"], m["rewritten_views"], format_percent(m["rewritten_fraction"]),
-             format_percent(m.get("teacher_train_accuracy"))] for teacher, m in rows]
+    body = [
+        [
+            teacher,
+            m["method"],
+            m["rewritten_views"],
+            format_percent(m["rewritten_fraction"]),
+            format_percent(m.get("teacher_train_accuracy")),
+        ]
+        for teacher, m in rows
+    ]
     if any("top_class_changed_fraction" in m for _, m in rows):  # a store of every view (views: all)
-        header += ["% views whose top class differs from the plain image's",
-                   "% images right on the plain image, wrong on some view"]
+        header += [
+            "% views whose top class differs from the plain image's",
+            "% images right on the plain image, wrong on some view",
+        ]
         for cells, (_, m) in zip(body, rows, strict=True):
-            cells += [format_percent(m.get("top_class_changed_fraction")),
-                      format_percent(m.get("right_plain_wrong_some_view"))]
+            cells += [
+                format_percent(m.get("top_class_changed_fraction")),
+                format_percent(m.get("right_plain_wrong_some_view")),
+            ]
     return header, body
 
 
 def temperature_lines(temperature: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One Markdown bullet per teacher: static τ^T mean ± std and p5 / p50 / p95 (§3.2)."""
-    return [f"- {name}: static τ = {m['static_temperature_mean']:.3f} ± "
-            f"{m['static_temperature_std']:.3f}; p5 / p50 / p95 = "
-            f"{m['static_temperature_p05']:.3f} / {m['static_temperature_p50']:.3f} / "
-            f"{m['static_temperature_p95']:.3f}" for name, m in sorted(temperature.items())]
+    return [
+        f"- {name}: static τ = {m['static_temperature_mean']:.3f} ± "
+        f"{m['static_temperature_std']:.3f}; p5 / p50 / p95 = "
+        f"{m['static_temperature_p05']:.3f} / {m['static_temperature_p50']:.3f} / "
+        f"{m['static_temperature_p95']:.3f}"
+        for name, m in sorted(temperature.items())
+    ]
 
 
-def summary_markdown(rows: Sequence[ExperimentRow], *, baseline: str, kd_baseline: str,
-                     teachers: Mapping[str, Mapping[str, Any]] | None = None,
-                     adjust: Sequence[tuple[str, Mapping[str, Any]]] = (),
-                     temperature: Mapping[str, Mapping[str, Any]] | None = None,
-                     dataset: str | None = None, strays: Sequence[str | Path] = (),
-                     dataset_info: Mapping[str, Any] | None = None,
-                     shared: Mapping[str, Any] | None = None) -> str:
+def summary_markdown(
+    rows: Sequence[ExperimentRow],
+    *,
+    baseline: str,
+    kd_baseline: str,
+    teachers: Mapping[str, Mapping[str, Any]] | None = None,
+    adjust: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    temperature: Mapping[str, Mapping[str, Any]] | None = None,
+    dataset: str | None = None,
+    strays: Sequence[str | Path] = (),
+    dataset_info: Mapping[str, Any] | None = None,
+    shared: Mapping[str, Any] | None = None,
+) -> str:
     """The whole `summary.md` text; sections without input are left out. `strays`: files of
     runs or teachers that params.yaml does not configure, named in one line (shown nowhere else).
     `dataset_info`: {"name", "num_classes", "splits": {split: size}} (a run's `dataset` record),
@@ -450,34 +588,51 @@ def summary_markdown(rows: Sequence[ExperimentRow], *, baseline: str, kd_baselin
     parts = ["# Lessons report: knowledge distillation with KA and DTD (arXiv:1911.07471)"]
     if dataset_info and dataset_info.get("splits"):
         order = {"train": 0, "val": 1, "test": 2}
-        sizes = " / ".join(f"{split} {count}" for split, count in
-                           sorted(dataset_info["splits"].items(), key=lambda item: (order.get(item[0], 3), item[0])))
+        sizes = " / ".join(
+            f"{split} {count}"
+            for split, count in sorted(
+                dataset_info["splits"].items(), key=lambda item: (order.get(item[0], 3), item[0])
+            )
+        )
         name = dataset or dataset_info.get("name")
-        parts.append(f"Dataset: {name} ({sizes} images, {dataset_info.get('num_classes')} classes)."
-                     if name else f"Dataset: {sizes} images.")
+        parts.append(
+            f"Dataset: {name} ({sizes} images, {dataset_info.get('num_classes')} classes)."
+            if name
+            else f"Dataset: {sizes} images."
+        )
     elif dataset:
         parts.append(f"Dataset: {dataset}.")
     if strays:
-        parts.append(f"Not shown, as params.yaml does not configure them (left on disk): "
-                     f"{', '.join(f'`{path}`' for path in strays)}.")
+        parts.append(
+            f"Not shown, as params.yaml does not configure them (left on disk): "
+            f"{', '.join(f'`{path}`' for path in strays)}."
+        )
     if teachers:
         classes = (dataset_info or {}).get("num_classes")
         parts += ["## Teachers", markdown_table(*teacher_table(teachers, classes))]
         flagged = []
         for name, m in sorted(teachers.items()):
             num_classes = (m.get("dataset") or {}).get("num_classes", classes)
-            if m.get("test_top1") is not None and num_classes and near_chance(float(m["test_top1"]), int(num_classes)):
+            if (
+                m.get("test_top1") is not None
+                and num_classes
+                and near_chance(float(m["test_top1"]), int(num_classes))
+            ):
                 flagged.append(name)
         if flagged:
-            parts.append(f"**Near chance:** {', '.join(flagged)} (test top-1 at most min(1.5/C, 1/C + 2 points), "
-                         "C classes): its soft labels carry little beyond the label, so its students "
-                         "test little of KD; train it longer or give a stronger checkpoint.")
+            parts.append(
+                f"**Near chance:** {', '.join(flagged)} (test top-1 at most min(1.5/C, 1/C + 2 points), "
+                "C classes): its soft labels carry little beyond the label, so its students "
+                "test little of KD; train it longer or give a stronger checkpoint."
+            )
     if adjust:
         parts += ["## Knowledge Adjustment (KA, §3.1)", markdown_table(*adjust_table(adjust))]
     if temperature:
-        parts += ["## Dynamic Temperature Distillation (DTD, §3.2)",
-                  "Teacher-only static temperature τ^T over all training views:\n\n"
-                  + "\n".join(temperature_lines(temperature))]
+        parts += [
+            "## Dynamic Temperature Distillation (DTD, §3.2)",
+            "Teacher-only static temperature τ^T over all training views:\n\n"
+            + "\n".join(temperature_lines(temperature)),
+        ]
     teacher_top1 = {name: m["test_top1"] for name, m in teachers.items() if "test_top1" in m}
     shared = dict(shared or {})
     with_val = any(row.val_top1_mean is not None for row in rows)
@@ -491,8 +646,14 @@ def summary_markdown(rows: Sequence[ExperimentRow], *, baseline: str, kd_baselin
         "experiments), so not a measured difference. "
         "Agreement: top-1 agreement with the teacher; KL(teacher‖student) in nats at τ = 1. "
         "Settings: what an experiment sets itself over the shared student settings"
-        + (": " + ", ".join(f"{SETTING_LABELS.get(key, key)} {_format_value(value)}"
-                           for key, value in shared.items()) if shared else "")
+        + (
+            ": "
+            + ", ".join(
+                f"{SETTING_LABELS.get(key, key)} {_format_value(value)}" for key, value in shared.items()
+            )
+            if shared
+            else ""
+        )
         + " (τ0, β of the temperature section shown for DTD experiments).",
         markdown_table(*student_table(rows, baseline, kd_baseline, teacher_top1)),
     ]
@@ -546,16 +707,29 @@ def accuracy_png(rows: Sequence[ExperimentRow], teacher_top1: Mapping[str, float
     ax.bar(positions, heights, color="tab:blue")
     spread = [(x, h, e) for x, h, e, row in zip(positions, heights, errors, rows, strict=True) if row.n > 1]
     if spread:
-        ax.errorbar([x for x, _, _ in spread], [h for _, h, _ in spread],
-                    yerr=[e for _, _, e in spread], fmt="none", ecolor="black", capsize=4)
+        ax.errorbar(
+            [x for x, _, _ in spread],
+            [h for _, h, _ in spread],
+            yerr=[e for _, _, e in spread],
+            fmt="none",
+            ecolor="black",
+            capsize=4,
+        )
     for x, height, error, row in zip(positions, heights, errors, rows, strict=True):
-        ax.annotate(f"{height:.2f}" + (f"\nn={row.n}" if row.n > 1 else ""), (x, height + error),
-                    textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
-    references = sorted({row.teacher for row in rows if row.teacher is not None and row.teacher in teacher_top1})
+        ax.annotate(
+            f"{height:.2f}" + (f"\nn={row.n}" if row.n > 1 else ""),
+            (x, height + error),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
+            fontsize=7,
+        )
+    references = sorted(
+        {row.teacher for row in rows if row.teacher is not None and row.teacher in teacher_top1}
+    )
     for k, name in enumerate(references):
         level = 100.0 * teacher_top1[name]
-        ax.axhline(level, linestyle="--", color=f"C{(k + 1) % 10}",
-                   label=f"teacher {name} ({level:.2f})")
+        ax.axhline(level, linestyle="--", color=f"C{(k + 1) % 10}", label=f"teacher {name} ({level:.2f})")
     levels = heights + [100.0 * teacher_top1[name] for name in references]
     low = min(h - e for h, e in zip(heights, errors, strict=True)) if heights else 0.0
     high = max((h + e for h, e in zip(heights, errors, strict=True)), default=100.0)
@@ -573,13 +747,11 @@ def curves_png(curves: Mapping[str, Sequence[tuple[float, float]]]) -> bytes:
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot()
     for name, points in curves.items():
-        ax.plot([p[0] for p in points], [100.0 * p[1] for p in points], marker="o", markersize=3,
-                label=name)
+        ax.plot([p[0] for p in points], [100.0 * p[1] for p in points], marker="o", markersize=3, label=name)
     if curves:
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no training curves given", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no training curves given", ha="center", va="center", transform=ax.transAxes)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -595,8 +767,7 @@ def temperature_png(histograms: Mapping[str, Sequence[Mapping[str, Any]]]) -> by
     fig = _figure(max(5.0, 4.5 * len(names)), 3.5)
     if not names:
         ax = fig.add_subplot()
-        ax.text(0.5, 0.5, "no temperature histogram given", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no temperature histogram given", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     for k, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), k + 1)
@@ -647,13 +818,15 @@ def _read_dict(path: str | Path, required: Sequence[str]) -> dict[str, Any]:
         raise ReportError(f"{path}: missing key(s) {', '.join(missing)}")
     for key in required:
         if key.endswith(("top1", "_mean", "_std", "_p05", "_p50", "_p95", "fraction")) and (
-                isinstance(obj[key], bool) or not isinstance(obj[key], (int, float))):
+            isinstance(obj[key], bool) or not isinstance(obj[key], (int, float))
+        ):
             raise ReportError(f"{path}: {key} must be a number, got {obj[key]!r}")
     return obj
 
 
-def _read_record(path: Path, required: Sequence[str],
-                 merge: Any = lambda metrics, config: {**(config or {}), **metrics}) -> dict[str, Any]:
+def _read_record(
+    path: Path, required: Sequence[str], merge: Any = lambda metrics, config: {**(config or {}), **metrics}
+) -> dict[str, Any]:
     """A metrics file merged with the config record beside it (`config_file`), when there is one;
     `required` keys are checked on the merged record (numbers where `_read_dict` wants them)."""
     metrics = _read_dict(path, ())
@@ -666,7 +839,8 @@ def _read_record(path: Path, required: Sequence[str],
         raise ReportError(f"{path}: missing key(s) {', '.join(missing)}{beside}")
     for key in required:
         if key.endswith(("top1", "fraction")) and (
-                isinstance(merged[key], bool) or not isinstance(merged[key], (int, float))):
+            isinstance(merged[key], bool) or not isinstance(merged[key], (int, float))
+        ):
             raise ReportError(f"{path}: {key} must be a number, got {merged[key]!r}")
     return merged
 
@@ -686,10 +860,16 @@ def _json_files(folder: str | Path) -> list[Path]:
     return sorted(Path(folder).glob("*.json"))
 
 
-def configured_inputs(*, runs: Sequence[tuple[str, int]], teachers: Sequence[str],
-                      adjust_methods: Sequence[str], students_dir: str | Path,
-                      curves_dir: str | Path, metrics_root: str | Path,
-                      histograms_dir: str | Path) -> dict[str, list[Path]]:
+def configured_inputs(
+    *,
+    runs: Sequence[tuple[str, int]],
+    teachers: Sequence[str],
+    adjust_methods: Sequence[str],
+    students_dir: str | Path,
+    curves_dir: str | Path,
+    metrics_root: str | Path,
+    histograms_dir: str | Path,
+) -> dict[str, list[Path]]:
     """The input files of `run` for the pipeline params.yaml configures, and the strays.
 
     A stray is a `*.json` file the report would read that belongs to no configured run, teacher
@@ -714,22 +894,33 @@ def configured_inputs(*, runs: Sequence[tuple[str, int]], teachers: Sequence[str
     students, stray_students = split_by_stem(_json_files(students_dir), stems)
     curves, stray_curves = split_by_stem(_json_files(curves_dir), stems)
     found = {path.stem for path in students}
-    missing = [(experiment, seed) for (experiment, seed), stem in zip(runs, stems, strict=True) if stem not in found]
+    missing = [
+        (experiment, seed) for (experiment, seed), stem in zip(runs, stems, strict=True) if stem not in found
+    ]
     if missing:
-        shown = "; ".join(f"{students_dir / (run_stem(e, s) + '.json')}: file not found (experiment "
-                          f"{e!r}, seed {s})" for e, s in missing[:3])
+        shown = "; ".join(
+            f"{students_dir / (run_stem(e, s) + '.json')}: file not found (experiment {e!r}, seed {s})"
+            for e, s in missing[:3]
+        )
         more = f"; and {len(missing) - 3} more configured run(s)" if len(missing) > 3 else ""
         raise ReportError(f"{shown}{more}; run the stage that writes it first (`dvc repro`)")
-    teacher_files = [p for p in _json_files(metrics_root / "teachers")
-                     if not p.stem.endswith(("-curve", f"-curve{CONFIG_SUFFIX}"))]
+    teacher_files = [
+        p
+        for p in _json_files(metrics_root / "teachers")
+        if not p.stem.endswith(("-curve", f"-curve{CONFIG_SUFFIX}"))
+    ]
     inputs = {"students": [students_dir / f"{stem}.json" for stem in stems], "curves": curves}
     strays = stray_students + stray_curves
     for key, paths, wanted in (
-            ("teachers", teacher_files, teachers),
-            ("adjust_metrics", _json_files(metrics_root / "adjust"),
-             [f"{teacher}-{method}" for teacher in teachers for method in adjust_methods]),
-            ("temperature_metrics", _json_files(metrics_root / "temperature"), teachers),
-            ("temperature_histograms", _json_files(histograms_dir), teachers)):
+        ("teachers", teacher_files, teachers),
+        (
+            "adjust_metrics",
+            _json_files(metrics_root / "adjust"),
+            [f"{teacher}-{method}" for teacher in teachers for method in adjust_methods],
+        ),
+        ("temperature_metrics", _json_files(metrics_root / "temperature"), teachers),
+        ("temperature_histograms", _json_files(histograms_dir), teachers),
+    ):
         inputs[key], left_out = split_by_stem(paths, wanted)
         strays += left_out
     inputs["strays"] = sorted(strays)
@@ -739,17 +930,25 @@ def configured_inputs(*, runs: Sequence[tuple[str, int]], teachers: Sequence[str
 def _adjust_teacher(path: Path, method: str) -> str:
     """`<teacher>-<method>.json` -> teacher (the whole stem if it does not end in -<method>)."""
     suffix = f"-{method}"
-    return path.stem[:-len(suffix)] if path.stem.endswith(suffix) else path.stem
+    return path.stem[: -len(suffix)] if path.stem.endswith(suffix) else path.stem
 
 
 # --- stage -------------------------------------------------------------------------------------
 
 
-def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Sequence[str | Path],
-        adjust_metrics: Sequence[str | Path], temperature_metrics: Sequence[str | Path],
-        temperature_histograms: Sequence[str | Path], out_dir: str | Path,
-        curves: Sequence[str | Path] = (), dataset: str | None = None,
-        strays: Sequence[str | Path] = ()) -> Path:
+def run(
+    config: ReportConfig,
+    *,
+    students: Sequence[str | Path],
+    teachers: Sequence[str | Path],
+    adjust_metrics: Sequence[str | Path],
+    temperature_metrics: Sequence[str | Path],
+    temperature_histograms: Sequence[str | Path],
+    out_dir: str | Path,
+    curves: Sequence[str | Path] = (),
+    dataset: str | None = None,
+    strays: Sequence[str | Path] = (),
+) -> Path:
     """Write `summary.md`, `accuracy.png`, `curves.png` and `temperature.png` into `out_dir`.
 
     Args:
@@ -790,23 +989,34 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
     for path in map(Path, adjust_metrics):
         metrics = _read_record(path, ("method", "rewritten_views", "rewritten_fraction"))
         adjust.append((_adjust_teacher(path, str(metrics["method"])), metrics))
-    temperature = {Path(p).stem: _read_dict(p, tuple(f"static_temperature_{s}" for s in
-                                                     ("mean", "std", "p05", "p50", "p95")))
-                   for p in temperature_metrics}
-    histograms = {Path(p).stem: _read_list(p, ("temperature", "count"))
-                  for p in temperature_histograms}
+    temperature = {
+        Path(p).stem: _read_dict(
+            p, tuple(f"static_temperature_{s}" for s in ("mean", "std", "p05", "p50", "p95"))
+        )
+        for p in temperature_metrics
+    }
+    histograms = {Path(p).stem: _read_list(p, ("temperature", "count")) for p in temperature_histograms}
 
     rows = order_rows(aggregate_experiments(records), config.baseline, config.kd_baseline)
     if strays:
-        logger.warning("report: %d file(s) of experiments, seeds or teachers that params.yaml does not "
-                       "configure are left out of every table and plot (not deleted): %s", len(strays),
-                       ", ".join(map(str, strays)))
+        logger.warning(
+            "report: %d file(s) of experiments, seeds or teachers that params.yaml does not "
+            "configure are left out of every table and plot (not deleted): %s",
+            len(strays),
+            ", ".join(map(str, strays)),
+        )
     known = {row.experiment for row in rows}
     for key, name in (("baseline", config.baseline), ("kd_baseline", config.kd_baseline)):
         if name not in known:
-            logger.warning("report.%s is %r, which is not among the experiments (%s): its Δ column "
-                           "will be empty", key, name, ", ".join(row.experiment for row in rows))
-    experiment_of_stem = {path.stem: str(r["experiment"]) for path, r in zip(student_paths, records, strict=True)}
+            logger.warning(
+                "report.%s is %r, which is not among the experiments (%s): its Δ column will be empty",
+                key,
+                name,
+                ", ".join(row.experiment for row in rows),
+            )
+    experiment_of_stem = {
+        path.stem: str(r["experiment"]) for path, r in zip(student_paths, records, strict=True)
+    }
     curves_by_experiment: dict[str, list[list[dict[str, Any]]]] = {}
     for path in map(Path, curves):
         curve = _read_list(path, ("epoch", "test_top1"))
@@ -816,25 +1026,48 @@ def run(config: ReportConfig, *, students: Sequence[str | Path], teachers: Seque
             continue
         curves_by_experiment.setdefault(name, []).append(curve)
     if dataset is None:
-        dataset = next((str(m["dataset"]["name"] if isinstance(m["dataset"], Mapping) else m["dataset"])
-                        for m in [*records, *teacher_metrics.values()] if m.get("dataset")), None)
+        dataset = next(
+            (
+                str(m["dataset"]["name"] if isinstance(m["dataset"], Mapping) else m["dataset"])
+                for m in [*records, *teacher_metrics.values()]
+                if m.get("dataset")
+            ),
+            None,
+        )
 
     teacher_top1 = {name: float(m["test_top1"]) for name, m in teacher_metrics.items()}
     for row in rows:  # a student's own record of its teacher, where no teacher file was given
         if row.teacher is not None and row.teacher_top1 is not None:
             teacher_top1.setdefault(row.teacher, row.teacher_top1)
-    ordered_curves = {row.experiment: mean_curve(curves_by_experiment[row.experiment])
-                      for row in rows if row.experiment in curves_by_experiment}
+    ordered_curves = {
+        row.experiment: mean_curve(curves_by_experiment[row.experiment])
+        for row in rows
+        if row.experiment in curves_by_experiment
+    }
     out_dir = Path(out_dir)
     atomic_write_bytes(out_dir / ACCURACY_PNG, accuracy_png(rows, teacher_top1))
     atomic_write_bytes(out_dir / CURVES_PNG, curves_png(ordered_curves))
     atomic_write_bytes(out_dir / TEMPERATURE_PNG, temperature_png(histograms))
-    dataset_info = next((m["dataset"] for m in [*records, *teacher_metrics.values()]
-                         if isinstance(m.get("dataset"), Mapping)), None)
-    summary = summary_markdown(rows, baseline=config.baseline, kd_baseline=config.kd_baseline,
-                               teachers=teacher_metrics, adjust=adjust, temperature=temperature,
-                               dataset=dataset, strays=strays, dataset_info=dataset_info,
-                               shared=shared_settings(records))
+    dataset_info = next(
+        (
+            m["dataset"]
+            for m in [*records, *teacher_metrics.values()]
+            if isinstance(m.get("dataset"), Mapping)
+        ),
+        None,
+    )
+    summary = summary_markdown(
+        rows,
+        baseline=config.baseline,
+        kd_baseline=config.kd_baseline,
+        teachers=teacher_metrics,
+        adjust=adjust,
+        temperature=temperature,
+        dataset=dataset,
+        strays=strays,
+        dataset_info=dataset_info,
+        shared=shared_settings(records),
+    )
     summary_path = out_dir / SUMMARY_NAME
     atomic_write_bytes(summary_path, summary.encode("utf-8"))
     logger.info("report: %d experiments (%d runs) -> %s", len(rows), len(records), summary_path)

@@ -8,6 +8,7 @@ and reruns in seconds when any store changes; the file it writes, and so the stu
 only when a store that experiment reads changes (dvc compares content, not times). Importing
 another teacher's logits therefore reruns no student.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def stores_read(*, teacher: str | None, kd: bool, adjust: AdjustMethod, dtd: DtdMode,
-                teacher_mode: str = "offline") -> list[str]:
+def stores_read(
+    *, teacher: str | None, kd: bool, adjust: AdjustMethod, dtd: DtdMode, teacher_mode: str = "offline"
+) -> list[str]:
     """Names of the stores under `stores/<teacher>/` that `student_train.run` reads.
 
     Args:
@@ -83,17 +85,26 @@ def run(experiment: ResolvedExperiment, *, stores_root: str | Path, out: str | P
         StoreError: a store the experiment reads is missing (names the dvc stage that makes it).
     """
     ensure_parents(out)
-    names = stores_read(teacher=experiment.teacher, kd=experiment.kd, adjust=experiment.adjust,
-                        dtd=experiment.dtd, teacher_mode=experiment.teacher_mode)
+    names = stores_read(
+        teacher=experiment.teacher,
+        kd=experiment.kd,
+        adjust=experiment.adjust,
+        dtd=experiment.dtd,
+        teacher_mode=experiment.teacher_mode,
+    )
     digests = {}
     for name in names:
         assert experiment.teacher is not None  # stores_read names no store without a teacher
         path = Path(stores_root) / experiment.teacher / name
         if not path.exists():
-            raise StoreError(f"{path}: missing, and student experiment {experiment.name} reads it; "
-                             f"run `dvc repro` (or the lessons command that writes it) first")
+            raise StoreError(
+                f"{path}: missing, and student experiment {experiment.name} reads it; "
+                f"run `dvc repro` (or the lessons command that writes it) first"
+            )
         digests[name] = tree_sha256(path)
     summary = {"teacher": experiment.teacher, "stores": digests}
     atomic_write_json(out, summary)
-    logger.info("student %s reads %d store(s) of teacher %s", experiment.name, len(digests), experiment.teacher)
+    logger.info(
+        "student %s reads %d store(s) of teacher %s", experiment.name, len(digests), experiment.teacher
+    )
     return summary

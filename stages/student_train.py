@@ -15,6 +15,7 @@ fly by the same functions the stages run (`knowledge_adjustment`, `kd_batch_loss
 Loss (DESIGN §4, arXiv:1911.07471 §3): L = (1−α)·CE(s, y) + α·(1/B)·Σ τ_x²·KL(q_x ‖ p^{τ_x}(s)),
 with τ_x from `dtd`: off (τ0), static (teacher-only τ^T), flsw or cwsm (online, batch mean).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,9 +64,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: Lessons, dtd: DtdMode,
-                      temperature_config: TemperatureConfig, fixed_target_temperature: float | None = None
-                      ) -> tuple[Tensor, Tensor, float | Tensor]:
+def batch_supervision(
+    student_logits: Tensor,
+    sample_index: Tensor,
+    *,
+    lessons: Lessons,
+    dtd: DtdMode,
+    temperature_config: TemperatureConfig,
+    fixed_target_temperature: float | None = None,
+) -> tuple[Tensor, Tensor, float | Tensor]:
     """The targets, fixed-target mask and temperatures of one batch (pure; DESIGN §4).
 
     Args:
@@ -79,9 +86,12 @@ def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: 
     index = sample_index.to(lessons.target_logits.device)
     targets = lessons.target_logits[index]
     fixed = lessons.fixed_target[index]
-    clamp = dict(base_temperature=temperature_config.base_temperature, beta=temperature_config.beta,
-                 min_temperature=temperature_config.min_temperature,
-                 max_temperature=temperature_config.max_temperature)
+    clamp = dict(
+        base_temperature=temperature_config.base_temperature,
+        beta=temperature_config.beta,
+        min_temperature=temperature_config.min_temperature,
+        max_temperature=temperature_config.max_temperature,
+    )
     if dtd == "off":
         temperature: float | Tensor = temperature_config.base_temperature
     elif dtd == "static":
@@ -89,7 +99,9 @@ def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: 
         temperature = lessons.static_temperature[index]
     elif dtd == "flsw":
         assert lessons.teacher_logits is not None
-        weights = flsw_weights(student_logits.detach(), lessons.teacher_logits[index], temperature_config.gamma)
+        weights = flsw_weights(
+            student_logits.detach(), lessons.teacher_logits[index], temperature_config.gamma
+        )
         temperature = dynamic_temperature(weights, **clamp)
     elif dtd == "cwsm":
         temperature = dynamic_temperature(cwsm_weights(student_logits.detach()), **clamp)
@@ -97,14 +109,25 @@ def batch_supervision(student_logits: Tensor, sample_index: Tensor, *, lessons: 
         raise ValueError(f"unknown dtd mode {dtd!r}")
     if fixed_target_temperature is not None:
         per_row = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
-        temperature = torch.where(fixed, torch.full_like(student_logits[:, 0], fixed_target_temperature),
-                                  per_row.expand(student_logits.shape[0]))
+        temperature = torch.where(
+            fixed,
+            torch.full_like(student_logits[:, 0], fixed_target_temperature),
+            per_row.expand(student_logits.shape[0]),
+        )
     return targets, fixed, temperature
 
 
-def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *, lessons: Lessons,
-                  alpha: float, dtd: DtdMode, temperature_config: TemperatureConfig,
-                  fixed_target_temperature: float | None = None) -> Tensor:
+def kd_batch_loss(
+    student_logits: Tensor,
+    labels: Tensor,
+    sample_index: Tensor,
+    *,
+    lessons: Lessons,
+    alpha: float,
+    dtd: DtdMode,
+    temperature_config: TemperatureConfig,
+    fixed_target_temperature: float | None = None,
+) -> Tensor:
     """The KD loss of one batch with targets gathered by `sample_index` (pure; DESIGN §4).
 
     Args:
@@ -119,16 +142,29 @@ def kd_batch_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, 
         scalar loss.
     """
     targets, fixed, temperature = batch_supervision(
-        student_logits, sample_index, lessons=lessons, dtd=dtd, temperature_config=temperature_config,
-        fixed_target_temperature=fixed_target_temperature)
+        student_logits,
+        sample_index,
+        lessons=lessons,
+        dtd=dtd,
+        temperature_config=temperature_config,
+        fixed_target_temperature=fixed_target_temperature,
+    )
     return kd_loss(student_logits, targets, labels, alpha=alpha, temperature=temperature, fixed_target=fixed)
 
 
-def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_index: Tensor, *,
-                              lessons: Lessons, alpha: float, dtd: DtdMode,
-                              temperature_config: TemperatureConfig,
-                              fixed_target_temperature: float | None = None,
-                              where: str = "student_train", lr: float | None = None) -> str:
+def explain_nonfinite_kd_loss(
+    student_logits: Tensor,
+    labels: Tensor,
+    sample_index: Tensor,
+    *,
+    lessons: Lessons,
+    alpha: float,
+    dtd: DtdMode,
+    temperature_config: TemperatureConfig,
+    fixed_target_temperature: float | None = None,
+    where: str = "student_train",
+    lr: float | None = None,
+) -> str:
     """Why the KD loss of this batch is NaN/inf and which knob fixes it, in one sentence.
 
     Called only once the loss already is not finite (the training step stays as cheap as ever).
@@ -149,13 +185,20 @@ def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_ind
     student_logits = student_logits.detach()
     low, high = temperature_config.temperature_range
     limit = temperature_config.logit_limit
-    lower_lr = f"lower the learning rate (student_train.lr, or {where}.lr{'' if lr is None else f'; now {lr:g}'})"
+    lower_lr = (
+        f"lower the learning rate (student_train.lr, or {where}.lr{'' if lr is None else f'; now {lr:g}'})"
+    )
     blowup = logits_blowup(student_logits, limit=limit)
     if blowup is not None:
         return f"the student diverged ({blowup}); {lower_lr}"
     targets, fixed, temperature = batch_supervision(
-        student_logits, sample_index, lessons=lessons, dtd=dtd, temperature_config=temperature_config,
-        fixed_target_temperature=fixed_target_temperature)
+        student_logits,
+        sample_index,
+        lessons=lessons,
+        dtd=dtd,
+        temperature_config=temperature_config,
+        fixed_target_temperature=fixed_target_temperature,
+    )
     ce = F.cross_entropy(student_logits.float(), labels)
     if not bool(torch.isfinite(ce)):
         peak = student_logits.abs().amax().item()
@@ -163,24 +206,32 @@ def explain_nonfinite_kd_loss(student_logits: Tensor, labels: Tensor, sample_ind
     kd = kd_loss(student_logits, targets, labels, alpha=1.0, temperature=temperature, fixed_target=fixed)
     taus = torch.as_tensor(temperature, dtype=torch.float64).reshape(-1)
     coldest, hottest = taus.min().item(), taus.max().item()
-    facts = (f"the KD term (weight alpha={alpha:g}) is {kd.item()}, the CE term {ce.item():.4g}, with dtd={dtd} "
-             f"and temperatures in [{coldest:.3g}, {hottest:.3g}]")
+    facts = (
+        f"the KD term (weight alpha={alpha:g}) is {kd.item()}, the CE term {ce.item():.4g}, with dtd={dtd} "
+        f"and temperatures in [{coldest:.3g}, {hottest:.3g}]"
+    )
     if not low <= coldest <= hottest <= high:
         if fixed_target_temperature is not None and not low <= fixed_target_temperature <= high:
             fix = f"set {where}.fixed_target_temperature within it"
         elif dtd == "static":
-            fix = ("rebuild dtd.zarr (lessons temperature) with temperature.min_temperature and "
-                   "max_temperature within it")
+            fix = (
+                "rebuild dtd.zarr (lessons temperature) with temperature.min_temperature and "
+                "max_temperature within it"
+            )
         else:
-            fix = ("set temperature.min_temperature, base_temperature and max_temperature within it "
-                   f"(now {temperature_config.min_temperature:g}, {temperature_config.base_temperature:g}, "
-                   f"{temperature_config.max_temperature:g}; beta {temperature_config.beta:g} only moves τ "
-                   "between them)")
+            fix = (
+                "set temperature.min_temperature, base_temperature and max_temperature within it "
+                f"(now {temperature_config.min_temperature:g}, {temperature_config.base_temperature:g}, "
+                f"{temperature_config.max_temperature:g}; beta {temperature_config.beta:g} only moves τ "
+                "between them)"
+            )
         return f"{facts}, outside [{low:g}, {high:g}] where the KD loss is finite in float32; {fix}"
     target_peak = targets.abs().amax().item()
     if target_peak > limit:
-        return (f"{facts}: the teacher's stored logits reach ±{target_peak:.3g}, beyond ±{limit:g}; "
-                "rebuild the stores from a teacher with smaller logits")
+        return (
+            f"{facts}: the teacher's stored logits reach ±{target_peak:.3g}, beyond ±{limit:g}; "
+            "rebuild the stores from a teacher with smaller logits"
+        )
     return f"{facts} and logits within ±{limit:g}, which should be finite; rerun with -v and report it"
 
 
@@ -192,8 +243,15 @@ class OnlineTeacher:
     into that batch's Lessons (rows 0..B-1) with the same `knowledge_adjustment` the KA stage runs.
     """
 
-    def __init__(self, checkpoint: str | Path, *, manifest: dict[str, Any], method: str, epsilon: float,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        manifest: dict[str, Any],
+        method: str,
+        epsilon: float,
+        device: torch.device,
+    ) -> None:
         model, _ = load_checkpoint(checkpoint, manifest=manifest)
         self.model = model.to(device).eval()
         self.sha256 = file_sha256(checkpoint)
@@ -208,10 +266,18 @@ class OnlineTeacher:
     def lessons(self, labels: Tensor) -> Lessons:
         """The Lessons of the batch last observed: (B, C) targets after KA, the raw logits for FLSW."""
         assert self.logits is not None, "observe() runs before the loss"
-        adjusted = knowledge_adjustment(self.logits, labels.to(self.logits.device), self.method,  # type: ignore[arg-type]
-                                        self.epsilon)
-        return Lessons(target_logits=adjusted.target_logits, fixed_target=adjusted.fixed_target,
-                       teacher_logits=self.logits, static_temperature=None)
+        adjusted = knowledge_adjustment(
+            self.logits,
+            labels.to(self.logits.device),
+            self.method,  # type: ignore[arg-type]
+            self.epsilon,
+        )
+        return Lessons(
+            target_logits=adjusted.target_logits,
+            fixed_target=adjusted.fixed_target,
+            teacher_logits=self.logits,
+            static_temperature=None,
+        )
 
 
 def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
@@ -220,17 +286,29 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
     t = torch.from_numpy(teacher_logits).double()
     log_p, log_q = F.log_softmax(s, dim=1), F.log_softmax(t, dim=1)
     kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(dim=1)  # (N,) nats, as in kd_loss
-    return {"agreement_top1": float((s.argmax(1) == t.argmax(1)).double().mean()),
-            "mean_kl_teacher": float(kl.mean())}
+    return {
+        "agreement_top1": float((s.argmax(1) == t.argmax(1)).double().mean()),
+        "mean_kl_teacher": float(kl.mean()),
+    }
 
 
 @owns_outputs
-def run(experiment: ResolvedExperiment, *, temperature_config: TemperatureConfig, data_dir: str | Path,
-        stores_dir: str | Path | None,
-        checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path,
-        device: torch.device, resume: bool = True, data_config: DataConfig | None = None,
-        overrides: dict[str, Any] | None = None, teacher_checkpoint: str | Path | None = None,
-        epsilon: float = 0.1) -> dict[str, Any]:
+def run(
+    experiment: ResolvedExperiment,
+    *,
+    temperature_config: TemperatureConfig,
+    data_dir: str | Path,
+    stores_dir: str | Path | None,
+    checkpoint_out: str | Path,
+    metrics_out: str | Path,
+    curve_out: str | Path,
+    device: torch.device,
+    resume: bool = True,
+    data_config: DataConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+    teacher_checkpoint: str | Path | None = None,
+    epsilon: float = 0.1,
+) -> dict[str, Any]:
     """Train student `experiment.name` and write its checkpoint, metrics, config record and curve.
 
     The metrics file holds numbers only (val_top1 with a val split, test_top1, top-5, agreement
@@ -273,17 +351,29 @@ def run(experiment: ResolvedExperiment, *, temperature_config: TemperatureConfig
         stores_dir = Path(stores_dir)
         if experiment.kd and experiment.teacher_mode == "offline":
             lesson_stores, teacher, store_digests = open_lessons(
-                stores_dir, adjust=experiment.adjust, dtd=experiment.dtd, manifest=manifest,
-                augmentation=augmentation, max_bytes=experiment.max_lesson_bytes, device=device, where=where)
+                stores_dir,
+                adjust=experiment.adjust,
+                dtd=experiment.dtd,
+                manifest=manifest,
+                augmentation=augmentation,
+                max_bytes=experiment.max_lesson_bytes,
+                device=device,
+                where=where,
+            )
             lesson_stores.check_covers(experiment.seed, experiment.epochs, where=where)
         test_store = open_store(stores_dir / "test-logits.zarr", kind="logits")
-        test_store.expect(dataset_fingerprint=manifest["splits"]["test"]["fingerprint"],
-                          num_classes=manifest["num_classes"], split="test",
-                          against=f"the prepared dataset ({manifest['dataset']})")
+        test_store.expect(
+            dataset_fingerprint=manifest["splits"]["test"]["fingerprint"],
+            num_classes=manifest["num_classes"],
+            split="test",
+            against=f"the prepared dataset ({manifest['dataset']})",
+        )
         test_store.expect(num_views=1, against="the test split (always the plain image)")
         if teacher is not None and test_store.attrs["teacher"] != teacher:
-            raise StoreError(f"{stores_dir / 'test-logits.zarr'}: from another teacher checkpoint than "
-                             f"{stores_dir / 'logits.zarr'}; rerun teacher-dump")
+            raise StoreError(
+                f"{stores_dir / 'test-logits.zarr'}: from another teacher checkpoint than "
+                f"{stores_dir / 'logits.zarr'}; rerun teacher-dump"
+            )
         teacher = test_store.attrs["teacher"]
         teacher_test = test_store.read_view("logits").astype(np.float32)
     elif experiment.kd:
@@ -291,12 +381,17 @@ def run(experiment: ResolvedExperiment, *, temperature_config: TemperatureConfig
     online: OnlineTeacher | None = None
     if experiment.kd and experiment.teacher_mode == "online":
         if teacher_checkpoint is None:
-            raise StoreError(f"{where}: teacher_mode online needs the teacher checkpoint (--teacher-checkpoint)")
-        online = OnlineTeacher(teacher_checkpoint, manifest=manifest, method=experiment.adjust,
-                               epsilon=epsilon, device=device)
+            raise StoreError(
+                f"{where}: teacher_mode online needs the teacher checkpoint (--teacher-checkpoint)"
+            )
+        online = OnlineTeacher(
+            teacher_checkpoint, manifest=manifest, method=experiment.adjust, epsilon=epsilon, device=device
+        )
         if teacher is not None and online.sha256 != teacher.get("checkpoint_sha256"):
-            raise StoreError(f"{teacher_checkpoint}: is not the checkpoint the stores in {stores_dir} were "
-                             "dumped from (sha256 differs); rerun teacher-dump or name the right checkpoint")
+            raise StoreError(
+                f"{teacher_checkpoint}: is not the checkpoint the stores in {stores_dir} were "
+                "dumped from (sha256 differs); rerun teacher-dump or name the right checkpoint"
+            )
         store_digests = {Path(teacher_checkpoint).name: online.sha256}
 
     current: dict[str, Lessons] = {}
@@ -319,73 +414,143 @@ def run(experiment: ResolvedExperiment, *, temperature_config: TemperatureConfig
 
         def kd_loss_fn(logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
             lessons, rows = batch_lessons(labels, index)
-            return kd_batch_loss(logits, labels, rows, lessons=lessons, alpha=experiment.alpha, dtd=experiment.dtd,
-                                 temperature_config=temperature_config,
-                                 fixed_target_temperature=experiment.fixed_target_temperature)
+            return kd_batch_loss(
+                logits,
+                labels,
+                rows,
+                lessons=lessons,
+                alpha=experiment.alpha,
+                dtd=experiment.dtd,
+                temperature_config=temperature_config,
+                fixed_target_temperature=experiment.fixed_target_temperature,
+            )
 
         def explain_kd(logits: Tensor, labels: Tensor, index: Tensor) -> str:
             lessons, rows = batch_lessons(labels, index)
             return explain_nonfinite_kd_loss(
-                logits, labels, rows, lessons=lessons, alpha=experiment.alpha, dtd=experiment.dtd,
-                temperature_config=temperature_config, fixed_target_temperature=experiment.fixed_target_temperature,
-                where=where, lr=experiment.lr)
+                logits,
+                labels,
+                rows,
+                lessons=lessons,
+                alpha=experiment.alpha,
+                dtd=experiment.dtd,
+                temperature_config=temperature_config,
+                fixed_target_temperature=experiment.fixed_target_temperature,
+                where=where,
+                lr=experiment.lr,
+            )
 
         loss_fn, explain = kd_loss_fn, explain_kd
     else:
         loss_fn = lambda logits, labels, _index: F.cross_entropy(logits, labels)  # noqa: E731
         explain = explain_cross_entropy(
-            "student", f"the learning rate (student_train.lr, or {where}.lr; now {experiment.lr:g})")
+            "student", f"the learning rate (student_train.lr, or {where}.lr; now {experiment.lr:g})"
+        )
 
     torch.manual_seed(experiment.seed)
-    model = nets.build_net(experiment.arch, manifest["num_classes"], in_channels=channels,
-                           image_size=height).to(device)
-    fit_config = Fit(epochs=experiment.epochs, lr=experiment.lr, momentum=experiment.momentum,
-                     weight_decay=experiment.weight_decay, schedule=experiment.schedule,
-                     milestones=experiment.milestones, gamma=experiment.gamma, seed=experiment.seed,
-                     augment=experiment.augment, image_shape=image_shape,
-                     batch_size=experiment.batch_size)
-    train_loader = make_loader(data_dir / "train.beton", batch_size=experiment.batch_size, shuffle=True,
-                               seed=experiment.seed,
-                               drop_last=True, num_workers=experiment.num_workers)
-    test_loader = make_loader(data_dir / "test.beton", batch_size=512, shuffle=False,
-                              num_workers=experiment.num_workers)
-    val_loader = make_loader(data_dir / "val.beton", batch_size=512, shuffle=False,
-                             num_workers=experiment.num_workers) if num_val else None
+    model = nets.build_net(
+        experiment.arch, manifest["num_classes"], in_channels=channels, image_size=height
+    ).to(device)
+    fit_config = Fit(
+        epochs=experiment.epochs,
+        lr=experiment.lr,
+        momentum=experiment.momentum,
+        weight_decay=experiment.weight_decay,
+        schedule=experiment.schedule,
+        milestones=experiment.milestones,
+        gamma=experiment.gamma,
+        seed=experiment.seed,
+        augment=experiment.augment,
+        image_shape=image_shape,
+        batch_size=experiment.batch_size,
+    )
+    train_loader = make_loader(
+        data_dir / "train.beton",
+        batch_size=experiment.batch_size,
+        shuffle=True,
+        seed=experiment.seed,
+        drop_last=True,
+        num_workers=experiment.num_workers,
+    )
+    test_loader = make_loader(
+        data_dir / "test.beton", batch_size=512, shuffle=False, num_workers=experiment.num_workers
+    )
+    val_loader = (
+        make_loader(data_dir / "val.beton", batch_size=512, shuffle=False, num_workers=experiment.num_workers)
+        if num_val
+        else None
+    )
     temperature_used = {  # the temperature keys the student's loss reads (not histogram_bins)
-        "base_temperature": temperature_config.base_temperature, "beta": temperature_config.beta,
-        "gamma": temperature_config.gamma, "min_temperature": temperature_config.min_temperature,
-        "max_temperature": temperature_config.max_temperature}
-    run_key = hashlib.sha256(json.dumps({
-        "experiment": dataclasses.asdict(experiment),
-        "temperature": temperature_used,
-        "train_fingerprint": manifest["splits"]["train"]["fingerprint"], "teacher": teacher,
-        "stores": store_digests,  # a state saved while training on other soft labels is not resumed
-    }, sort_keys=True, default=str).encode()).hexdigest()
+        "base_temperature": temperature_config.base_temperature,
+        "beta": temperature_config.beta,
+        "gamma": temperature_config.gamma,
+        "min_temperature": temperature_config.min_temperature,
+        "max_temperature": temperature_config.max_temperature,
+    }
+    run_key = hashlib.sha256(
+        json.dumps(
+            {
+                "experiment": dataclasses.asdict(experiment),
+                "temperature": temperature_used,
+                "train_fingerprint": manifest["splits"]["train"]["fingerprint"],
+                "teacher": teacher,
+                "stores": store_digests,  # a state saved while training on other soft labels is not resumed
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()
     mean, std = channel_stats(manifest, device)
-    result = fit(model, fit_config, train_loader=train_loader, test_loader=test_loader,
-                 num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
-                 loss_fn=loss_fn, state_path=training_state_path(checkpoint_out),
-                 resume=resume, run_key=run_key, desc=f"student {experiment.name}", explain=explain,
-                 val_loader=val_loader, num_val=num_val, epoch_views=epoch_views,
-                 on_inputs=None if online is None else online.observe)
+    result = fit(
+        model,
+        fit_config,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        num_train=num_train,
+        num_test=num_test,
+        mean=mean,
+        std=std,
+        device=device,
+        loss_fn=loss_fn,
+        state_path=training_state_path(checkpoint_out),
+        resume=resume,
+        run_key=run_key,
+        desc=f"student {experiment.name}",
+        explain=explain,
+        val_loader=val_loader,
+        num_val=num_val,
+        epoch_views=epoch_views,
+        on_inputs=None if online is None else online.observe,
+    )
     test_logits, test_labels = result["test_logits"], result["test_labels"]
     metrics: dict[str, Any] = {
-        **({"val_top1": topk_accuracy(result["val_logits"], result["val_labels"], 1),
-            "val_top5": topk_accuracy(result["val_logits"], result["val_labels"], 5)} if num_val else {}),
+        **(
+            {
+                "val_top1": topk_accuracy(result["val_logits"], result["val_labels"], 1),
+                "val_top5": topk_accuracy(result["val_logits"], result["val_labels"], 5),
+            }
+            if num_val
+            else {}
+        ),
         "test_top1": topk_accuracy(test_logits, test_labels, 1),
         "test_top5": topk_accuracy(test_logits, test_labels, 5),
-        "wall_s": round(result["wall_s"], 2), "images_per_s": round(result["images_per_s"], 1),
+        "wall_s": round(result["wall_s"], 2),
+        "images_per_s": round(result["images_per_s"], 1),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if teacher_test is not None:
         metrics["teacher_test_top1"] = topk_accuracy(teacher_test, test_labels, 1)
         metrics.update(teacher_agreement(test_logits, teacher_test))
     recipe = {
-        "experiment": experiment.name, "seed": experiment.seed,
-        "teacher": None if teacher is None else {key: teacher.get(key) for key in
-                                                 ("name", "arch", "checkpoint_sha256")},
-        "config": dataclasses.asdict(experiment), "overrides": dict(overrides or {}),
-        "temperature": temperature_used, "data": data_record(manifest, data_config),
+        "experiment": experiment.name,
+        "seed": experiment.seed,
+        "teacher": None
+        if teacher is None
+        else {key: teacher.get(key) for key in ("name", "arch", "checkpoint_sha256")},
+        "config": dataclasses.asdict(experiment),
+        "overrides": dict(overrides or {}),
+        "temperature": temperature_used,
+        "data": data_record(manifest, data_config),
     }
     save_checkpoint(checkpoint_out, model, arch=experiment.arch, manifest=manifest, extra=recipe)
     atomic_write_json(curve_out, result["curve"])

@@ -9,6 +9,7 @@ predictions. Each chunk of N rows (all V views of those rows) is forwarded in ba
 at the chunk's first row, so a resumed dump computes exactly the batches an uninterrupted one
 would and the stores are byte-identical.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,14 @@ def stored_views(config: TeacherDumpConfig, image_shape: tuple[int, ...] | list[
     Raises:
         ViewError: a view setting the augmentation cannot support (one line naming the key).
     """
-    return StoredViews.plan(config.views, training_augmentation(image_shape), num_views=config.num_views,
-                            seeds=tuple(config.seeds), epochs=config.epochs, seed=config.seed)
+    return StoredViews.plan(
+        config.views,
+        training_augmentation(image_shape),
+        num_views=config.num_views,
+        seeds=tuple(config.seeds),
+        epochs=config.epochs,
+        seed=config.seed,
+    )
 
 
 CHUNK_BUFFER_BYTES = 64 * 2**20
@@ -59,8 +66,16 @@ def dump_chunk_rows(config: TeacherDumpConfig, num_views: int, num_classes: int)
     return min(config.chunk_size, max(config.batch_size, fit // config.batch_size * config.batch_size))
 
 
-def store_attrs(*, manifest: dict[str, Any], split: str, teacher: str, checkpoint_meta: dict[str, Any],
-                checkpoint_sha256: str, dtype: str, views: StoredViews | None = None) -> dict[str, Any]:
+def store_attrs(
+    *,
+    manifest: dict[str, Any],
+    split: str,
+    teacher: str,
+    checkpoint_meta: dict[str, Any],
+    checkpoint_sha256: str,
+    dtype: str,
+    views: StoredViews | None = None,
+) -> dict[str, Any]:
     """The attributes of a teacher logit store (no timestamps or host names)."""
     return {
         "split": split,
@@ -82,9 +97,19 @@ def store_attrs(*, manifest: dict[str, Any], split: str, teacher: str, checkpoin
     }
 
 
-def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: int,
-               attrs: dict[str, Any], config: TeacherDumpConfig, mean: torch.Tensor, std: torch.Tensor,
-               device: torch.device, views: StoredViews | None = None) -> dict[str, float]:
+def dump_split(
+    model: torch.nn.Module,
+    *,
+    beton: Path,
+    out: Path,
+    num_samples: int,
+    attrs: dict[str, Any],
+    config: TeacherDumpConfig,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    views: StoredViews | None = None,
+) -> dict[str, float]:
     """Forward every pending chunk of one split and write it; returns timing figures.
 
     On CPU the model is switched to channels-last memory format (in place) and fed channels-last
@@ -109,10 +134,17 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
         pending = writer.pending_chunks()
         if pending:
             indices = np.concatenate([np.arange(writer.rows(c).start, writer.rows(c).stop) for c in pending])
-            loader = make_loader(beton, batch_size=config.batch_size, shuffle=False,
-                                 indices=indices)
-            batches = iter(progress(loader, desc=f"dump {out.parent.name}/{out.name}", total=len(loader),
-                                    unit="view", unit_scale=config.batch_size * num_views, log=logger))
+            loader = make_loader(beton, batch_size=config.batch_size, shuffle=False, indices=indices)
+            batches = iter(
+                progress(
+                    loader,
+                    desc=f"dump {out.parent.name}/{out.name}",
+                    total=len(loader),
+                    unit="view",
+                    unit_scale=config.batch_size * num_views,
+                    log=logger,
+                )
+            )
             for chunk in pending:
                 rows = writer.rows(chunk)
                 sample_index_rows = np.arange(rows.start, rows.stop, dtype=np.int64)
@@ -131,7 +163,9 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
                     batch = slice(filled, filled + got.shape[0])
                     for view in range(num_views):
                         with torch.no_grad():  # inference tensors would break ffcv buffers
-                            inputs = normalize(views.augmentation.apply(images, view_params[view, batch]), mean, std)
+                            inputs = normalize(
+                                views.augmentation.apply(images, view_params[view, batch]), mean, std
+                            )
                             if channels_last:
                                 inputs = inputs.contiguous(memory_format=torch.channels_last)
                             logits[view, batch] = model(inputs).float().cpu().numpy()
@@ -140,10 +174,15 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
                     labels[batch] = batch_labels.numpy()
                     filled += got.shape[0]
                 tick = time.perf_counter()
-                writer.write_chunk(chunk, {
-                    "logits": logits, "labels": labels, "sample_index": sample_index_rows,
-                    "view_params": view_params,
-                })
+                writer.write_chunk(
+                    chunk,
+                    {
+                        "logits": logits,
+                        "labels": labels,
+                        "sample_index": sample_index_rows,
+                        "view_params": view_params,
+                    },
+                )
                 timing["write_s"] += time.perf_counter() - tick
                 timing["rows"] += logits.shape[1]
                 timing["views"] += logits.shape[0] * logits.shape[1]
@@ -151,8 +190,16 @@ def dump_split(model: torch.nn.Module, *, beton: Path, out: Path, num_samples: i
     return timing
 
 
-def run(config: TeacherDumpConfig, *, teacher: str, data_dir: str | Path, checkpoint: str | Path,
-        train_out: str | Path, test_out: str | Path, device: torch.device) -> dict[str, Any]:
+def run(
+    config: TeacherDumpConfig,
+    *,
+    teacher: str,
+    data_dir: str | Path,
+    checkpoint: str | Path,
+    train_out: str | Path,
+    test_out: str | Path,
+    device: torch.device,
+) -> dict[str, Any]:
     """Dump the logits of teacher `teacher` over both splits.
 
     Args:
@@ -170,8 +217,9 @@ def run(config: TeacherDumpConfig, *, teacher: str, data_dir: str | Path, checkp
         check_folder_output(out, "zarr.json", "a zarr store")
     model, meta = load_checkpoint(checkpoint, manifest=manifest)
     if meta.get("dataset_fingerprint") not in (None, manifest["splits"]["train"]["fingerprint"]):
-        logger.warning("teacher %s was trained on another train split than %s (fingerprints differ)",
-                       teacher, data_dir)
+        logger.warning(
+            "teacher %s was trained on another train split than %s (fingerprints differ)", teacher, data_dir
+        )
     model.to(device).eval()
     sha256 = file_sha256(checkpoint)
     mean, std = channel_stats(manifest, device)
@@ -179,14 +227,36 @@ def run(config: TeacherDumpConfig, *, teacher: str, data_dir: str | Path, checkp
     started = time.perf_counter()
     for split, out in (("train", train_out), ("test", test_out)):
         split_views = views if split == "train" else None
-        attrs = store_attrs(manifest=manifest, split=split, teacher=teacher, checkpoint_meta=meta,
-                            checkpoint_sha256=sha256, dtype=config.dtype, views=split_views)
-        report[split] = dump_split(model, beton=data_dir / f"{split}.beton", out=Path(out),
-                                   num_samples=manifest["splits"][split]["num_samples"], attrs=attrs,
-                                   config=config, mean=mean, std=std, device=device, views=split_views)
+        attrs = store_attrs(
+            manifest=manifest,
+            split=split,
+            teacher=teacher,
+            checkpoint_meta=meta,
+            checkpoint_sha256=sha256,
+            dtype=config.dtype,
+            views=split_views,
+        )
+        report[split] = dump_split(
+            model,
+            beton=data_dir / f"{split}.beton",
+            out=Path(out),
+            num_samples=manifest["splits"][split]["num_samples"],
+            attrs=attrs,
+            config=config,
+            mean=mean,
+            std=std,
+            device=device,
+            views=split_views,
+        )
     elapsed = time.perf_counter() - started
     rows = report["train"]["views"] + report["test"]["views"]
     report["images_per_s"] = rows / max(elapsed, 1e-9)
-    logger.info("teacher %s: dumped %d views (%s) in %.1f s (%.0f img/s)", teacher, rows, views.mode, elapsed,
-                report["images_per_s"])
+    logger.info(
+        "teacher %s: dumped %d views (%s) in %.1f s (%.0f img/s)",
+        teacher,
+        rows,
+        views.mode,
+        elapsed,
+        report["images_per_s"],
+    )
     return report

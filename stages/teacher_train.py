@@ -9,6 +9,7 @@ and `test` after every epoch.
 Training: SGD with Nesterov momentum and weight decay, cosine or step schedule per step, keyed
 pad-4 crop + flip augmentation (flip only below 32x32), He et al. 2016's CIFAR recipe.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,9 +48,18 @@ logger = logging.getLogger(__name__)
 
 
 @owns_outputs
-def run(config: TeacherConfig, *, name: str, data_dir: str | Path, checkpoint_out: str | Path,
-        metrics_out: str | Path, curve_out: str | Path, device: torch.device,
-        resume: bool = True, data_config: DataConfig | None = None) -> dict[str, Any]:
+def run(
+    config: TeacherConfig,
+    *,
+    name: str,
+    data_dir: str | Path,
+    checkpoint_out: str | Path,
+    metrics_out: str | Path,
+    curve_out: str | Path,
+    device: torch.device,
+    resume: bool = True,
+    data_config: DataConfig | None = None,
+) -> dict[str, Any]:
     """Train (or load) teacher `name` and write its checkpoint, metrics and config record.
 
     Args:
@@ -76,7 +86,8 @@ def run(config: TeacherConfig, *, name: str, data_dir: str | Path, checkpoint_ou
     num_val = manifest["splits"]["val"]["num_samples"] if "val" in manifest["splits"] else 0
     mean, std = channel_stats(manifest, device)
     eval_loader = lambda split: make_loader(  # noqa: E731
-        data_dir / f"{split}.beton", batch_size=512, shuffle=False)
+        data_dir / f"{split}.beton", batch_size=512, shuffle=False
+    )
     curve: list[dict[str, Any]] = []
     if config.checkpoint is not None:
         model, _ = load_checkpoint(config.checkpoint, arch=config.arch, manifest=manifest)
@@ -88,39 +99,80 @@ def run(config: TeacherConfig, *, name: str, data_dir: str | Path, checkpoint_ou
         logger.info("teacher %s: loaded %s instead of training", name, config.checkpoint)
     else:
         torch.manual_seed(config.seed)
-        model = nets.build_net(config.arch, manifest["num_classes"], in_channels=channels,
-                               image_size=height).to(device)
-        fit_config = Fit(epochs=config.epochs, lr=config.lr, momentum=config.momentum,
-                         weight_decay=config.weight_decay, schedule=config.schedule,
-                         milestones=config.milestones, gamma=config.gamma, seed=config.seed,
-                         augment=config.augment, image_shape=tuple(manifest["image_shape"]),
-                         batch_size=config.batch_size)
-        train_loader = make_loader(data_dir / "train.beton", batch_size=config.batch_size,
-                                   shuffle=True, seed=config.seed, drop_last=True)
+        model = nets.build_net(
+            config.arch, manifest["num_classes"], in_channels=channels, image_size=height
+        ).to(device)
+        fit_config = Fit(
+            epochs=config.epochs,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            schedule=config.schedule,
+            milestones=config.milestones,
+            gamma=config.gamma,
+            seed=config.seed,
+            augment=config.augment,
+            image_shape=tuple(manifest["image_shape"]),
+            batch_size=config.batch_size,
+        )
+        train_loader = make_loader(
+            data_dir / "train.beton",
+            batch_size=config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=True,
+        )
         state_path = training_state_path(checkpoint_out)
-        result = fit(model, fit_config, train_loader=train_loader, test_loader=eval_loader("test"),
-                     num_train=num_train, num_test=num_test, mean=mean, std=std, device=device,
-                     loss_fn=lambda logits, labels, _index: F.cross_entropy(logits, labels),
-                     state_path=state_path, resume=resume, desc=f"teacher {name}",
-                     val_loader=eval_loader("val") if num_val else None, num_val=num_val,
-                     run_key=f"{config!r}|{manifest['splits']['train']['fingerprint']}",
-                     explain=explain_cross_entropy(
-                         "teacher", f"teacher_train.teachers.{name}.lr (now {config.lr:g}) or its "
-                         f"weight_decay (now {config.weight_decay:g})"))
+        result = fit(
+            model,
+            fit_config,
+            train_loader=train_loader,
+            test_loader=eval_loader("test"),
+            num_train=num_train,
+            num_test=num_test,
+            mean=mean,
+            std=std,
+            device=device,
+            loss_fn=lambda logits, labels, _index: F.cross_entropy(logits, labels),
+            state_path=state_path,
+            resume=resume,
+            desc=f"teacher {name}",
+            val_loader=eval_loader("val") if num_val else None,
+            num_val=num_val,
+            run_key=f"{config!r}|{manifest['splits']['train']['fingerprint']}",
+            explain=explain_cross_entropy(
+                "teacher",
+                f"teacher_train.teachers.{name}.lr (now {config.lr:g}) or its "
+                f"weight_decay (now {config.weight_decay:g})",
+            ),
+        )
         test_logits, test_labels = result["test_logits"], result["test_labels"]
         if num_val:
             val_logits, val_labels = result["val_logits"], result["val_labels"]
-        curve, wall_s, images_per_s, epochs = (result["curve"], result["wall_s"],
-                                               result["images_per_s"], config.epochs)
+        curve, wall_s, images_per_s, epochs = (
+            result["curve"],
+            result["wall_s"],
+            result["images_per_s"],
+            config.epochs,
+        )
     train_logits, train_labels = predict(model, eval_loader("train"), num_train, mean, std, device)
-    recipe = {"teacher": name, "config": dataclasses.asdict(config),
-              "data": data_record(manifest, data_config)}
+    recipe = {
+        "teacher": name,
+        "config": dataclasses.asdict(config),
+        "data": data_record(manifest, data_config),
+    }
     sha256 = save_checkpoint(checkpoint_out, model, arch=config.arch, manifest=manifest, extra=recipe)
     metrics = {
         "epochs": epochs,
         "train_top1": topk_accuracy(train_logits, train_labels, 1),
-        **({"val_top1": topk_accuracy(val_logits, val_labels, 1),
-            "val_top5": topk_accuracy(val_logits, val_labels, 5)} if num_val else {}),
+        **(
+            {
+                "val_top1": topk_accuracy(val_logits, val_labels, 1),
+                "val_top5": topk_accuracy(val_logits, val_labels, 5),
+            }
+            if num_val
+            else {}
+        ),
         "test_top1": topk_accuracy(test_logits, test_labels, 1),
         "test_top5": topk_accuracy(test_logits, test_labels, 5),
         "wall_s": round(wall_s, 2),
@@ -133,6 +185,5 @@ def run(config: TeacherConfig, *, name: str, data_dir: str | Path, checkpoint_ou
     atomic_write_json(metrics_out, metrics)
     if config.checkpoint is None:
         training_state_path(checkpoint_out).unlink(missing_ok=True)
-    logger.info("teacher %s: test top-1 %.4f (train %.4f)", name, metrics["test_top1"],
-                metrics["train_top1"])
+    logger.info("teacher %s: test top-1 %.4f (train %.4f)", name, metrics["test_top1"], metrics["train_top1"])
     return metrics

@@ -11,6 +11,7 @@ loops and writes.
 
 All math runs in float32 (float64 for float64 input) whatever the storage dtype.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,7 @@ logger = logging.getLogger(__name__)
 #: Added to the max probability in the CWSM and teacher-only weights (DESIGN §4).
 CONFIDENCE_EPS = 1e-3
 #: What `teacher_statistics` returns per (view, sample), the float32 (V, N) arrays of `dtd.zarr`.
-STATISTICS = ("teacher_max_prob", "teacher_entropy", "teacher_margin", "teacher_logit_norm",
-              "omega_teacher")
+STATISTICS = ("teacher_max_prob", "teacher_entropy", "teacher_margin", "teacher_logit_norm", "omega_teacher")
 
 
 def flsw_weights(student_logits: Tensor, teacher_logits: Tensor, gamma: float) -> Tensor:
@@ -76,7 +76,7 @@ def flsw_weights(student_logits: Tensor, teacher_logits: Tensor, gamma: float) -
         scale = logits.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         return F.normalize(logits / scale, p=2.0, dim=1, eps=1e-12)
 
-    cosine = (unit_rows(student_logits) * unit_rows(teacher_logits.to(student_logits.device)))
+    cosine = unit_rows(student_logits) * unit_rows(teacher_logits.to(student_logits.device))
     distance = (1.0 - cosine.sum(dim=1)).clamp(0.0, 2.0)
     return distance.pow(gamma)
 
@@ -156,9 +156,7 @@ def dynamic_temperature(
             raise ValueError(f"reference_mean: expected one finite number, got {reference_mean}")
         mean = mean.reshape(())
     if not float(torch.tensor(min_temperature, dtype=dtype)) > 0.0:
-        raise ValueError(
-            f"min_temperature: {min_temperature} rounds to 0 in {dtype}; use a larger minimum"
-        )
+        raise ValueError(f"min_temperature: {min_temperature} rounds to 0 in {dtype}; use a larger minimum")
     temperature = float(base_temperature) + (mean - values) * float(beta)
     return temperature.clamp(float(min_temperature), float(max_temperature))
 
@@ -184,8 +182,8 @@ def teacher_statistics(teacher_logits: Tensor) -> dict[str, Tensor]:
         InvalidLogitsError: bad shape or NaN/inf logits.
     """
     logits = check_logits(teacher_logits, "teacher_logits")  # (N, C) float32|64
-    log_prob = F.log_softmax(logits, dim=1)                   # (N, C)
-    omega = _inverse_confidence(log_prob)                     # (N,) ω^T
+    log_prob = F.log_softmax(logits, dim=1)  # (N, C)
+    omega = _inverse_confidence(log_prob)  # (N,) ω^T
     prob = log_prob.exp()
     plogp = torch.where(prob > 0, prob * log_prob, torch.zeros_like(prob))
     entropy = (-plogp.sum(dim=1)).clamp_min(0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
@@ -232,9 +230,13 @@ def _statistics_block(logits: np.ndarray, block_info: Any = None) -> np.ndarray:
 def _temperature_block(omega: np.ndarray, *, reference_mean: float, config: TemperatureConfig) -> np.ndarray:
     weights = torch.from_numpy(np.ascontiguousarray(omega)).reshape(-1)
     temperature = dynamic_temperature(
-        weights, base_temperature=config.base_temperature, beta=config.beta,
-        min_temperature=config.min_temperature, max_temperature=config.max_temperature,
-        reference_mean=reference_mean)
+        weights,
+        base_temperature=config.base_temperature,
+        beta=config.beta,
+        min_temperature=config.min_temperature,
+        max_temperature=config.max_temperature,
+        reference_mean=reference_mean,
+    )
     return temperature.float().reshape(omega.shape).numpy()
 
 
@@ -243,20 +245,33 @@ def _summary_parts(values: Any, name: str) -> dict[str, Any]:
     import dask.array as da
 
     flat = values.reshape(-1)
-    return {f"{name}_mean": flat.mean(), f"{name}_std": flat.std(), f"{name}_min": flat.min(),
-            f"{name}_max": flat.max(),
-            f"{name}_quantiles": da.percentile(flat, list(QUANTILES), method="linear")}
+    return {
+        f"{name}_mean": flat.mean(),
+        f"{name}_std": flat.std(),
+        f"{name}_min": flat.min(),
+        f"{name}_max": flat.max(),
+        f"{name}_quantiles": da.percentile(flat, list(QUANTILES), method="linear"),
+    }
 
 
 def _summary(parts: dict[str, Any], name: str) -> dict[str, Any]:
     """Mean, std, min, max and quantiles of `name` from the computed `_summary_parts`."""
-    return {**{f"{name}_{key}": float(parts[f"{name}_{key}"]) for key in ("mean", "std", "min", "max")},
-            **{f"{name}_p{q:02d}": float(v) for q, v in zip(QUANTILES, parts[f"{name}_quantiles"], strict=True)}}
+    return {
+        **{f"{name}_{key}": float(parts[f"{name}_{key}"]) for key in ("mean", "std", "min", "max")},
+        **{f"{name}_p{q:02d}": float(v) for q, v in zip(QUANTILES, parts[f"{name}_quantiles"], strict=True)},
+    }
 
 
-def run(config: TemperatureConfig, *, logits_path: str | Path, out: str | Path, metrics_out: str | Path,
-        histogram_out: str | Path, plot_out: str | Path | None = None,
-        scheduler: str | None = None) -> dict[str, Any]:
+def run(
+    config: TemperatureConfig,
+    *,
+    logits_path: str | Path,
+    out: str | Path,
+    metrics_out: str | Path,
+    histogram_out: str | Path,
+    plot_out: str | Path | None = None,
+    scheduler: str | None = None,
+) -> dict[str, Any]:
     """Precompute the teacher-side DTD statistics of a logit store (arXiv:1911.07471 §3.2).
 
     Writes `dtd.zarr` with, per (view, sample), float32 (V, N): `teacher_max_prob`,
@@ -284,51 +299,91 @@ def run(config: TemperatureConfig, *, logits_path: str | Path, out: str | Path, 
     views, samples, _ = logits_array.shape
     chunk_rows = source.chunk_rows
     logits = da.from_zarr(logits_array)
-    packed = da.map_blocks(_statistics_block, logits, dtype=np.float32,
-                           chunks=(logits.chunks[0], logits.chunks[1], (len(STATISTICS),)))
-    attrs: dict[str, Any] = {key: source.attrs[key] for key in ("split", "dataset", "dataset_fingerprint",
-                                                "num_classes", "num_views", "view_spec", "teacher")
-             if key in source.attrs}
-    attrs.update(source=source.as_source(), versions=library_versions(),
-                 temperature={"base_temperature": config.base_temperature, "beta": config.beta,
-                              "min_temperature": config.min_temperature,
-                              "max_temperature": config.max_temperature})
-    arrays = {name: ArraySpec((views, samples), "float32", sample_axis=1)
-              for name in (*STATISTICS, "static_temperature")}
+    packed = da.map_blocks(
+        _statistics_block,
+        logits,
+        dtype=np.float32,
+        chunks=(logits.chunks[0], logits.chunks[1], (len(STATISTICS),)),
+    )
+    attrs: dict[str, Any] = {
+        key: source.attrs[key]
+        for key in (
+            "split",
+            "dataset",
+            "dataset_fingerprint",
+            "num_classes",
+            "num_views",
+            "view_spec",
+            "teacher",
+        )
+        if key in source.attrs
+    }
+    attrs.update(
+        source=source.as_source(),
+        versions=library_versions(),
+        temperature={
+            "base_temperature": config.base_temperature,
+            "beta": config.beta,
+            "min_temperature": config.min_temperature,
+            "max_temperature": config.max_temperature,
+        },
+    )
+    arrays = {
+        name: ArraySpec((views, samples), "float32", sample_axis=1)
+        for name in (*STATISTICS, "static_temperature")
+    }
     arrays["sample_index"] = ArraySpec((samples,), "int64")
     started = time.perf_counter()
-    with dask_scheduler(scheduler) as dask_sched, StoreWriter(
-            out, kind="dtd", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer, \
-            prefixed(str(logits_path), InvalidLogitsError), checked_reads(logits_path):
-        totals = writer.write_dask({name: packed[..., k] for k, name in enumerate(STATISTICS)}
-                                   | {"sample_index": da.from_array(source.read("sample_index"),
-                                                                    chunks=(chunk_rows,))},
-                                   scheduler=dask_sched,
-                                   reductions={"omega_sum": packed[..., -1].sum(dtype=np.float64)})
+    with (
+        dask_scheduler(scheduler) as dask_sched,
+        StoreWriter(out, kind="dtd", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer,
+        prefixed(str(logits_path), InvalidLogitsError),
+        checked_reads(logits_path),
+    ):
+        totals = writer.write_dask(
+            {name: packed[..., k] for k, name in enumerate(STATISTICS)}
+            | {"sample_index": da.from_array(source.read("sample_index"), chunks=(chunk_rows,))},
+            scheduler=dask_sched,
+            reductions={"omega_sum": packed[..., -1].sum(dtype=np.float64)},
+        )
         omega_mean = float(totals["omega_sum"]) / (views * samples)
         omega = da.from_zarr(writer.partial_array("omega_teacher"))
-        temperature = omega.map_blocks(_temperature_block, reference_mean=omega_mean, config=config,
-                                       dtype=np.float32)
-        counts, edges = da.histogram(temperature, bins=config.histogram_bins,
-                                     range=(config.min_temperature, config.max_temperature))
+        temperature = omega.map_blocks(
+            _temperature_block, reference_mean=omega_mean, config=config, dtype=np.float32
+        )
+        counts, edges = da.histogram(
+            temperature, bins=config.histogram_bins, range=(config.min_temperature, config.max_temperature)
+        )
         # One pass writes τ^T and computes both summaries and the histogram (`temperature` holds
         # exactly the float32 values stored), instead of reading ω^T and τ^T back three times.
-        parts = writer.write_dask({"static_temperature": temperature}, scheduler=dask_sched, reductions={
-            **_summary_parts(omega, "omega_teacher"), **_summary_parts(temperature, "static_temperature"),
-            "histogram": counts})
+        parts = writer.write_dask(
+            {"static_temperature": temperature},
+            scheduler=dask_sched,
+            reductions={
+                **_summary_parts(omega, "omega_teacher"),
+                **_summary_parts(temperature, "static_temperature"),
+                "histogram": counts,
+            },
+        )
         summary = {**_summary(parts, "omega_teacher"), **_summary(parts, "static_temperature")}
         counts = parts["histogram"]
         writer.finalize(extra_attrs={"summary": summary})
-    histogram = [{"temperature": round(float((lo + hi) / 2), 6), "count": int(c)}
-                 for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)]
+    histogram = [
+        {"temperature": round(float((lo + hi) / 2), 6), "count": int(c)}
+        for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)
+    ]
     atomic_write_json(histogram_out, histogram)
     summary["elapsed_s"] = round(time.perf_counter() - started, 3)
     atomic_write_json(metrics_out, summary)
     if plot_out is not None:
         plot_temperature_histogram(histogram, plot_out, title=f"{attrs.get('teacher', {}).get('name', '')}")
-    logger.info("temperature: static tau mean %.3f, std %.3f, p5 %.3f, p95 %.3f",
-                summary["static_temperature_mean"], summary["static_temperature_std"],
-                summary["static_temperature_p05"], summary["static_temperature_p95"])
+    logger.info(
+        "temperature: static tau mean %.3f, std %.3f, p5 %.3f, p95 %.3f",
+        summary["static_temperature_mean"],
+        summary["static_temperature_std"],
+        summary["static_temperature_p05"],
+        summary["static_temperature_p95"],
+    )
     return summary
 
 

@@ -5,6 +5,7 @@ A checkpoint is one `torch.save` file holding the state dict and what is needed 
 check the net: architecture, classes, input shape, normalisation and the train split's
 fingerprint. Its sha256 identifies the teacher in every store written from it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,14 +53,16 @@ def owns_outputs(run: Callable[..., Any]) -> Callable[..., Any]:
     once (OutputError) instead of interleaving training states and result files."""
 
     @functools.wraps(run)
-    def locked(*args: Any, checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path,
-               **kwargs: Any) -> Any:
+    def locked(
+        *args: Any, checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path, **kwargs: Any
+    ) -> Any:
         ensure_parents(checkpoint_out, metrics_out, curve_out)
         with exclusive_lock(checkpoint_out):
             refuse_foreign_checkpoint(checkpoint_out)
             read_training_state(training_state_path(checkpoint_out))  # refuses a file lessons did not write
-            return run(*args, checkpoint_out=checkpoint_out, metrics_out=metrics_out, curve_out=curve_out,
-                       **kwargs)
+            return run(
+                *args, checkpoint_out=checkpoint_out, metrics_out=metrics_out, curve_out=curve_out, **kwargs
+            )
 
     return locked
 
@@ -79,8 +82,11 @@ def refuse_foreign_checkpoint(path: str | Path) -> None:
     except Exception:  # any unreadable payload: not ours
         payload = None
     if not (isinstance(payload, dict) and "checkpoint_version" in payload):
-        raise OutputError(errno.EEXIST, f"{path}: exists and is not a checkpoint lessons saved; lessons only "
-                                        "replaces its own outputs: choose another output path or move it away")
+        raise OutputError(
+            errno.EEXIST,
+            f"{path}: exists and is not a checkpoint lessons saved; lessons only "
+            "replaces its own outputs: choose another output path or move it away",
+        )
 
 
 def training_state_path(checkpoint_out: str | Path) -> Path:
@@ -99,8 +105,11 @@ def read_training_state(path: str | Path, device: torch.device | str = "cpu") ->
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         return None
-    foreign = OutputError(errno.EEXIST, f"{path}: exists and is not a training state of lessons; lessons "
-                                        "saves its resumable state under this name: move it away and run again")
+    foreign = OutputError(
+        errno.EEXIST,
+        f"{path}: exists and is not a training state of lessons; lessons "
+        "saves its resumable state under this name: move it away and run again",
+    )
     if path.is_symlink() or not path.is_file():
         raise foreign
     try:
@@ -126,8 +135,10 @@ def check_batch_size(batch_size: int, num_train: int, where: str) -> None:
         SettingsError: batch_size > num_train.
     """
     if batch_size > num_train:
-        raise SettingsError(f"{where}: batch_size {batch_size} exceeds the {num_train} training images "
-                            "(the last partial batch is dropped, so no step would run); lower batch_size")
+        raise SettingsError(
+            f"{where}: batch_size {batch_size} exceeds the {num_train} training images "
+            "(the last partial batch is dropped, so no step would run); lower batch_size"
+        )
 
 
 def channel_stats(manifest: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -147,9 +158,14 @@ def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> to
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
 
 
-def learning_rate(base_lr: float, progress: float, schedule: str = "cosine",
-                  milestones: Iterable[float] = (0.5, 0.75), gamma: float = 0.1,
-                  warmup: float = 0.0) -> float:
+def learning_rate(
+    base_lr: float,
+    progress: float,
+    schedule: str = "cosine",
+    milestones: Iterable[float] = (0.5, 0.75),
+    gamma: float = 0.1,
+    warmup: float = 0.0,
+) -> float:
     """The learning rate at `progress` ∈ [0, 1] of the run (per step, not per epoch).
 
     cosine: base·½(1 + cos(π·p)); step: base·gamma^(milestones passed). A linear warm-up over
@@ -165,8 +181,9 @@ def learning_rate(base_lr: float, progress: float, schedule: str = "cosine",
 
 
 @torch.no_grad()  # not inference_mode: ffcv fills its buffers from another thread
-def predict(model: nn.Module, loader: Iterable, num_samples: int, mean: Tensor, std: Tensor,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: nn.Module, loader: Iterable, num_samples: int, mean: Tensor, std: Tensor, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits of every sample of a sequential loader, in sample_index order.
 
     Returns:
@@ -215,12 +232,21 @@ def data_record(manifest: dict[str, Any], data_config: DataConfig | None = None)
 
 def dataset_record(manifest: dict[str, Any]) -> dict[str, Any]:
     """Name, class count and the size of each split (train, val when present, test) of a dataset."""
-    return {"name": manifest["dataset"], "num_classes": manifest["num_classes"],
-            "splits": {name: info["num_samples"] for name, info in manifest["splits"].items()}}
+    return {
+        "name": manifest["dataset"],
+        "num_classes": manifest["num_classes"],
+        "splits": {name: info["num_samples"] for name, info in manifest["splits"].items()},
+    }
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, manifest: dict[str, Any],
-                    extra: dict[str, Any] | None = None) -> str:
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    arch: str,
+    manifest: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> str:
     """Write a checkpoint atomically and return its sha256."""
     payload = {
         "checkpoint_version": CHECKPOINT_VERSION,
@@ -239,8 +265,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, manifest: 
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
-def load_checkpoint(path: str | Path, *, arch: str | None = None,
-                    manifest: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, *, arch: str | None = None, manifest: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the net of a checkpoint and check it fits `arch` and the manifest's dataset.
 
     A bare state dict (a checkpoint made elsewhere) is accepted when `arch` and `manifest` are
@@ -266,26 +293,34 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None,
     else:  # a bare state dict
         if arch is None or manifest is None:
             raise CheckpointError(f"{path}: a bare state dict needs the architecture to be named")
-        meta = {"arch": arch, "num_classes": manifest["num_classes"],
-                "image_shape": list(manifest["image_shape"])}
+        meta = {
+            "arch": arch,
+            "num_classes": manifest["num_classes"],
+            "image_shape": list(manifest["image_shape"]),
+        }
         state = payload
     if arch is not None and meta["arch"] != arch:
         raise CheckpointError(f"{path}: checkpoint is a {meta['arch']!r}, params.yaml says {arch!r}")
     if manifest is not None:
         if meta["num_classes"] != manifest["num_classes"]:
-            raise CheckpointError(f"{path}: checkpoint has {meta['num_classes']} classes, the dataset "
-                                  f"has {manifest['num_classes']}")
+            raise CheckpointError(
+                f"{path}: checkpoint has {meta['num_classes']} classes, the dataset "
+                f"has {manifest['num_classes']}"
+            )
         if list(meta["image_shape"]) != list(manifest["image_shape"]):
-            raise CheckpointError(f"{path}: checkpoint expects images {tuple(meta['image_shape'])}, "
-                                  f"the dataset has {tuple(manifest['image_shape'])}")
+            raise CheckpointError(
+                f"{path}: checkpoint expects images {tuple(meta['image_shape'])}, "
+                f"the dataset has {tuple(manifest['image_shape'])}"
+            )
     height, _, channels = meta["image_shape"]
     model = nets.build_net(meta["arch"], meta["num_classes"], in_channels=channels, image_size=height)
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError) as exc:
         first = str(exc).strip().splitlines()
-        raise CheckpointError(f"{path}: weights do not fit {meta['arch']!r}: "
-                              f"{first[1].strip() if len(first) > 1 else first[0]}") from exc
+        raise CheckpointError(
+            f"{path}: weights do not fit {meta['arch']!r}: {first[1].strip() if len(first) > 1 else first[0]}"
+        ) from exc
     return model.eval(), meta
 
 
@@ -301,7 +336,11 @@ def logits_blowup(logits: Tensor, *, limit: float = math.inf) -> str | None:
     if bad_rows:
         return f"its logits are NaN/inf in {bad_rows} of {logits.shape[0]} rows"
     peak = logits.abs().amax().item() if logits.numel() else 0.0
-    return f"its logits reach ±{peak:.3g}, beyond ±{limit:g} where the KD loss overflows" if peak > limit else None
+    return (
+        f"its logits reach ±{peak:.3g}, beyond ±{limit:g} where the KD loss overflows"
+        if peak > limit
+        else None
+    )
 
 
 def explain_cross_entropy(who: str, knobs: str) -> Explain:
@@ -315,11 +354,19 @@ def explain_cross_entropy(who: str, knobs: str) -> Explain:
     return explain
 
 
-def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
-                loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], prepare: Callable[[Tensor, Tensor], Tensor],
-                lr_at: Callable[[int], float], step: int, device: torch.device,
-                on_batch: Callable[[int], None] | None = None,
-                explain: Explain | None = None) -> tuple[float, int, int]:
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+    prepare: Callable[[Tensor, Tensor], Tensor],
+    lr_at: Callable[[int], float],
+    step: int,
+    device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
+    explain: Explain | None = None,
+) -> tuple[float, int, int]:
     """One pass over `loader`, per-step learning rate.
 
     Args:
@@ -349,11 +396,13 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         except ValueError as exc:  # e.g. DTD weights refusing NaN student logits: name the real cause
             if logits_blowup(logits) is None:
                 raise
-            raise DivergenceError(f"loss is not finite at step {step}: "
-                                  f"{explain(logits.detach(), labels, sample_index)}") from exc
+            raise DivergenceError(
+                f"loss is not finite at step {step}: {explain(logits.detach(), labels, sample_index)}"
+            ) from exc
         if not torch.isfinite(loss):
-            raise DivergenceError(f"loss is {loss.item()} at step {step}: "
-                                  f"{explain(logits.detach(), labels, sample_index)}")
+            raise DivergenceError(
+                f"loss is {loss.item()} at step {step}: {explain(logits.detach(), labels, sample_index)}"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -369,10 +418,21 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 class Fit:
     """Everything `fit` needs besides the model and the loss (one teacher or student run)."""
 
-    def __init__(self, *, epochs: int, lr: float, momentum: float, weight_decay: float,
-                 schedule: str = "cosine", milestones: Iterable[float] = (0.5, 0.75),
-                 gamma: float = 0.1, seed: int = 0, augment: bool = True,
-                 image_shape: tuple[int, int, int], batch_size: int) -> None:
+    def __init__(
+        self,
+        *,
+        epochs: int,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        schedule: str = "cosine",
+        milestones: Iterable[float] = (0.5, 0.75),
+        gamma: float = 0.1,
+        seed: int = 0,
+        augment: bool = True,
+        image_shape: tuple[int, int, int],
+        batch_size: int,
+    ) -> None:
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.schedule, self.milestones, self.gamma, self.seed = schedule, tuple(milestones), gamma, seed
         self.augment, self.image_shape, self.batch_size = augment, tuple(image_shape), batch_size
@@ -384,14 +444,29 @@ class Fit:
         return training_augmentation(self.image_shape, self.augment)
 
 
-def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: Any,
-        num_train: int, num_test: int, mean: Tensor, std: Tensor, device: torch.device,
-        loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], state_path: Path | None = None,
-        resume: bool = False, run_key: str = "", desc: str = "train",
-        on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        explain: Explain | None = None, val_loader: Any = None, num_val: int = 0,
-        epoch_views: Callable[[int], np.ndarray | None] | None = None,
-        on_inputs: Callable[[Tensor], None] | None = None) -> dict[str, Any]:
+def fit(
+    model: nn.Module,
+    fit_config: Fit,
+    *,
+    train_loader: Any,
+    test_loader: Any,
+    num_train: int,
+    num_test: int,
+    mean: Tensor,
+    std: Tensor,
+    device: torch.device,
+    loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+    state_path: Path | None = None,
+    resume: bool = False,
+    run_key: str = "",
+    desc: str = "train",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    explain: Explain | None = None,
+    val_loader: Any = None,
+    num_val: int = 0,
+    epoch_views: Callable[[int], np.ndarray | None] | None = None,
+    on_inputs: Callable[[Tensor], None] | None = None,
+) -> dict[str, Any]:
     """Train `model` for `fit_config.epochs` epochs, evaluating on the val split (when
     `val_loader` is given) and the test split after each.
 
@@ -443,19 +518,37 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         return inputs
 
     def lr_at(global_step: int) -> float:
-        return learning_rate(fit_config.lr, global_step / total_steps, fit_config.schedule, fit_config.milestones,
-                             fit_config.gamma)
+        return learning_rate(
+            fit_config.lr,
+            global_step / total_steps,
+            fit_config.schedule,
+            fit_config.milestones,
+            fit_config.gamma,
+        )
 
     test_logits = test_labels = val_logits = val_labels = None
     for epoch in range(start_epoch, fit_config.epochs):
         started = time.perf_counter()
         params = None if epoch_views is None else epoch_views(epoch)
-        batches = progress(train_loader, desc=f"{desc} epoch {epoch + 1}/{fit_config.epochs}",
-                           total=steps_per_epoch, unit="img", unit_scale=fit_config.batch_size, log=logger)
+        batches = progress(
+            train_loader,
+            desc=f"{desc} epoch {epoch + 1}/{fit_config.epochs}",
+            total=steps_per_epoch,
+            unit="img",
+            unit_scale=fit_config.batch_size,
+            log=logger,
+        )
         train_loss, seen, step = train_epoch(
-            model, batches, optimizer, loss_fn=loss_fn,
+            model,
+            batches,
+            optimizer,
+            loss_fn=loss_fn,
             prepare=functools.partial(prepare, epoch=epoch, params=params),
-            lr_at=lr_at, step=step, device=device, explain=explain)
+            lr_at=lr_at,
+            step=step,
+            device=device,
+            explain=explain,
+        )
         train_s = time.perf_counter() - started
         if val_loader is not None:
             val_logits, val_labels = predict(model, val_loader, num_val, mean, std, device)
@@ -465,21 +558,47 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         train_time_s += train_s
         train_seen += seen
         row = {
-            "epoch": epoch + 1, "train_loss": round(train_loss, 6),
-            **({} if val_logits is None or val_labels is None else {"val_top1": topk_accuracy(val_logits, val_labels, 1),
-                                              "val_top5": topk_accuracy(val_logits, val_labels, 5)}),
+            "epoch": epoch + 1,
+            "train_loss": round(train_loss, 6),
+            **(
+                {}
+                if val_logits is None or val_labels is None
+                else {
+                    "val_top1": topk_accuracy(val_logits, val_labels, 1),
+                    "val_top5": topk_accuracy(val_logits, val_labels, 5),
+                }
+            ),
             "test_top1": topk_accuracy(test_logits, test_labels, 1),
             "test_top5": topk_accuracy(test_logits, test_labels, 5),
-            "lr": lr_at(step - 1), "elapsed_s": round(elapsed_s, 3),
+            "lr": lr_at(step - 1),
+            "elapsed_s": round(elapsed_s, 3),
         }
         curve.append(row)
-        logger.info("%s epoch %d/%d: loss %.4f, test top-1 %.4f, %.0f img/s", desc, epoch + 1,
-                    fit_config.epochs, train_loss, row["test_top1"], seen / max(train_s, 1e-9))
+        logger.info(
+            "%s epoch %d/%d: loss %.4f, test top-1 %.4f, %.0f img/s",
+            desc,
+            epoch + 1,
+            fit_config.epochs,
+            train_loss,
+            row["test_top1"],
+            seen / max(train_s, 1e-9),
+        )
         if state_path is not None:
             buffer = io.BytesIO()
-            torch.save({"run_key": run_key, "epoch": epoch + 1, "step": step, "curve": curve, "elapsed_s": elapsed_s,
-                        "train_time_s": train_time_s, "train_seen": train_seen,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+            torch.save(
+                {
+                    "run_key": run_key,
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "curve": curve,
+                    "elapsed_s": elapsed_s,
+                    "train_time_s": train_time_s,
+                    "train_seen": train_seen,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                },
+                buffer,
+            )
             atomic_write_bytes(state_path, buffer.getvalue())
         if on_epoch is not None:
             on_epoch(row)
@@ -487,8 +606,13 @@ def fit(model: nn.Module, fit_config: Fit, *, train_loader: Any, test_loader: An
         test_logits, test_labels = predict(model, test_loader, num_test, mean, std, device)
         if val_loader is not None:
             val_logits, val_labels = predict(model, val_loader, num_val, mean, std, device)
-    result = {"curve": curve, "wall_s": elapsed_s, "images_per_s": train_seen / max(train_time_s, 1e-9),
-              "test_logits": test_logits, "test_labels": test_labels}
+    result = {
+        "curve": curve,
+        "wall_s": elapsed_s,
+        "images_per_s": train_seen / max(train_time_s, 1e-9),
+        "test_logits": test_logits,
+        "test_labels": test_labels,
+    }
     if val_loader is not None:
         result.update(val_logits=val_logits, val_labels=val_labels)
     return result

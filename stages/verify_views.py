@@ -6,6 +6,7 @@ checkpoint runs on it, and the largest |Δ logit| against `logits[v, n]` is repo
 such a check for its stored augmentations). A store whose views, images or teacher drifted from
 what its attributes say fails it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,15 @@ def replay_tolerance(stored: np.ndarray, dtype: str) -> float:
     return (2.0**-11 * peak if dtype == "float16" else 0.0) + 1e-3
 
 
-def run(store_path: str | Path, *, data_dir: str | Path, checkpoint: str | Path, samples: int,
-        seed: int = 0, device: torch.device | None = None) -> dict[str, Any]:
+def run(
+    store_path: str | Path,
+    *,
+    data_dir: str | Path,
+    checkpoint: str | Path,
+    samples: int,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """Replay `samples` random (v, n) pairs of the train-split store at `store_path`.
 
     Args:
@@ -53,8 +61,10 @@ def run(store_path: str | Path, *, data_dir: str | Path, checkpoint: str | Path,
     store.expect(dataset_fingerprint=manifest["splits"][split]["fingerprint"], against=str(data_dir))
     sha256 = file_sha256(checkpoint)
     if store.attrs["teacher"]["checkpoint_sha256"] != sha256:
-        raise StoreError(f"{store_path}: was dumped from another checkpoint than {checkpoint} (sha256 differs); "
-                         "name the checkpoint it came from (stores/<teacher> ↔ checkpoints/teachers/<teacher>.pt)")
+        raise StoreError(
+            f"{store_path}: was dumped from another checkpoint than {checkpoint} (sha256 differs); "
+            "name the checkpoint it came from (stores/<teacher> ↔ checkpoints/teachers/<teacher>.pt)"
+        )
     views = StoredViews.from_spec(store.attrs.get("view_spec") or {"kind": "identity"})
     num_views, num_samples = store.array("logits").shape[:2]
     rng = np.random.default_rng(seed)
@@ -63,15 +73,18 @@ def run(store_path: str | Path, *, data_dir: str | Path, checkpoint: str | Path,
     pair_view, pair_sample = flat // num_samples, flat % num_samples
     order = np.argsort(pair_sample, kind="stable")
     pair_view, pair_sample = pair_view[order], pair_sample[order]
-    stored = np.stack([store.array("logits")[v, n] for v, n in zip(pair_view, pair_sample, strict=True)]).astype(np.float32)
+    stored = np.stack(
+        [store.array("logits")[v, n] for v, n in zip(pair_view, pair_sample, strict=True)]
+    ).astype(np.float32)
     params = np.stack([store.array("view_params")[v, n] for v, n in zip(pair_view, pair_sample, strict=True)])
     model, _ = load_checkpoint(checkpoint, manifest=manifest)
     model.to(device).eval()
     mean, std = channel_stats(manifest, device)
     unique = np.unique(pair_sample)
     images: dict[int, torch.Tensor] = {}
-    loader = make_loader(data_dir / f"{split}.beton", batch_size=min(256, unique.size), shuffle=False,
-                         indices=unique)
+    loader = make_loader(
+        data_dir / f"{split}.beton", batch_size=min(256, unique.size), shuffle=False, indices=unique
+    )
     for batch_images, _, sample_index in loader:
         for image, n in zip(batch_images, sample_index.tolist(), strict=True):
             images[n] = image.clone()
@@ -84,8 +97,18 @@ def run(store_path: str | Path, *, data_dir: str | Path, checkpoint: str | Path,
             replayed[rows] = model(inputs).float().cpu().numpy()
     max_abs_diff = float(np.abs(replayed - stored).max())
     tolerance = replay_tolerance(stored, store.attrs.get("logits_dtype", "float16"))
-    result = {"pairs": int(count), "views": int(num_views), "max_abs_diff": max_abs_diff,
-              "tolerance": tolerance, "ok": max_abs_diff <= tolerance}
-    logger.info("verify-views %s: %d pairs, max |Δ logit| %.3g (tolerance %.3g)", store_path, count,
-                max_abs_diff, tolerance)
+    result = {
+        "pairs": int(count),
+        "views": int(num_views),
+        "max_abs_diff": max_abs_diff,
+        "tolerance": tolerance,
+        "ok": max_abs_diff <= tolerance,
+    }
+    logger.info(
+        "verify-views %s: %d pairs, max |Δ logit| %.3g (tolerance %.3g)",
+        store_path,
+        count,
+        max_abs_diff,
+        tolerance,
+    )
     return result

@@ -3,11 +3,11 @@ all draw and apply views through `Augmentation` (DESIGN.md §5).
 
 A view is one row of `view_params`, the numbers that rebuild it exactly:
 
-| kind | for | params (P) | view set |
-|---|---|---|---|
-| `identity` | `augment: false` | none (P = 0) | the plain image (V = 1) |
-| `pad_crop_flip` | 32×32 (padding 4), 28×28 (padding 0: flip only) | (dy, dx, flip) | enumerable: (2p+1)²·2 views (162 for CIFAR, 2 for Fashion-MNIST) |
-| `resized_crop_flip` | images ≥ 64 px | (top, left, height, width, flip) | sampled: torchvision's RandomResizedCrop (scale, ratio) + flip |
+- `identity` (`augment: false`): no params (P = 0); the plain image (V = 1).
+- `pad_crop_flip` (32×32 with padding 4; 28×28 with padding 0, flip only): (dy, dx, flip);
+  enumerable, (2p+1)²·2 views (162 for CIFAR, 2 for Fashion-MNIST).
+- `resized_crop_flip` (images ≥ 64 px): (top, left, height, width, flip); sampled like
+  torchvision's RandomResizedCrop (scale, ratio) + flip.
 
 Every random choice is a pure function of an explicit key (seed, epoch, sample_index) — a
 counter-based hash (SplitMix64, Steele et al. 2014), never a global RNG, batch order or worker
@@ -17,6 +17,7 @@ For an enumerable augmentation the student's draw is a view *index* v, uniform o
 and `all_views()[v]` its params: with every view stored, an offline student reading
 `logits[v, n]` sees exactly the images and teacher targets of the online student.
 """
+
 from __future__ import annotations
 
 import math
@@ -144,8 +145,11 @@ class Augmentation:
     @property
     def param_names(self) -> tuple[str, ...]:
         """The names of the P columns of `view_params`."""
-        return {"identity": (), "pad_crop_flip": ("dy", "dx", "flip"),
-                "resized_crop_flip": ("top", "left", "height", "width", "flip")}[self.kind]
+        return {
+            "identity": (),
+            "pad_crop_flip": ("dy", "dx", "flip"),
+            "resized_crop_flip": ("top", "left", "height", "width", "flip"),
+        }[self.kind]
 
     @property
     def enumerable(self) -> bool:
@@ -156,15 +160,20 @@ class Augmentation:
     def num_views(self) -> int:
         """V of the enumerated view set. Raises ViewError for a sampled augmentation."""
         if not self.enumerable:
-            raise ViewError(f"{self.kind} views are sampled, not enumerable: use views: sample with num_views")
+            raise ViewError(
+                f"{self.kind} views are sampled, not enumerable: use views: sample with num_views"
+            )
         if self.kind == "identity":
             return 1
         return (2 * self.padding + 1) ** 2 * (2 if self.flip else 1)
 
     def spec(self) -> dict[str, Any]:
         """The `view_spec` of the augmentation (JSON; stored in every multi-view store)."""
-        spec: dict[str, Any] = {"kind": self.kind, "image_size": list(self.image_size),
-                                "view_param_names": list(self.param_names)}
+        spec: dict[str, Any] = {
+            "kind": self.kind,
+            "image_size": list(self.image_size),
+            "view_param_names": list(self.param_names),
+        }
         if self.kind == "pad_crop_flip":
             spec.update(padding=self.padding, flip=self.flip)
         elif self.kind == "resized_crop_flip":
@@ -182,7 +191,9 @@ class Augmentation:
         flips = np.arange(2 if self.flip else 1)
         grid = np.stack(np.meshgrid(offsets, offsets, flips, indexing="ij"), axis=-1).reshape(-1, 3)
         if self.kind != "pad_crop_flip":
-            raise ViewError(f"{self.kind} views are sampled, not enumerable: use views: sample with num_views")
+            raise ViewError(
+                f"{self.kind} views are sampled, not enumerable: use views: sample with num_views"
+            )
         return grid.astype(np.int16)
 
     def plain_view(self) -> int | None:
@@ -249,9 +260,14 @@ class Augmentation:
         return np.full(sample_index.shape, -1, dtype=np.int64), self.sample((seed, epoch), sample_index)
 
     def apply(self, images: Tensor, view_params: Tensor | np.ndarray) -> Tensor:
-        """Rebuild each row's view of `images` (B, C, H, W) from `view_params` (B, P): same shape and dtype."""
-        view_params = torch.as_tensor(np.asarray(view_params) if isinstance(view_params, np.ndarray)
-                                      else view_params)
+        """Rebuild each row's view of `images` (B, C, H, W) from `view_params` (B, P).
+
+        Returns:
+            (B, C, H, W), same dtype.
+        """
+        view_params = torch.as_tensor(
+            np.asarray(view_params) if isinstance(view_params, np.ndarray) else view_params
+        )
         if self.kind == "identity":
             return images
         if self.kind == "pad_crop_flip":
@@ -286,9 +302,16 @@ def augmentation_from_spec(spec: dict[str, Any]) -> Augmentation:
     if kind == "pad_crop_flip":
         return Augmentation("pad_crop_flip", size, padding=int(spec["padding"]), flip=bool(spec["flip"]))
     if kind == "resized_crop_flip":
-        return Augmentation("resized_crop_flip", size, flip=bool(spec["flip"]),
-                            scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]))
-    raise ViewError(f"view_spec kind {kind!r} is not one lessons knows (identity, pad_crop_flip, resized_crop_flip)")
+        return Augmentation(
+            "resized_crop_flip",
+            size,
+            flip=bool(spec["flip"]),
+            scale=tuple(spec["scale"]),
+            ratio=tuple(spec["ratio"]),
+        )
+    raise ViewError(
+        f"view_spec kind {kind!r} is not one lessons knows (identity, pad_crop_flip, resized_crop_flip)"
+    )
 
 
 ViewMode = Literal["none", "all", "scheduled", "sample"]
@@ -317,8 +340,16 @@ class StoredViews:
     seed: int = 0
 
     @classmethod
-    def plan(cls, mode: ViewMode, augmentation: Augmentation, *, num_views: int | None = None,
-             seeds: tuple[int, ...] = (0,), epochs: int = 1, seed: int = 0) -> StoredViews:
+    def plan(
+        cls,
+        mode: ViewMode,
+        augmentation: Augmentation,
+        *,
+        num_views: int | None = None,
+        seeds: tuple[int, ...] = (0,),
+        epochs: int = 1,
+        seed: int = 0,
+    ) -> StoredViews:
         """The views a dump of `mode` stores for `augmentation`.
 
         Raises:
@@ -329,23 +360,31 @@ class StoredViews:
         if mode == "none":
             return cls("none", Augmentation("identity", augmentation.image_size))
         if augmentation.kind == "identity":
-            raise ViewError(f"teacher_dump.views: {mode} needs a training augmentation, but this student "
-                            "trains without one (augment: false): use views: none")
+            raise ViewError(
+                f"teacher_dump.views: {mode} needs a training augmentation, but this student "
+                "trains without one (augment: false): use views: none"
+            )
         if mode == "all":
             if not augmentation.enumerable:
-                raise ViewError(f"teacher_dump.views: all needs an enumerable augmentation, but "
-                                f"{augmentation.kind} views are sampled: use views: sample with num_views: K, "
-                                "or views: scheduled")
+                raise ViewError(
+                    f"teacher_dump.views: all needs an enumerable augmentation, but "
+                    f"{augmentation.kind} views are sampled: use views: sample with num_views: K, "
+                    "or views: scheduled"
+                )
             return cls("all", augmentation, augmentation.num_views)
         if mode == "scheduled":
             if not seeds or epochs < 1:
-                raise ViewError("teacher_dump.views: scheduled needs teacher_dump.seeds (non-empty) and "
-                                f"teacher_dump.epochs >= 1, got seeds {list(seeds)}, epochs {epochs}")
+                raise ViewError(
+                    "teacher_dump.views: scheduled needs teacher_dump.seeds (non-empty) and "
+                    f"teacher_dump.epochs >= 1, got seeds {list(seeds)}, epochs {epochs}"
+                )
             return cls("scheduled", augmentation, len(seeds) * epochs, tuple(seeds), epochs)
         if mode == "sample":
             if num_views is None or num_views < 1:
-                raise ViewError("teacher_dump.views: sample needs teacher_dump.num_views (an integer >= 1), "
-                                f"got {num_views}: set num_views: K")
+                raise ViewError(
+                    "teacher_dump.views: sample needs teacher_dump.num_views (an integer >= 1), "
+                    f"got {num_views}: set num_views: K"
+                )
             return cls("sample", augmentation, int(num_views), seed=seed)
         raise ViewError(f"teacher_dump.views: must be none, all, scheduled or sample, got {mode!r}")
 
@@ -363,8 +402,14 @@ class StoredViews:
         """Inverse of `spec`. A store written before views existed (no `views` key, V = 1) is `none`."""
         augmentation = augmentation_from_spec(spec)
         mode = spec.get("views", "none")
-        return cls(mode, augmentation, int(spec.get("num_views", 1)), tuple(spec.get("seeds", ())),
-                   int(spec.get("epochs", 0)), int(spec.get("seed", 0)))
+        return cls(
+            mode,
+            augmentation,
+            int(spec.get("num_views", 1)),
+            tuple(spec.get("seeds", ())),
+            int(spec.get("epochs", 0)),
+            int(spec.get("seed", 0)),
+        )
 
     def view_params(self, sample_index: np.ndarray) -> np.ndarray:
         """The params of every stored view of each sample: (V, B, P) int16 (the dump's input)."""
@@ -375,8 +420,13 @@ class StoredViews:
         if self.mode == "all":
             return np.repeat(self.augmentation.all_views()[:, None, :], count, axis=1)
         if self.mode == "scheduled":
-            return np.stack([self.augmentation.draw(seed, epoch, sample_index)[1]
-                             for seed in self.seeds for epoch in range(self.epochs)])
+            return np.stack(
+                [
+                    self.augmentation.draw(seed, epoch, sample_index)[1]
+                    for seed in self.seeds
+                    for epoch in range(self.epochs)
+                ]
+            )
         out = np.empty((self.num_views, count, len(names)), dtype=np.int16)
         for k in range(self.num_views):
             out[k] = self.augmentation.sample((self.seed, k), sample_index)
@@ -395,8 +445,10 @@ class StoredViews:
             return self.augmentation.draw(seed, epoch, sample_index)[0]
         if self.mode == "scheduled":
             if seed not in self.seeds or not 0 <= epoch < self.epochs:
-                raise ViewError(f"{where}: seed {seed}, epoch {epoch + 1} is not in the scheduled store "
-                                f"(seeds {list(self.seeds)} × {self.epochs} epochs): add the seed to "
-                                "teacher_dump.seeds and raise teacher_dump.epochs, or use views: all")
+                raise ViewError(
+                    f"{where}: seed {seed}, epoch {epoch + 1} is not in the scheduled store "
+                    f"(seeds {list(self.seeds)} × {self.epochs} epochs): add the seed to "
+                    "teacher_dump.seeds and raise teacher_dump.epochs, or use views: all"
+                )
             return np.full(sample_index.shape, self.seeds.index(seed) * self.epochs + epoch, dtype=np.int64)
         return keyed_integers((seed, epoch, _PICK_STREAM), sample_index, self.num_views)

@@ -22,6 +22,7 @@ Nothing lessons did not write is ever deleted. The sibling paths a writer uses a
 An output path that is a symbolic link is refused: renaming a finished folder into place would
 replace the link, not write into its target.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,7 +60,9 @@ def describe_os_error(exc: OSError, path: str | Path) -> str:
     if exc.errno == errno.ENOSPC:
         return f"{path}: no space left on the device; free some disk space and run again"
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
-        return f"{path}: not writable (a part of the path is a file, not a folder); choose another output path"
+        return (
+            f"{path}: not writable (a part of the path is a file, not a folder); choose another output path"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{path}: not writable ({exc.strerror}); choose a writable output path"
     return f"{path}: {exc.strerror or exc}"
@@ -74,10 +77,13 @@ def refuse_symlink(path: str | Path, what: str) -> None:
     path = Path(path)
     if path.is_symlink():
         target = os.readlink(path)
-        raise OutputError(errno.EEXIST, f"{path}: is a symbolic link (to {target}), not {what}; lessons "
-                                        "replaces an output by renaming a finished one into place, which "
-                                        "would replace the link: give the link's target as the output "
-                                        "path, or remove the link")
+        raise OutputError(
+            errno.EEXIST,
+            f"{path}: is a symbolic link (to {target}), not {what}; lessons "
+            "replaces an output by renaming a finished one into place, which "
+            "would replace the link: give the link's target as the output "
+            "path, or remove the link",
+        )
 
 
 def _marked(folder: Path, marker: str, signature: str | None) -> bool:
@@ -106,8 +112,11 @@ def refuse_foreign_output(out: str | Path, marker: str, what: str, *, signature:
     refuse_symlink(out, what)
     if out.exists() and not (out.is_dir() and _marked(out, marker, signature)):
         kind = "a folder" if out.is_dir() else "a file"
-        raise OutputError(errno.EEXIST, f"{out}: exists and is {kind}, not {what}; lessons only replaces "
-                                        "its own outputs: choose another output path or move it away")
+        raise OutputError(
+            errno.EEXIST,
+            f"{out}: exists and is {kind}, not {what}; lessons only replaces "
+            "its own outputs: choose another output path or move it away",
+        )
 
 
 def owns_work_dir(path: str | Path) -> bool:
@@ -128,9 +137,12 @@ def discard_work_dir(path: str | Path) -> None:
         return
     if not owns_work_dir(path):
         kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
-        raise OutputError(errno.EEXIST, f"{path}: exists and is {kind} that lessons did not create (no "
-                                        f"{WORK_MARKER}/ inside); lessons uses this name for unfinished "
-                                        "output and deletes only its own: move it away and run again")
+        raise OutputError(
+            errno.EEXIST,
+            f"{path}: exists and is {kind} that lessons did not create (no "
+            f"{WORK_MARKER}/ inside); lessons uses this name for unfinished "
+            "output and deletes only its own: move it away and run again",
+        )
     shutil.rmtree(path)
 
 
@@ -161,11 +173,17 @@ def exclusive_lock(out: str | Path) -> Iterator[None]:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise OutputError(exc.errno, f"{lock_path}: is a symbolic link; lessons uses this name as the "
-                                         "lock of its output: remove the link and run again") from exc
+            raise OutputError(
+                exc.errno,
+                f"{lock_path}: is a symbolic link; lessons uses this name as the "
+                "lock of its output: remove the link and run again",
+            ) from exc
         if exc.errno == errno.EISDIR:
-            raise OutputError(exc.errno, f"{lock_path}: is a folder; lessons uses this name as the lock "
-                                         "of its output: move it away and run again") from exc
+            raise OutputError(
+                exc.errno,
+                f"{lock_path}: is a folder; lessons uses this name as the lock "
+                "of its output: move it away and run again",
+            ) from exc
         raise OutputError(exc.errno, describe_os_error(exc, lock_path)) from exc
     try:
         try:
@@ -214,16 +232,25 @@ def refuse_foreign_file(path: str | Path) -> None:
     """
     path = Path(path)
     if path.is_symlink():
-        raise OutputError(errno.EEXIST, f"{path}: is a symbolic link (to {os.readlink(path)}); lessons replaces "
-                                        "a file output by renaming a new file into place, which would replace "
-                                        "the link: give the link's target as the output path, or remove the link")
+        raise OutputError(
+            errno.EEXIST,
+            f"{path}: is a symbolic link (to {os.readlink(path)}); lessons replaces "
+            "a file output by renaming a new file into place, which would replace "
+            "the link: give the link's target as the output path, or remove the link",
+        )
     if path.is_dir():
-        raise OutputError(errno.EISDIR, f"{path}: is a folder, and lessons writes a file here; choose "
-                                        "another output path or move the folder away")
+        raise OutputError(
+            errno.EISDIR,
+            f"{path}: is a folder, and lessons writes a file here; choose "
+            "another output path or move the folder away",
+        )
     if path.exists() and not _looks_like_ours(path):
-        raise OutputError(errno.EEXIST, f"{path}: exists and is not a {path.suffix or 'suffix-less'} file lessons "
-                                        "writes; lessons only replaces its own outputs: choose another output "
-                                        "path or move the file away")
+        raise OutputError(
+            errno.EEXIST,
+            f"{path}: exists and is not a {path.suffix or 'suffix-less'} file lessons "
+            "writes; lessons only replaces its own outputs: choose another output "
+            "path or move the file away",
+        )
 
 
 def writable_parent(path: str | Path) -> None:
@@ -315,8 +342,9 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def replace_dir(src: str | Path, dst: str | Path, *, marker: str, what: str,
-                signature: str | None = None) -> None:
+def replace_dir(
+    src: str | Path, dst: str | Path, *, marker: str, what: str, signature: str | None = None
+) -> None:
     """Move the finished work folder `src` to `dst`, replacing an older `dst` only once `src` is in.
 
     The old `dst` (checked again to be an earlier output, see `refuse_foreign_output`) is first

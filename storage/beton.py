@@ -8,6 +8,7 @@ FFCV traps handled here (see shared/FFCV-NOTES.md): inputs are validated before 
 `ToTensor`; `drop_last` is explicit; importing ffcv or building a `Loader` resets torch's thread
 count, so `make_loader` restores it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,9 @@ def write_beton(path: str | Path, images: np.ndarray, labels: np.ndarray, num_wo
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
         raise BetonError(f"{path}: images must be uint8 (N, H, W, 1|3), got {images.dtype} {images.shape}")
     if labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu":
-        raise BetonError(f"{path}: labels must be integer (N,) = ({images.shape[0]},), got "
-                         f"{labels.dtype} {labels.shape}")
+        raise BetonError(
+            f"{path}: labels must be integer (N,) = ({images.shape[0]},), got {labels.dtype} {labels.shape}"
+        )
     if images.shape[0] == 0:
         raise BetonError(f"{path}: refusing to write an empty split")
     if labels.min() < 0:
@@ -127,8 +129,10 @@ class GuardedLoader:
             except queue.Empty:
                 if not it.is_alive() and it.output_queue.empty():
                     it.close()
-                    raise RuntimeError("the ffcv loader thread died (its error is printed above); "
-                                       "check the beton and the pipeline") from None
+                    raise RuntimeError(
+                        "the ffcv loader thread died (its error is printed above); "
+                        "check the beton and the pipeline"
+                    ) from None
                 continue
             if threads_pending is not None:
                 torch.set_num_threads(threads_pending)
@@ -173,9 +177,17 @@ def _keyed_random_order(loader: Any) -> Any:
     return KeyedRandom(loader)
 
 
-def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, num_workers: int = 2, seed: int = 0,
-                drop_last: bool = False, torch_threads: int | None = None,
-                indices: Any = None) -> Any:
+def make_loader(
+    path: str | Path,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 2,
+    seed: int = 0,
+    drop_last: bool = False,
+    torch_threads: int | None = None,
+    indices: Any = None,
+) -> Any:
     """An ffcv `Loader` yielding (images uint8 (B, C, H, W), labels int64 (B,), sample_index (B,)).
 
     With `shuffle`, epoch e visits the rows in the order `epoch_order(seed, e, rows)`. Images
@@ -201,19 +213,30 @@ def make_loader(path: str | Path, *, batch_size: int, shuffle: bool, num_workers
     image_ops: list[Any] = [NDArrayDecoder(), ToTensor(), ToTorchImage(channels_last=False)]
     threads = torch_threads or len(os.sched_getaffinity(0))
     if num_workers > len(os.sched_getaffinity(0)):  # numba refuses more threads than cores
-        logger.warning("num_workers %d is more than the %d cores available; using %d", num_workers,
-                       len(os.sched_getaffinity(0)), len(os.sched_getaffinity(0)))
+        logger.warning(
+            "num_workers %d is more than the %d cores available; using %d",
+            num_workers,
+            len(os.sched_getaffinity(0)),
+            len(os.sched_getaffinity(0)),
+        )
         num_workers = len(os.sched_getaffinity(0))
-    loader = GuardedLoader(Loader(
-        str(path), batch_size=batch_size, num_workers=max(1, num_workers),
-        order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=seed,
-        drop_last=drop_last, indices=indices,
-        pipelines={
-            "image": image_ops,
-            "label": [IntDecoder(), ToTensor(), Squeeze(1)],
-            "sample_index": [IntDecoder(), ToTensor(), Squeeze(1)],
-        },
-    ), torch_threads=threads)
+    loader = GuardedLoader(
+        Loader(
+            str(path),
+            batch_size=batch_size,
+            num_workers=max(1, num_workers),
+            order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL,
+            seed=seed,
+            drop_last=drop_last,
+            indices=indices,
+            pipelines={
+                "image": image_ops,
+                "label": [IntDecoder(), ToTensor(), Squeeze(1)],
+                "sample_index": [IntDecoder(), ToTensor(), Squeeze(1)],
+            },
+        ),
+        torch_threads=threads,
+    )
     if shuffle:  # ffcv's RANDOM order draws from seed + epoch: replace it by a keyed one
         loader.loader.traversal_order = _keyed_random_order(loader.loader)
         loader.loader.first_traversal_order = loader.loader.next_traversal_order()

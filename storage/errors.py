@@ -9,6 +9,7 @@ subclass also keeps the built-in type it always had (`ConfigError` is a `ValueEr
 It lives in storage/ because every layer may import storage (DESIGN §2) and storage may import
 neither pipeline/ nor stages/.
 """
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@
 Export writes every array of a store as an HDF5 dataset and every attribute as a JSON string
 attribute (so nested attributes survive), which `read_h5` reads back bit for bit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,11 @@ def export_h5(store: SoftLabelStore, path: str | Path) -> None:
     """
     path = Path(path)
     if (path.exists() or path.is_symlink()) and not _is_export(path):
-        raise OutputError(errno.EEXIST, f"{path}: exists and is not an HDF5 export of lessons; lessons only "
-                                        "replaces its own exports: choose another file name or move it away")
+        raise OutputError(
+            errno.EEXIST,
+            f"{path}: exists and is not an HDF5 export of lessons; lessons only "
+            "replaces its own exports: choose another file name or move it away",
+        )
     tmp = None
     try:
         tmp = temporary_sibling(path)
@@ -129,8 +133,10 @@ class H5Source:
         try:
             return np.asarray(found[index])
         except (OSError, ValueError, TypeError) as exc:
-            raise H5Error(f"{self.path}: dataset {name!r} cannot be read ({exc}); "
-                          "the file is damaged or needs a filter h5py lacks") from exc
+            raise H5Error(
+                f"{self.path}: dataset {name!r} cannot be read ({exc}); "
+                "the file is damaged or needs a filter h5py lacks"
+            ) from exc
 
     def attr(self, key: str, default: Any = None) -> Any:
         """Top-level attribute `key` as plain Python, `default` if absent.
@@ -148,16 +154,20 @@ class H5Source:
         try:
             raw = self.file.attrs[key]
         except (OSError, TypeError, ValueError) as exc:  # e.g. a type h5py cannot map to numpy
-            raise H5Error(f"{self.path}: attribute {key!r} cannot be read ({exc}); "
-                          "rewrite it as a number, string or numeric array") from exc
+            raise H5Error(
+                f"{self.path}: attribute {key!r} cannot be read ({exc}); "
+                "rewrite it as a number, string or numeric array"
+            ) from exc
         value = _plain(raw)
         if not self.exported:
             return value
         try:
             return json.loads(value)
         except (TypeError, ValueError) as exc:
-            raise H5Error(f"{self.path}: attribute {key!r} is not the JSON text that lessons export "
-                          f"writes ({exc}); re-export the store") from exc
+            raise H5Error(
+                f"{self.path}: attribute {key!r} is not the JSON text that lessons export "
+                f"writes ({exc}); re-export the store"
+            ) from exc
 
 
 def _plain(value: Any) -> Any:
@@ -179,7 +189,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_h5(path: str | Path, names: Iterable[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def read_h5(
+    path: str | Path, names: Iterable[str] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Datasets (in memory) and attributes of an HDF5 file.
 
     Args:

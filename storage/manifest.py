@@ -4,6 +4,7 @@ The fingerprint is what ties every store to the exact images and labels it was c
 sha256 over a version tag, the image array's shape and dtype, the labels and the image bytes,
 in canonical order. Changing one pixel, one label, the order or the subset changes it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,7 +41,7 @@ def dataset_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     images = np.ascontiguousarray(images)
     step = 4096  # hash in slices so a large dataset is never copied whole
     for start in range(0, images.shape[0], step):
-        digest.update(images[start:start + step].tobytes())
+        digest.update(images[start : start + step].tobytes())
     return digest.hexdigest()
 
 
@@ -72,8 +73,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ManifestError(f"{path}: unreadable manifest ({exc}); rerun `lessons prepare-data`") from exc
     if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise ManifestError(f"{path}: manifest version {manifest.get('manifest_version')!r}, "
-                            f"expected {MANIFEST_VERSION}; rerun `lessons prepare-data`")
+        raise ManifestError(
+            f"{path}: manifest version {manifest.get('manifest_version')!r}, "
+            f"expected {MANIFEST_VERSION}; rerun `lessons prepare-data`"
+        )
     return manifest
 
 
@@ -92,8 +95,10 @@ def read_prepared(data_dir: str | Path, verify_betons: bool = True) -> dict[str,
             if not beton.is_file():
                 raise ManifestError(f"{beton}: missing; rerun `lessons prepare-data`")
             if file_sha256(beton) != info.get("beton_sha256"):
-                raise ManifestError(f"{beton}: does not match {data_dir / 'manifest.json'} "
-                                    "(sha256 differs); rerun `lessons prepare-data`")
+                raise ManifestError(
+                    f"{beton}: does not match {data_dir / 'manifest.json'} "
+                    "(sha256 differs); rerun `lessons prepare-data`"
+                )
     return manifest
 
 

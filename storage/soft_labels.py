@@ -20,6 +20,7 @@ Attributes never hold timestamps or host names (DVC hashes must be stable). A wr
 `<out>.partial/`, marks each finished chunk under `<out>.partial/.lessons/done/`, and renames
 the folder into place only when every chunk is marked; a rerun with the same plan resumes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,8 +78,7 @@ class ArraySpec:
 
     def chunks(self, chunk_rows: int) -> tuple[int, ...]:
         return tuple(
-            min(chunk_rows, n) if axis == self.sample_axis else max(n, 1)
-            for axis, n in enumerate(self.shape)
+            min(chunk_rows, n) if axis == self.sample_axis else max(n, 1) for axis, n in enumerate(self.shape)
         )
 
     def fill_value(self) -> Any:
@@ -92,8 +92,9 @@ def _compressors(dtype: str) -> tuple[Any, ...]:
     # read, so a chunk damaged on disk is an error, never silently different logits.
     itemsize = np.dtype(dtype).itemsize
     return (
-        zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle" if itemsize > 1 else "noshuffle",
-                               typesize=itemsize),
+        zarr.codecs.BloscCodec(
+            cname="zstd", clevel=3, shuffle="shuffle" if itemsize > 1 else "noshuffle", typesize=itemsize
+        ),
         zarr.codecs.Crc32cCodec(),
     )
 
@@ -110,8 +111,10 @@ def checked_reads(path: str | Path) -> Iterator[None]:
     except ValueError as exc:
         if isinstance(exc, StoreError) or "checksum" not in str(exc).lower():
             raise
-        raise StoreError(f"{path}: a chunk fails its crc32c checksum (the file was damaged on disk); "
-                         "rebuild the store (dvc repro --force the stage that writes it)") from exc
+        raise StoreError(
+            f"{path}: a chunk fails its crc32c checksum (the file was damaged on disk); "
+            "rebuild the store (dvc repro --force the stage that writes it)"
+        ) from exc
 
 
 def _jsonable(obj: Any) -> Any:
@@ -151,11 +154,14 @@ def check_blocks(blocks: Iterable[np.ndarray], dtype: str, *, where: str) -> Non
         elif target.kind in "iu" and value.dtype.kind not in "iub":
             raise StoreError(f"{where} must be integer, got {value.dtype}")
     if non_finite:
-        raise StoreError(f"{where} has {non_finite} NaN/inf values; "
-                         "fix the producer (a diverged teacher?) before caching")
+        raise StoreError(
+            f"{where} has {non_finite} NaN/inf values; fix the producer (a diverged teacher?) before caching"
+        )
     if peak > FLOAT16_MAX:
-        raise StoreError(f"{where} has |value| {peak:.4g} beyond the float16 "
-                         f"range ({FLOAT16_MAX:g}); set teacher_dump.dtype: float32")
+        raise StoreError(
+            f"{where} has |value| {peak:.4g} beyond the float16 "
+            f"range ({FLOAT16_MAX:g}); set teacher_dump.dtype: float32"
+        )
 
 
 def content_digest(path: str | Path) -> str:
@@ -191,8 +197,15 @@ class StoreWriter:
         StoreError: inconsistent array specs.
     """
 
-    def __init__(self, out: str | Path, *, kind: str, arrays: Mapping[str, ArraySpec],
-                 attrs: Mapping[str, Any], chunk_rows: int) -> None:
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        kind: str,
+        arrays: Mapping[str, ArraySpec],
+        attrs: Mapping[str, Any],
+        chunk_rows: int,
+    ) -> None:
         self.out = Path(out)
         refuse_foreign_output(self.out, "zarr.json", "a zarr store")
         if self.out.is_dir():
@@ -201,8 +214,11 @@ class StoreWriter:
             except (OSError, ValueError):
                 old_kind = None
             if old_kind != kind:
-                raise OutputError(errno.EEXIST, f"{self.out}: holds a store of kind {old_kind!r}, and this "
-                                                f"writes kind {kind!r}; choose another output path or move it away")
+                raise OutputError(
+                    errno.EEXIST,
+                    f"{self.out}: holds a store of kind {old_kind!r}, and this "
+                    f"writes kind {kind!r}; choose another output path or move it away",
+                )
         self.partial = partial_path(self.out)
         sizes = {spec.shape[spec.sample_axis] for spec in arrays.values()}
         if len(sizes) != 1:
@@ -215,8 +231,13 @@ class StoreWriter:
         self.chunk_rows = int(chunk_rows)
         self.arrays = dict(arrays)
         self.attrs = _jsonable(
-            {**attrs, "kind": kind, "schema_version": SCHEMA_VERSION, "num_samples": self.num_samples,
-             "chunk_rows": self.chunk_rows}
+            {
+                **attrs,
+                "kind": kind,
+                "schema_version": SCHEMA_VERSION,
+                "num_samples": self.num_samples,
+                "chunk_rows": self.chunk_rows,
+            }
         )
         self.num_chunks = -(-self.num_samples // self.chunk_rows)
         self._lock = exclusive_lock(self.out)
@@ -260,8 +281,9 @@ class StoreWriter:
                     same = False
                 if same:
                     done = len(self.completed_chunks())
-                    logger.info("%s: resuming, %d of %d chunks already written", self.out, done,
-                                self.num_chunks)
+                    logger.info(
+                        "%s: resuming, %d of %d chunks already written", self.out, done, self.num_chunks
+                    )
                     self._group = zarr.open_group(self.partial, mode="r+")
                     return
                 logger.warning("%s: discarding an unfinished write made with other settings", self.out)
@@ -270,8 +292,12 @@ class StoreWriter:
             group = zarr.open_group(self.partial, mode="a", zarr_format=3)
             for name, spec in self.arrays.items():
                 group.create_array(
-                    name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks(self.chunk_rows),
-                    fill_value=spec.fill_value(), compressors=_compressors(spec.dtype),
+                    name,
+                    shape=spec.shape,
+                    dtype=spec.dtype,
+                    chunks=spec.chunks(self.chunk_rows),
+                    fill_value=spec.fill_value(),
+                    compressors=_compressors(spec.dtype),
                 )
             (self.partial / _MARKS / "done").mkdir()
             atomic_write_json(plan_file, plan)
@@ -316,8 +342,9 @@ class StoreWriter:
             for name, value in values.items():
                 spec = self.arrays[name]
                 value = self._checked(name, spec, np.asarray(value), rows)
-                index = tuple(rows if axis == spec.sample_axis else slice(None)
-                              for axis in range(len(spec.shape)))
+                index = tuple(
+                    rows if axis == spec.sample_axis else slice(None) for axis in range(len(spec.shape))
+                )
                 self._array(name)[index] = value
             atomic_write_bytes(self.partial / _MARKS / "done" / str(chunk), b"")
         except OSError as exc:
@@ -327,13 +354,15 @@ class StoreWriter:
         expected = list(spec.shape)
         expected[spec.sample_axis] = rows.stop - rows.start
         if list(value.shape) != expected:
-            raise StoreError(f"{self.out}: array {name!r} chunk has shape {value.shape}, "
-                             f"expected {tuple(expected)}")
+            raise StoreError(
+                f"{self.out}: array {name!r} chunk has shape {value.shape}, expected {tuple(expected)}"
+            )
         check_values(value, spec.dtype, where=f"{self.out}: array {name!r}")
         return value.astype(np.dtype(spec.dtype), copy=False)
 
-    def write_dask(self, values: Mapping[str, Any], scheduler: Any = None,
-                   reductions: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def write_dask(
+        self, values: Mapping[str, Any], scheduler: Any = None, reductions: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Store dask arrays (one per array name, or a subset) into the store, then mark chunks.
 
         Every dask chunk must coincide with a zarr chunk (misaligned parallel writes to zarr lose
@@ -355,7 +384,9 @@ class StoreWriter:
 
         assert self._group is not None, "use StoreWriter as a context manager"
         sources: list[da.Array] = []
-        targets: list[Any] = []  # zarr arrays: dask types `targets` as numpy-like, zarr is written by __setitem__
+        targets: list[
+            Any
+        ] = []  # zarr arrays: dask types `targets` as numpy-like, zarr is written by __setitem__
         for name, value in values.items():
             if name not in self.arrays:
                 raise StoreError(f"{self.out}: no array {name!r} in this store")
@@ -368,8 +399,10 @@ class StoreWriter:
                 for c, n in zip(zarr_chunks, spec.shape, strict=True)
             )
             if tuple(value.chunks) != expected:
-                raise StoreError(f"{self.out}: array {name!r} dask chunks {value.chunks} do not "
-                                 f"coincide with the zarr chunks {zarr_chunks}")
+                raise StoreError(
+                    f"{self.out}: array {name!r} dask chunks {value.chunks} do not "
+                    f"coincide with the zarr chunks {zarr_chunks}"
+                )
             sources.append(value.astype(spec.dtype))
             targets.append(self._array(name))
         import dask
@@ -432,11 +465,19 @@ class StoreWriter:
         assert self._group is not None
         pending = self.pending_chunks()
         if pending:
-            raise StoreError(f"{self.out}: {len(pending)} chunks were never written "
-                             f"(first: {pending[0]}); the store is left unfinished in {self.partial}")
+            raise StoreError(
+                f"{self.out}: {len(pending)} chunks were never written "
+                f"(first: {pending[0]}); the store is left unfinished in {self.partial}"
+            )
         try:
-            self._group.attrs.update({**self.attrs, **_jsonable(dict(extra_attrs or {})),
-                                      "content_digest": content_digest(self.partial), "complete": True})
+            self._group.attrs.update(
+                {
+                    **self.attrs,
+                    **_jsonable(dict(extra_attrs or {})),
+                    "content_digest": content_digest(self.partial),
+                    "complete": True,
+                }
+            )
             replace_dir(self.partial, self.out, marker="zarr.json", what="a zarr store")
         except OSError as exc:
             raise OutputError(exc.errno, describe_os_error(exc, self.out)) from exc
@@ -485,14 +526,17 @@ class SoftLabelStore:
         """
         recorded = self.attrs.get("source")
         if not isinstance(recorded, dict) or "content_digest" not in recorded or "sample_index" not in self:
-            raise StoreError(f"{self.path}: does not record the store it was derived from (written by an "
-                             "older lessons); rebuild it (dvc repro)")
+            raise StoreError(
+                f"{self.path}: does not record the store it was derived from (written by an "
+                "older lessons); rebuild it (dvc repro)"
+            )
         if recorded["content_digest"] != source.content_digest:
             raise StoreError(
                 f"{self.path}: was derived from a store of content digest "
                 f"{recorded['content_digest'][:12]}... "
                 f"but {source.path} has {source.content_digest[:12]}...; it belongs to another dump of the "
-                "teacher: rebuild it from this one (dvc repro)")
+                "teacher: rebuild it from this one (dvc repro)"
+            )
         self.expect_sample_index(source.read("sample_index"), against=str(source.path))
 
     def __contains__(self, name: str) -> bool:
@@ -569,14 +613,18 @@ class SoftLabelStore:
             shape = _member_array(self.group, name).shape
             rows = shape[0] if len(shape) == 1 else shape[1] if len(shape) > 1 else None
             if rows != n:
-                raise StoreError(f"{self.path}: array {name!r} has shape {shape} but the store says "
-                                 f"num_samples = {n}; the store is damaged: rebuild it")
+                raise StoreError(
+                    f"{self.path}: array {name!r} has shape {shape} but the store says "
+                    f"num_samples = {n}; the store is damaged: rebuild it"
+                )
         if self.kind == "logits":
             want = (self.attrs.get("num_views"), n, self.attrs.get("num_classes"))
             shape = self.array("logits").shape
             if tuple(shape) != want:
-                raise StoreError(f"{self.path}: logits have shape {tuple(shape)} but the attributes "
-                                 f"say (num_views, N, num_classes) = {want}; rebuild the store")
+                raise StoreError(
+                    f"{self.path}: logits have shape {tuple(shape)} but the attributes "
+                    f"say (num_views, N, num_classes) = {want}; rebuild the store"
+                )
             self.expect_sample_index(np.arange(n, dtype=np.int64), against="the canonical order 0..N-1")
 
 
@@ -606,8 +654,11 @@ def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
     """
     path = Path(path)
     if not path.exists():
-        hint = (" (an unfinished write exists beside it: rerun the stage to resume)"
-                if partial_path(path).exists() else "; run the stage that writes it first")
+        hint = (
+            " (an unfinished write exists beside it: rerun the stage to resume)"
+            if partial_path(path).exists()
+            else "; run the stage that writes it first"
+        )
         raise StoreError(f"{path}: no such store{hint}")
     try:
         group = zarr.open_group(path, mode="r")
@@ -616,8 +667,10 @@ def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
     attrs = dict(group.attrs)
     version = attrs.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise StoreError(f"{path}: schema_version {version!r} but this lessons reads "
-                         f"{SCHEMA_VERSION}; rebuild the store with this version")
+        raise StoreError(
+            f"{path}: schema_version {version!r} but this lessons reads "
+            f"{SCHEMA_VERSION}; rebuild the store with this version"
+        )
     if attrs.get("complete") is not True:
         raise StoreError(f"{path}: the store is incomplete (never finalized); rebuild it")
     if kind is not None and attrs.get("kind") != kind:
@@ -642,8 +695,10 @@ def _check_digest(path: Path, group: zarr.Group, attrs: dict[str, Any]) -> None:
     with checked_reads(path):
         for name in sorted(group.array_keys()):
             _member_array(group, name)[...]  # a damaged chunk raises its checksum error here
-    raise StoreError(f"{path}: its arrays changed after it was written (their files no longer match the "
-                     f"recorded content digest): it was edited in place; {_rebuild_hint(attrs)}")
+    raise StoreError(
+        f"{path}: its arrays changed after it was written (their files no longer match the "
+        f"recorded content digest): it was edited in place; {_rebuild_hint(attrs)}"
+    )
 
 
 def _check_chunks(path: Path, group: zarr.Group) -> None:
@@ -661,16 +716,21 @@ def _check_chunks(path: Path, group: zarr.Group) -> None:
         if array.dtype == np.bool_:
             continue
         folder = path / array.path
-        present = {Path(root, file).relative_to(folder).as_posix()
-                   for root, _, files in os.walk(folder) for file in files}
+        present = {
+            Path(root, file).relative_to(folder).as_posix()
+            for root, _, files in os.walk(folder)
+            for file in files
+        }
         axis = 0 if array.ndim == 1 else 1  # the sample axis (every store array has one)
         for coords in itertools.product(*(range(n) for n in array.cdata_shape)):
             key = array.metadata.encode_chunk_key(coords)
             if key not in present:
                 first = coords[axis] * array.chunks[axis]
                 last = min(first + array.chunks[axis], array.shape[axis]) - 1
-                raise StoreError(f"{path}: chunk {name}/{key} (samples {first}..{last}) is missing: the "
-                                 f"store is damaged or incomplete; {_rebuild_hint(dict(group.attrs))}")
+                raise StoreError(
+                    f"{path}: chunk {name}/{key} (samples {first}..{last}) is missing: the "
+                    f"store is damaged or incomplete; {_rebuild_hint(dict(group.attrs))}"
+                )
 
 
 def _member_array(group: zarr.Group, name: str) -> zarr.Array:
@@ -686,7 +746,13 @@ def _rebuild_hint(attrs: dict[str, Any]) -> str:
     name = teacher.get("name")
     if attrs.get("kind") == "logits" and teacher.get("arch") == "external":
         return "rebuild it: rerun lessons import-logits"
-    stage = {"logits": f"teacher_dump@{name}", "adjusted": f"adjust@{name}-{attrs.get('method')}",
-             "dtd": f"temperature@{name}"}.get(attrs.get("kind", ""))
-    return f"rebuild it: dvc repro --force {stage}" if name and stage else \
-        "rebuild it: dvc repro --force the stage that writes it"
+    stage = {
+        "logits": f"teacher_dump@{name}",
+        "adjusted": f"adjust@{name}-{attrs.get('method')}",
+        "dtd": f"temperature@{name}",
+    }.get(attrs.get("kind", ""))
+    return (
+        f"rebuild it: dvc repro --force {stage}"
+        if name and stage
+        else "rebuild it: dvc repro --force the stage that writes it"
+    )

@@ -1,4 +1,5 @@
 """Library versions recorded in store attributes (what produced the numbers)."""
+
 from __future__ import annotations
 
 from importlib import metadata

@@ -1,4 +1,5 @@
 """Shared fixtures. Tests that need real data skip with a reason when it is absent."""
+
 from __future__ import annotations
 
 import os

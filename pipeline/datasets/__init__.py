@@ -18,6 +18,7 @@ train split: the train split keeps its remaining rows in canonical order. Nothin
 downloaded. Each source has its own module (`idx`, `cifar`, `npz`, `imagefolder`) returning
 `source.Source`s; adding a dataset is one such loader plus one `_REGISTRY` entry.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -41,23 +42,42 @@ from pipeline.datasets.subsets import VALIDATION_STREAM, balanced_subset, valida
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DatasetError", "Split", "Dataset", "available_datasets", "data_root", "default_root", "load_dataset",
-    "balanced_subset", "validation_split", "FASHION_MNIST_CLASSES", "VALIDATION_STREAM",
+    "DatasetError",
+    "Split",
+    "Dataset",
+    "available_datasets",
+    "data_root",
+    "default_root",
+    "load_dataset",
+    "balanced_subset",
+    "validation_split",
+    "FASHION_MNIST_CLASSES",
+    "VALIDATION_STREAM",
 ]
 
 
 def _check_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
-    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
-            and images.shape[3] in (1, 3) and images.flags.c_contiguous):
+    if not (
+        isinstance(images, np.ndarray)
+        and images.dtype == np.uint8
+        and images.ndim == 4
+        and images.shape[3] in (1, 3)
+        and images.flags.c_contiguous
+    ):
         shape, dtype = getattr(images, "shape", None), getattr(images, "dtype", type(images))
-        raise DatasetError(f"{where} images: need a C-contiguous (N, H, W, C) uint8 array with "
-                           f"C in {{1, 3}}, got shape {shape} dtype {dtype}")
+        raise DatasetError(
+            f"{where} images: need a C-contiguous (N, H, W, C) uint8 array with "
+            f"C in {{1, 3}}, got shape {shape} dtype {dtype}"
+        )
     if not (isinstance(labels, np.ndarray) and labels.dtype == np.int64 and labels.ndim == 1):
-        raise DatasetError(f"{where} labels: need an (N,) int64 array, got "
-                           f"shape {getattr(labels, 'shape', None)} dtype {getattr(labels, 'dtype', None)}")
+        raise DatasetError(
+            f"{where} labels: need an (N,) int64 array, got "
+            f"shape {getattr(labels, 'shape', None)} dtype {getattr(labels, 'dtype', None)}"
+        )
     if len(images) != len(labels):
-        raise DatasetError(f"{where}: {len(images)} images but {len(labels)} labels; "
-                           "every image needs exactly one label")
+        raise DatasetError(
+            f"{where}: {len(images)} images but {len(labels)} labels; every image needs exactly one label"
+        )
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
@@ -66,8 +86,10 @@ def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
         row = int(bad[0])
-        raise DatasetError(f"{where} label {int(labels[row])} at row {row} is outside "
-                           f"[0, {num_classes}) ({len(bad)} such rows); fix the labels or the class names")
+        raise DatasetError(
+            f"{where} label {int(labels[row])} at row {row} is outside "
+            f"[0, {num_classes}) ({len(bad)} such rows); fix the labels or the class names"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,8 +131,10 @@ class Dataset:
         if not self.class_names:
             raise DatasetError(f"{self.name}: no class names")
         if self.train.images.shape[1:] != self.test.images.shape[1:]:
-            raise DatasetError(f"{self.name}: train images are {self.train.images.shape[1:]} but "
-                               f"test images are {self.test.images.shape[1:]}; both splits need one shape")
+            raise DatasetError(
+                f"{self.name}: train images are {self.train.images.shape[1:]} but "
+                f"test images are {self.test.images.shape[1:]}; both splits need one shape"
+            )
         for split_name, split in self.splits().items():
             _check_labels(split.labels, self.num_classes, f"{self.name}: {split_name}")
 
@@ -136,18 +160,26 @@ class _Entry(NamedTuple):
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "fashion_mnist": _Entry(load_fashion_mnist, "/usr/share/datasets/fashion-mnist",
-                            "install the Debian package dataset-fashion-mnist or set data.root to "
-                            "a folder with the four IDX files"),
-    "cifar10": _Entry(lambda root: load_cifar(root, hundred=False), None,
-                      "download CIFAR-10 yourself and set data.root to the folder holding "
-                      "cifar-10-batches-py/"),
-    "cifar100": _Entry(lambda root: load_cifar(root, hundred=True), None,
-                       "download CIFAR-100 yourself and set data.root to the folder holding "
-                       "cifar-100-python/"),
+    "fashion_mnist": _Entry(
+        load_fashion_mnist,
+        "/usr/share/datasets/fashion-mnist",
+        "install the Debian package dataset-fashion-mnist or set data.root to "
+        "a folder with the four IDX files",
+    ),
+    "cifar10": _Entry(
+        lambda root: load_cifar(root, hundred=False),
+        None,
+        "download CIFAR-10 yourself and set data.root to the folder holding cifar-10-batches-py/",
+    ),
+    "cifar100": _Entry(
+        lambda root: load_cifar(root, hundred=True),
+        None,
+        "download CIFAR-100 yourself and set data.root to the folder holding cifar-100-python/",
+    ),
     "npz": _Entry(load_npz, None, "set data.root to a .npz file (see shared/data/README.md)"),
-    "imagefolder": _Entry(load_imagefolder, None,
-                          "set data.root to a folder with train/<class>/* and val/<class>/*"),
+    "imagefolder": _Entry(
+        load_imagefolder, None, "set data.root to a folder with train/<class>/* and val/<class>/*"
+    ),
 }
 
 
@@ -213,18 +245,28 @@ def load_dataset(config: DataConfig) -> Dataset:
     try:
         class_names, *sources = entry.loader(root)
         arrays = {}
-        for split, source, max_samples in (("train", sources[0], config.max_train_samples),
-                                           ("test", sources[1], config.max_test_samples)):
+        for split, source, max_samples in (
+            ("train", sources[0], config.max_train_samples),
+            ("test", sources[1], config.max_test_samples),
+        ):
             if len(source.labels) == 0:
                 raise DatasetError(f"the {split} split of {root} is empty; add its samples")
             _check_labels(source.labels, len(class_names), f"{root}: {split}")
             if max_samples is not None and max_samples > len(source.labels):
-                logger.warning("data.max_%s_samples is %d but %s has %d %s images: using all of them",
-                               split, max_samples, root, len(source.labels), split)
+                logger.warning(
+                    "data.max_%s_samples is %d but %s has %d %s images: using all of them",
+                    split,
+                    max_samples,
+                    root,
+                    len(source.labels),
+                    split,
+                )
             rows = balanced_subset(source.labels, max_samples, config.seed, split)
             if split == "train" and config.validation_fraction > 0.0:
                 try:
-                    kept, held = validation_split(source.labels[rows], config.validation_fraction, config.seed)
+                    kept, held = validation_split(
+                        source.labels[rows], config.validation_fraction, config.seed
+                    )
                 except ValueError as exc:
                     raise DatasetError(str(exc)) from exc
                 val_source_index = rows[held]
@@ -233,20 +275,35 @@ def load_dataset(config: DataConfig) -> Dataset:
             arrays[split] = (source.read_images(rows), source.labels[rows])
         channels = {images.shape[-1] for images, _ in arrays.values()}
         if channels == {1, 3}:  # a grey split beside an RGB one: replicate, exactly as L->RGB
-            arrays = {split: (np.repeat(images, 3, axis=3) if images.shape[-1] == 1 else images, labels)
-                      for split, (images, labels) in arrays.items()}
+            arrays = {
+                split: (np.repeat(images, 3, axis=3) if images.shape[-1] == 1 else images, labels)
+                for split, (images, labels) in arrays.items()
+            }
         splits = {}
         for split, (images, labels) in arrays.items():
             _check_split(images, labels, split)
             splits[split] = Split(images, labels)
-        dataset = Dataset(config.name, tuple(class_names), splits["train"], splits["test"],
-                          val=splits.get("val"),
-                          val_source_index=val_source_index if "val" in splits else None)
+        dataset = Dataset(
+            config.name,
+            tuple(class_names),
+            splits["train"],
+            splits["test"],
+            val=splits.get("val"),
+            val_source_index=val_source_index if "val" in splits else None,
+        )
     except DatasetError as exc:
-        raise DatasetError(exc.args[0] if str(exc).startswith(config.name) else
-                           f"{config.name}: {exc}") from exc
-    logger.info("%s: %d train + %s%d test images of %s, %d classes, from %s in %.1f s", config.name,
-                len(dataset.train), f"{len(dataset.val)} val + " if dataset.val is not None else "",
-                len(dataset.test), dataset.image_shape, dataset.num_classes, root,
-                time.perf_counter() - started)
+        raise DatasetError(
+            exc.args[0] if str(exc).startswith(config.name) else f"{config.name}: {exc}"
+        ) from exc
+    logger.info(
+        "%s: %d train + %s%d test images of %s, %d classes, from %s in %.1f s",
+        config.name,
+        len(dataset.train),
+        f"{len(dataset.val)} val + " if dataset.val is not None else "",
+        len(dataset.test),
+        dataset.image_shape,
+        dataset.num_classes,
+        root,
+        time.perf_counter() - started,
+    )
     return dataset

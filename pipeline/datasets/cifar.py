@@ -1,4 +1,5 @@
 """CIFAR-10 and CIFAR-100 from torchvision's pickles (batch 1..5 then rows; fine labels)."""
+
 from __future__ import annotations
 
 import logging
@@ -30,10 +31,12 @@ def load_cifar(root: Path, hundred: bool) -> tuple[tuple[str, ...], Source, Sour
     missing = [name for name in wanted if not (folder / name).is_file()]
     if missing:
         title = "CIFAR-100" if hundred else "CIFAR-10"
-        raise DatasetError(f"no torchvision {title} files under {root} (missing {folder}/{missing[0]}, "
-                           f"expected {', '.join(wanted)}); download {title} yourself "
-                           "(torchvision layout) and set data.root to the folder holding "
-                           f"{spec.base_folder}/")
+        raise DatasetError(
+            f"no torchvision {title} files under {root} (missing {folder}/{missing[0]}, "
+            f"expected {', '.join(wanted)}); download {title} yourself "
+            "(torchvision layout) and set data.root to the folder holding "
+            f"{spec.base_folder}/"
+        )
 
     def unpickle(name: str) -> dict:
         try:
@@ -42,8 +45,9 @@ def load_cifar(root: Path, hundred: bool) -> tuple[tuple[str, ...], Source, Sour
             if not isinstance(entry, dict):
                 raise TypeError(f"a {type(entry).__name__}, not a dict")
         except Exception as exc:  # any failure to unpickle means the file is not a CIFAR batch
-            raise DatasetError(f"{folder / name}: not a CIFAR pickle ({exc}); replace it with an "
-                               "intact copy") from exc
+            raise DatasetError(
+                f"{folder / name}: not a CIFAR pickle ({exc}); replace it with an intact copy"
+            ) from exc
         return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
     for name, md5 in spec.train_list + spec.test_list + [(spec.meta["filename"], spec.meta["md5"])]:
@@ -56,10 +60,17 @@ def load_cifar(root: Path, hundred: bool) -> tuple[tuple[str, ...], Source, Sour
             entry = unpickle(name)
             data = np.asarray(entry.get("data"))
             batch_labels = entry.get("labels", entry.get("fine_labels"))
-            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or \
-                    batch_labels is None or len(batch_labels) != len(data):
-                raise DatasetError(f"{folder / name}: need 'data' uint8 (n, 3072) and n labels, got "
-                                   f"{data.dtype} {data.shape}; replace it with an intact copy")
+            if (
+                data.dtype != np.uint8
+                or data.ndim != 2
+                or data.shape[1] != 3 * 32 * 32
+                or batch_labels is None
+                or len(batch_labels) != len(data)
+            ):
+                raise DatasetError(
+                    f"{folder / name}: need 'data' uint8 (n, 3072) and n labels, got "
+                    f"{data.dtype} {data.shape}; replace it with an intact copy"
+                )
             images.append(data)
             labels.append(np.asarray(batch_labels, dtype=np.int64))
         hwc = np.vstack(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -67,7 +78,8 @@ def load_cifar(root: Path, hundred: bool) -> tuple[tuple[str, ...], Source, Sour
 
     meta = unpickle(spec.meta["filename"])
     if spec.meta["key"] not in meta:
-        raise DatasetError(f"{folder / spec.meta['filename']}: no {spec.meta['key']!r} entry; "
-                           "replace it with an intact copy")
+        raise DatasetError(
+            f"{folder / spec.meta['filename']}: no {spec.meta['key']!r} entry; replace it with an intact copy"
+        )
     class_names = tuple(str(c) for c in meta[spec.meta["key"]])
     return class_names, split(spec.train_list), split(spec.test_list)

@@ -1,5 +1,6 @@
 """An image folder (`train/<class>/*` beside `val|test|valid/<class>/*`) or Tiny ImageNet, in
 (class name, file name) order."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,14 +20,21 @@ def _class_folders(split_dir: Path) -> list[str]:
 def _image_files(folder: Path) -> list[Path]:
     if (folder / "images").is_dir():  # Tiny ImageNet: train/<wnid>/images/*.JPEG beside boxes.txt
         folder = folder / "images"
-    return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
+    return sorted(
+        (
+            p
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        ),
+        key=lambda p: p.name,
+    )
 
 
 def _folder_source(files_by_class: dict[str, list[Path]], class_index: dict[str, int]) -> Source:
     paths = [p for name in sorted(files_by_class) for p in files_by_class[name]]
-    labels = np.array([class_index[name] for name in sorted(files_by_class)
-                       for _ in files_by_class[name]], dtype=np.int64)
+    labels = np.array(
+        [class_index[name] for name in sorted(files_by_class) for _ in files_by_class[name]], dtype=np.int64
+    )
     return Source(labels, lambda idx: decode([paths[i] for i in idx], [str(paths[i]) for i in idx]))
 
 
@@ -39,8 +47,10 @@ def load_imagefolder(root: Path) -> tuple[tuple[str, ...], Source, Source]:
     """
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise DatasetError(f"no train/ folder under {root}; lay images out as train/<class>/* and "
-                           "val/<class>/* (or Tiny ImageNet's layout)")
+        raise DatasetError(
+            f"no train/ folder under {root}; lay images out as train/<class>/* and "
+            "val/<class>/* (or Tiny ImageNet's layout)"
+        )
     class_names = tuple(_class_folders(train_dir))
     if not class_names:
         raise DatasetError(f"{train_dir} has no class folders; put each class's images in train/<class>/")
@@ -51,8 +61,9 @@ def load_imagefolder(root: Path) -> tuple[tuple[str, ...], Source, Source]:
         empty = next((name for name in names if not files[name]), None)
         if empty is not None:
             suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-            raise DatasetError(f"{split_dir / empty} holds no image files ({suffixes}); "
-                               "add its images or remove the folder")
+            raise DatasetError(
+                f"{split_dir / empty} holds no image files ({suffixes}); add its images or remove the folder"
+            )
         return files
 
     train = scan(train_dir, class_names)
@@ -66,18 +77,22 @@ def load_imagefolder(root: Path) -> tuple[tuple[str, ...], Source, Source]:
             if not fields:
                 continue
             if len(fields) < 2 or fields[1] not in class_index or fields[0] not in present:
-                raise DatasetError(f"{annotations}:{line_no}: {line.strip()!r} needs an image in "
-                                   f"{image_dir} and a wnid that is a train/ folder; fix the line")
+                raise DatasetError(
+                    f"{annotations}:{line_no}: {line.strip()!r} needs an image in "
+                    f"{image_dir} and a wnid that is a train/ folder; fix the line"
+                )
             test.setdefault(fields[1], []).append(present.pop(fields[0]))
         if present:
-            raise DatasetError(f"{image_dir / min(present)} has no line in {annotations}; "
-                               "add one or remove the image")
+            raise DatasetError(
+                f"{image_dir / min(present)} has no line in {annotations}; add one or remove the image"
+            )
         test = {name: sorted(paths, key=lambda p: p.name) for name, paths in test.items()}
     else:
         test_dir = next((root / d for d in ("val", "test", "valid") if (root / d).is_dir()), None)
         if test_dir is None:
-            raise DatasetError(f"no val/, test/ or valid/ folder under {root}; add the evaluation "
-                               "split as val/<class>/*")
+            raise DatasetError(
+                f"no val/, test/ or valid/ folder under {root}; add the evaluation split as val/<class>/*"
+            )
         names = _class_folders(test_dir)
         unknown = [name for name in names if name not in class_index]
         if unknown:

@@ -4,6 +4,7 @@ A loader maps a root to (class names, train source, test source). A source holds
 whole split and reads the images of the rows it is asked for, so a small subset of a JPEG or
 image-folder dataset decodes only those rows.
 """
+
 from __future__ import annotations
 
 import io
@@ -54,8 +55,10 @@ def decode(sources: Sequence[Path | bytes], names: Sequence[str]) -> np.ndarray:
         if images is None:
             images, first = np.empty((len(sources), *pixels.shape[:2], 3), np.uint8), name
         elif pixels.shape[:2] != images.shape[1:3]:
-            raise DatasetError(f"{name}: image is {pixels.shape[1]}x{pixels.shape[0]} but {first} is "
-                               f"{images.shape[2]}x{images.shape[1]}; resize all images to one size")
+            raise DatasetError(
+                f"{name}: image is {pixels.shape[1]}x{pixels.shape[0]} but {first} is "
+                f"{images.shape[2]}x{images.shape[1]}; resize all images to one size"
+            )
         images[i] = pixels  # a grey (H, W, 1) image fills R=G=B, exactly as Pillow's L->RGB
     if images is None:
         return np.empty((0, 1, 1, 3), np.uint8)

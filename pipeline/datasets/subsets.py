@@ -1,4 +1,5 @@
 """The rows a `Dataset` keeps: a class-balanced seeded subset, and the stratified `val` hold-out."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,10 @@ def balanced_subset(labels: np.ndarray, max_samples: int | None, seed: int, spli
         raise ValueError(f"balanced_subset: split must be 'train' or 'test', got {split!r}")
     labels = np.asarray(labels)
     if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or len(labels) == 0):
-        raise ValueError(f"balanced_subset: labels must be a 1-D integer array, got "
-                         f"shape {labels.shape} dtype {labels.dtype}")
+        raise ValueError(
+            f"balanced_subset: labels must be a 1-D integer array, got "
+            f"shape {labels.shape} dtype {labels.dtype}"
+        )
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"balanced_subset: max_samples must be None or >= 1, got {max_samples}")
     if max_samples is None or max_samples >= len(labels):
@@ -82,8 +85,10 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or len(labels) == 0):
-        raise ValueError(f"validation_split: labels must be a 1-D integer array, got "
-                         f"shape {labels.shape} dtype {labels.dtype}")
+        raise ValueError(
+            f"validation_split: labels must be a 1-D integer array, got "
+            f"shape {labels.shape} dtype {labels.dtype}"
+        )
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"data.validation_fraction: must lie in [0, 1), got {fraction}")
     everything = np.arange(len(labels), dtype=np.int64)
@@ -98,8 +103,10 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
         held.append(members[rng.permutation(len(members))[:quota]])
     val_rows = np.sort(np.concatenate(held)).astype(np.int64)
     if len(val_rows) == 0:
-        raise ValueError(f"data.validation_fraction: {fraction} of {len(labels)} training images holds out "
-                         f"no image of any class (round(fraction × class size) = 0); raise it or set 0.0")
+        raise ValueError(
+            f"data.validation_fraction: {fraction} of {len(labels)} training images holds out "
+            f"no image of any class (round(fraction × class size) = 0); raise it or set 0.0"
+        )
     keep = np.ones(len(labels), dtype=bool)
     keep[val_rows] = False
     return everything[keep], val_rows

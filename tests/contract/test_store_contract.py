@@ -1,4 +1,5 @@
 """The soft-label store contract, run against every backend: zarr stores and their HDF5 export."""
+
 from __future__ import annotations
 
 import json
@@ -111,17 +112,25 @@ def test_every_chunk_is_written_even_one_equal_to_the_fill_value_and_a_missing_o
     """zarr skips a chunk equal to the fill value by default; a store writes it, so that a
     missing chunk file can only mean damage, which open_store names."""
     out = tmp_path / "s.zarr"
-    arrays = {"x": ArraySpec((10,), "float32"), "ids": ArraySpec((10,), "int16"), "flag": ArraySpec((10,), "bool")}
+    arrays = {
+        "x": ArraySpec((10,), "float32"),
+        "ids": ArraySpec((10,), "int16"),
+        "flag": ArraySpec((10,), "bool"),
+    }
     with StoreWriter(out, kind="dtd", arrays=arrays, attrs={}, chunk_rows=5) as writer:
         for chunk in writer.pending_chunks():
-            writer.write_chunk(chunk, {"x": np.ones(5, np.float32), "ids": np.full(5, -1, np.int16),
-                                       "flag": np.zeros(5, bool)})
+            writer.write_chunk(
+                chunk,
+                {"x": np.ones(5, np.float32), "ids": np.full(5, -1, np.int16), "flag": np.zeros(5, bool)},
+            )
         writer.finalize()
     for name in arrays:
         assert sorted(p.name for p in (out / name / "c").iterdir()) == ["0", "1"], name
     np.testing.assert_array_equal(open_store(out).read("ids"), np.full(10, -1))
     (out / "ids" / "c" / "1").unlink()
-    with pytest.raises(StoreError, match=r"chunk ids/c/1 \(samples 5\.\.9\) is missing: the store is damaged"):
+    with pytest.raises(
+        StoreError, match=r"chunk ids/c/1 \(samples 5\.\.9\) is missing: the store is damaged"
+    ):
         open_store(out)
 
 

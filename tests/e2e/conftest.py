@@ -6,6 +6,7 @@ The repro takes minutes, a copy of its result well under a second: `built` is th
 project, read-only; a test that edits params.yaml, reruns a stage or runs an experiment takes
 `built_copy`, its own copy.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 # The child `lessons` imports this checkout's code, not whichever copy `pip install -e` points at.
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "NUMBA_THREADING_LAYER": "omp",
-       "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+ENV = {
+    **os.environ,
+    "DVC_NO_ANALYTICS": "1",
+    "NUMBA_THREADING_LAYER": "omp",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+}
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -51,7 +56,9 @@ TRAIN_SAMPLES, VAL_FRACTION = 2000, 0.2  # 1600 train rows, 400 val (40 of each 
 
 def _shrink(params_path: Path) -> None:
     params = yaml.safe_load(params_path.read_text())
-    params["data"].update(max_train_samples=TRAIN_SAMPLES, max_test_samples=500, validation_fraction=VAL_FRACTION)
+    params["data"].update(
+        max_train_samples=TRAIN_SAMPLES, max_test_samples=500, validation_fraction=VAL_FRACTION
+    )
     for teacher in params["teacher_train"]["teachers"].values():
         teacher.update(epochs=2, batch_size=64)
     params["teacher_dump"].update(batch_size=256, chunk_size=512)

@@ -6,6 +6,7 @@ only what its override touches (the `kd` student and the report). Two experiment
 the KD experiment does not set (`++student_train.experiments.kd.alpha=...`: add the key, or
 override it where the previous run left it in the workspace, as the README says).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 @pytest.fixture
 def project(built_copy: Path) -> Path:
-    for args in (["git", "config", "user.email", "test@example.com"], ["git", "config", "user.name", "test"],
-                 ["git", "add", "-A"], ["git", "commit", "-qm", "built"]):
+    for args in (
+        ["git", "config", "user.email", "test@example.com"],
+        ["git", "config", "user.name", "test"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "built"],
+    ):
         sh(args, built_copy)
     return built_copy
 
@@ -38,15 +43,29 @@ def _experiments(show: list) -> dict[str, dict]:
 
 def test_every_experiment_of_a_sweep_shows_its_numeric_metrics(project: Path):
     for alpha in ("0.5", "0.7"):
-        sh(["dvc", "exp", "run", "-n", f"alpha-{alpha}", "-S", f"++student_train.experiments.kd.alpha={alpha}"],
-           project)
+        sh(
+            [
+                "dvc",
+                "exp",
+                "run",
+                "-n",
+                f"alpha-{alpha}",
+                "-S",
+                f"++student_train.experiments.kd.alpha={alpha}",
+            ],
+            project,
+        )
     experiments = _experiments(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
     assert set(experiments) == {"alpha-0.5", "alpha-0.7"}
     for name, data in experiments.items():
         alpha = data["params"]["params.yaml"]["data"]["student_train"]["experiments"]["kd"]["alpha"]
         assert alpha == float(name.split("-")[1])
         metrics = data["metrics"]
-        for path in ("metrics/students/kd-seed0.json", "metrics/students/ce-seed0.json", "metrics/teachers/cnn_small.json"):
+        for path in (
+            "metrics/students/kd-seed0.json",
+            "metrics/students/ce-seed0.json",
+            "metrics/teachers/cnn_small.json",
+        ):
             assert "error" not in metrics[path], (name, path, metrics[path])
             values = metrics[path]["data"]
             assert all(type(value) in (int, float) for value in values.values()), (name, path, values)

@@ -4,6 +4,7 @@ The same command the README's quick start runs (`make demo` = install + `dvc rep
 Fashion-MNIST from the Debian package, shrunk through params.yaml only. The repro runs once per
 session (tests/e2e/conftest.py: `built`); the tests that change something work on a copy.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,30 +44,34 @@ def test_a_second_dvc_repro_runs_nothing(built_copy: Path):
     assert "up to date" in sh(["dvc", "status"], built_copy)
 
 
-def test_removing_an_experiment_reruns_only_the_report_which_names_its_files_and_keeps_them(
-        built_copy: Path):
+def test_removing_an_experiment_reruns_only_the_report_which_names_its_files_and_keeps_them(built_copy: Path):
     project = built_copy
     params_path = project / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
     del params["student_train"]["experiments"]["kd_flsw"]
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    kept = [project / "metrics" / "students" / "kd_flsw-seed0-config.json",
-            project / "metrics" / "students" / "kd_flsw-seed0.json",
-            project / "plots" / "students" / "kd_flsw-seed0.json"]
+    kept = [
+        project / "metrics" / "students" / "kd_flsw-seed0-config.json",
+        project / "metrics" / "students" / "kd_flsw-seed0.json",
+        project / "plots" / "students" / "kd_flsw-seed0.json",
+    ]
     before = [p.read_bytes() for p in kept]
     status = sh(["dvc", "status"], project)
-    changed = {line.strip().rstrip(":") for line in status.splitlines()
-               if line and not line.startswith(("\t", " "))}
+    changed = {
+        line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))
+    }
     assert changed == {"check_params", "report"}, status
     out = sh(["dvc", "repro"], project)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"check_params", "report"}, out
     summary = (project / "reports" / "summary.md").read_text()
     assert "| kd_flsw |" not in summary and "| kd_ps_flsw |" in summary
-    stray_line, = [line for line in summary.splitlines() if line.startswith("Not shown")]
-    assert stray_line.split("`")[1::2] == ["metrics/students/kd_flsw-seed0-config.json",
-                                           "metrics/students/kd_flsw-seed0.json",
-                                           "plots/students/kd_flsw-seed0.json"]
+    (stray_line,) = [line for line in summary.splitlines() if line.startswith("Not shown")]
+    assert stray_line.split("`")[1::2] == [
+        "metrics/students/kd_flsw-seed0-config.json",
+        "metrics/students/kd_flsw-seed0.json",
+        "plots/students/kd_flsw-seed0.json",
+    ]
     assert [p.read_bytes() for p in kept] == before  # the user's files, never deleted
 
 
@@ -77,8 +82,9 @@ def test_changing_one_students_lr_reruns_only_that_student_its_store_digest_and_
     params["student_train"]["experiments"]["kd_ps"]["lr"] = 0.02
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     status = sh(["dvc", "status"], project)
-    changed = {line.strip().rstrip(":") for line in status.splitlines()
-               if line and not line.startswith(("\t", " "))}
+    changed = {
+        line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))
+    }
     # check_params reruns on any edit of params.yaml (a second); its output is unchanged,
     # so it makes nothing else rerun. The report lists student_train.experiments (which
     # runs it shows), so dvc sees that edit too. store_digests@kd_ps lists the experiment's
@@ -95,8 +101,11 @@ def test_a_bad_value_stops_dvc_repro_before_any_stage_deletes_its_outputs(built_
     params_path = project / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
     params["student_train"]["experiments"]["kd"]["alpha"] = 1.5
-    outputs = [project / "checkpoints" / "students" / "kd-seed0.pt",
-               project / "metrics" / "students" / "kd-seed0.json", project / "plots" / "students" / "kd-seed0.json"]
+    outputs = [
+        project / "checkpoints" / "students" / "kd-seed0.pt",
+        project / "metrics" / "students" / "kd-seed0.json",
+        project / "plots" / "students" / "kd-seed0.json",
+    ]
     before = [p.read_bytes() for p in outputs]
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     proc = subprocess.run(["dvc", "repro"], cwd=project, env=ENV, capture_output=True, text=True)

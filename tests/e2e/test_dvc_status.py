@@ -1,5 +1,6 @@
 """`dvc status` marks exactly the stages whose code or stores changed (DESIGN §8), on a copy of
 the project whose dvc.lock records fake outputs (`dvc commit -f`): nothing is trained."""
+
 from __future__ import annotations
 
 import os
@@ -80,8 +81,11 @@ def test_editing_a_module_marks_exactly_the_stages_whose_command_imports_it(comm
         for rel, original in originals.items():
             (committed / rel).write_bytes(original)
     for rel in files:
-        changed = {name for name, deps in changed_deps.items()
-                   if any(rel == dep or rel.startswith(dep.rstrip("/") + "/") for dep in deps)}
+        changed = {
+            name
+            for name, deps in changed_deps.items()
+            if any(rel == dep or rel.startswith(dep.rstrip("/") + "/") for dep in deps)
+        }
         assert changed == {name for name, command in stages.items() if rel in code[command]}, rel
     assert _changed(committed) == set()  # restored: nothing marked
 

@@ -1,4 +1,5 @@
 """Property tests (hypothesis) for the KA, DTD and KD math (arXiv:1911.07471 §3, DESIGN §4)."""
+
 from __future__ import annotations
 
 import itertools
@@ -27,8 +28,9 @@ DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 
 
 @st.composite
-def logits_and_labels(draw, dtypes=("float16", "float32", "float64"), max_classes=8,
-                      extreme=False, min_rows=0):
+def logits_and_labels(
+    draw, dtypes=("float16", "float32", "float64"), max_classes=8, extreme=False, min_rows=0
+):
     """An (N, C) float array (ties and -0.0 likely) and (N,) labels in [0, C)."""
     dtype = DTYPES[draw(st.sampled_from(dtypes))]
     num_rows = draw(st.integers(min_rows, 10))
@@ -127,8 +129,9 @@ def test_lsr_rows_sum_to_one_and_peak_at_the_label(case, epsilon):
     np.testing.assert_allclose(probs.sum(dim=1).numpy(), 1.0, rtol=0, atol=1e-12)
     if fixed.any():
         rows = torch.arange(len(labels))[fixed]
-        assert (adjusted.target_logits[rows, labels[fixed]]
-                == adjusted.target_logits[fixed].amax(dim=1)).all()
+        assert (
+            adjusted.target_logits[rows, labels[fixed]] == adjusted.target_logits[fixed].amax(dim=1)
+        ).all()
 
 
 # --- DTD ---------------------------------------------------------------------------------------
@@ -136,8 +139,11 @@ def test_lsr_rows_sum_to_one_and_peak_at_the_label(case, epsilon):
 
 @SETTINGS
 @given(
-    hnp.arrays(st.sampled_from([np.float16, np.float32, np.float64]), st.integers(0, 16),
-               elements=st.floats(-1e4, 1e4, width=16)),
+    hnp.arrays(
+        st.sampled_from([np.float16, np.float32, np.float64]),
+        st.integers(0, 16),
+        elements=st.floats(-1e4, 1e4, width=16),
+    ),
     st.floats(1e-3, 10.0),
     st.floats(0.0, 10.0),
     st.floats(-100.0, 100.0),
@@ -146,8 +152,12 @@ def test_lsr_rows_sum_to_one_and_peak_at_the_label(case, epsilon):
 )
 def test_dynamic_temperatures_always_lie_in_their_bounds(weights, low, span, base, beta, mean):
     temperatures = dynamic_temperature(
-        torch.from_numpy(weights), base_temperature=base, beta=beta, min_temperature=low,
-        max_temperature=low + span, reference_mean=mean,
+        torch.from_numpy(weights),
+        base_temperature=base,
+        beta=beta,
+        min_temperature=low,
+        max_temperature=low + span,
+        reference_mean=mean,
     )
     assert temperatures.shape == weights.shape
     bounds = torch.tensor([low, low + span], dtype=temperatures.dtype)  # as rounded to the dtype
@@ -185,8 +195,7 @@ def test_labels_outside_zero_c_raise_invalid_logits_error(case, data, name):
 
 
 @SETTINGS
-@given(logits_and_labels(min_rows=1), st.data(),
-       st.sampled_from(sorted(LABELLED) + sorted(UNLABELLED)))
+@given(logits_and_labels(min_rows=1), st.data(), st.sampled_from(sorted(LABELLED) + sorted(UNLABELLED)))
 def test_nan_or_inf_logits_raise_invalid_logits_error(case, data, name):
     logits, labels = case
     row = data.draw(st.integers(0, logits.shape[0] - 1))
@@ -213,12 +222,12 @@ def run_everything(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     ]
     student = logits.to(torch.float32).clone().requires_grad_(True)
     weights = cwsm_weights(student.detach())
-    temperatures = dynamic_temperature(weights, base_temperature=temperature, beta=1.0,
-                                       min_temperature=0.05, max_temperature=20.0)
+    temperatures = dynamic_temperature(
+        weights, base_temperature=temperature, beta=1.0, min_temperature=0.05, max_temperature=20.0
+    )
     for target in (logits, logits.flip(0)):
         for fixed in (torch.zeros_like(labels, dtype=torch.bool), teacher_is_wrong(logits, labels)):
-            loss = kd_loss(student, target, labels, alpha=0.5, temperature=temperatures,
-                           fixed_target=fixed)
+            loss = kd_loss(student, target, labels, alpha=0.5, temperature=temperatures, fixed_target=fixed)
             (grad,) = torch.autograd.grad(loss, student)
             outputs += [loss, grad]
     return outputs
@@ -232,13 +241,15 @@ def test_one_and_two_classes_work(num_classes):
         assert torch.isfinite(value).all()
     if num_classes == 1:
         no_fixed = torch.zeros(3, dtype=torch.bool)
-        assert kd_loss(logits, logits.flip(0), labels, alpha=0.5, temperature=3.0, fixed_target=no_fixed).item() == 0.0
+        assert (
+            kd_loss(logits, logits.flip(0), labels, alpha=0.5, temperature=3.0, fixed_target=no_fixed).item()
+            == 0.0
+        )
         assert torch.equal(probability_shift(logits, labels), logits)
 
 
 @SETTINGS
-@given(logits_and_labels(dtypes=("float16", "float32"), extreme=True, min_rows=1),
-       st.floats(0.05, 20.0))
+@given(logits_and_labels(dtypes=("float16", "float32"), extreme=True, min_rows=1), st.floats(0.05, 20.0))
 def test_extreme_logits_give_finite_results(case, temperature):
     logits, labels = case
     for value in run_everything(logits, labels, temperature):

@@ -5,6 +5,7 @@ that a failure is one clear line and left nothing behind.
 Everything is tiny (256 + 64 grey 28x28 images, 4 classes, an MLP, one epoch) so the suite stays
 within a few minutes on two shared cores. Tests that change files work on copies.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,9 @@ CLASS_NAMES = ["zero", "one", "two", "three"]
 BATCH, CHUNK = 32, 64  # teacher_dump: 4 train chunks, 1 test chunk
 
 
-def make_npz(path: Path, *, seed: int = 0, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST,
-             **override: Any) -> Path:
+def make_npz(
+    path: Path, *, seed: int = 0, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST, **override: Any
+) -> Path:
     """Write a tiny npz dataset (uint8 (N, 28, 28) images, int labels) and return its path.
 
     Images carry a faint class-dependent pattern so a teacher learns something in one epoch.
@@ -45,13 +47,14 @@ def make_npz(path: Path, *, seed: int = 0, num_train: int = NUM_TRAIN, num_test:
         labels = np.arange(n) % NUM_CLASSES
         images = rng.integers(0, 160, (n, 28, 28), dtype=np.uint8)
         for c in range(NUM_CLASSES):
-            images[labels == c, 7 * c:7 * c + 7, :] += 90
+            images[labels == c, 7 * c : 7 * c + 7, :] += 90
         return images, labels.astype(np.int64)
 
     x_train, y_train = split(num_train)
     x_test, y_test = split(num_test)
-    arrays = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-                  class_names=np.array(CLASS_NAMES))
+    arrays = dict(
+        x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, class_names=np.array(CLASS_NAMES)
+    )
     arrays.update(override)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
@@ -63,12 +66,17 @@ def base_params(npz: Path) -> dict[str, Any]:
     return {
         "data": {"name": "npz", "root": str(npz)},
         "prepare_data": {"num_workers": 1},
-        "teacher_train": {"teachers": {"t": {"arch": "mlp", "epochs": 1, "batch_size": BATCH,
-                                              "lr": 0.05, "device": "cpu"}}},
+        "teacher_train": {
+            "teachers": {"t": {"arch": "mlp", "epochs": 1, "batch_size": BATCH, "lr": 0.05, "device": "cpu"}}
+        },
         "teacher_dump": {"dtype": "float16", "batch_size": BATCH, "chunk_size": CHUNK, "device": "cpu"},
         "adjust": {"methods": ["ps", "lsr"], "epsilon": 0.1},
         "student_train": {
-            "arch": "mlp", "epochs": 1, "batch_size": BATCH, "lr": 0.05, "num_workers": 1,
+            "arch": "mlp",
+            "epochs": 1,
+            "batch_size": BATCH,
+            "lr": 0.05,
+            "num_workers": 1,
             "device": "cpu",
             "experiments": {
                 "ce": {"kd": False},
@@ -114,13 +122,16 @@ def one_line_error(result: Result, *facts: str) -> str:
     """
     assert result.exit_code not in (0, None), f"expected a failure, got exit 0:\n{result.output[-2000:]}"
     assert isinstance(result.exception, SystemExit), (
-        f"a traceback instead of a one-line error: {result.exception!r}\n{result.output[-3000:]}")
+        f"a traceback instead of a one-line error: {result.exception!r}\n{result.output[-3000:]}"
+    )
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, f"expected one 'Error:' line:\n{result.output[-3000:]}"
     assert "Traceback" not in result.output
     line = errors[0]
     stderr = [text for text in result.stderr.splitlines() if text.strip()]
-    assert stderr and stderr[-1] == line, f"the error is not the last line on stderr:\n{result.stderr[-3000:]}"
+    assert stderr and stderr[-1] == line, (
+        f"the error is not the last line on stderr:\n{result.stderr[-3000:]}"
+    )
     if os.environ.get("RELIABILITY_ERROR_LOG"):  # collects every message, e.g. for a report
         with open(os.environ["RELIABILITY_ERROR_LOG"], "a") as log:
             log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{line}\n")
@@ -158,8 +169,11 @@ def tree_digest(path: Path) -> dict[str, str]:
     path = Path(path)
     if path.is_file():
         return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def leftovers(out: Path) -> list[str]:
@@ -167,10 +181,16 @@ def leftovers(out: Path) -> list[str]:
     names `.<name>.*.partial` and `.<name>.*.old`, and the `<out>.old` of earlier versions); the
     documented `<out>.lock` file does not count."""
     out = Path(out)
-    fixed = [p.name for p in (out, out.with_name(out.name + ".partial"), out.with_name(out.name + ".old"))
-             if p.exists()]
-    unique = sorted(p.name for pattern in (f".{out.name}.*.partial", f".{out.name}.*.old")
-                    for p in out.parent.glob(pattern))
+    fixed = [
+        p.name
+        for p in (out, out.with_name(out.name + ".partial"), out.with_name(out.name + ".old"))
+        if p.exists()
+    ]
+    unique = sorted(
+        p.name
+        for pattern in (f".{out.name}.*.partial", f".{out.name}.*.old")
+        for p in out.parent.glob(pattern)
+    )
     return fixed + unique
 
 
@@ -201,17 +221,76 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     data, checkpoint, stores = root / "data", root / "checkpoints" / "t.pt", root / "stores"
     teacher = stores / "t"
     ok(cli(params_path, "prepare-data", "--out", data))
-    ok(cli(params_path, "teacher-train", "--teacher", "t", "--data", data, "--checkpoint-out", checkpoint,
-           "--metrics-out", root / "metrics" / "t.json", "--curve-out", root / "metrics" / "t-curve.json"))
-    ok(cli(params_path, "teacher-dump", "--teacher", "t", "--data", data, "--checkpoint", checkpoint,
-           "--out", teacher / "logits.zarr", "--test-out", teacher / "test-logits.zarr"))
+    ok(
+        cli(
+            params_path,
+            "teacher-train",
+            "--teacher",
+            "t",
+            "--data",
+            data,
+            "--checkpoint-out",
+            checkpoint,
+            "--metrics-out",
+            root / "metrics" / "t.json",
+            "--curve-out",
+            root / "metrics" / "t-curve.json",
+        )
+    )
+    ok(
+        cli(
+            params_path,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            data,
+            "--checkpoint",
+            checkpoint,
+            "--out",
+            teacher / "logits.zarr",
+            "--test-out",
+            teacher / "test-logits.zarr",
+        )
+    )
     for method in ("ps", "lsr"):
-        ok(cli(params_path, "adjust", "--method", method, "--logits", teacher / "logits.zarr",
-               "--out", teacher / f"adjusted-{method}.zarr", "--metrics-out", root / "metrics" / f"{method}.json"))
-    ok(cli(params_path, "temperature", "--logits", teacher / "logits.zarr", "--out", teacher / "dtd.zarr",
-           "--metrics-out", root / "metrics" / "dtd.json", "--histogram-out", root / "metrics" / "hist.json"))
-    return Pipeline(root=root, npz=npz, params=params, params_path=params_path, data=data,
-                    checkpoint=checkpoint, stores=stores)
+        ok(
+            cli(
+                params_path,
+                "adjust",
+                "--method",
+                method,
+                "--logits",
+                teacher / "logits.zarr",
+                "--out",
+                teacher / f"adjusted-{method}.zarr",
+                "--metrics-out",
+                root / "metrics" / f"{method}.json",
+            )
+        )
+    ok(
+        cli(
+            params_path,
+            "temperature",
+            "--logits",
+            teacher / "logits.zarr",
+            "--out",
+            teacher / "dtd.zarr",
+            "--metrics-out",
+            root / "metrics" / "dtd.json",
+            "--histogram-out",
+            root / "metrics" / "hist.json",
+        )
+    )
+    return Pipeline(
+        root=root,
+        npz=npz,
+        params=params,
+        params_path=params_path,
+        data=data,
+        checkpoint=checkpoint,
+        stores=stores,
+    )
 
 
 @pytest.fixture
@@ -231,24 +310,33 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
-def spawn_cli(params: Path, *args: str, cwd: Path, pause_s: float = 0.0,
-              log: Path | None = None) -> subprocess.Popen:
+def spawn_cli(
+    params: Path, *args: str, cwd: Path, pause_s: float = 0.0, log: Path | None = None
+) -> subprocess.Popen:
     """Start `lessons` in a real child process (tests/reliability/slow_cli.py).
 
     With `pause_s`, the child sleeps that long after each finished store chunk and after each
     saved training state, so a test can SIGKILL it at a known point.
     """
     env = {**child_env(), "LESSONS_TEST_PAUSE_S": str(pause_s), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, str(Path(__file__).with_name("slow_cli.py")), "--params", str(params),
-               *map(str, args)]
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("slow_cli.py")),
+        "--params",
+        str(params),
+        *map(str, args),
+    ]
     if log is None:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
     with open(log, "wb") as stream:  # the child holds its own copy of the descriptor
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=stream, stderr=subprocess.STDOUT)
 
 
-def wait_for(predicate: Any, proc: subprocess.Popen, timeout_s: float, what: str,
-             log: Path | None = None) -> None:
+def wait_for(
+    predicate: Any, proc: subprocess.Popen, timeout_s: float, what: str, log: Path | None = None
+) -> None:
     """Poll `predicate()` every 50 ms until it holds; fail if `proc` exits first or time runs out."""
     deadline = time.monotonic() + timeout_s
     while not predicate():

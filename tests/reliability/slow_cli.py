@@ -4,6 +4,7 @@ Run as `python slow_cli.py --params P COMMAND ...` by the interruption tests: wi
 LESSONS_TEST_PAUSE_S set, the process sleeps at exactly those points, so a test can SIGKILL it
 right after chunk k or epoch e was made durable. Nothing else changes.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Concurrency: one writer per store (a second is refused at once, never interleaved), and
 chunked writers never share a zarr chunk."""
+
 from __future__ import annotations
 
 import itertools
@@ -37,8 +38,13 @@ def test_a_second_writer_of_the_same_store_is_refused_at_once_and_the_first_is_u
     log = tmp_path / "first.log"
     first = spawn_cli(pipeline.params_path, *args, cwd=tmp_path, pause_s=60, log=log)
     try:
-        wait_for(lambda: marks.is_dir() and any(m.name.isdigit() for m in marks.iterdir()), first, 240,
-                 "the first writer's first chunk", log)
+        wait_for(
+            lambda: marks.is_dir() and any(m.name.isdigit() for m in marks.iterdir()),
+            first,
+            240,
+            "the first writer's first chunk",
+            log,
+        )
         before = tree_digest(partial)
         started = time.monotonic()
         result = cli(pipeline.params_path, *args)
@@ -67,8 +73,12 @@ def test_a_second_writer_in_the_same_process_is_refused_too(tmp_path):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(num_samples=st.integers(1, 700), chunk_rows=st.integers(1, 260), views=st.integers(1, 3),
-       classes=st.integers(1, 5))
+@given(
+    num_samples=st.integers(1, 700),
+    chunk_rows=st.integers(1, 260),
+    views=st.integers(1, 3),
+    classes=st.integers(1, 5),
+)
 def test_writer_rows_coincide_with_the_zarr_chunks_of_every_array(num_samples, chunk_rows, views, classes):
     specs = {
         "logits": ArraySpec((views, num_samples, classes), "float16", sample_axis=1),
@@ -76,8 +86,12 @@ def test_writer_rows_coincide_with_the_zarr_chunks_of_every_array(num_samples, c
         "flags": ArraySpec((views, num_samples), "bool", sample_axis=1),
         "view_params": ArraySpec((views, num_samples, 0), "int16", sample_axis=1),
     }
-    with tempfile.TemporaryDirectory() as tmp, \
-            StoreWriter(Path(tmp) / "s.zarr", kind="logits", arrays=specs, attrs={}, chunk_rows=chunk_rows) as writer:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        StoreWriter(
+            Path(tmp) / "s.zarr", kind="logits", arrays=specs, attrs={}, chunk_rows=chunk_rows
+        ) as writer,
+    ):
         rows = [writer.rows(c) for c in range(writer.num_chunks)]
         # The writers' row ranges partition [0, N) in order, without gaps or overlaps...
         assert rows[0].start == 0 and rows[-1].stop == num_samples
@@ -88,7 +102,9 @@ def test_writer_rows_coincide_with_the_zarr_chunks_of_every_array(num_samples, c
             # ...and each is exactly one zarr chunk of every array (chunked along N only).
             assert array.chunks == spec.chunks(chunk_rows)
             step = array.chunks[spec.sample_axis]
-            zarr_rows = [slice(start, min(start + step, num_samples)) for start in range(0, num_samples, step)]
+            zarr_rows = [
+                slice(start, min(start + step, num_samples)) for start in range(0, num_samples, step)
+            ]
             assert zarr_rows == rows, name
             for axis, size in enumerate(array.shape):
                 if axis != spec.sample_axis:
@@ -97,13 +113,19 @@ def test_writer_rows_coincide_with_the_zarr_chunks_of_every_array(num_samples, c
 
 @settings(max_examples=15, deadline=None)
 @given(num_samples=st.integers(2, 300), chunk_rows=st.integers(1, 64), data=st.data())
-def test_dask_writes_whose_chunks_straddle_zarr_chunks_are_refused_before_writing(num_samples, chunk_rows, data):
+def test_dask_writes_whose_chunks_straddle_zarr_chunks_are_refused_before_writing(
+    num_samples, chunk_rows, data
+):
     import dask.array as da
 
     other = data.draw(st.integers(1, num_samples).filter(lambda c: c != min(chunk_rows, num_samples)))
     specs = {"x": ArraySpec((num_samples,), "float32")}
-    with tempfile.TemporaryDirectory() as tmp, \
-            StoreWriter(Path(tmp) / "s.zarr", kind="dtd", arrays=specs, attrs={}, chunk_rows=chunk_rows) as writer:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        StoreWriter(
+            Path(tmp) / "s.zarr", kind="dtd", arrays=specs, attrs={}, chunk_rows=chunk_rows
+        ) as writer,
+    ):
         values = da.ones(num_samples, chunks=other, dtype=np.float32)
         if values.chunks == da.ones(num_samples, chunks=min(chunk_rows, num_samples)).chunks:
             return  # the same chunking after all (e.g. a single chunk)

@@ -1,4 +1,5 @@
 """Determinism: the same inputs and settings give byte-identical stores, run after run."""
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,29 @@ from tests.reliability.conftest import cli, ok, tree_digest
 
 def test_dumping_the_same_teacher_twice_gives_byte_identical_stores(tmp_path, pipeline):
     out, test_out = tmp_path / "logits.zarr", tmp_path / "test-logits.zarr"
-    ok(cli(pipeline.params_path, "teacher-dump", "--teacher", "t", "--data", pipeline.data,
-           "--checkpoint", pipeline.checkpoint, "--out", out, "--test-out", test_out))
+    ok(
+        cli(
+            pipeline.params_path,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--out",
+            out,
+            "--test-out",
+            test_out,
+        )
+    )
     reference = pipeline.teacher_stores
     assert tree_digest(out) == tree_digest(reference / "logits.zarr")
     assert tree_digest(test_out) == tree_digest(reference / "test-logits.zarr")
     for name in ("logits", "labels", "sample_index"):
-        assert open_store(out).read(name).tobytes() == open_store(reference / "logits.zarr").read(name).tobytes()
+        assert (
+            open_store(out).read(name).tobytes() == open_store(reference / "logits.zarr").read(name).tobytes()
+        )
 
 
 @pytest.mark.parametrize("method", ["ps", "lsr"])
@@ -28,8 +45,20 @@ def test_adjusting_twice_gives_identical_arrays_and_files(tmp_path, pipeline, me
     runs = []
     for run in ("a", "b"):
         out = tmp_path / run / f"adjusted-{method}.zarr"
-        ok(cli(pipeline.params_path, "adjust", "--method", method, "--logits", logits, "--out", out,
-               "--metrics-out", tmp_path / run / "m.json"))
+        ok(
+            cli(
+                pipeline.params_path,
+                "adjust",
+                "--method",
+                method,
+                "--logits",
+                logits,
+                "--out",
+                out,
+                "--metrics-out",
+                tmp_path / run / "m.json",
+            )
+        )
         runs.append(out)
     a, b = (open_store(p, kind="adjusted") for p in runs)
     for name in ("target_logits", "fixed_target", "rewritten"):
@@ -45,8 +74,20 @@ def test_adjusting_twice_gives_identical_arrays_and_files(tmp_path, pipeline, me
 def test_temperature_twice_gives_identical_arrays_files_and_histograms(tmp_path, pipeline):
     logits = pipeline.teacher_stores / "logits.zarr"
     for run in ("a", "b"):
-        ok(cli(pipeline.params_path, "temperature", "--logits", logits, "--out", tmp_path / run / "dtd.zarr",
-               "--metrics-out", tmp_path / run / "m.json", "--histogram-out", tmp_path / run / "h.json"))
+        ok(
+            cli(
+                pipeline.params_path,
+                "temperature",
+                "--logits",
+                logits,
+                "--out",
+                tmp_path / run / "dtd.zarr",
+                "--metrics-out",
+                tmp_path / run / "m.json",
+                "--histogram-out",
+                tmp_path / run / "h.json",
+            )
+        )
     a, b = (open_store(tmp_path / run / "dtd.zarr", kind="dtd") for run in ("a", "b"))
     assert sorted(a.group.array_keys()) == sorted(b.group.array_keys())
     for name in a.group.array_keys():
@@ -84,7 +125,12 @@ def test_every_training_batch_runs_with_the_thread_count_the_loader_was_built_fo
 
     from tests.reliability.conftest import child_env
 
-    probe = subprocess.run([sys.executable, "-c", _THREADS_PROBE, str(pipeline.data / "train.beton")],
-                           capture_output=True, text=True, timeout=300, env=child_env())
+    probe = subprocess.run(
+        [sys.executable, "-c", _THREADS_PROBE, str(pipeline.data / "train.beton")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(),
+    )
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip().splitlines()[-1] == "[2]", probe.stdout

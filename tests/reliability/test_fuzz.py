@@ -5,6 +5,7 @@ ranges for any finite input -- shapes N in 1..8, C in 1..12, float16/32/64, ties
 float16 limit (±65504) and ±1e30 in float32/64 -- or raises its documented InvalidLogitsError /
 ValueError.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,16 +42,42 @@ def _keys(cls: type) -> list[str]:
 
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(10**400), max_value=10**400),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-    st.sampled_from(["ps", "lsr", "none", "off", "on", "flsw", "cwsm", "static", "cosine", "step",
-                     "auto", "cpu", "cuda", "float16", "float32", "mlp", "npz", "t", ""]),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from(
+        [
+            "ps",
+            "lsr",
+            "none",
+            "off",
+            "on",
+            "flsw",
+            "cwsm",
+            "static",
+            "cosine",
+            "step",
+            "auto",
+            "cpu",
+            "cuda",
+            "float16",
+            "float32",
+            "mlp",
+            "npz",
+            "t",
+            "",
+        ]
+    ),
 )
 values = st.recursive(
     scalars,
-    lambda children: st.one_of(st.lists(children, max_size=4),
-                               st.dictionaries(st.one_of(st.text(max_size=6), st.integers()), children,
-                                               max_size=4)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=6), st.integers()), children, max_size=4),
+    ),
     max_leaves=12,
 )
 
@@ -66,8 +93,11 @@ def section_dicts(draw: st.DrawFn, cls: type) -> dict:
         origin = typing.get_origin(hint)
         if origin is dict:  # teachers / experiments: name -> nested section
             item = typing.get_args(hint)[1]
-            raw[key] = draw(st.dictionaries(st.text(min_size=1, max_size=4),
-                                            st.one_of(section_dicts(item), values), max_size=3))
+            raw[key] = draw(
+                st.dictionaries(
+                    st.text(min_size=1, max_size=4), st.one_of(section_dicts(item), values), max_size=3
+                )
+            )
         else:
             raw[key] = draw(values)
     if draw(st.booleans()):
@@ -103,8 +133,11 @@ def test_the_params_loader_either_loads_or_raises_config_error(raw):
                 assert math.isfinite(number), f"{section.name}.{f.name} = {number}"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(raw=params_dicts())
 def test_params_yaml_files_either_load_or_raise_config_error(tmp_path, raw):
     path = tmp_path / "params.yaml"
@@ -116,9 +149,16 @@ def test_params_yaml_files_either_load_or_raise_config_error(tmp_path, raw):
         load_params(path)
 
 
-@pytest.mark.parametrize("text", ["data: {seed: 1e999}\n", "student_train: {lr: .inf}\n",
-                                  "adjust: {epsilon: .nan}\n", "data: {seed: .nan}\n",
-                                  f"student_train: {{lr: {10**400}}}\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "data: {seed: 1e999}\n",
+        "student_train: {lr: .inf}\n",
+        "adjust: {epsilon: .nan}\n",
+        "data: {seed: .nan}\n",
+        f"student_train: {{lr: {10**400}}}\n",
+    ],
+)
 def test_non_finite_and_huge_numbers_are_a_config_error(tmp_path, text):
     path = tmp_path / "params.yaml"
     path.write_text(text)
@@ -142,9 +182,16 @@ def logit_batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
     n, c = draw(st.integers(1, 8)), draw(st.integers(1, 12))
     dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
     big = EXTREME[dtype]
-    pool = draw(st.lists(st.one_of(st.sampled_from([0.0, 1.0, -1.0, big, -big, 0.5, 30.0]),
-                                   st.floats(-big, big, width=16 if dtype == torch.float16 else 64)),
-                         min_size=1, max_size=6))
+    pool = draw(
+        st.lists(
+            st.one_of(
+                st.sampled_from([0.0, 1.0, -1.0, big, -big, 0.5, 30.0]),
+                st.floats(-big, big, width=16 if dtype == torch.float16 else 64),
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
     cells = draw(st.lists(st.sampled_from(pool), min_size=n * c, max_size=n * c))  # ties are likely
     logits = torch.tensor(cells, dtype=torch.float64).reshape(n, c).to(dtype)
     assume(bool(torch.isfinite(logits).all()))
@@ -152,7 +199,9 @@ def logit_batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, labels
 
 
-def _batch(rows: list[list[float]], labels: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    rows: list[list[float]], labels: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(rows, dtype=torch.float64).to(dtype), torch.tensor(labels)
 
 
@@ -172,8 +221,9 @@ def _finite(*tensors: torch.Tensor) -> None:
 
 
 @FUZZ
-@given(batch=logit_batches(), method=st.sampled_from(["ps", "lsr", "none"]),
-       epsilon=st.floats(1e-6, 1 - 1e-6))
+@given(
+    batch=logit_batches(), method=st.sampled_from(["ps", "lsr", "none"]), epsilon=st.floats(1e-6, 1 - 1e-6)
+)
 @example(batch=EDGES[0], method="lsr", epsilon=0.1)
 @example(batch=EDGES[1], method="ps", epsilon=0.1)
 @example(batch=EDGES[2], method="ps", epsilon=0.1)
@@ -212,8 +262,12 @@ def test_teacher_statistics_are_finite_and_in_their_documented_ranges(batch):
     slack = 1e-5
     _finite(*stats.values())
     assert all(v.shape == (n,) for v in stats.values())
-    assert bool((stats["teacher_max_prob"] >= 1 / c - slack).all() and (stats["teacher_max_prob"] <= 1 + slack).all())
-    assert bool((stats["teacher_entropy"] >= 0).all() and (stats["teacher_entropy"] <= math.log(c) + slack).all())
+    assert bool(
+        (stats["teacher_max_prob"] >= 1 / c - slack).all() and (stats["teacher_max_prob"] <= 1 + slack).all()
+    )
+    assert bool(
+        (stats["teacher_entropy"] >= 0).all() and (stats["teacher_entropy"] <= math.log(c) + slack).all()
+    )
     assert bool((stats["teacher_margin"] >= -slack).all() and (stats["teacher_margin"] <= 1 + slack).all())
     assert bool((stats["teacher_logit_norm"] >= 0).all())
     weights = stats["omega_teacher"]
@@ -221,20 +275,36 @@ def test_teacher_statistics_are_finite_and_in_their_documented_ranges(batch):
 
 
 @FUZZ
-@given(batch=logit_batches(), gamma=st.floats(0, 4), base=st.floats(0.5, 10), beta=st.floats(-5, 5),
-       low=st.floats(0.05, 2), span=st.floats(0, 10), reference=st.booleans())
+@given(
+    batch=logit_batches(),
+    gamma=st.floats(0, 4),
+    base=st.floats(0.5, 10),
+    beta=st.floats(-5, 5),
+    low=st.floats(0.05, 2),
+    span=st.floats(0, 10),
+    reference=st.booleans(),
+)
 @example(batch=EDGES[1], gamma=2.0, base=4.0, beta=1.0, low=1.0, span=7.0, reference=False)
 @example(batch=EDGES[2], gamma=1.0, base=4.0, beta=5.0, low=0.05, span=0.0, reference=True)
 def test_dynamic_temperatures_are_finite_and_inside_the_clamp(batch, gamma, base, beta, low, span, reference):
     logits, _ = batch
     student = logits.flip(0)
     high = low + span
-    for weights in (teacher_statistics(logits)["omega_teacher"], cwsm_weights(student),
-                    flsw_weights(student, logits, gamma)):
+    for weights in (
+        teacher_statistics(logits)["omega_teacher"],
+        cwsm_weights(student),
+        flsw_weights(student, logits, gamma),
+    ):
         _finite(weights)
         mean = float(weights.double().mean()) if reference else None
-        temperature = dynamic_temperature(weights, base_temperature=base, beta=beta, min_temperature=low,
-                                          max_temperature=high, reference_mean=mean)
+        temperature = dynamic_temperature(
+            weights,
+            base_temperature=base,
+            beta=beta,
+            min_temperature=low,
+            max_temperature=high,
+            reference_mean=mean,
+        )
         _finite(temperature)
         assert temperature.shape == weights.shape
         assert bool((temperature >= torch.tensor(low, dtype=temperature.dtype)).all())
@@ -242,29 +312,60 @@ def test_dynamic_temperatures_are_finite_and_inside_the_clamp(batch, gamma, base
 
 
 @FUZZ
-@given(weights=st.lists(st.floats(-1e30, 1e30), min_size=0, max_size=8), low=st.floats(1e-3, 2),
-       high=st.floats(2, 20))
+@given(
+    weights=st.lists(st.floats(-1e30, 1e30), min_size=0, max_size=8),
+    low=st.floats(1e-3, 2),
+    high=st.floats(2, 20),
+)
 def test_dynamic_temperature_on_extreme_weights_stays_in_range(weights, low, high):
-    temperature = dynamic_temperature(torch.tensor(weights, dtype=torch.float32), base_temperature=4.0,
-                                      beta=1.0, min_temperature=low, max_temperature=high)
+    temperature = dynamic_temperature(
+        torch.tensor(weights, dtype=torch.float32),
+        base_temperature=4.0,
+        beta=1.0,
+        min_temperature=low,
+        max_temperature=high,
+    )
     _finite(temperature)
     assert bool((temperature >= torch.tensor(low)).all() and (temperature <= torch.tensor(high)).all())
 
 
 @FUZZ
-@given(batch=logit_batches(), alpha=st.floats(0, 1), temperature=st.floats(0.05, 20),
-       per_sample=st.booleans(), fixed=st.booleans(), data=st.data())
+@given(
+    batch=logit_batches(),
+    alpha=st.floats(0, 1),
+    temperature=st.floats(0.05, 20),
+    per_sample=st.booleans(),
+    fixed=st.booleans(),
+    data=st.data(),
+)
 def test_the_kd_loss_is_finite_and_non_negative(batch, alpha, temperature, per_sample, fixed, data):
     targets, labels = batch
     n, c = targets.shape
-    student = torch.tensor(data.draw(st.lists(st.floats(-EXTREME[targets.dtype], EXTREME[targets.dtype],
-                                                        width=16 if targets.dtype == torch.float16 else 64),
-                                              min_size=n * c, max_size=n * c)),
-                           dtype=torch.float64).reshape(n, c).to(targets.dtype)
+    student = (
+        torch.tensor(
+            data.draw(
+                st.lists(
+                    st.floats(
+                        -EXTREME[targets.dtype],
+                        EXTREME[targets.dtype],
+                        width=16 if targets.dtype == torch.float16 else 64,
+                    ),
+                    min_size=n * c,
+                    max_size=n * c,
+                )
+            ),
+            dtype=torch.float64,
+        )
+        .reshape(n, c)
+        .to(targets.dtype)
+    )
     assume(bool(torch.isfinite(student).all()))
     tau = torch.full((n,), temperature) if per_sample else temperature
-    fixed_target = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool) \
-        if fixed else torch.zeros(n, dtype=torch.bool)
+    fixed_target = (
+        torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool)
+        if fixed
+        else torch.zeros(n, dtype=torch.bool)
+    )
     student.requires_grad_(True)
     loss = kd_loss(student, targets, labels, alpha=alpha, temperature=tau, fixed_target=fixed_target)
     _finite(loss)
@@ -274,19 +375,29 @@ def test_the_kd_loss_is_finite_and_non_negative(batch, alpha, temperature, per_s
     _finite(student.grad)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: knowledge_adjustment(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]), "ps"),
-    lambda: knowledge_adjustment(torch.zeros(2, 3), torch.tensor([0, 3]), "lsr"),
-    lambda: knowledge_adjustment(torch.zeros(2, 3), torch.tensor([0, 1]), "lsr", epsilon=1.0),
-    lambda: knowledge_adjustment(torch.zeros(2, 3), torch.tensor([0, 1]), "bogus"),
-    lambda: knowledge_adjustment(torch.zeros(2, 0), torch.zeros(2, dtype=torch.long), "ps"),
-    lambda: teacher_statistics(torch.tensor([[1.0, float("inf")]])),
-    lambda: teacher_statistics(torch.zeros(3)),
-    lambda: teacher_statistics(torch.zeros(2, 3, dtype=torch.long)),
-    lambda: dynamic_temperature(torch.ones(3), base_temperature=4, beta=1, min_temperature=0, max_temperature=8),
-    lambda: dynamic_temperature(torch.tensor([1.0, float("nan")]), base_temperature=4, beta=1,
-                                min_temperature=1, max_temperature=8),
-])  # the KD loss checks nothing per step: its alpha and temperatures are checked on config load
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: knowledge_adjustment(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]), "ps"),
+        lambda: knowledge_adjustment(torch.zeros(2, 3), torch.tensor([0, 3]), "lsr"),
+        lambda: knowledge_adjustment(torch.zeros(2, 3), torch.tensor([0, 1]), "lsr", epsilon=1.0),
+        lambda: knowledge_adjustment(torch.zeros(2, 3), torch.tensor([0, 1]), "bogus"),
+        lambda: knowledge_adjustment(torch.zeros(2, 0), torch.zeros(2, dtype=torch.long), "ps"),
+        lambda: teacher_statistics(torch.tensor([[1.0, float("inf")]])),
+        lambda: teacher_statistics(torch.zeros(3)),
+        lambda: teacher_statistics(torch.zeros(2, 3, dtype=torch.long)),
+        lambda: dynamic_temperature(
+            torch.ones(3), base_temperature=4, beta=1, min_temperature=0, max_temperature=8
+        ),
+        lambda: dynamic_temperature(
+            torch.tensor([1.0, float("nan")]),
+            base_temperature=4,
+            beta=1,
+            min_temperature=1,
+            max_temperature=8,
+        ),
+    ],
+)  # the KD loss checks nothing per step: its alpha and temperatures are checked on config load
 def test_bad_math_input_raises_the_documented_errors(call):
     with pytest.raises((InvalidLogitsError, ValueError)) as info:
         call()

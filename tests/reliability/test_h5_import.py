@@ -3,6 +3,7 @@
 A file may hold large datasets and attributes of any type that lessons knows nothing about; the
 import must neither load them into memory nor fail on them.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -40,10 +41,19 @@ finally:
 
 
 def _import_peak_rss_mb(pipeline, h5: Path, out: Path) -> float:
-    args = ["--params", str(pipeline.params_path), "import-logits", str(h5), "--data", str(pipeline.data),
-            "--out", str(out)]
-    run = subprocess.run([sys.executable, "-c", _PEAK_RSS, *args], env=child_env(), capture_output=True,
-                         text=True, timeout=600)
+    args = [
+        "--params",
+        str(pipeline.params_path),
+        "import-logits",
+        str(h5),
+        "--data",
+        str(pipeline.data),
+        "--out",
+        str(out),
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, *args], env=child_env(), capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     line = next(line for line in run.stdout.splitlines() if line.startswith("PEAK_RSS_KIB"))
     return int(line.split()[1]) / 1024
@@ -58,7 +68,7 @@ def test_an_unrelated_large_dataset_in_the_h5_file_is_never_read_into_memory(tmp
         unrelated = f.create_dataset("embeddings", shape=(rows, 1024), dtype=np.float32)
         block = np.random.default_rng(0).standard_normal((4096, 1024), dtype=np.float32)
         for start in range(0, rows, block.shape[0]):
-            unrelated[start:start + block.shape[0]] = block[:rows - start]
+            unrelated[start : start + block.shape[0]] = block[: rows - start]
     try:
         assert big.stat().st_size > UNRELATED_MB * 2**20
         without_mb = _import_peak_rss_mb(pipeline, plain, tmp_path / "plain.zarr")
@@ -66,21 +76,27 @@ def test_an_unrelated_large_dataset_in_the_h5_file_is_never_read_into_memory(tmp
     finally:
         big.unlink()
     assert with_mb - without_mb < UNRELATED_MB / 8, (
-        f"peak RSS {with_mb:.0f} MB with a {UNRELATED_MB} MB unrelated dataset vs {without_mb:.0f} MB without")
-    np.testing.assert_array_equal(open_store(tmp_path / "big.zarr").read("logits"),
-                                  open_store(tmp_path / "plain.zarr").read("logits"))
+        f"peak RSS {with_mb:.0f} MB with a {UNRELATED_MB} MB unrelated dataset vs {without_mb:.0f} MB without"
+    )
+    np.testing.assert_array_equal(
+        open_store(tmp_path / "big.zarr").read("logits"), open_store(tmp_path / "plain.zarr").read("logits")
+    )
 
 
-@pytest.mark.parametrize("value", [
-    [1, 2, 3],
-    np.arange(6, dtype=np.float64).reshape(2, 3),
-    np.array([b"resnet", b"cifar"]),
-    np.array(["a", "bc"], dtype=h5py.string_dtype()),
-    b"raw bytes",
-    "a string",
-    np.float32(0.5),
-    h5py.Empty("f4"),
-], ids=["list", "2-D array", "bytes array", "string array", "bytes", "string", "scalar", "empty"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        [1, 2, 3],
+        np.arange(6, dtype=np.float64).reshape(2, 3),
+        np.array([b"resnet", b"cifar"]),
+        np.array(["a", "bc"], dtype=h5py.string_dtype()),
+        b"raw bytes",
+        "a string",
+        np.float32(0.5),
+        h5py.Empty("f4"),
+    ],
+    ids=["list", "2-D array", "bytes array", "string array", "bytes", "string", "scalar", "empty"],
+)
 def test_a_foreign_attribute_of_any_type_does_not_break_an_import(tmp_path, pipeline, value):
     path = teacher_h5(pipeline.teacher_stores / "logits.zarr", tmp_path / "foreign.h5")
     with h5py.File(path, "a") as f:
@@ -94,7 +110,8 @@ def test_a_foreign_attribute_of_any_type_does_not_break_an_import(tmp_path, pipe
 
 @pytest.mark.parametrize("value", [[1, 2, 3], np.zeros(4), 7])
 def test_a_dataset_fingerprint_attribute_that_is_not_a_string_is_one_line_naming_file_and_attribute(
-        tmp_path, pipeline, value):
+    tmp_path, pipeline, value
+):
     path = teacher_h5(pipeline.teacher_stores / "logits.zarr", tmp_path / "foreign.h5")
     with h5py.File(path, "a") as f:
         f.attrs["dataset_fingerprint"] = value
@@ -109,10 +126,22 @@ def test_a_dataset_fingerprint_attribute_stored_as_bytes_is_read_as_text(tmp_pat
     path = teacher_h5(store.path, tmp_path / "foreign.h5")
     with h5py.File(path, "a") as f:
         f.attrs["dataset_fingerprint"] = np.bytes_(store.attrs["dataset_fingerprint"].encode())
-    ok(cli(pipeline.params_path, "import-logits", path, "--data", pipeline.data, "--out", tmp_path / "ok.zarr"))
+    ok(
+        cli(
+            pipeline.params_path,
+            "import-logits",
+            path,
+            "--data",
+            pipeline.data,
+            "--out",
+            tmp_path / "ok.zarr",
+        )
+    )
     with h5py.File(path, "a") as f:
         f.attrs["dataset_fingerprint"] = np.bytes_(b"0" * 64)
-    result = cli(pipeline.params_path, "import-logits", path, "--data", pipeline.data, "--out", tmp_path / "no.zarr")
+    result = cli(
+        pipeline.params_path, "import-logits", path, "--data", pipeline.data, "--out", tmp_path / "no.zarr"
+    )
     one_line_error(result, "foreign.h5", "dataset fingerprint", "0000", "another dataset")
 
 

@@ -1,5 +1,6 @@
 """Interrupted work: a SIGKILLed stage leaves nothing that looks finished, and a rerun resumes
 and produces exactly what an uninterrupted run produces."""
+
 from __future__ import annotations
 
 import json
@@ -34,13 +35,29 @@ def _kill(proc) -> None:
 def test_a_teacher_dump_killed_after_one_chunk_resumes_and_ends_byte_identical(tmp_path, pipeline):
     out, test_out = tmp_path / "stores" / "t" / "logits.zarr", tmp_path / "stores" / "t" / "test-logits.zarr"
     marks = out.with_name(out.name + ".partial") / ".lessons" / "done"
-    args = ("teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
-            "--out", out, "--test-out", test_out)
+    args = (
+        "teacher-dump",
+        "--teacher",
+        "t",
+        "--data",
+        pipeline.data,
+        "--checkpoint",
+        pipeline.checkpoint,
+        "--out",
+        out,
+        "--test-out",
+        test_out,
+    )
     log = tmp_path / "child.log"
     proc = spawn_cli(pipeline.params_path, *args, cwd=tmp_path, pause_s=60, log=log)
     try:
-        wait_for(lambda: marks.is_dir() and any(m.name.isdigit() for m in marks.iterdir()), proc, 240,
-                 "the first chunk mark", log)
+        wait_for(
+            lambda: marks.is_dir() and any(m.name.isdigit() for m in marks.iterdir()),
+            proc,
+            240,
+            "the first chunk mark",
+            log,
+        )
         # While it runs, a second dump of the same store is refused at once, touching nothing.
         before = tree_digest(marks.parent.parent)
         one_line_error(cli(pipeline.params_path, *args), "another process is writing this output")
@@ -69,9 +86,21 @@ def test_a_teacher_dump_killed_after_one_chunk_resumes_and_ends_byte_identical(t
 
 
 def _student_args(root: Path, name: str, stores: Path, data: Path) -> tuple:
-    return ("student-train", "--experiment", "kd_ps_2ep", "--data", data, "--stores", stores,
-            "--checkpoint-out", root / f"{name}.pt", "--metrics-out", root / f"{name}.json",
-            "--curve-out", root / f"{name}-curve.json")
+    return (
+        "student-train",
+        "--experiment",
+        "kd_ps_2ep",
+        "--data",
+        data,
+        "--stores",
+        stores,
+        "--checkpoint-out",
+        root / f"{name}.pt",
+        "--metrics-out",
+        root / f"{name}.json",
+        "--curve-out",
+        root / f"{name}-curve.json",
+    )
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -105,12 +134,15 @@ def test_a_student_killed_after_epoch_one_of_two_resumes_to_the_uninterrupted_re
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     straight = json.loads((tmp_path / "straight.json").read_text())
     timing = {"wall_s", "images_per_s"}
-    assert {k: v for k, v in resumed.items() if k not in timing} == \
-        {k: v for k, v in straight.items() if k not in timing}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in straight.items() if k not in timing
+    }
 
     def curve(name: str) -> list[dict]:
-        return [{k: v for k, v in row.items() if k != "elapsed_s"}
-                for row in json.loads((tmp_path / f"{name}-curve.json").read_text())]
+        return [
+            {k: v for k, v in row.items() if k != "elapsed_s"}
+            for row in json.loads((tmp_path / f"{name}-curve.json").read_text())
+        ]
 
     assert curve("resumed") == curve("straight") and len(curve("resumed")) == 2
     a, b = _weights(tmp_path / "resumed.pt"), _weights(tmp_path / "straight.pt")
@@ -120,14 +152,27 @@ def test_a_student_killed_after_epoch_one_of_two_resumes_to_the_uninterrupted_re
 
 
 def _teacher_args(root: Path, name: str, data: Path) -> tuple:
-    return ("teacher-train", "--teacher", "t", "--data", data, "--checkpoint-out", root / f"{name}.pt",
-            "--metrics-out", root / f"{name}.json", "--curve-out", root / f"{name}-curve.json")
+    return (
+        "teacher-train",
+        "--teacher",
+        "t",
+        "--data",
+        data,
+        "--checkpoint-out",
+        root / f"{name}.pt",
+        "--metrics-out",
+        root / f"{name}.json",
+        "--curve-out",
+        root / f"{name}-curve.json",
+    )
 
 
 @pytest.mark.slow  # a real `lessons` process (~20 s)
 def test_a_teacher_killed_after_epoch_one_of_two_resumes_by_default_as_dvc_runs_it(tmp_path, pipeline):
     teacher = {**pipeline.params["teacher_train"]["teachers"]["t"], "epochs": 2}
-    params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_train={"teachers": {"t": teacher}})
+    params = write_params(
+        tmp_path / "params.yaml", pipeline.params, teacher_train={"teachers": {"t": teacher}}
+    )
     killed = _teacher_args(tmp_path, "resumed", pipeline.data)
     state, log = tmp_path / "resumed.pt.state", tmp_path / "child.log"
     proc = spawn_cli(params, *killed, cwd=tmp_path, pause_s=60, log=log)
@@ -145,7 +190,9 @@ def test_a_teacher_killed_after_epoch_one_of_two_resumes_by_default_as_dvc_runs_
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
     # --no-resume starts afresh from a saved state (and still ends at the same weights).
-    proc = spawn_cli(params, *_teacher_args(tmp_path, "fresh", pipeline.data), cwd=tmp_path, pause_s=60, log=log)
+    proc = spawn_cli(
+        params, *_teacher_args(tmp_path, "fresh", pipeline.data), cwd=tmp_path, pause_s=60, log=log
+    )
     try:
         wait_for((tmp_path / "fresh.pt.state").is_file, proc, 240, "the epoch-1 training state", log)
     finally:
@@ -173,12 +220,24 @@ def _interrupt_after_first_chunk(monkeypatch, params, args) -> None:
 
 
 def _dump_args(pipeline, out: Path) -> tuple:
-    return ("teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
-            "--out", out, "--test-out", out.with_name("test-" + out.name))
+    return (
+        "teacher-dump",
+        "--teacher",
+        "t",
+        "--data",
+        pipeline.data,
+        "--checkpoint",
+        pipeline.checkpoint,
+        "--out",
+        out,
+        "--test-out",
+        out.with_name("test-" + out.name),
+    )
 
 
 def test_a_ctrl_c_keeps_the_finished_chunk_and_a_stray_temporary_mark_does_not_break_the_resume(
-        tmp_path, pipeline, monkeypatch):
+    tmp_path, pipeline, monkeypatch
+):
     out = tmp_path / "logits.zarr"
     marks = out.with_name(out.name + ".partial") / ".lessons" / "done"
     _interrupt_after_first_chunk(monkeypatch, pipeline.params_path, _dump_args(pipeline, out))
@@ -220,13 +279,51 @@ def test_a_killed_student_does_not_resume_once_its_soft_labels_were_rebuilt_diff
         _kill(proc)
     params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_dump={"dtype": "float32"})
     teacher = stores / "t"
-    ok(cli(params, "teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
-           "--out", teacher / "logits.zarr", "--test-out", teacher / "test-logits.zarr"))
+    ok(
+        cli(
+            params,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--out",
+            teacher / "logits.zarr",
+            "--test-out",
+            teacher / "test-logits.zarr",
+        )
+    )
     for method in ("ps", "lsr"):
-        ok(cli(params, "adjust", "--method", method, "--logits", teacher / "logits.zarr",
-               "--out", teacher / f"adjusted-{method}.zarr", "--metrics-out", tmp_path / f"{method}.json"))
-    ok(cli(params, "temperature", "--logits", teacher / "logits.zarr", "--out", teacher / "dtd.zarr",
-           "--metrics-out", tmp_path / "dtd.json", "--histogram-out", tmp_path / "hist.json"))
+        ok(
+            cli(
+                params,
+                "adjust",
+                "--method",
+                method,
+                "--logits",
+                teacher / "logits.zarr",
+                "--out",
+                teacher / f"adjusted-{method}.zarr",
+                "--metrics-out",
+                tmp_path / f"{method}.json",
+            )
+        )
+    ok(
+        cli(
+            params,
+            "temperature",
+            "--logits",
+            teacher / "logits.zarr",
+            "--out",
+            teacher / "dtd.zarr",
+            "--metrics-out",
+            tmp_path / "dtd.json",
+            "--histogram-out",
+            tmp_path / "hist.json",
+        )
+    )
     result = ok(cli(pipeline.params_path, *killed))
     assert "resuming" not in result.output and "saved by a run with other settings" in result.output
     assert len(json.loads((tmp_path / "s-curve.json").read_text())) == 2 and not state.exists()

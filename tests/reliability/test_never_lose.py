@@ -5,6 +5,7 @@ file or folder at any of them, or a symbolic link given as the output, must surv
 untouched, and the run either works around it (unique temporary names) or refuses at once with
 one line.
 """
+
 from __future__ import annotations
 
 import errno
@@ -39,18 +40,47 @@ def _prepare_data(pipeline: Pipeline, work: Path, out: Path) -> list[str]:
 
 
 def _teacher_dump(pipeline: Pipeline, work: Path, out: Path) -> list[str]:
-    return ["teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
-            "--out", out, "--test-out", work / "test-logits.zarr"]
+    return [
+        "teacher-dump",
+        "--teacher",
+        "t",
+        "--data",
+        pipeline.data,
+        "--checkpoint",
+        pipeline.checkpoint,
+        "--out",
+        out,
+        "--test-out",
+        work / "test-logits.zarr",
+    ]
 
 
 def _adjust(pipeline: Pipeline, work: Path, out: Path) -> list[str]:
-    return ["adjust", "--method", "lsr", "--logits", work / "stores" / "t" / "logits.zarr", "--out", out,
-            "--metrics-out", work / "m.json"]
+    return [
+        "adjust",
+        "--method",
+        "lsr",
+        "--logits",
+        work / "stores" / "t" / "logits.zarr",
+        "--out",
+        out,
+        "--metrics-out",
+        work / "m.json",
+    ]
 
 
 def _temperature(pipeline: Pipeline, work: Path, out: Path) -> list[str]:
-    return ["temperature", "--logits", work / "stores" / "t" / "logits.zarr", "--out", out,
-            "--metrics-out", work / "m.json", "--histogram-out", work / "h.json"]
+    return [
+        "temperature",
+        "--logits",
+        work / "stores" / "t" / "logits.zarr",
+        "--out",
+        out,
+        "--metrics-out",
+        work / "m.json",
+        "--histogram-out",
+        work / "h.json",
+    ]
 
 
 def _import_logits(pipeline: Pipeline, work: Path, out: Path) -> list[str]:
@@ -71,12 +101,15 @@ WRITERS: dict[str, tuple[Callable[[Pipeline, Path, Path], list[str]], str]] = {
 
 @pytest.mark.parametrize("writer", sorted(WRITERS))
 def test_user_folders_at_the_old_names_survive_two_runs_of_every_folder_writer(
-        writer: str, work: Path, pipeline: Pipeline) -> None:
+    writer: str, work: Path, pipeline: Pipeline
+) -> None:
     args, name = WRITERS[writer]
     out = work / "out" / name
-    kept = [user_folder(out.with_name(out.name + ".old")),
-            user_folder(out.with_name(f".{out.name}.old"), "thesis.tex"),
-            user_folder(out.with_name(out.name + ".bak"))]
+    kept = [
+        user_folder(out.with_name(out.name + ".old")),
+        user_folder(out.with_name(f".{out.name}.old"), "thesis.tex"),
+        user_folder(out.with_name(out.name + ".bak")),
+    ]
     for _ in range(2):  # the first run creates the output, the second replaces it
         ok(cli(pipeline.params_path, *args(pipeline, work, out)))
         assert all(f.read_text() == USER_TEXT for f in kept)
@@ -87,7 +120,8 @@ def test_user_folders_at_the_old_names_survive_two_runs_of_every_folder_writer(
 
 @pytest.mark.parametrize("writer", sorted(WRITERS))
 def test_a_user_folder_at_the_partial_name_is_refused_and_kept(
-        writer: str, work: Path, pipeline: Pipeline) -> None:
+    writer: str, work: Path, pipeline: Pipeline
+) -> None:
     args, name = WRITERS[writer]
     out = work / "out" / name
     notes = user_folder(out.with_name(out.name + ".partial"))
@@ -99,7 +133,8 @@ def test_a_user_folder_at_the_partial_name_is_refused_and_kept(
 
 @pytest.mark.parametrize("writer", sorted(WRITERS))
 def test_a_symlinked_output_is_refused_at_once_and_neither_side_changes(
-        writer: str, work: Path, pipeline: Pipeline) -> None:
+    writer: str, work: Path, pipeline: Pipeline
+) -> None:
     args, name = WRITERS[writer]
     target = work / "elsewhere" / name
     notes = user_folder(target)
@@ -114,7 +149,9 @@ def test_a_symlinked_output_is_refused_at_once_and_neither_side_changes(
     assert leftovers(out) == [name]  # the link itself, nothing beside it
 
 
-def test_a_symlink_to_an_earlier_store_is_refused_and_the_store_is_kept(work: Path, pipeline: Pipeline) -> None:
+def test_a_symlink_to_an_earlier_store_is_refused_and_the_store_is_kept(
+    work: Path, pipeline: Pipeline
+) -> None:
     target = work / "stores" / "t" / "dtd.zarr"
     before = sorted(p.relative_to(target) for p in target.rglob("*"))
     out = work / "out" / "dtd.zarr"
@@ -127,7 +164,8 @@ def test_a_symlink_to_an_earlier_store_is_refused_and_the_store_is_kept(work: Pa
 
 @pytest.mark.parametrize("kind", ["folder", "symlink"])
 def test_a_user_folder_or_link_at_the_lock_name_is_refused_and_kept(
-        kind: str, work: Path, pipeline: Pipeline) -> None:
+    kind: str, work: Path, pipeline: Pipeline
+) -> None:
     out = work / "out" / "dtd.zarr"
     lock = out.with_name(out.name + ".lock")
     notes = user_folder(work / "mine") if kind == "symlink" else user_folder(lock)
@@ -141,7 +179,8 @@ def test_a_user_folder_or_link_at_the_lock_name_is_refused_and_kept(
 
 @pytest.mark.parametrize("kind", ["folder", "file"])
 def test_a_user_folder_or_file_at_the_training_state_name_is_refused_and_kept(
-        kind: str, tmp_path: Path, pipeline: Pipeline) -> None:
+    kind: str, tmp_path: Path, pipeline: Pipeline
+) -> None:
     checkpoint = tmp_path / "t.pt"
     state = checkpoint.with_name("t.pt.state")
     if kind == "folder":
@@ -149,16 +188,29 @@ def test_a_user_folder_or_file_at_the_training_state_name_is_refused_and_kept(
     else:
         state.write_text(USER_TEXT)
         notes = state
-    result = cli(pipeline.params_path, "teacher-train", "--teacher", "t", "--data", pipeline.data,
-                 "--checkpoint-out", checkpoint, "--metrics-out", tmp_path / "m.json",
-                 "--curve-out", tmp_path / "c.json")
+    result = cli(
+        pipeline.params_path,
+        "teacher-train",
+        "--teacher",
+        "t",
+        "--data",
+        pipeline.data,
+        "--checkpoint-out",
+        checkpoint,
+        "--metrics-out",
+        tmp_path / "m.json",
+        "--curve-out",
+        tmp_path / "c.json",
+    )
     line = one_line_error(result, str(state))
     assert "not a training state" in line and "move it away" in line
     assert notes.read_text() == USER_TEXT
     assert not checkpoint.exists() and not (tmp_path / "m.json").exists()
 
 
-def test_export_never_overwrites_a_user_file_and_replaces_its_own_export(work: Path, pipeline: Pipeline) -> None:
+def test_export_never_overwrites_a_user_file_and_replaces_its_own_export(
+    work: Path, pipeline: Pipeline
+) -> None:
     store = work / "stores" / "t" / "dtd.zarr"
     mine = work / "results.h5"
     mine.write_text(USER_TEXT)
@@ -173,7 +225,9 @@ def test_export_never_overwrites_a_user_file_and_replaces_its_own_export(work: P
     assert not list(work.glob(".export.h5.*"))
 
 
-def test_a_folder_where_a_metrics_file_goes_is_refused_before_any_work(work: Path, pipeline: Pipeline) -> None:
+def test_a_folder_where_a_metrics_file_goes_is_refused_before_any_work(
+    work: Path, pipeline: Pipeline
+) -> None:
     metrics = work / "m.json"
     notes = user_folder(metrics)
     out = work / "out" / "dtd.zarr"
@@ -184,7 +238,8 @@ def test_a_folder_where_a_metrics_file_goes_is_refused_before_any_work(work: Pat
 
 
 def test_a_full_disk_while_a_store_is_created_leaves_no_partial_folder(
-        work: Path, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    work: Path, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import zarr
 
     real = zarr.Group.create_array
@@ -220,7 +275,9 @@ def test_a_failed_parallel_write_leaves_no_partial_even_with_a_block_still_writi
     values = da.map_blocks(block, da.zeros((8,), chunks=4, dtype="float32"), dtype=np.float32)
     with (
         pytest.raises(ValueError, match="a damaged chunk"),
-        StoreWriter(out, kind="test", arrays={"x": ArraySpec((8,), "float32")}, attrs={}, chunk_rows=4) as writer,
+        StoreWriter(
+            out, kind="test", arrays={"x": ArraySpec((8,), "float32")}, attrs={}, chunk_rows=4
+        ) as writer,
     ):
         writer.write_dask({"x": values})
     time.sleep(1.0)  # any straggler would have written by now
@@ -241,13 +298,26 @@ def test_prepare_data_never_replaces_a_user_folder_that_merely_holds_a_manifest_
     out = tmp_path / "data"
     notes = user_folder(out)
     (out / "manifest.json").write_text('{"my": "own manifest"}')
-    one_line_error(cli(pipeline.params_path, "prepare-data", "--out", out), str(out), "not a prepared dataset")
+    one_line_error(
+        cli(pipeline.params_path, "prepare-data", "--out", out), str(out), "not a prepared dataset"
+    )
     assert notes.read_text() == USER_TEXT and (out / "manifest.json").read_text() == '{"my": "own manifest"}'
 
 
 def _teacher_train(pipeline: Pipeline, tmp_path: Path, checkpoint: Path, metrics: Path) -> list[str]:
-    return ["teacher-train", "--teacher", "t", "--data", pipeline.data, "--checkpoint-out", checkpoint,
-            "--metrics-out", metrics, "--curve-out", tmp_path / "c.json"]
+    return [
+        "teacher-train",
+        "--teacher",
+        "t",
+        "--data",
+        pipeline.data,
+        "--checkpoint-out",
+        checkpoint,
+        "--metrics-out",
+        metrics,
+        "--curve-out",
+        tmp_path / "c.json",
+    ]
 
 
 @pytest.mark.parametrize("which", ["checkpoint", "metrics"])
@@ -255,8 +325,9 @@ def test_a_user_file_at_a_file_output_is_refused_before_training_and_kept(which,
     checkpoint, metrics = tmp_path / "t.pt", tmp_path / "m.json"
     mine = checkpoint if which == "checkpoint" else metrics
     mine.write_text(USER_TEXT)  # not a checkpoint, not JSON
-    line = one_line_error(cli(pipeline.params_path, *_teacher_train(pipeline, tmp_path, checkpoint, metrics)),
-                          str(mine))
+    line = one_line_error(
+        cli(pipeline.params_path, *_teacher_train(pipeline, tmp_path, checkpoint, metrics)), str(mine)
+    )
     assert "lessons only replaces its own outputs" in line
     assert mine.read_text() == USER_TEXT and not (tmp_path / "c.json").exists()
 
@@ -266,8 +337,10 @@ def test_a_symlinked_file_output_is_refused_and_its_target_kept(tmp_path, pipeli
     target.write_text(USER_TEXT)
     checkpoint = tmp_path / "t.pt"
     checkpoint.symlink_to(target)
-    line = one_line_error(cli(pipeline.params_path, *_teacher_train(pipeline, tmp_path, checkpoint,
-                                                                    tmp_path / "m.json")), str(checkpoint))
+    line = one_line_error(
+        cli(pipeline.params_path, *_teacher_train(pipeline, tmp_path, checkpoint, tmp_path / "m.json")),
+        str(checkpoint),
+    )
     assert "symbolic link" in line
     assert checkpoint.is_symlink() and target.read_text() == USER_TEXT
 
@@ -290,8 +363,15 @@ def test_report_and_check_params_never_overwrite_a_user_file(name, tmp_path, pip
     student = tmp_path / "ce-seed0.json"
     student.write_text('{"experiment": "ce", "test_top1": 0.5, "seed": 0}')
     with pytest.raises(OutputError, match="lessons only replaces its own outputs"):
-        report.run(ReportConfig(), students=[student], teachers=[], adjust_metrics=[], temperature_metrics=[],
-                   temperature_histograms=[], out_dir=mine.parent)
+        report.run(
+            ReportConfig(),
+            students=[student],
+            teachers=[],
+            adjust_metrics=[],
+            temperature_metrics=[],
+            temperature_histograms=[],
+            out_dir=mine.parent,
+        )
     assert mine.read_text() == USER_TEXT
     notes = tmp_path / "check.json"
     notes.write_text(USER_TEXT)
@@ -302,8 +382,22 @@ def test_report_and_check_params_never_overwrite_a_user_file(name, tmp_path, pip
 def test_teacher_dump_checks_the_test_output_before_it_dumps_and_publishes_the_train_store(work, pipeline):
     stores = work / "out"
     notes = user_folder(stores / "test-logits.zarr.partial")
-    line = one_line_error(cli(pipeline.params_path, "teacher-dump", "--teacher", "t", "--data", pipeline.data,
-                              "--checkpoint", pipeline.checkpoint, "--out", stores / "logits.zarr",
-                              "--test-out", stores / "test-logits.zarr"), str(notes.parent))
+    line = one_line_error(
+        cli(
+            pipeline.params_path,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--out",
+            stores / "logits.zarr",
+            "--test-out",
+            stores / "test-logits.zarr",
+        ),
+        str(notes.parent),
+    )
     assert "did not create" in line and notes.read_text() == USER_TEXT
     assert leftovers(stores / "logits.zarr") == []  # no new train store beside an old test store

@@ -1,5 +1,6 @@
 """No stale cache: every consumer refuses a store that does not belong to what it is combined
 with, in one line that names what differs and both sides, before writing anything."""
+
 from __future__ import annotations
 
 import shutil
@@ -24,9 +25,22 @@ from tests.reliability.conftest import (
 
 
 def _student(params: Path, experiment: str, *, data: Path, stores: Path, out: Path):
-    return cli(params, "student-train", "--experiment", experiment, "--data", data, "--stores", stores,
-               "--checkpoint-out", out / "s.pt", "--metrics-out", out / "s.json",
-               "--curve-out", out / "s-curve.json")
+    return cli(
+        params,
+        "student-train",
+        "--experiment",
+        experiment,
+        "--data",
+        data,
+        "--stores",
+        stores,
+        "--checkpoint-out",
+        out / "s.pt",
+        "--metrics-out",
+        out / "s.json",
+        "--curve-out",
+        out / "s-curve.json",
+    )
 
 
 def _assert_no_student_outputs(out: Path) -> None:
@@ -41,10 +55,38 @@ def retrained(pipeline: Pipeline, tmp_path_factory) -> Path:
     teachers = {"t": {**pipeline.params["teacher_train"]["teachers"]["t"], "seed": 1}}
     write_params(params, pipeline.params, teacher_train={"teachers": teachers})
     checkpoint = root / "tB.pt"
-    ok(cli(params, "teacher-train", "--teacher", "t", "--data", pipeline.data, "--checkpoint-out", checkpoint,
-           "--metrics-out", root / "m.json", "--curve-out", root / "c.json"))
-    ok(cli(params, "teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", checkpoint,
-           "--out", root / "stores" / "t" / "logits.zarr", "--test-out", root / "stores" / "t" / "test-logits.zarr"))
+    ok(
+        cli(
+            params,
+            "teacher-train",
+            "--teacher",
+            "t",
+            "--data",
+            pipeline.data,
+            "--checkpoint-out",
+            checkpoint,
+            "--metrics-out",
+            root / "m.json",
+            "--curve-out",
+            root / "c.json",
+        )
+    )
+    ok(
+        cli(
+            params,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            checkpoint,
+            "--out",
+            root / "stores" / "t" / "logits.zarr",
+            "--test-out",
+            root / "stores" / "t" / "test-logits.zarr",
+        )
+    )
     return root / "stores"
 
 
@@ -61,8 +103,13 @@ def datasets(pipeline: Pipeline, tmp_path_factory) -> dict[str, Path]:
     npzs = {
         "subset": (pipeline.npz, {"max_train_samples": 200, "seed": 1}),
         "relabeled": (make_npz(root / "relabeled.npz", **relabeled), {}),
-        "reordered": (make_npz(root / "reordered.npz", **dict(arrays, x_train=arrays["x_train"][order],
-                                                                y_train=arrays["y_train"][order])), {}),
+        "reordered": (
+            make_npz(
+                root / "reordered.npz",
+                **dict(arrays, x_train=arrays["x_train"][order], y_train=arrays["y_train"][order]),
+            ),
+            {},
+        ),
         "other": (make_npz(root / "other.npz", seed=99), {}),
     }
     out = {}
@@ -71,35 +118,60 @@ def datasets(pipeline: Pipeline, tmp_path_factory) -> dict[str, Path]:
         ok(cli(params, "prepare-data", "--out", root / name))
         out[name] = root / name
     # The teacher's stores for the other dataset (a 28x28 4-class net runs on any such images).
-    ok(cli(pipeline.params_path, "teacher-dump", "--teacher", "t", "--data", out["other"], "--checkpoint",
-           pipeline.checkpoint, "--out", root / "other-stores" / "t" / "logits.zarr",
-           "--test-out", root / "other-stores" / "t" / "test-logits.zarr"))
+    ok(
+        cli(
+            pipeline.params_path,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            out["other"],
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--out",
+            root / "other-stores" / "t" / "logits.zarr",
+            "--test-out",
+            root / "other-stores" / "t" / "test-logits.zarr",
+        )
+    )
     out["other_stores"] = root / "other-stores"
     return out
 
 
 # -- teacher retrained ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("experiment, stale", [
-    ("kd_ps_static", "adjusted-ps.zarr"),  # KA store from teacher A beside logits of teacher B
-    ("kd_static", "dtd.zarr"),             # DTD store from teacher A beside logits of teacher B
-])
+
+@pytest.mark.parametrize(
+    "experiment, stale",
+    [
+        ("kd_ps_static", "adjusted-ps.zarr"),  # KA store from teacher A beside logits of teacher B
+        ("kd_static", "dtd.zarr"),  # DTD store from teacher A beside logits of teacher B
+    ],
+)
 def test_student_train_refuses_a_ka_or_dtd_store_of_the_teacher_before_it_was_retrained(
-        tmp_path, pipeline, retrained, experiment, stale):
+    tmp_path, pipeline, retrained, experiment, stale
+):
     stores = tmp_path / "stores"
     shutil.copytree(retrained, stores)
     shutil.copytree(pipeline.teacher_stores / stale, stores / "t" / stale)
     if stale != "dtd.zarr":
         shutil.copytree(pipeline.teacher_stores / "dtd.zarr", stores / "t" / "dtd.zarr")
     result = _student(pipeline.params_path, experiment, data=pipeline.data, stores=stores, out=tmp_path)
-    line = one_line_error(result, f"t/{stale}", "teacher.checkpoint_sha256", "in the store but",
-                          str(stores / "t" / "logits.zarr"), "rebuild")
+    line = one_line_error(
+        result,
+        f"t/{stale}",
+        "teacher.checkpoint_sha256",
+        "in the store but",
+        str(stores / "t" / "logits.zarr"),
+        "rebuild",
+    )
     assert line.count("checkpoint_sha256") == 1
     _assert_no_student_outputs(tmp_path)
 
 
 def test_student_train_refuses_test_logits_of_another_teacher_than_the_train_logits(
-        tmp_path, pipeline, retrained):
+    tmp_path, pipeline, retrained
+):
     stores = tmp_path / "stores"
     shutil.copytree(pipeline.stores, stores)
     shutil.rmtree(stores / "t" / "test-logits.zarr")
@@ -111,18 +183,29 @@ def test_student_train_refuses_test_logits_of_another_teacher_than_the_train_log
 
 # -- the dataset changed under the stores ---------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", ["subset", "relabeled", "reordered"])
 def test_student_train_refuses_stores_once_the_dataset_is_re_prepared_differently(
-        tmp_path, pipeline, datasets, variant):
-    result = _student(pipeline.params_path, "kd", data=datasets[variant], stores=pipeline.stores, out=tmp_path)
-    one_line_error(result, "logits.zarr", "dataset_fingerprint is", "in the store but",
-                   "in the prepared dataset (npz)", "stale")
+    tmp_path, pipeline, datasets, variant
+):
+    result = _student(
+        pipeline.params_path, "kd", data=datasets[variant], stores=pipeline.stores, out=tmp_path
+    )
+    one_line_error(
+        result,
+        "logits.zarr",
+        "dataset_fingerprint is",
+        "in the store but",
+        "in the prepared dataset (npz)",
+        "stale",
+    )
     _assert_no_student_outputs(tmp_path)
 
 
 def test_student_train_refuses_a_store_dumped_from_another_dataset(tmp_path, pipeline, datasets):
-    result = _student(pipeline.params_path, "kd", data=pipeline.data, stores=datasets["other_stores"],
-                      out=tmp_path)
+    result = _student(
+        pipeline.params_path, "kd", data=pipeline.data, stores=datasets["other_stores"], out=tmp_path
+    )
     one_line_error(result, "dataset_fingerprint", "in the prepared dataset")
     _assert_no_student_outputs(tmp_path)
 
@@ -143,46 +226,83 @@ def _reverse_sample_index(store: Path) -> None:
 def test_student_train_refuses_a_store_whose_rows_are_in_another_order(tmp_path, pipeline, work):
     _reverse_sample_index(work / "stores" / "t" / "logits.zarr")
     result = _student(pipeline.params_path, "kd", data=pipeline.data, stores=work / "stores", out=tmp_path)
-    one_line_error(result, "logits.zarr", "sample_index", "prepared dataset", "row 0",
-                   f"sample {NUM_TRAIN - 1} in the store")
+    one_line_error(
+        result,
+        "logits.zarr",
+        "sample_index",
+        "prepared dataset",
+        "row 0",
+        f"sample {NUM_TRAIN - 1} in the store",
+    )
     _assert_no_student_outputs(tmp_path)
 
 
 @pytest.mark.parametrize("command", ["adjust", "temperature"])
 def test_adjust_and_temperature_refuse_a_store_whose_rows_are_not_in_canonical_order(
-        tmp_path, pipeline, work, command):
+    tmp_path, pipeline, work, command
+):
     logits = work / "stores" / "t" / "logits.zarr"
     _reverse_sample_index(logits)
     out = tmp_path / "out.zarr"
     extra = ["--method", "ps"] if command == "adjust" else ["--histogram-out", tmp_path / "h.json"]
-    result = cli(pipeline.params_path, command, *extra, "--logits", logits, "--out", out,
-                 "--metrics-out", tmp_path / "m.json")
+    result = cli(
+        pipeline.params_path,
+        command,
+        *extra,
+        "--logits",
+        logits,
+        "--out",
+        out,
+        "--metrics-out",
+        tmp_path / "m.json",
+    )
     one_line_error(result, "sample_index", "canonical order", "row 0", f"sample {NUM_TRAIN - 1}")
     assert leftovers(out) == [] and not (tmp_path / "m.json").exists()
 
 
 @pytest.mark.parametrize("command", ["adjust", "temperature"])
 def test_adjust_and_temperature_refuse_a_store_whose_num_classes_disagrees_with_its_logits(
-        tmp_path, pipeline, work, command):
+    tmp_path, pipeline, work, command
+):
     logits = work / "stores" / "t" / "logits.zarr"
     zarr.open_group(logits, mode="r+").attrs["num_classes"] = 10
     out = tmp_path / "out.zarr"
     extra = ["--method", "lsr"] if command == "adjust" else ["--histogram-out", tmp_path / "h.json"]
-    result = cli(pipeline.params_path, command, *extra, "--logits", logits, "--out", out,
-                 "--metrics-out", tmp_path / "m.json")
+    result = cli(
+        pipeline.params_path,
+        command,
+        *extra,
+        "--logits",
+        logits,
+        "--out",
+        out,
+        "--metrics-out",
+        tmp_path / "m.json",
+    )
     one_line_error(result, "logits", "(1, 256, 4)", "(1, 256, 10)", "rebuild")
     assert leftovers(out) == []
 
 
 def test_adjust_refuses_the_test_split_store(tmp_path, pipeline):
     out = tmp_path / "adjusted.zarr"
-    result = cli(pipeline.params_path, "adjust", "--method", "ps", "--logits",
-                 pipeline.teacher_stores / "test-logits.zarr", "--out", out, "--metrics-out", tmp_path / "m.json")
+    result = cli(
+        pipeline.params_path,
+        "adjust",
+        "--method",
+        "ps",
+        "--logits",
+        pipeline.teacher_stores / "test-logits.zarr",
+        "--out",
+        out,
+        "--metrics-out",
+        tmp_path / "m.json",
+    )
     one_line_error(result, "test-logits.zarr", "'test'-split", "logits.zarr")
     assert leftovers(out) == []
 
 
 # -- import-logits ----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def exported(pipeline: Pipeline, tmp_path_factory) -> Path:
@@ -198,18 +318,23 @@ def test_an_exported_store_imports_back_into_its_own_dataset(tmp_path, pipeline,
     ok(cli(pipeline.params_path, "import-logits", exported, "--data", pipeline.data, "--out", out))
     from storage import open_store
 
-    np.testing.assert_array_equal(open_store(out).read("logits"),
-                                  open_store(pipeline.teacher_stores / "logits.zarr").read("logits"))
+    np.testing.assert_array_equal(
+        open_store(out).read("logits"), open_store(pipeline.teacher_stores / "logits.zarr").read("logits")
+    )
 
 
-@pytest.mark.parametrize("variant, fragments", [
-    ("relabeled", ["dataset fingerprint", "the train split of"]),
-    ("reordered", ["dataset fingerprint", "another dataset, subset or order"]),
-    ("other", ["dataset fingerprint"]),
-    ("subset", ["256 rows", "has 200"]),
-])
+@pytest.mark.parametrize(
+    "variant, fragments",
+    [
+        ("relabeled", ["dataset fingerprint", "the train split of"]),
+        ("reordered", ["dataset fingerprint", "another dataset, subset or order"]),
+        ("other", ["dataset fingerprint"]),
+        ("subset", ["256 rows", "has 200"]),
+    ],
+)
 def test_import_logits_refuses_an_export_of_another_dataset_subset_or_order(
-        tmp_path, pipeline, datasets, exported, variant, fragments):
+    tmp_path, pipeline, datasets, exported, variant, fragments
+):
     out = tmp_path / "logits.zarr"
     result = cli(pipeline.params_path, "import-logits", exported, "--data", datasets[variant], "--out", out)
     one_line_error(result, "t.h5", *fragments)
@@ -241,13 +366,24 @@ def test_a_chunk_damaged_on_disk_is_refused_by_its_checksum(tmp_path, pipeline, 
     _damage_one_chunk(logits / "logits")
     out = tmp_path / "out.zarr"
     if command == "student-train":
-        result = _student(pipeline.params_path, "kd", data=pipeline.data, stores=work / "stores", out=tmp_path)
+        result = _student(
+            pipeline.params_path, "kd", data=pipeline.data, stores=work / "stores", out=tmp_path
+        )
     elif command == "export":
         result = cli(pipeline.params_path, "export", logits, tmp_path / "out.h5")
     else:
         extra = ["--method", "ps"] if command == "adjust" else ["--histogram-out", tmp_path / "h.json"]
-        result = cli(pipeline.params_path, command, *extra, "--logits", logits, "--out", out,
-                     "--metrics-out", tmp_path / "m.json")
+        result = cli(
+            pipeline.params_path,
+            command,
+            *extra,
+            "--logits",
+            logits,
+            "--out",
+            out,
+            "--metrics-out",
+            tmp_path / "m.json",
+        )
     one_line_error(result, "logits.zarr", "crc32c", "rebuild")
     assert leftovers(out) == [] and not (tmp_path / "m.json").exists()
     _assert_no_student_outputs(tmp_path)
@@ -264,20 +400,38 @@ def test_every_store_array_is_written_with_a_crc32c_checksum_codec(pipeline):
 
 # -- derived stores name their source (DESIGN §8) ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def redumped(pipeline: Pipeline, tmp_path_factory) -> Path:
     """stores/t/logits.zarr dumped again from the SAME checkpoint, in float32: another dump whose
     teacher attributes (checkpoint sha256, preprocessing) equal the session's."""
     root = tmp_path_factory.mktemp("redumped")
     params = write_params(root / "params.yaml", pipeline.params, teacher_dump={"dtype": "float32"})
-    ok(cli(params, "teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
-           "--out", root / "stores" / "t" / "logits.zarr", "--test-out", root / "stores" / "t" / "test-logits.zarr"))
+    ok(
+        cli(
+            params,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--out",
+            root / "stores" / "t" / "logits.zarr",
+            "--test-out",
+            root / "stores" / "t" / "test-logits.zarr",
+        )
+    )
     return root / "stores"
 
 
-@pytest.mark.parametrize("experiment, stale", [("kd_ps_static", "adjusted-ps.zarr"), ("kd_static", "dtd.zarr")])
+@pytest.mark.parametrize(
+    "experiment, stale", [("kd_ps_static", "adjusted-ps.zarr"), ("kd_static", "dtd.zarr")]
+)
 def test_student_train_refuses_a_ka_or_dtd_store_derived_from_another_dump_of_the_same_checkpoint(
-        tmp_path, pipeline, redumped, experiment, stale):
+    tmp_path, pipeline, redumped, experiment, stale
+):
     from storage import open_store
 
     stores = tmp_path / "stores"
@@ -285,8 +439,10 @@ def test_student_train_refuses_a_ka_or_dtd_store_derived_from_another_dump_of_th
     for name in ("adjusted-ps.zarr", "dtd.zarr"):
         shutil.copytree(pipeline.teacher_stores / name, stores / "t" / name)
     # The teacher attributes agree: only the recorded source digest can tell the dumps apart.
-    assert (open_store(stores / "t" / stale).attrs["teacher"]
-            == open_store(stores / "t" / "logits.zarr").attrs["teacher"])
+    assert (
+        open_store(stores / "t" / stale).attrs["teacher"]
+        == open_store(stores / "t" / "logits.zarr").attrs["teacher"]
+    )
     result = _student(pipeline.params_path, experiment, data=pipeline.data, stores=stores, out=tmp_path)
     one_line_error(result, f"t/{stale}", "derived from", "content digest", "rebuild")
     _assert_no_student_outputs(tmp_path)
@@ -300,7 +456,10 @@ def test_derived_stores_record_the_digest_of_the_logits_they_came_from_and_its_s
     assert logits.attrs["content_digest"] == content_digest(logits.path)  # recorded = recomputed
     for name in ("adjusted-ps.zarr", "adjusted-lsr.zarr", "dtd.zarr"):
         derived = open_store(pipeline.teacher_stores / name)
-        assert derived.attrs["source"] == {"store": "logits.zarr", "content_digest": logits.attrs["content_digest"]}
+        assert derived.attrs["source"] == {
+            "store": "logits.zarr",
+            "content_digest": logits.attrs["content_digest"],
+        }
         assert np.array_equal(derived.read("sample_index"), logits.read("sample_index"))
         derived.expect_source(logits)
 
@@ -316,19 +475,24 @@ def test_the_content_digest_changes_with_one_stored_value(tmp_path, pipeline):
     assert content_digest(copy) != before
 
 
-def test_student_train_refuses_a_derived_store_whose_sample_index_differs_from_its_source(tmp_path, pipeline, work):
+def test_student_train_refuses_a_derived_store_whose_sample_index_differs_from_its_source(
+    tmp_path, pipeline, work
+):
     stores = work / "stores"
     index = zarr.open_array(stores / "t" / "adjusted-ps.zarr" / "sample_index", mode="r+")
     index[:] = np.roll(np.arange(NUM_TRAIN), 1)
     as_written(stores / "t" / "adjusted-ps.zarr")
     result = _student(pipeline.params_path, "kd_ps_static", data=pipeline.data, stores=stores, out=tmp_path)
-    one_line_error(result, "adjusted-ps.zarr", "sample_index does not match", str(stores / "t" / "logits.zarr"))
+    one_line_error(
+        result, "adjusted-ps.zarr", "sample_index does not match", str(stores / "t" / "logits.zarr")
+    )
     _assert_no_student_outputs(tmp_path)
 
 
 @pytest.mark.parametrize("array", ["labels", "logits"])
 def test_a_store_edited_in_place_after_it_was_written_is_refused_by_every_consumer(
-        tmp_path, pipeline, work, array):
+    tmp_path, pipeline, work, array
+):
     """Labels rewritten by hand (all 0) or one logit changed: the chunks are valid and their
     checksums fine, only the recorded content digest can tell."""
     store = work / "stores" / "t" / "logits.zarr"
@@ -340,7 +504,17 @@ def test_a_store_edited_in_place_after_it_was_written_is_refused_by_every_consum
     result = _student(pipeline.params_path, "kd", data=pipeline.data, stores=work / "stores", out=tmp_path)
     one_line_error(result, str(store), "changed after it was written", "dvc repro --force teacher_dump@t")
     _assert_no_student_outputs(tmp_path)
-    adjust = cli(pipeline.params_path, "adjust", "--method", "ps", "--logits", store, "--out", tmp_path / "a.zarr",
-                 "--metrics-out", tmp_path / "m.json")
+    adjust = cli(
+        pipeline.params_path,
+        "adjust",
+        "--method",
+        "ps",
+        "--logits",
+        store,
+        "--out",
+        tmp_path / "a.zarr",
+        "--metrics-out",
+        tmp_path / "m.json",
+    )
     one_line_error(adjust, "changed after it was written")
     assert leftovers(tmp_path / "a.zarr") == []

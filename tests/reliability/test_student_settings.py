@@ -1,4 +1,5 @@
 """Student settings from params.yaml reach the trainer: the lr schedule, the fixed-row τ."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,24 @@ from tests.reliability.conftest import BATCH, NUM_TRAIN, cli, ok, write_params
 
 def _lr_per_epoch(tmp_path, pipeline, name: str, **student: object) -> list[float]:
     params = write_params(tmp_path / f"{name}.yaml", pipeline.params, student_train=student)
-    ok(cli(params, "student-train", "--experiment", "kd_ps_2ep", "--data", pipeline.data,
-           "--stores", pipeline.stores, "--checkpoint-out", tmp_path / f"{name}.pt",
-           "--metrics-out", tmp_path / f"{name}.json", "--curve-out", tmp_path / f"{name}-curve.json"))
+    ok(
+        cli(
+            params,
+            "student-train",
+            "--experiment",
+            "kd_ps_2ep",
+            "--data",
+            pipeline.data,
+            "--stores",
+            pipeline.stores,
+            "--checkpoint-out",
+            tmp_path / f"{name}.pt",
+            "--metrics-out",
+            tmp_path / f"{name}.json",
+            "--curve-out",
+            tmp_path / f"{name}-curve.json",
+        )
+    )
     return [row["lr"] for row in json.loads((tmp_path / f"{name}-curve.json").read_text())]
 
 
@@ -32,12 +48,29 @@ def test_a_fixed_target_temperature_reaches_the_trainer_and_its_metrics(tmp_path
     experiments = dict(pipeline.params["student_train"]["experiments"])
     experiments["lsr_t2"] = {"teacher": "t", "adjust": "lsr", "dtd": "off", "fixed_target_temperature": 2.0}
     experiments["lsr"] = {"teacher": "t", "adjust": "lsr", "dtd": "off"}  # default: 1.0 (DESIGN §4)
-    params = write_params(tmp_path / "params.yaml", pipeline.params, student_train={"experiments": experiments})
+    params = write_params(
+        tmp_path / "params.yaml", pipeline.params, student_train={"experiments": experiments}
+    )
     losses = {}
     for name in ("lsr", "lsr_t2"):
-        ok(cli(params, "student-train", "--experiment", name, "--data", pipeline.data,
-               "--stores", pipeline.stores, "--checkpoint-out", tmp_path / f"{name}.pt",
-               "--metrics-out", tmp_path / f"{name}.json", "--curve-out", tmp_path / f"{name}-curve.json"))
+        ok(
+            cli(
+                params,
+                "student-train",
+                "--experiment",
+                name,
+                "--data",
+                pipeline.data,
+                "--stores",
+                pipeline.stores,
+                "--checkpoint-out",
+                tmp_path / f"{name}.pt",
+                "--metrics-out",
+                tmp_path / f"{name}.json",
+                "--curve-out",
+                tmp_path / f"{name}-curve.json",
+            )
+        )
         record = json.loads((tmp_path / f"{name}-config.json").read_text())  # settings beside the metrics
         assert record["config"]["fixed_target_temperature"] == (2.0 if name == "lsr_t2" else 1.0)
         losses[name] = json.loads((tmp_path / f"{name}-curve.json").read_text())[0]["train_loss"]

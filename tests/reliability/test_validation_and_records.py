@@ -1,6 +1,7 @@
 """A validation split (`data.validation_fraction`) through the real CLI, and what every run records:
 metrics files hold numbers only, `<stem>-config.json` beside them and the checkpoints hold the
 fully resolved configuration (defaults included)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,27 +36,99 @@ def val_pipeline(tmp_path_factory: pytest.TempPathFactory, pipeline: Pipeline) -
     """The session's tiny dataset with a quarter of train held out: prepare-data, teacher-train,
     teacher-dump, adjust ps, temperature and two students (ce, kd with ps + flsw and 2 epochs)."""
     root = tmp_path_factory.mktemp("val")
-    experiments = {"ce": {"kd": False, "teacher": "t"},
-                   "kd": {"teacher": "t", "adjust": "ps", "dtd": "flsw", "epochs": 2, "lr": 0.02}}
-    params_path = write_params(root / "params.yaml", pipeline.params, data={"validation_fraction": FRACTION},
-                               adjust={"methods": ["ps"]}, student_train={"experiments": experiments})
+    experiments = {
+        "ce": {"kd": False, "teacher": "t"},
+        "kd": {"teacher": "t", "adjust": "ps", "dtd": "flsw", "epochs": 2, "lr": 0.02},
+    }
+    params_path = write_params(
+        root / "params.yaml",
+        pipeline.params,
+        data={"validation_fraction": FRACTION},
+        adjust={"methods": ["ps"]},
+        student_train={"experiments": experiments},
+    )
     data, stores, metrics, curves = root / "data", root / "stores", root / "metrics", root / "plots"
     checkpoints, teacher = root / "checkpoints", root / "stores" / "t"
     ok(cli(params_path, "prepare-data", "--out", data))
-    ok(cli(params_path, "teacher-train", "--teacher", "t", "--data", data, "--checkpoint-out",
-           checkpoints / "t.pt", "--metrics-out", metrics / "teachers" / "t.json",
-           "--curve-out", metrics / "teachers" / "t-curve.json"))
-    ok(cli(params_path, "teacher-dump", "--teacher", "t", "--data", data, "--checkpoint", checkpoints / "t.pt",
-           "--out", teacher / "logits.zarr", "--test-out", teacher / "test-logits.zarr"))
-    ok(cli(params_path, "adjust", "--method", "ps", "--logits", teacher / "logits.zarr",
-           "--out", teacher / "adjusted-ps.zarr", "--metrics-out", metrics / "adjust" / "t-ps.json"))
-    ok(cli(params_path, "temperature", "--logits", teacher / "logits.zarr", "--out", teacher / "dtd.zarr",
-           "--metrics-out", metrics / "temperature" / "t.json", "--histogram-out", curves / "temperature" / "t.json"))
+    ok(
+        cli(
+            params_path,
+            "teacher-train",
+            "--teacher",
+            "t",
+            "--data",
+            data,
+            "--checkpoint-out",
+            checkpoints / "t.pt",
+            "--metrics-out",
+            metrics / "teachers" / "t.json",
+            "--curve-out",
+            metrics / "teachers" / "t-curve.json",
+        )
+    )
+    ok(
+        cli(
+            params_path,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            data,
+            "--checkpoint",
+            checkpoints / "t.pt",
+            "--out",
+            teacher / "logits.zarr",
+            "--test-out",
+            teacher / "test-logits.zarr",
+        )
+    )
+    ok(
+        cli(
+            params_path,
+            "adjust",
+            "--method",
+            "ps",
+            "--logits",
+            teacher / "logits.zarr",
+            "--out",
+            teacher / "adjusted-ps.zarr",
+            "--metrics-out",
+            metrics / "adjust" / "t-ps.json",
+        )
+    )
+    ok(
+        cli(
+            params_path,
+            "temperature",
+            "--logits",
+            teacher / "logits.zarr",
+            "--out",
+            teacher / "dtd.zarr",
+            "--metrics-out",
+            metrics / "temperature" / "t.json",
+            "--histogram-out",
+            curves / "temperature" / "t.json",
+        )
+    )
     for name in experiments:
-        ok(cli(params_path, "student-train", "--experiment", name, "--data", data, "--stores", stores,
-               "--checkpoint-out", checkpoints / "students" / f"{name}-seed0.pt",
-               "--metrics-out", metrics / "students" / f"{name}-seed0.json",
-               "--curve-out", curves / "students" / f"{name}-seed0.json"))
+        ok(
+            cli(
+                params_path,
+                "student-train",
+                "--experiment",
+                name,
+                "--data",
+                data,
+                "--stores",
+                stores,
+                "--checkpoint-out",
+                checkpoints / "students" / f"{name}-seed0.pt",
+                "--metrics-out",
+                metrics / "students" / f"{name}-seed0.json",
+                "--curve-out",
+                curves / "students" / f"{name}-seed0.json",
+            )
+        )
     return ValPipeline(root, params_path, data, stores, metrics, curves, checkpoints)
 
 
@@ -67,31 +140,41 @@ def _json(path: Path):
 
 
 def test_prepare_data_writes_a_balanced_val_split_disjoint_from_train_with_its_own_fingerprint(
-        val_pipeline: ValPipeline, pipeline: Pipeline):
+    val_pipeline: ValPipeline, pipeline: Pipeline
+):
     manifest = _json(val_pipeline.data / "manifest.json")
     splits = manifest["splits"]
     assert {name: info["num_samples"] for name, info in splits.items()} == {
-        "train": NUM_TRAIN - NUM_VAL, "val": NUM_VAL, "test": 64}
+        "train": NUM_TRAIN - NUM_VAL,
+        "val": NUM_VAL,
+        "test": 64,
+    }
     assert splits["val"]["class_counts"] == [NUM_VAL // NUM_CLASSES] * NUM_CLASSES
     assert manifest["data"]["validation_fraction"] == FRACTION
     source = np.load(pipeline.npz)
     val_rows = np.array(splits["val"]["source_index"])
     train_rows = np.setdiff1d(np.arange(NUM_TRAIN), val_rows)
     assert len(np.unique(val_rows)) == NUM_VAL  # distinct rows of the source's train split
-    assert splits["val"]["fingerprint"] == dataset_fingerprint(source["x_train"][val_rows][..., None],
-                                                               source["y_train"][val_rows])
-    assert splits["train"]["fingerprint"] == dataset_fingerprint(source["x_train"][train_rows][..., None],
-                                                                 source["y_train"][train_rows])
+    assert splits["val"]["fingerprint"] == dataset_fingerprint(
+        source["x_train"][val_rows][..., None], source["y_train"][val_rows]
+    )
+    assert splits["train"]["fingerprint"] == dataset_fingerprint(
+        source["x_train"][train_rows][..., None], source["y_train"][train_rows]
+    )
     assert np.load(val_pipeline.data / "val-labels.npy").tolist() == source["y_train"][val_rows].tolist()
     assert (val_pipeline.data / "val.beton").is_file()
 
 
-def test_the_val_split_is_the_same_on_a_second_prepare_and_moves_with_data_seed(tmp_path, val_pipeline, pipeline):
+def test_the_val_split_is_the_same_on_a_second_prepare_and_moves_with_data_seed(
+    tmp_path, val_pipeline, pipeline
+):
     again = write_params(tmp_path / "again.yaml", pipeline.params, data={"validation_fraction": FRACTION})
     ok(cli(again, "prepare-data", "--out", tmp_path / "again"))
     first, second = (_json(folder / "manifest.json") for folder in (val_pipeline.data, tmp_path / "again"))
     assert first["splits"] == second["splits"]  # fingerprints, beton sha256 and source rows alike
-    other = write_params(tmp_path / "other.yaml", pipeline.params, data={"validation_fraction": FRACTION, "seed": 1})
+    other = write_params(
+        tmp_path / "other.yaml", pipeline.params, data={"validation_fraction": FRACTION, "seed": 1}
+    )
     ok(cli(other, "prepare-data", "--out", tmp_path / "other"))
     moved = _json(tmp_path / "other" / "manifest.json")["splits"]["val"]
     assert moved["source_index"] != first["splits"]["val"]["source_index"]
@@ -103,7 +186,9 @@ def test_without_a_validation_fraction_there_is_no_val_split_and_no_val_metric(p
     assert set(manifest["splits"]) == {"train", "test"} and "validation_fraction" not in manifest["data"]
     assert not (pipeline.data / "val.beton").exists()
     teacher = _json(pipeline.root / "metrics" / "t.json")
-    assert "val_top1" not in teacher and "val_top1" not in _json(pipeline.root / "metrics" / "t-curve.json")[0]
+    assert (
+        "val_top1" not in teacher and "val_top1" not in _json(pipeline.root / "metrics" / "t-curve.json")[0]
+    )
 
 
 def test_the_teacher_and_students_train_on_train_only_and_report_val_and_test_top1(val_pipeline: ValPipeline):
@@ -112,9 +197,18 @@ def test_the_teacher_and_students_train_on_train_only_and_report_val_and_test_to
     assert logits.read("logits").shape == (1, num_train, NUM_CLASSES)  # stores cover the train split
     assert np.array_equal(logits.read("sample_index"), np.arange(num_train))
     for metrics_path, curve_path, epochs in (
-            (val_pipeline.metrics / "teachers" / "t.json", val_pipeline.metrics / "teachers" / "t-curve.json", 1),
-            (val_pipeline.metrics / "students" / "kd-seed0.json", val_pipeline.curves / "students" / "kd-seed0.json", 2),
-            (val_pipeline.metrics / "students" / "ce-seed0.json", val_pipeline.curves / "students" / "ce-seed0.json", 1)):
+        (val_pipeline.metrics / "teachers" / "t.json", val_pipeline.metrics / "teachers" / "t-curve.json", 1),
+        (
+            val_pipeline.metrics / "students" / "kd-seed0.json",
+            val_pipeline.curves / "students" / "kd-seed0.json",
+            2,
+        ),
+        (
+            val_pipeline.metrics / "students" / "ce-seed0.json",
+            val_pipeline.curves / "students" / "ce-seed0.json",
+            1,
+        ),
+    ):
         metrics, curve = _json(metrics_path), _json(curve_path)
         for key in ("val_top1", "test_top1"):
             assert 0.0 <= metrics[key] <= 1.0
@@ -127,8 +221,12 @@ def test_the_teacher_and_students_train_on_train_only_and_report_val_and_test_to
 def test_check_params_refuses_a_validation_fraction_outside_zero_to_one(tmp_path, pipeline: Pipeline):
     for value in (1.0, -0.5):
         path = write_params(tmp_path / "params.yaml", pipeline.params, data={"validation_fraction": value})
-        one_line_error(cli(path, "check-params", "--out", tmp_path / "check.json"),
-                       "data.validation_fraction", "[0, 1)", str(value))
+        one_line_error(
+            cli(path, "check-params", "--out", tmp_path / "check.json"),
+            "data.validation_fraction",
+            "[0, 1)",
+            str(value),
+        )
         assert not (tmp_path / "check.json").exists()
 
 
@@ -144,21 +242,33 @@ def _numbers_only(path: Path) -> dict:
 
 def test_every_metrics_file_holds_numbers_only(pipeline: Pipeline, val_pipeline: ValPipeline):
     files = [pipeline.root / "metrics" / name for name in ("t.json", "ps.json", "lsr.json", "dtd.json")]
-    files += [val_pipeline.metrics / sub for sub in ("teachers/t.json", "adjust/t-ps.json", "temperature/t.json",
-                                                      "students/ce-seed0.json", "students/kd-seed0.json")]
+    files += [
+        val_pipeline.metrics / sub
+        for sub in (
+            "teachers/t.json",
+            "adjust/t-ps.json",
+            "temperature/t.json",
+            "students/ce-seed0.json",
+            "students/kd-seed0.json",
+        )
+    ]
     for path in files:
         _numbers_only(path)
 
 
 def test_the_config_records_beside_the_metrics_hold_the_names_and_the_resolved_configuration(
-        val_pipeline: ValPipeline):
+    val_pipeline: ValPipeline,
+):
     params = load_params(val_pipeline.params_path)
     teacher = _json(val_pipeline.metrics / "teachers" / "t-config.json")
     assert (teacher["teacher"], teacher["arch"]) == ("t", "mlp")
     assert teacher["config"] == json.loads(json.dumps(dataclasses.asdict(params.teacher_train.teacher("t"))))
     assert teacher["data"] == json.loads(json.dumps(dataclasses.asdict(params.data)))
-    assert teacher["dataset"] == {"name": "npz", "num_classes": NUM_CLASSES,
-                                  "splits": {"train": NUM_TRAIN - NUM_VAL, "val": NUM_VAL, "test": 64}}
+    assert teacher["dataset"] == {
+        "name": "npz",
+        "num_classes": NUM_CLASSES,
+        "splits": {"train": NUM_TRAIN - NUM_VAL, "val": NUM_VAL, "test": 64},
+    }
     assert len(teacher["checkpoint_sha256"]) == 64
     student = _json(val_pipeline.metrics / "students" / "kd-seed0-config.json")
     resolved = params.student_train.experiment("kd", 0)
@@ -167,9 +277,14 @@ def test_the_config_records_beside_the_metrics_hold_the_names_and_the_resolved_c
     assert student["config"]["momentum"] == 0.9 and student["config"]["weight_decay"] == 5e-4  # defaults
     assert student["overrides"] == {"epochs": 2, "lr": 0.02}
     # The temperature keys the student's loss reads (histogram_bins is the temperature stage's alone).
-    assert student["temperature"] == {k: v for k, v in dataclasses.asdict(TemperatureConfig()).items()
-                                      if k != "histogram_bins"}
-    assert student["teacher"] == {"name": "t", "arch": "mlp", "checkpoint_sha256": teacher["checkpoint_sha256"]}
+    assert student["temperature"] == {
+        k: v for k, v in dataclasses.asdict(TemperatureConfig()).items() if k != "histogram_bins"
+    }
+    assert student["teacher"] == {
+        "name": "t",
+        "arch": "mlp",
+        "checkpoint_sha256": teacher["checkpoint_sha256"],
+    }
     adjust = _json(val_pipeline.metrics / "adjust" / "t-ps-config.json")
     assert adjust["method"] == "ps" and len(adjust["rewrites_per_class"]) == NUM_CLASSES
 
@@ -183,17 +298,33 @@ def test_checkpoints_carry_their_fully_resolved_configuration(val_pipeline: ValP
     student = torch.load(val_pipeline.checkpoints / "students" / "kd-seed0.pt", weights_only=True)
     assert student["experiment"] == "kd" and student["overrides"] == {"epochs": 2, "lr": 0.02}
     assert student["config"] == dataclasses.asdict(params.student_train.experiment("kd", 0))
-    assert TemperatureConfig(**student["temperature"], histogram_bins=params.temperature.histogram_bins) \
+    assert (
+        TemperatureConfig(**student["temperature"], histogram_bins=params.temperature.histogram_bins)
         == params.temperature
+    )
     assert DataConfig(**student["data"]) == params.data
     assert student["teacher"]["name"] == "t"
 
 
 def test_the_report_shows_val_and_test_top1_the_split_sizes_and_each_experiments_settings(
-        val_pipeline: ValPipeline):
-    ok(cli(val_pipeline.params_path, "report", "--students", val_pipeline.metrics / "students",
-           "--curves", val_pipeline.curves / "students", "--metrics-root", val_pipeline.metrics,
-           "--histograms", val_pipeline.curves / "temperature", "--out", val_pipeline.root / "reports"))
+    val_pipeline: ValPipeline,
+):
+    ok(
+        cli(
+            val_pipeline.params_path,
+            "report",
+            "--students",
+            val_pipeline.metrics / "students",
+            "--curves",
+            val_pipeline.curves / "students",
+            "--metrics-root",
+            val_pipeline.metrics,
+            "--histograms",
+            val_pipeline.curves / "temperature",
+            "--out",
+            val_pipeline.root / "reports",
+        )
+    )
     text = (val_pipeline.root / "reports" / "summary.md").read_text()
     assert f"(train {NUM_TRAIN - NUM_VAL} / val {NUM_VAL} / test 64 images, 4 classes)" in text
     header = next(line for line in text.splitlines() if line.startswith("| experiment |"))

@@ -1,6 +1,7 @@
 """Multi-view stores on the tiny pipeline (28×28: the flip views, V = 2): what the dump stores,
 KA and DTD per view, offline lessons equal to online KD step by step, scheduled stores, replay,
 streaming, resume, and the bad inputs of DESIGN §5."""
+
 from __future__ import annotations
 
 import json
@@ -46,13 +47,51 @@ class Views:
 
 def _dump(params: Path, pipeline, stores: Path) -> None:
     teacher = stores / "t"
-    ok(cli(params, "teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
-           "--out", teacher / "logits.zarr", "--test-out", teacher / "test-logits.zarr"))
+    ok(
+        cli(
+            params,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--out",
+            teacher / "logits.zarr",
+            "--test-out",
+            teacher / "test-logits.zarr",
+        )
+    )
     for method in ("ps", "lsr"):
-        ok(cli(params, "adjust", "--method", method, "--logits", teacher / "logits.zarr",
-               "--out", teacher / f"adjusted-{method}.zarr", "--metrics-out", stores / f"{method}.json"))
-    ok(cli(params, "temperature", "--logits", teacher / "logits.zarr", "--out", teacher / "dtd.zarr",
-           "--metrics-out", stores / "dtd.json", "--histogram-out", stores / "hist.json"))
+        ok(
+            cli(
+                params,
+                "adjust",
+                "--method",
+                method,
+                "--logits",
+                teacher / "logits.zarr",
+                "--out",
+                teacher / f"adjusted-{method}.zarr",
+                "--metrics-out",
+                stores / f"{method}.json",
+            )
+        )
+    ok(
+        cli(
+            params,
+            "temperature",
+            "--logits",
+            teacher / "logits.zarr",
+            "--out",
+            teacher / "dtd.zarr",
+            "--metrics-out",
+            stores / "dtd.json",
+            "--histogram-out",
+            stores / "hist.json",
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +104,25 @@ def views(tmp_path_factory, pipeline) -> Views:
 
 
 def _student(params: Path, pipeline, stores: Path, out: Path, experiment: str, *extra: str):
-    return cli(params, "student-train", "--experiment", experiment, "--data", pipeline.data, "--stores", stores,
-               "--teacher-checkpoints", pipeline.checkpoint.parent, "--checkpoint-out", out / f"{experiment}.pt",
-               "--metrics-out", out / f"{experiment}.json", "--curve-out", out / f"{experiment}-curve.json", *extra)
+    return cli(
+        params,
+        "student-train",
+        "--experiment",
+        experiment,
+        "--data",
+        pipeline.data,
+        "--stores",
+        stores,
+        "--teacher-checkpoints",
+        pipeline.checkpoint.parent,
+        "--checkpoint-out",
+        out / f"{experiment}.pt",
+        "--metrics-out",
+        out / f"{experiment}.json",
+        "--curve-out",
+        out / f"{experiment}-curve.json",
+        *extra,
+    )
 
 
 def test_an_all_store_holds_every_flip_view_and_view_0_is_the_plain_dump(views, pipeline):
@@ -131,11 +186,18 @@ def _record_steps(monkeypatch) -> dict[str, list]:
     return seen
 
 
-def test_offline_lessons_from_an_all_store_equal_online_kd_step_by_step(views, pipeline, tmp_path, monkeypatch):
-    experiments = {"off": {"teacher": "t", "adjust": "ps", "dtd": "flsw"},
-                   "on": {"teacher": "t", "adjust": "ps", "dtd": "flsw", "teacher_mode": "online"}}
-    params = write_params(tmp_path / "params.yaml", json.loads(json.dumps(_params(views))),
-                          student_train={"experiments": experiments, "epochs": 1})
+def test_offline_lessons_from_an_all_store_equal_online_kd_step_by_step(
+    views, pipeline, tmp_path, monkeypatch
+):
+    experiments = {
+        "off": {"teacher": "t", "adjust": "ps", "dtd": "flsw"},
+        "on": {"teacher": "t", "adjust": "ps", "dtd": "flsw", "teacher_mode": "online"},
+    }
+    params = write_params(
+        tmp_path / "params.yaml",
+        json.loads(json.dumps(_params(views))),
+        student_train={"experiments": experiments, "epochs": 1},
+    )
     runs = {}
     for name in experiments:
         with monkeypatch.context() as patch:
@@ -165,40 +227,75 @@ def _params(views: Views) -> dict:
 def test_a_none_store_is_the_fixed_teacher_the_student_does_not_see(views, pipeline, tmp_path, monkeypatch):
     # With the plain image's targets, a flipped training view still gets view 0's logits.
     seen = _record_steps(monkeypatch)
-    params = write_params(tmp_path / "params.yaml", pipeline.params,
-                          student_train={"experiments": {"kd": {"teacher": "t", "adjust": "none", "dtd": "flsw"}}})
+    params = write_params(
+        tmp_path / "params.yaml",
+        pipeline.params,
+        student_train={"experiments": {"kd": {"teacher": "t", "adjust": "none", "dtd": "flsw"}}},
+    )
     ok(_student(params, pipeline, pipeline.stores, tmp_path, "kd"))
-    plain = torch.from_numpy(open_store(pipeline.teacher_stores / "logits.zarr").read("logits")[0].astype(np.float32))
+    plain = torch.from_numpy(
+        open_store(pipeline.teacher_stores / "logits.zarr").read("logits")[0].astype(np.float32)
+    )
     assert len(seen["targets"]) == NUM_TRAIN // BATCH
     for targets, index in zip(seen["targets"], seen["index"], strict=True):
         assert torch.equal(targets, plain[index])
 
 
 def test_a_scheduled_store_serves_its_seeds_and_refuses_others_in_one_line(pipeline, tmp_path):
-    params = write_params(tmp_path / "params.yaml", pipeline.params,
-                          teacher_dump={"views": "scheduled", "seeds": [0, 1], "epochs": 2},
-                          student_train={"seeds": [0, 1, 5], "epochs": 2,
-                                         "experiments": {"kd": {"teacher": "t", "adjust": "none", "dtd": "off"}}})
+    params = write_params(
+        tmp_path / "params.yaml",
+        pipeline.params,
+        teacher_dump={"views": "scheduled", "seeds": [0, 1], "epochs": 2},
+        student_train={
+            "seeds": [0, 1, 5],
+            "epochs": 2,
+            "experiments": {"kd": {"teacher": "t", "adjust": "none", "dtd": "off"}},
+        },
+    )
     teacher = tmp_path / "stores" / "t"
-    ok(cli(params, "teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
-           "--out", teacher / "logits.zarr", "--test-out", teacher / "test-logits.zarr"))
+    ok(
+        cli(
+            params,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--out",
+            teacher / "logits.zarr",
+            "--test-out",
+            teacher / "test-logits.zarr",
+        )
+    )
     store = open_store(teacher / "logits.zarr")
     assert store.array("logits").shape == (4, NUM_TRAIN, 4)  # 2 seeds x 2 epochs
     ok(_student(params, pipeline, tmp_path / "stores", tmp_path, "kd", "--seed", "1"))
-    line = one_line_error(_student(params, pipeline, tmp_path / "stores", tmp_path, "kd", "--seed", "5"),
-                          "teacher_dump.seeds")
+    line = one_line_error(
+        _student(params, pipeline, tmp_path / "stores", tmp_path, "kd", "--seed", "5"), "teacher_dump.seeds"
+    )
     assert "seed 5" in line
     longer = write_params(tmp_path / "p3.yaml", yaml_load(params), student_train={"epochs": 3})
-    line = one_line_error(_student(longer, pipeline, tmp_path / "stores", tmp_path, "kd", "--seed", "0"),
-                          "teacher_dump.epochs")
+    line = one_line_error(
+        _student(longer, pipeline, tmp_path / "stores", tmp_path, "kd", "--seed", "0"), "teacher_dump.epochs"
+    )
     assert "epoch 3" in line and not (tmp_path / "kd.pt.state").exists()  # refused before any training
-    assert not (tmp_path / "kd.json").exists() or json.loads((tmp_path / "kd-config.json").read_text())["seed"] == 1
+    assert (
+        not (tmp_path / "kd.json").exists()
+        or json.loads((tmp_path / "kd-config.json").read_text())["seed"] == 1
+    )
 
 
 def test_streamed_and_in_memory_lessons_give_identical_epochs(views, pipeline):
     manifest = read_prepared(pipeline.data)
-    common = dict(adjust="ps", dtd="static", manifest=manifest, augmentation=training_augmentation((28, 28, 1)),
-                  device=torch.device("cpu"))
+    common = dict(
+        adjust="ps",
+        dtd="static",
+        manifest=manifest,
+        augmentation=training_augmentation((28, 28, 1)),
+        device=torch.device("cpu"),
+    )
     memory, _, _ = open_lessons(views.teacher, max_bytes=1 << 30, **common)
     streamed, _, _ = open_lessons(views.teacher, max_bytes=0, **common)
     assert not memory.streamed and streamed.streamed
@@ -212,8 +309,19 @@ def test_streamed_and_in_memory_lessons_give_identical_epochs(views, pipeline):
 
 
 def test_verify_views_replays_a_real_store_and_fails_an_edited_one(views, pipeline, tmp_path):
-    result = ok(cli(views.params, "verify-views", views.teacher / "logits.zarr", "--data", pipeline.data,
-                    "--checkpoint", pipeline.checkpoint, "--samples", "100"))
+    result = ok(
+        cli(
+            views.params,
+            "verify-views",
+            views.teacher / "logits.zarr",
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--samples",
+            "100",
+        )
+    )
     assert "replayed 100 (view, sample) pairs of 2 views" in result.output and ": ok" in result.output
     copy = tmp_path / "logits.zarr"
     shutil.copytree(views.teacher / "logits.zarr", copy, ignore=shutil.ignore_patterns("*.lock"))
@@ -224,8 +332,21 @@ def test_verify_views_replays_a_real_store_and_fails_an_edited_one(views, pipeli
     block[1] += 0.5  # every flipped view off by half a logit
     array[...] = block
     as_written(copy)
-    line = one_line_error(cli(views.params, "verify-views", copy, "--data", pipeline.data, "--checkpoint",
-                              pipeline.checkpoint, "--samples", "200"), "max |Δ logit|", "rebuild it")
+    line = one_line_error(
+        cli(
+            views.params,
+            "verify-views",
+            copy,
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--samples",
+            "200",
+        ),
+        "max |Δ logit|",
+        "rebuild it",
+    )
     assert "0.5" in line
 
 
@@ -236,18 +357,32 @@ def test_a_student_without_augmentation_refuses_a_multi_view_store(views, pipeli
     assert not (tmp_path / "kd.pt").exists() and not (tmp_path / "kd.json").exists()
 
 
-def test_a_scheduled_store_that_misses_a_configured_seed_or_epoch_is_refused_by_check_params(pipeline, tmp_path):
-    params = write_params(tmp_path / "params.yaml", pipeline.params,
-                          teacher_dump={"views": "scheduled", "seeds": [0], "epochs": 1},
-                          student_train={"seeds": [0, 1]})
+def test_a_scheduled_store_that_misses_a_configured_seed_or_epoch_is_refused_by_check_params(
+    pipeline, tmp_path
+):
+    params = write_params(
+        tmp_path / "params.yaml",
+        pipeline.params,
+        teacher_dump={"views": "scheduled", "seeds": [0], "epochs": 1},
+        student_train={"seeds": [0, 1]},
+    )
     line = one_line_error(cli(params, "check-params"), "teacher_dump.seeds", "views: all")
     assert "seeds [0, 1]" in line
-    params = write_params(tmp_path / "p2.yaml", pipeline.params,
-                          teacher_dump={"views": "scheduled", "seeds": [0], "epochs": 1})
+    params = write_params(
+        tmp_path / "p2.yaml", pipeline.params, teacher_dump={"views": "scheduled", "seeds": [0], "epochs": 1}
+    )
     line = one_line_error(cli(params, "check-params"), "teacher_dump.epochs")  # kd_ps_2ep runs 2 epochs
     assert "kd_ps_2ep" in line
-    ok(cli(write_params(tmp_path / "p3.yaml", pipeline.params,
-                        teacher_dump={"views": "scheduled", "seeds": [0], "epochs": 2}), "check-params"))
+    ok(
+        cli(
+            write_params(
+                tmp_path / "p3.yaml",
+                pipeline.params,
+                teacher_dump={"views": "scheduled", "seeds": [0], "epochs": 2},
+            ),
+            "check-params",
+        )
+    )
 
 
 def test_view_settings_without_their_keys_are_one_line_errors(pipeline, tmp_path):
@@ -261,13 +396,29 @@ def test_view_settings_without_their_keys_are_one_line_errors(pipeline, tmp_path
 def test_a_killed_multi_view_dump_resumes_byte_identical(views, pipeline, tmp_path):
     out, test_out = tmp_path / "stores" / "t" / "logits.zarr", tmp_path / "stores" / "t" / "test-logits.zarr"
     marks = out.with_name(out.name + ".partial") / ".lessons" / "done"
-    args = ("teacher-dump", "--teacher", "t", "--data", pipeline.data, "--checkpoint", pipeline.checkpoint,
-            "--out", out, "--test-out", test_out)
+    args = (
+        "teacher-dump",
+        "--teacher",
+        "t",
+        "--data",
+        pipeline.data,
+        "--checkpoint",
+        pipeline.checkpoint,
+        "--out",
+        out,
+        "--test-out",
+        test_out,
+    )
     log = tmp_path / "child.log"
     proc = spawn_cli(views.params, *args, cwd=tmp_path, pause_s=60, log=log)
     try:
-        wait_for(lambda: marks.is_dir() and any(m.name.isdigit() for m in marks.iterdir()), proc, 240,
-                 "the first chunk mark", log)
+        wait_for(
+            lambda: marks.is_dir() and any(m.name.isdigit() for m in marks.iterdir()),
+            proc,
+            240,
+            "the first chunk mark",
+            log,
+        )
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -285,18 +436,44 @@ def test_random_resized_crop_data_stores_sampled_views_that_replay_and_train(tmp
     labels = np.arange(96) % 4
     images = rng.integers(0, 200, (96, 64, 64, 3), dtype=np.uint8)
     for c in range(4):
-        images[labels == c, 16 * c:16 * c + 16] += 50
-    npz = make_npz(tmp_path / "big.npz", x_train=images[:64], y_train=labels[:64], x_test=images[64:],
-                   y_test=labels[64:])
+        images[labels == c, 16 * c : 16 * c + 16] += 50
+    npz = make_npz(
+        tmp_path / "big.npz", x_train=images[:64], y_train=labels[:64], x_test=images[64:], y_test=labels[64:]
+    )
     params = base_params(npz)
     params["teacher_dump"].update(views="all")
     bad = write_params(tmp_path / "bad.yaml", params)
     data, checkpoint, teacher = tmp_path / "data", tmp_path / "t.pt", tmp_path / "stores" / "t"
     ok(cli(bad, "prepare-data", "--out", data))
-    ok(cli(bad, "teacher-train", "--teacher", "t", "--data", data, "--checkpoint-out", checkpoint,
-           "--metrics-out", tmp_path / "t.json", "--curve-out", tmp_path / "t-curve.json"))
-    dump = ("teacher-dump", "--teacher", "t", "--data", data, "--checkpoint", checkpoint,
-            "--out", teacher / "logits.zarr", "--test-out", teacher / "test-logits.zarr")
+    ok(
+        cli(
+            bad,
+            "teacher-train",
+            "--teacher",
+            "t",
+            "--data",
+            data,
+            "--checkpoint-out",
+            checkpoint,
+            "--metrics-out",
+            tmp_path / "t.json",
+            "--curve-out",
+            tmp_path / "t-curve.json",
+        )
+    )
+    dump = (
+        "teacher-dump",
+        "--teacher",
+        "t",
+        "--data",
+        data,
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        teacher / "logits.zarr",
+        "--test-out",
+        teacher / "test-logits.zarr",
+    )
     one_line_error(cli(bad, *dump), "views: all", "views: sample with num_views")
     assert not teacher.exists()
     params["teacher_dump"].update(views="sample", num_views=3)
@@ -307,10 +484,36 @@ def test_random_resized_crop_data_stores_sampled_views_that_replay_and_train(tmp
     top, left, height, width, flip = np.moveaxis(store.read("view_params").astype(int), -1, 0)
     assert (top + height <= 64).all() and (left + width <= 64).all() and set(np.unique(flip)) <= {0, 1}
     assert len({tuple(p) for p in store.read("view_params").reshape(-1, 5).tolist()}) > 150  # distinct crops
-    result = ok(cli(good, "verify-views", teacher / "logits.zarr", "--data", data, "--checkpoint", checkpoint,
-                    "--samples", "64"))
+    result = ok(
+        cli(
+            good,
+            "verify-views",
+            teacher / "logits.zarr",
+            "--data",
+            data,
+            "--checkpoint",
+            checkpoint,
+            "--samples",
+            "64",
+        )
+    )
     assert ": ok" in result.output
-    ok(cli(good, "student-train", "--experiment", "kd", "--data", data, "--stores", tmp_path / "stores",
-           "--checkpoint-out", tmp_path / "s.pt", "--metrics-out", tmp_path / "s.json",
-           "--curve-out", tmp_path / "s-curve.json"))
+    ok(
+        cli(
+            good,
+            "student-train",
+            "--experiment",
+            "kd",
+            "--data",
+            data,
+            "--stores",
+            tmp_path / "stores",
+            "--checkpoint-out",
+            tmp_path / "s.pt",
+            "--metrics-out",
+            tmp_path / "s.json",
+            "--curve-out",
+            tmp_path / "s-curve.json",
+        )
+    )
     assert 0.0 <= json.loads((tmp_path / "s.json").read_text())["test_top1"] <= 1.0

@@ -1,4 +1,5 @@
 """Unit tests for the Knowledge Adjustment math in stages.adjust (arXiv:1911.07471 §3.1)."""
+
 from __future__ import annotations
 
 import math

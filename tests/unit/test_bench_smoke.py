@@ -2,6 +2,7 @@
 
 Correctness only (the figures exist and are positive numbers); no timing is asserted.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,32 @@ def _summary_ok(stats: dict) -> None:
 
 def _check_student_step(result: dict) -> None:
     setup = result["setups"][0]
-    assert set(setup["images_per_s"]) == {"ce", "lessons", "lessons_views", "online_cnn_small", "forward_cnn_small"}
+    assert set(setup["images_per_s"]) == {
+        "ce",
+        "lessons",
+        "lessons_views",
+        "online_cnn_small",
+        "forward_cnn_small",
+    }
     assert setup["num_views"] == 2  # Fashion-MNIST: flip only
     for stats in setup["images_per_s"].values():
         _summary_ok(stats)
-    for key in ("lessons_over_ce", "lessons_views_over_ce", "lessons_views_streamed_over_ce",
-                "gather_share_of_epoch", *(f"gather_epoch_s.{m}" for m in ("memory", "streamed"))):
+    for key in (
+        "lessons_over_ce",
+        "lessons_views_over_ce",
+        "lessons_views_streamed_over_ce",
+        "gather_share_of_epoch",
+        *(f"gather_epoch_s.{m}" for m in ("memory", "streamed")),
+    ):
         _summary_ok(setup[key] if "." not in key else setup["gather_epoch_s"][key.split(".")[1]])
     teacher = setup["teachers"]["cnn_small"]
-    for key in ("lessons_over_online", "limit", "fraction_of_limit", "views_lessons_over_online",
-                "views_fraction_of_limit"):
+    for key in (
+        "lessons_over_online",
+        "limit",
+        "fraction_of_limit",
+        "views_lessons_over_online",
+        "views_fraction_of_limit",
+    ):
         _summary_ok(teacher[key])
     assert teacher["limit"]["min"] > 1
 
@@ -47,16 +64,26 @@ def _check_teacher_dump(result: dict) -> None:
     views = result["setups"][1]
     assert views["views"] == "all" and views["num_views"] == 2
     assert set(views["images_per_s"]) == {"dump", "floor_cl", "floor_views"}
-    for stats in (*views["images_per_s"].values(), views["ratio_dump_over_floor"],
-                  views["ratio_dump_over_floor_views"]):
+    for stats in (
+        *views["images_per_s"].values(),
+        views["ratio_dump_over_floor"],
+        views["ratio_dump_over_floor_views"],
+    ):
         _summary_ok(stats)
 
 
 def _check_ka_dtd(result: dict) -> None:
     assert set(result["sizes"]) == {"2000", "20000"}
     for entry in result["sizes"].values():
-        for key in ("stages_s", "adjust_s", "temperature_s", "floor_s", "stages_over_floor",
-                    "stages_peak_rss_bytes", "floor_peak_rss_bytes"):
+        for key in (
+            "stages_s",
+            "adjust_s",
+            "temperature_s",
+            "floor_s",
+            "stages_over_floor",
+            "stages_peak_rss_bytes",
+            "floor_peak_rss_bytes",
+        ):
             _summary_ok(entry[key])
     assert isinstance(result["stages_rss_growth"], float)
     assert set(result["views"]["sizes"]) == {"256", "1024"}
@@ -75,8 +102,12 @@ def _check_loader(result: dict) -> None:
 
 def _check_storage_size(result: dict) -> None:
     rows = result["rows"]
-    assert {(r["num_classes"], r["dtype"]) for r in rows} >= {(10, "float16"), (10, "float32"),
-                                                              (100, "float16"), (100, "float32")}
+    assert {(r["num_classes"], r["dtype"]) for r in rows} >= {
+        (10, "float16"),
+        (10, "float32"),
+        (100, "float16"),
+        (100, "float32"),
+    }
     for row in rows:
         assert row["bytes_per_sample"] > 0 and row["compression_ratio"] > 0
         assert row["raw_bytes_per_sample"] == row["num_classes"] * (2 if row["dtype"] == "float16" else 4)
@@ -88,16 +119,22 @@ def _check_storage_size(result: dict) -> None:
         assert row["extrapolated_50000"]["raw_logits_bytes"] == 162 * 50000 * row["num_classes"] * 2
 
 
-CHECKS = {"student_step": _check_student_step, "teacher_dump": _check_teacher_dump, "ka_dtd": _check_ka_dtd,
-          "loader": _check_loader, "storage_size": _check_storage_size}
+CHECKS = {
+    "student_step": _check_student_step,
+    "teacher_dump": _check_teacher_dump,
+    "ka_dtd": _check_ka_dtd,
+    "loader": _check_loader,
+    "storage_size": _check_storage_size,
+}
 
 
 @pytest.mark.parametrize("form", ["module", "path"])
 def test_every_script_runs_as_a_module_and_as_a_path(form):
     for name in SCRIPTS:
         command = ["-m", f"bench.{name}"] if form == "module" else [f"bench/{name}.py"]
-        proc = subprocess.run([sys.executable, *command, "--help"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, *command, "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
         assert "--quick" in proc.stdout and "--out" in proc.stdout
 

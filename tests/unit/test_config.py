@@ -1,4 +1,5 @@
 """Typed, strict params.yaml loading."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,51 +20,106 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
     assert (kd_ps_flsw.adjust, kd_ps_flsw.dtd, kd_ps_flsw.arch) == ("ps", "flsw", params.student_train.arch)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"dat": {}}, "params.yaml: unknown key 'dat' (did you mean 'data'?)"),
-    ({"data": {"nmae": "x"}}, "data: unknown key 'nmae' (did you mean 'name'?)"),
-    ({"teacher_train": {"teachers": {"t": {"epochs": 1}}}}, "teacher_train.teachers.t: missing required key 'arch'"),
-    ({"adjust": {"methods": ["ps", "pz"]}}, "adjust.methods[1]: must be one of ['ps', 'lsr', 'none'], got 'pz'"),
-    ({"adjust": {"epsilon": 1.5}}, "adjust.epsilon: must lie in (0, 1), got 1.5"),
-    ({"data": {"max_train_samples": "all"}}, "data.max_train_samples: must be an integer, got 'all'"),
-    ({"data": {"max_train_samples": 0}}, "data.max_train_samples: must be null or a positive integer, got 0"),
-    ({"student_train": {"epochs": True}}, "student_train.epochs: must be an integer, got True"),
-    ({"student_train": {"seeds": [1, 1]}}, "student_train.seeds: must be a non-empty list of distinct"),
-    ({"temperature": {"min_temperature": 0.0}}, "temperature: need 0 < min_temperature"),
-    ({"teacher_dump": {"batch_size": 1000, "chunk_size": 16384}}, "must be a multiple of batch_size (1000)"),
-    ({"student_train": {"experiments": {"a": {"teacher": "t", "adjust": "ps", "fixed_target_temperature": 1}}}},
-     "student_train.experiments.a.fixed_target_temperature: "
-     "a positive number, and only with adjust: lsr"),
-    ({"student_train": {"experiments": {"a": {"teacher": "t", "adjust": "lsr", "fixed_target_temperature": 0}}}},
-     "student_train.experiments.a.fixed_target_temperature: a positive number"),
-    ({"student_train": {"momentum": -1}}, "student_train.momentum: must lie in [0, 1), got -1"),
-    ({"student_train": {"weight_decay": -1}}, "student_train.weight_decay: must be >= 0, got -1"),
-    ({"student_train": {"num_workers": -1}}, "student_train.num_workers: must be positive, got -1"),
-    ({"prepare_data": {"num_workers": 0}}, "prepare_data.num_workers: must be positive, got 0"),
-    ({"teacher_train": {"teachers": {"t": {"arch": "x", "weight_decay": -1}}}},
-     "teacher_train.teachers.weight_decay: must be >= 0"),
-    ({"student_train": {"schedule": "step", "milestones": []}}, "a step schedule needs at least one milestone"),
-    ({"student_train": {"experiments": {"a": {"teacher": "t", "alpha": 1.5}}}},
-     "student_train.experiments.a.alpha: must lie in [0, 1], got 1.5"),
-    ({"student_train": {"experiments": {"a": {"teacher": "t", "epochs": 0}}}},
-     "student_train.experiments.a.epochs: must be positive, got 0"),
-    ({"student_train": {"seeds": [-1]}}, "student_train.seeds: a seed must lie in [0, 2^32), got -1"),
-    ({"student_train": {"seeds": [2**70]}}, "student_train.seeds: a seed must lie in [0, 2^32)"),
-    ({"data": {"seed": -3}}, "data.seed: a seed must lie in [0, 2^32), got -3"),
-    ({"data": {"validation_fraction": 1.0}}, "data.validation_fraction: must lie in [0, 1) (0.0 = no validation split), got 1.0"),
-    ({"data": {"validation_fraction": -0.1}}, "data.validation_fraction: must lie in [0, 1)"),
-    ({"data": {"validation_fraction": "10%"}}, "data.validation_fraction: must be a number, got '10%'"),
-    ({"teacher_train": {"teachers": {"big-config": {"arch": "x"}}}},
-     "teacher_train.teachers.big-config: a teacher name must not end in -config or -curve"),
-    ({"adjust": {"methods": ["ps", "ps"]}}, "adjust.methods: each method once, got ['ps', 'ps']"),
-    ({"temperature": {"gamma": -1}}, "temperature.gamma: the FLSW exponent must be >= 0, got -1"),
-    ({"student_train": {"schedule": "linear"}}, "student_train.schedule: must be one of ['cosine', 'step']"),
-    ({"student_train": {"milestones": [0.75, 0.5]}}, "student_train.milestones: must be increasing fractions"),
-    ({"student_train": {"milestones": [150, 180]}}, "student_train.milestones: must be increasing fractions"),
-    ({"student_train": {"gamma": 0.0}}, "student_train.gamma: the lr factor at each milestone must lie in (0, 1]"),
-    ({"teacher_train": {"teachers": {"t": {"arch": "x", "milestones": [1.0]}}}},
-     "teacher_train.teachers.milestones: must be increasing fractions"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"dat": {}}, "params.yaml: unknown key 'dat' (did you mean 'data'?)"),
+        ({"data": {"nmae": "x"}}, "data: unknown key 'nmae' (did you mean 'name'?)"),
+        (
+            {"teacher_train": {"teachers": {"t": {"epochs": 1}}}},
+            "teacher_train.teachers.t: missing required key 'arch'",
+        ),
+        (
+            {"adjust": {"methods": ["ps", "pz"]}},
+            "adjust.methods[1]: must be one of ['ps', 'lsr', 'none'], got 'pz'",
+        ),
+        ({"adjust": {"epsilon": 1.5}}, "adjust.epsilon: must lie in (0, 1), got 1.5"),
+        ({"data": {"max_train_samples": "all"}}, "data.max_train_samples: must be an integer, got 'all'"),
+        (
+            {"data": {"max_train_samples": 0}},
+            "data.max_train_samples: must be null or a positive integer, got 0",
+        ),
+        ({"student_train": {"epochs": True}}, "student_train.epochs: must be an integer, got True"),
+        ({"student_train": {"seeds": [1, 1]}}, "student_train.seeds: must be a non-empty list of distinct"),
+        ({"temperature": {"min_temperature": 0.0}}, "temperature: need 0 < min_temperature"),
+        (
+            {"teacher_dump": {"batch_size": 1000, "chunk_size": 16384}},
+            "must be a multiple of batch_size (1000)",
+        ),
+        (
+            {
+                "student_train": {
+                    "experiments": {"a": {"teacher": "t", "adjust": "ps", "fixed_target_temperature": 1}}
+                }
+            },
+            "student_train.experiments.a.fixed_target_temperature: "
+            "a positive number, and only with adjust: lsr",
+        ),
+        (
+            {
+                "student_train": {
+                    "experiments": {"a": {"teacher": "t", "adjust": "lsr", "fixed_target_temperature": 0}}
+                }
+            },
+            "student_train.experiments.a.fixed_target_temperature: a positive number",
+        ),
+        ({"student_train": {"momentum": -1}}, "student_train.momentum: must lie in [0, 1), got -1"),
+        ({"student_train": {"weight_decay": -1}}, "student_train.weight_decay: must be >= 0, got -1"),
+        ({"student_train": {"num_workers": -1}}, "student_train.num_workers: must be positive, got -1"),
+        ({"prepare_data": {"num_workers": 0}}, "prepare_data.num_workers: must be positive, got 0"),
+        (
+            {"teacher_train": {"teachers": {"t": {"arch": "x", "weight_decay": -1}}}},
+            "teacher_train.teachers.weight_decay: must be >= 0",
+        ),
+        (
+            {"student_train": {"schedule": "step", "milestones": []}},
+            "a step schedule needs at least one milestone",
+        ),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "alpha": 1.5}}}},
+            "student_train.experiments.a.alpha: must lie in [0, 1], got 1.5",
+        ),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "epochs": 0}}}},
+            "student_train.experiments.a.epochs: must be positive, got 0",
+        ),
+        ({"student_train": {"seeds": [-1]}}, "student_train.seeds: a seed must lie in [0, 2^32), got -1"),
+        ({"student_train": {"seeds": [2**70]}}, "student_train.seeds: a seed must lie in [0, 2^32)"),
+        ({"data": {"seed": -3}}, "data.seed: a seed must lie in [0, 2^32), got -3"),
+        (
+            {"data": {"validation_fraction": 1.0}},
+            "data.validation_fraction: must lie in [0, 1) (0.0 = no validation split), got 1.0",
+        ),
+        ({"data": {"validation_fraction": -0.1}}, "data.validation_fraction: must lie in [0, 1)"),
+        ({"data": {"validation_fraction": "10%"}}, "data.validation_fraction: must be a number, got '10%'"),
+        (
+            {"teacher_train": {"teachers": {"big-config": {"arch": "x"}}}},
+            "teacher_train.teachers.big-config: a teacher name must not end in -config or -curve",
+        ),
+        ({"adjust": {"methods": ["ps", "ps"]}}, "adjust.methods: each method once, got ['ps', 'ps']"),
+        ({"temperature": {"gamma": -1}}, "temperature.gamma: the FLSW exponent must be >= 0, got -1"),
+        (
+            {"student_train": {"schedule": "linear"}},
+            "student_train.schedule: must be one of ['cosine', 'step']",
+        ),
+        (
+            {"student_train": {"milestones": [0.75, 0.5]}},
+            "student_train.milestones: must be increasing fractions",
+        ),
+        (
+            {"student_train": {"milestones": [150, 180]}},
+            "student_train.milestones: must be increasing fractions",
+        ),
+        (
+            {"student_train": {"gamma": 0.0}},
+            "student_train.gamma: the lr factor at each milestone must lie in (0, 1]",
+        ),
+        (
+            {"teacher_train": {"teachers": {"t": {"arch": "x", "milestones": [1.0]}}}},
+            "teacher_train.teachers.milestones: must be increasing fractions",
+        ),
+    ],
+)
 def test_bad_params_raise_one_error_naming_the_section_and_key(raw, message):
     with pytest.raises(ConfigError) as info:
         from_dict(Params, raw, "")
@@ -78,18 +134,40 @@ def test_a_bare_off_read_as_false_by_yaml_means_the_string_off(tmp_path):
 
 
 def test_experiment_fields_fall_back_to_shared_defaults_and_override_them():
-    params = from_dict(Params, {"student_train": {"lr": 0.1, "experiments": {
-        "a": {"teacher": "t"}, "b": {"teacher": "t", "lr": 0.01}}, "seeds": [4, 5]}}, "")
+    params = from_dict(
+        Params,
+        {
+            "student_train": {
+                "lr": 0.1,
+                "experiments": {"a": {"teacher": "t"}, "b": {"teacher": "t", "lr": 0.01}},
+                "seeds": [4, 5],
+            }
+        },
+        "",
+    )
     assert params.student_train.experiment("a").lr == 0.1
     assert params.student_train.experiment("a").seed == 4
-    assert (params.student_train.experiment("b", 5).lr, params.student_train.experiment("b", 5).seed) == (0.01, 5)
+    assert (params.student_train.experiment("b", 5).lr, params.student_train.experiment("b", 5).seed) == (
+        0.01,
+        5,
+    )
     with pytest.raises(ConfigError, match="no experiment named 'c'"):
         params.student_train.experiment("c")
 
 
 def test_the_student_lr_schedule_is_shared_by_every_experiment():
-    params = from_dict(Params, {"student_train": {"schedule": "step", "milestones": [0.6, 0.9], "gamma": 0.2,
-                                                  "experiments": {"a": {"teacher": "t"}}}}, "")
+    params = from_dict(
+        Params,
+        {
+            "student_train": {
+                "schedule": "step",
+                "milestones": [0.6, 0.9],
+                "gamma": 0.2,
+                "experiments": {"a": {"teacher": "t"}},
+            }
+        },
+        "",
+    )
     a = params.student_train.experiment("a")
     assert (a.schedule, a.milestones, a.gamma) == ("step", (0.6, 0.9), 0.2)
     default = from_dict(Params, {"student_train": {"experiments": {"a": {"teacher": "t"}}}}, "")
@@ -97,8 +175,11 @@ def test_the_student_lr_schedule_is_shared_by_every_experiment():
 
 
 def test_kd_without_a_teacher_and_ce_with_adjustment_are_refused():
-    params = from_dict(Params, {"student_train": {"experiments": {
-        "a": {"kd": True}, "b": {"kd": False, "adjust": "ps"}}}}, "")
+    params = from_dict(
+        Params,
+        {"student_train": {"experiments": {"a": {"kd": True}, "b": {"kd": False, "adjust": "ps"}}}},
+        "",
+    )
     with pytest.raises(ConfigError, match="teacher: required when kd is true"):
         params.student_train.experiment("a")
     with pytest.raises(ConfigError, match="adjust/dtd/teacher_mode need kd: true"):
@@ -134,36 +215,57 @@ def test_every_parameter_dvc_yaml_names_is_set_in_params_yaml():
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    names = {"${key}": list(params["teacher_train"]["teachers"]),
-             "${item.experiment}": list(params["student_train"]["experiments"])}
+    names = {
+        "${key}": list(params["teacher_train"]["teachers"]),
+        "${item.experiment}": list(params["student_train"]["experiments"]),
+    }
     checked = 0
     for stage_name, stage in stages.items():
         for entry in stage.get("do", stage).get("params", []):
             paths = [entry]
             for placeholder, values in names.items():
-                paths = [p.replace(placeholder, v) for p in paths for v in (values if placeholder in p else [""])]
+                paths = [
+                    p.replace(placeholder, v) for p in paths for v in (values if placeholder in p else [""])
+                ]
             for path in paths:
                 node = params
                 for part in path.split("."):
-                    assert isinstance(node, dict) and part in node, \
+                    assert isinstance(node, dict) and part in node, (
                         f"dvc.yaml stage {stage_name} lists {path!r}, which params.yaml does not set"
+                    )
                     node = node[part]
                 checked += 1
     assert checked >= 20
 
 
-@pytest.mark.parametrize("student, message", [
-    ({"experiments": {"a": {"teacher": "nobody"}}},
-     "student_train.experiments.a.teacher: "
-     "no teacher named 'nobody' in teacher_train.teachers (known: t)"),
-    ({"experiments": {"a": {"teacher": "t", "adjust": "lsr"}}},
-     "student_train.experiments.a.adjust: 'lsr' is not in adjust.methods ['ps']; add it there"),
-    ({"experiments": {"a": {"teacher": "t", "arch": "resnet2O"}}},
-     "student_train.experiments.a: unknown architecture 'resnet2O'"),
-])
+@pytest.mark.parametrize(
+    "student, message",
+    [
+        (
+            {"experiments": {"a": {"teacher": "nobody"}}},
+            "student_train.experiments.a.teacher: "
+            "no teacher named 'nobody' in teacher_train.teachers (known: t)",
+        ),
+        (
+            {"experiments": {"a": {"teacher": "t", "adjust": "lsr"}}},
+            "student_train.experiments.a.adjust: 'lsr' is not in adjust.methods ['ps']; add it there",
+        ),
+        (
+            {"experiments": {"a": {"teacher": "t", "arch": "resnet2O"}}},
+            "student_train.experiments.a: unknown architecture 'resnet2O'",
+        ),
+    ],
+)
 def test_check_pipeline_finds_what_no_single_section_can(student, message):
-    params = from_dict(Params, {"teacher_train": {"teachers": {"t": {"arch": "mlp"}}},
-                                "adjust": {"methods": ["ps"]}, "student_train": student}, "")
+    params = from_dict(
+        Params,
+        {
+            "teacher_train": {"teachers": {"t": {"arch": "mlp"}}},
+            "adjust": {"methods": ["ps"]},
+            "student_train": student,
+        },
+        "",
+    )
     with pytest.raises(ConfigError) as info:
         params.check_pipeline(known_archs=["mlp", "resnet20"])
     assert message in str(info.value)
@@ -178,8 +280,12 @@ def test_check_pipeline_accepts_the_shipped_params_and_names_the_experiments():
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.1, float("nan")])
 def test_an_alpha_outside_zero_one_is_refused_on_load_since_the_kd_loss_checks_nothing(alpha):
-    for raw, key in (({"student_train": {"alpha": alpha}}, "student_train.alpha"),
-                     ({"student_train": {"experiments": {"a": {"teacher": "t", "alpha": alpha}}}},
-                      "student_train.experiments.a.alpha")):
+    for raw, key in (
+        ({"student_train": {"alpha": alpha}}, "student_train.alpha"),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "alpha": alpha}}}},
+            "student_train.experiments.a.alpha",
+        ),
+    ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             from_dict(Params, raw, "")

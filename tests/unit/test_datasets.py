@@ -1,4 +1,5 @@
 """The dataset registry: real files, tiny generated files in every layout, subsets, errors."""
+
 from __future__ import annotations
 
 import gzip
@@ -97,8 +98,12 @@ def test_cifar10_small_npz_loads_1000_and_1000_images_with_100_per_class(shared_
 def decode_rows(path: Path, split: str, rows: np.ndarray) -> np.ndarray:
     with np.load(path) as packed:
         buffer, offsets = packed[f"{split}_jpeg"], packed[f"{split}_offsets"]
-    return np.stack([np.array(Image.open(io.BytesIO(bytes(buffer[offsets[i]:offsets[i + 1]]))).convert("RGB"))
-                     for i in rows])
+    return np.stack(
+        [
+            np.array(Image.open(io.BytesIO(bytes(buffer[offsets[i] : offsets[i + 1]]))).convert("RGB"))
+            for i in rows
+        ]
+    )
 
 
 def test_cifar10_jpeg_npz_subset_of_500_has_50_per_class_equal_to_independently_decoded_rows(shared_data_dir):
@@ -140,10 +145,12 @@ def write_idx(path: Path, array: np.ndarray, gz: bool) -> Path:
 
 def write_fashion(root: Path, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    arrays = {"train-images-idx3-ubyte": rand_images(rng, (7, 5, 4)),
-              "train-labels-idx1-ubyte": rng.integers(0, 10, 7, dtype=np.uint8),
-              "t10k-images-idx3-ubyte": rand_images(rng, (3, 5, 4)),
-              "t10k-labels-idx1-ubyte": np.array([9, 0, 4], dtype=np.uint8)}
+    arrays = {
+        "train-images-idx3-ubyte": rand_images(rng, (7, 5, 4)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, 7, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rand_images(rng, (3, 5, 4)),
+        "t10k-labels-idx1-ubyte": np.array([9, 0, 4], dtype=np.uint8),
+    }
     root.mkdir(parents=True, exist_ok=True)
     for stem, array in arrays.items():
         write_idx(root / stem, array, gz)
@@ -166,8 +173,14 @@ def test_a_corrupt_idx_file_is_a_dataset_error_naming_the_file(tmp_path, damage)
     write_fashion(tmp_path, gz=damage == "not gzip")
     path = tmp_path / ("train-images-idx3-ubyte" + (".gz" if damage == "not gzip" else ""))
     raw = path.read_bytes()
-    path.write_bytes({"bad magic": b"\x00\x00\x08\x01" + raw[4:], "truncated": raw[:-1],
-                      "not gzip": b"this is not gzip", "header only": raw[:6]}[damage])
+    path.write_bytes(
+        {
+            "bad magic": b"\x00\x00\x08\x01" + raw[4:],
+            "truncated": raw[:-1],
+            "not gzip": b"this is not gzip",
+            "header only": raw[:6],
+        }[damage]
+    )
     with pytest.raises(DatasetError, match=r"fashion_mnist: .*train-images-idx3-ubyte.*replace it"):
         load("fashion_mnist", tmp_path)
 
@@ -201,8 +214,11 @@ def write_cifar(root: Path, hundred: bool, rows: int = 3) -> tuple[list, list]:
     rng = np.random.default_rng(1)
     folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
     folder.mkdir(parents=True)
-    files = ({"train": ["train"], "test": ["test"]} if hundred else
-             {"train": [f"data_batch_{b}" for b in range(1, 6)], "test": ["test_batch"]})
+    files = (
+        {"train": ["train"], "test": ["test"]}
+        if hundred
+        else {"train": [f"data_batch_{b}" for b in range(1, 6)], "test": ["test_batch"]}
+    )
     written = {}
     for split, names in files.items():
         written[split] = []
@@ -216,9 +232,14 @@ def write_cifar(root: Path, hundred: bool, rows: int = 3) -> tuple[list, list]:
                 entry["labels"] = labels
             (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
             written[split].append((data, labels))
-    meta = ({"fine_label_names": [f"fine{i}" for i in range(100)],
-             "coarse_label_names": [f"coarse{i}" for i in range(20)]} if hundred else
-            {"num_cases_per_batch": rows, "label_names": [f"class{i}" for i in range(10)], "num_vis": 3072})
+    meta = (
+        {
+            "fine_label_names": [f"fine{i}" for i in range(100)],
+            "coarse_label_names": [f"coarse{i}" for i in range(20)],
+        }
+        if hundred
+        else {"num_cases_per_batch": rows, "label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}
+    )
     (folder / ("meta" if hundred else "batches.meta")).write_bytes(pickle.dumps(meta, protocol=2))
     return written["train"], written["test"]
 
@@ -242,6 +263,7 @@ def test_cifar_loader_agrees_with_torchvision_when_its_md5_check_is_bypassed(tmp
     # torchvision refuses generated files (md5 of the official release); with its check patched
     # out it reads them, and must see exactly what our loader sees.
     import torchvision.datasets.cifar as tv_cifar
+
     reader = tv_cifar.CIFAR100 if hundred else tv_cifar.CIFAR10
     write_cifar(tmp_path, hundred)
     dataset = load("cifar100" if hundred else "cifar10", tmp_path)
@@ -279,8 +301,14 @@ def test_npz_arrays_round_trip_in_row_order(tmp_path, channels):
     shape = (6, 4) + ((channels,) if channels else ())
     x_train, x_test = rand_images(rng, (9, *shape)), rand_images(rng, (4, *shape))
     y_train, y_test = np.array([2, 0, 1, 1, 2, 0, 0, 1, 2]), np.array([1, 0, 2, 2])
-    np.savez(tmp_path / "d.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-             class_names=np.array(["a", "b", "c"]))
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        class_names=np.array(["a", "b", "c"]),
+    )
     dataset = load("npz", tmp_path / "d.npz")
     assert dataset.image_shape == (6, 4, channels or 1)
     assert np.array_equal(dataset.train.images.reshape(x_train.shape), x_train)
@@ -311,16 +339,28 @@ def test_npz_packed_image_bytes_round_trip_in_row_order(tmp_path, channels):
 
 def test_npz_with_labels_outside_the_class_names_is_refused(tmp_path):
     x = np.zeros((3, 2, 2, 3), np.uint8)
-    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0, 1, 2]), x_test=x, y_test=np.array([0, 3, 1]),
-             class_names=np.array(["a", "b", "c"]))
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=x,
+        y_train=np.array([0, 1, 2]),
+        x_test=x,
+        y_test=np.array([0, 3, 1]),
+        class_names=np.array(["a", "b", "c"]),
+    )
     with pytest.raises(DatasetError, match=r"npz: .*test label 3 at row 1 is outside \[0, 3\)"):
         load("npz", tmp_path / "d.npz")
 
 
 def test_npz_with_an_empty_split_or_unknown_keys_is_refused(tmp_path):
     x = np.zeros((3, 2, 2), np.uint8)
-    np.savez(tmp_path / "empty.npz", x_train=x, y_train=np.array([0, 1, 0]), x_test=x[:0],
-             y_test=np.zeros(0, np.int64), class_names=np.array(["a", "b"]))
+    np.savez(
+        tmp_path / "empty.npz",
+        x_train=x,
+        y_train=np.array([0, 1, 0]),
+        x_test=x[:0],
+        y_test=np.zeros(0, np.int64),
+        class_names=np.array(["a", "b"]),
+    )
     with pytest.raises(DatasetError, match=r"test split .* is empty"):
         load("npz", tmp_path / "empty.npz")
     np.savez(tmp_path / "odd.npz", images=x)
@@ -333,8 +373,9 @@ def test_npz_with_an_empty_split_or_unknown_keys_is_refused(tmp_path):
 # ---- image folders ------------------------------------------------------------------------------
 
 
-def write_folder(root: Path, layout: dict[str, dict[str, list[str]]], shape=(5, 6, 3),
-                 seed=4) -> dict[Path, np.ndarray]:
+def write_folder(
+    root: Path, layout: dict[str, dict[str, list[str]]], shape=(5, 6, 3), seed=4
+) -> dict[Path, np.ndarray]:
     """layout: split -> class -> file names; every file a PNG of random pixels. Returns path -> pixels."""
     rng = np.random.default_rng(seed)
     written = {}
@@ -349,14 +390,22 @@ def write_folder(root: Path, layout: dict[str, dict[str, list[str]]], shape=(5, 
 
 
 def test_imagefolder_round_trips_sorted_by_class_name_then_file_name(tmp_path):
-    layout = {"train": {"dog": ["b.png", "a.png"], "ant": ["9.png", "10.png", "x.PNG"], "cat": ["c.png"]},
-              "val": {"cat": ["2.png", "1.png"], "ant": ["z.png"]}}
+    layout = {
+        "train": {"dog": ["b.png", "a.png"], "ant": ["9.png", "10.png", "x.PNG"], "cat": ["c.png"]},
+        "val": {"cat": ["2.png", "1.png"], "ant": ["z.png"]},
+    }
     written = write_folder(tmp_path, layout)
     (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
     dataset = load("imagefolder", tmp_path)
     assert dataset.class_names == ("ant", "cat", "dog") and dataset.image_shape == (5, 6, 3)
-    order = [("ant", "10.png"), ("ant", "9.png"), ("ant", "x.PNG"), ("cat", "c.png"),
-             ("dog", "a.png"), ("dog", "b.png")]
+    order = [
+        ("ant", "10.png"),
+        ("ant", "9.png"),
+        ("ant", "x.PNG"),
+        ("cat", "c.png"),
+        ("dog", "a.png"),
+        ("dog", "b.png"),
+    ]
     assert dataset.train.labels.tolist() == [0, 0, 0, 1, 2, 2]
     expected = np.stack([written[tmp_path / "train" / c / f] for c, f in order])
     assert np.array_equal(dataset.train.images, expected)
@@ -367,8 +416,11 @@ def test_imagefolder_round_trips_sorted_by_class_name_then_file_name(tmp_path):
 
 
 def test_imagefolder_uses_test_when_val_is_missing_and_keeps_all_grey_images_grey(tmp_path):
-    written = write_folder(tmp_path, {"train": {"a": ["1.png"], "b": ["1.png", "2.png"]},
-                                      "test": {"b": ["1.png"]}}, shape=(4, 4, 1))
+    written = write_folder(
+        tmp_path,
+        {"train": {"a": ["1.png"], "b": ["1.png", "2.png"]}, "test": {"b": ["1.png"]}},
+        shape=(4, 4, 1),
+    )
     dataset = load("imagefolder", tmp_path)
     assert dataset.image_shape == (4, 4, 1) and dataset.test.labels.tolist() == [1]
     assert np.array_equal(dataset.test.images[0], written[tmp_path / "test" / "b" / "1.png"])
@@ -425,7 +477,8 @@ def write_tiny_imagenet(root: Path) -> dict[Path, np.ndarray]:
     for file in annotations:
         jpeg(root / "val" / "images" / file)
     (root / "val" / "val_annotations.txt").write_text(
-        "".join(f"{file}\t{wnid}\t0\t1\t6\t7\n" for file, wnid in annotations.items()))
+        "".join(f"{file}\t{wnid}\t0\t1\t6\t7\n" for file, wnid in annotations.items())
+    )
     (root / "test" / "images").mkdir(parents=True)  # unlabelled in the real release: ignored
     return decoded
 
@@ -436,13 +489,15 @@ def test_tiny_imagenet_layout_reads_val_labels_from_val_annotations(tmp_path):
     assert dataset.class_names == ("n01", "n02")
     train_order = ["n01/images/n01_0", "n01/images/n01_1", "n02/images/n02_0", "n02/images/n02_1"]
     assert dataset.train.labels.tolist() == [0, 0, 1, 1]
-    assert np.array_equal(dataset.train.images,
-                          np.stack([decoded[tmp_path / "train" / f"{name}.JPEG"] for name in train_order]))
+    assert np.array_equal(
+        dataset.train.images, np.stack([decoded[tmp_path / "train" / f"{name}.JPEG"] for name in train_order])
+    )
     val_order = ["val_1", "val_2", "val_0", "val_10"]  # (wnid, file name)
     assert dataset.test.labels.tolist() == [0, 0, 1, 1]
-    assert np.array_equal(dataset.test.images,
-                          np.stack([decoded[tmp_path / "val" / "images" / f"{name}.JPEG"]
-                                    for name in val_order]))
+    assert np.array_equal(
+        dataset.test.images,
+        np.stack([decoded[tmp_path / "val" / "images" / f"{name}.JPEG"] for name in val_order]),
+    )
 
 
 def test_tiny_imagenet_annotation_for_a_missing_image_is_refused(tmp_path):
@@ -527,8 +582,11 @@ def test_a_larger_quota_keeps_every_row_a_smaller_one_picked():
 
 
 @settings(max_examples=60, deadline=None)
-@given(labels=st.lists(st.integers(0, 5), min_size=1, max_size=120), max_samples=st.integers(1, 150),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    labels=st.lists(st.integers(0, 5), min_size=1, max_size=120),
+    max_samples=st.integers(1, 150),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_balanced_subset_is_as_balanced_as_the_class_sizes_allow(labels, max_samples, seed):
     labels = np.array(labels)
     rows = balanced_subset(labels, max_samples, seed, "train")
@@ -551,12 +609,21 @@ def test_a_relative_missing_root_names_the_folder_it_was_taken_from(tmp_path, mo
 def test_a_subset_larger_than_the_split_warns_and_takes_every_row(tmp_path, caplog):
     rng = np.random.default_rng(4)
     x = rand_images(rng, (6, 4, 4, 1))
-    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0, 1, 0, 1, 0, 1]), x_test=x[:2],
-             y_test=np.array([0, 1]), class_names=np.array(["a", "b"]))
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=x,
+        y_train=np.array([0, 1, 0, 1, 0, 1]),
+        x_test=x[:2],
+        y_test=np.array([0, 1]),
+        class_names=np.array(["a", "b"]),
+    )
     with caplog.at_level("WARNING", logger="pipeline.datasets"):
         dataset = load("npz", tmp_path / "d.npz", max_train_samples=100)
     assert len(dataset.train.labels) == 6
-    assert "data.max_train_samples is 100" in caplog.text and "has 6 train images: using all of them" in caplog.text
+    assert (
+        "data.max_train_samples is 100" in caplog.text
+        and "has 6 train images: using all of them" in caplog.text
+    )
 
 
 # ---- validation_split ---------------------------------------------------------------------------
@@ -596,7 +663,9 @@ def test_every_class_keeps_a_training_row_and_a_fraction_holding_out_nothing_is_
     labels = np.array([0, 1, 1, 2, 2, 2])
     _, val = validation_split(labels, 0.9, seed=0)
     assert np.bincount(labels[val], minlength=3).tolist() == [0, 1, 2]  # n_c - 1 at most
-    with pytest.raises(ValueError, match=re.escape("data.validation_fraction: 0.01 of 6 training images holds out no image")):
+    with pytest.raises(
+        ValueError, match=re.escape("data.validation_fraction: 0.01 of 6 training images holds out no image")
+    ):
         validation_split(labels, 0.01, seed=0)
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\)"):
         validation_split(labels, 1.0, seed=0)
@@ -606,8 +675,14 @@ def _npz_with_unique_images(path: Path, n_train: int = 40, n_test: int = 8) -> t
     """An npz whose train image i is filled with the value i (so a row names its source row)."""
     x_train = np.repeat(np.arange(n_train, dtype=np.uint8), 16).reshape(n_train, 4, 4, 1)
     y_train = np.arange(n_train) % 4
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_train[:n_test], y_test=y_train[:n_test],
-             class_names=np.array(["a", "b", "c", "d"]))
+    np.savez(
+        path,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_train[:n_test],
+        y_test=y_train[:n_test],
+        class_names=np.array(["a", "b", "c", "d"]),
+    )
     return x_train, y_train
 
 
@@ -635,5 +710,7 @@ def test_load_dataset_without_a_validation_fraction_has_no_val_split_and_the_sam
 
 def test_a_validation_fraction_that_holds_out_nothing_is_a_dataset_error(tmp_path):
     _npz_with_unique_images(tmp_path / "d.npz")
-    with pytest.raises(DatasetError, match=re.escape("npz: data.validation_fraction: 0.001 of 40 training images")):
+    with pytest.raises(
+        DatasetError, match=re.escape("npz: data.validation_fraction: 0.001 of 40 training images")
+    ):
         load("npz", tmp_path / "d.npz", validation_fraction=0.001)

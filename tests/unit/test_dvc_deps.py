@@ -14,6 +14,7 @@ that field, and the variable passed whole to `asdict`/`astuple`/`vars` counts as
 field. The keys the stage lists in dvc.yaml (a bare section standing for all its fields) must
 equal the keys read.
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,7 +50,8 @@ def _is_type_checking(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def _walk(node: ast.AST) -> Iterator[ast.AST]:
@@ -115,8 +117,12 @@ def _command_functions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
     for node in tree.body:
         if isinstance(node, ast.FunctionDef):
             for decorator in node.decorator_list:
-                if (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Attribute)
-                        and decorator.func.attr == "command" and decorator.args):
+                if (
+                    isinstance(decorator, ast.Call)
+                    and isinstance(decorator.func, ast.Attribute)
+                    and decorator.func.attr == "command"
+                    and decorator.args
+                ):
                     commands[decorator.args[0].value] = node
     return commands
 
@@ -124,8 +130,7 @@ def _command_functions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
 def command_code(command: str) -> set[str]:
     """The in-repo files `lessons <command>` runs (see the module docstring)."""
     tree = ast.parse(CLI.read_text(), str(CLI))
-    definitions = {node.name: node for node in tree.body
-                   if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    definitions = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     top_level = [node for node in tree.body if not isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     reached: list[ast.AST] = []
     queue: list[ast.AST] = [_command_functions(tree)[command]]
@@ -134,8 +139,11 @@ def command_code(command: str) -> set[str]:
         if node in reached:
             continue
         reached.append(node)
-        queue.extend(definitions[name.id] for name in _walk(node)
-                     if isinstance(name, ast.Name) and name.id in definitions)
+        queue.extend(
+            definitions[name.id]
+            for name in _walk(node)
+            if isinstance(name, ast.Name) and name.id in definitions
+        )
     return _closure(_imported(top_level + reached) | {"pipeline"}, entry="pipeline.cli")
 
 
@@ -147,8 +155,9 @@ def listed_code(deps: list[str]) -> set[str]:
             continue
         path = ROOT / dep
         assert path.exists(), f"dep {dep} does not exist"
-        files.update(p.relative_to(ROOT).as_posix() for p in path.rglob("*.py")) if path.is_dir() \
-            else files.add(dep)
+        files.update(
+            p.relative_to(ROOT).as_posix() for p in path.rglob("*.py")
+        ) if path.is_dir() else files.add(dep)
     return files
 
 
@@ -157,8 +166,9 @@ def test_each_stage_lists_exactly_the_code_its_command_imports(stage):
     definition = _dvc_stages()[stage]
     expected = command_code(_command(definition))
     listed = listed_code(definition.get("deps", []))
-    assert listed == expected, (f"{stage}: missing {sorted(expected - listed)}, "
-                                f"extra {sorted(listed - expected)}")
+    assert listed == expected, (
+        f"{stage}: missing {sorted(expected - listed)}, extra {sorted(listed - expected)}"
+    )
 
 
 # --- params ---------------------------------------------------------------------------------
@@ -170,7 +180,11 @@ EXPERIMENT = "student_train.experiments.${item.experiment}"
 
 def _resolved_keys(field: str) -> set[str]:
     """params keys behind a ResolvedExperiment field: the experiment's own value, else the shared one."""
-    keys = {f"{EXPERIMENT}.{field}"} if field in {f.name for f in dataclasses.fields(C.ExperimentConfig)} else set()
+    keys = (
+        {f"{EXPERIMENT}.{field}"}
+        if field in {f.name for f in dataclasses.fields(C.ExperimentConfig)}
+        else set()
+    )
     return keys | ({f"student_train.{field}"} if field in SHARED else set())  # name, seed: cmd arguments
 
 
@@ -182,14 +196,32 @@ def _section(prefix: str) -> Any:
 # variable, dataclass of the variable, params keys of one field).
 READS: dict[str, list[tuple[str, str | None, str, type, Any]]] = {
     "prepare_data": [
-        ("pipeline/cli.py", "prepare_data_command", "params", C.Params, lambda f: set()),  # sections passed whole
+        (
+            "pipeline/cli.py",
+            "prepare_data_command",
+            "params",
+            C.Params,
+            lambda f: set(),
+        ),  # sections passed whole
         ("stages/prepare_data.py", None, "config", C.PrepareDataConfig, _section("prepare_data")),
         ("stages/prepare_data.py", None, "data_config", C.DataConfig, _section("data")),
         ("pipeline/datasets/__init__.py", None, "config", C.DataConfig, _section("data")),
     ],
     "teacher_train": [
-        ("pipeline/cli.py", "teacher_train_command", "config", C.TeacherConfig, _section("teacher_train.teachers.${key}")),
-        ("stages/teacher_train.py", None, "config", C.TeacherConfig, _section("teacher_train.teachers.${key}")),
+        (
+            "pipeline/cli.py",
+            "teacher_train_command",
+            "config",
+            C.TeacherConfig,
+            _section("teacher_train.teachers.${key}"),
+        ),
+        (
+            "stages/teacher_train.py",
+            None,
+            "config",
+            C.TeacherConfig,
+            _section("teacher_train.teachers.${key}"),
+        ),
     ],
     "teacher_dump": [
         ("pipeline/cli.py", "teacher_dump_command", "config", C.TeacherDumpConfig, _section("teacher_dump")),
@@ -210,11 +242,21 @@ READS: dict[str, list[tuple[str, str | None, str, type, Any]]] = {
     "report": [
         ("pipeline/cli.py", "report_command", "params", C.Params, lambda f: set()),
         ("pipeline/cli.py", "report_command", "params.data", C.DataConfig, _section("data")),
-        ("pipeline/cli.py", "report_command", "params.teacher_train", C.TeacherTrainConfig,
-         _section("teacher_train")),
+        (
+            "pipeline/cli.py",
+            "report_command",
+            "params.teacher_train",
+            C.TeacherTrainConfig,
+            _section("teacher_train"),
+        ),
         ("pipeline/cli.py", "report_command", "params.adjust", C.AdjustConfig, _section("adjust")),
-        ("pipeline/cli.py", "report_command", "params.student_train", C.StudentTrainConfig,
-         _section("student_train")),
+        (
+            "pipeline/cli.py",
+            "report_command",
+            "params.student_train",
+            C.StudentTrainConfig,
+            _section("student_train"),
+        ),
         ("stages/report.py", None, "config", C.ReportConfig, _section("report")),
     ],
 }
@@ -223,9 +265,16 @@ METHOD_READS: dict[tuple[type, str], set[str]] = {(C.StudentTrainConfig, "runs")
 # Listed whole although a stage reads part of it: dvc refuses a listed key that params.yaml does
 # not set, and an experiment sets only some of its keys.
 WHOLE_ENTRY = {("store_digests", EXPERIMENT)}
-WHOLE = {"data": C.DataConfig, "prepare_data": C.PrepareDataConfig, "teacher_dump": C.TeacherDumpConfig,
-         "teacher_train.teachers.${key}": C.TeacherConfig, "adjust": C.AdjustConfig,
-         "temperature": C.TemperatureConfig, "report": C.ReportConfig, EXPERIMENT: C.ExperimentConfig}
+WHOLE = {
+    "data": C.DataConfig,
+    "prepare_data": C.PrepareDataConfig,
+    "teacher_dump": C.TeacherDumpConfig,
+    "teacher_train.teachers.${key}": C.TeacherConfig,
+    "adjust": C.AdjustConfig,
+    "temperature": C.TemperatureConfig,
+    "report": C.ReportConfig,
+    EXPERIMENT: C.ExperimentConfig,
+}
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -248,8 +297,10 @@ def fields_read(source: ast.AST, variable: str, cls: type) -> set[str]:
                 read.add(node.attr)
             read |= METHOD_READS.get((cls, node.attr), set())
         whole = (isinstance(node, ast.FormattedValue) and _dotted(node.value) == variable) or (
-            isinstance(node, ast.Call) and (_dotted(node.func) or "").split(".")[-1]
-            in {"asdict", "astuple", "vars", "repr", "str"} and any(_dotted(a) == variable for a in node.args))
+            isinstance(node, ast.Call)
+            and (_dotted(node.func) or "").split(".")[-1] in {"asdict", "astuple", "vars", "repr", "str"}
+            and any(_dotted(a) == variable for a in node.args)
+        )
         if whole:
             read |= names
     return read
@@ -289,12 +340,19 @@ def test_every_stage_with_params_is_checked_and_check_params_reads_the_whole_fil
 
 
 def test_a_student_reads_the_temperature_keys_of_its_loss_and_not_the_histogram_bins():
-    assert params_read("student_train") & {f"temperature.{f.name}" for f in dataclasses.fields(C.TemperatureConfig)} \
-        == {"temperature.base_temperature", "temperature.beta", "temperature.gamma",
-            "temperature.min_temperature", "temperature.max_temperature"}
+    assert params_read("student_train") & {
+        f"temperature.{f.name}" for f in dataclasses.fields(C.TemperatureConfig)
+    } == {
+        "temperature.base_temperature",
+        "temperature.beta",
+        "temperature.gamma",
+        "temperature.min_temperature",
+        "temperature.max_temperature",
+    }
 
 
 # --- stores: a student depends on the stores it reads, not on the whole stores/ folder -------
+
 
 @pytest.fixture(scope="module")
 def resolved() -> dict[str, list[str]]:
@@ -309,7 +367,8 @@ def test_a_student_depends_on_no_store_folder_only_on_the_digest_of_the_stores_i
     experiments = yaml.safe_load((ROOT / "params.yaml").read_text())["student_train"]["experiments"]
     students = {name: deps for name, deps in resolved.items() if name.startswith("student_train@")}
     assert len(students) == len(experiments) * len(
-        yaml.safe_load((ROOT / "params.yaml").read_text())["student_train"]["seeds"])
+        yaml.safe_load((ROOT / "params.yaml").read_text())["student_train"]["seeds"]
+    )
     for name, deps in students.items():
         experiment = name.split("@")[1].rsplit("-", 1)[0]
         assert [d for d in deps if d.split("/")[0] in ("stores", "digests")] == [f"digests/{experiment}.json"]

@@ -1,4 +1,5 @@
 """`dvc plots show` on the plots dvc.yaml declares: the vega-lite spec it renders reads right."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ def _plot_spec(tmp_path: Path, plot: str, rows: list[dict]) -> dict:
     shutil.copytree(ROOT / ".dvc" / "plots", tmp_path / ".dvc" / "plots")
     (tmp_path / plot).parent.mkdir(parents=True)
     (tmp_path / plot).write_text(json.dumps(rows))
-    shown = subprocess.run(["dvc", "plots", "show", "--json", plot], cwd=tmp_path, env=env, check=True,
-                           capture_output=True, text=True)
+    shown = subprocess.run(
+        ["dvc", "plots", "show", "--json", plot],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     [entry] = json.loads(shown.stdout)["data"][plot]
     return entry["content"]
 
@@ -33,8 +40,12 @@ def test_the_temperature_histogram_has_count_as_a_quantitative_axis_from_zero(tm
     assert (encoding["y"]["field"], encoding["y"]["type"]) == ("count", "quantitative")
     assert encoding["y"]["scale"]["zero"] is True
     assert (encoding["x"]["field"], encoding["x"]["type"], encoding["x"]["sort"]) == (
-        "temperature", "ordinal", "ascending")
+        "temperature",
+        "ordinal",
+        "ascending",
+    )
     assert spec["mark"]["type"] == "bar"
     assert [(row["temperature"], row["count"]) for row in spec["data"]["values"]] == [
-        (row["temperature"], row["count"]) for row in rows]
+        (row["temperature"], row["count"]) for row in rows
+    ]
     assert "<DVC_METRIC" not in json.dumps(spec)  # every anchor of the template was filled

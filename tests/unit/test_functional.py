@@ -5,6 +5,7 @@ calling the function under test. The KD loss checks nothing itself: its inputs a
 they enter (tests/unit/test_config.py for alpha and temperatures, test_student_gather.py for the
 stores), so here it only meets valid input.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,13 @@ def np_kl(log_q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
     return (np.exp(log_q) * (log_q - log_p)).sum(axis=1)
 
 
-def np_kd_term(student: np.ndarray, target: np.ndarray, temperature: float | np.ndarray,
-               fixed: np.ndarray | None = None, student_temperature=None) -> float:
+def np_kd_term(
+    student: np.ndarray,
+    target: np.ndarray,
+    temperature: float | np.ndarray,
+    fixed: np.ndarray | None = None,
+    student_temperature=None,
+) -> float:
     """mean_b tau_b^2 KL(q_b || p_b) in float64; fixed rows take q = softmax(target) unsoftened."""
     tau = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(student),))
     log_q = np_log_softmax(target, tau)
@@ -180,16 +186,16 @@ def test_kd_loss_scales_each_row_by_its_own_squared_temperature():
     student, target = rng.normal(size=(2, 3, 5)) * 2
     temperatures = np.array([0.5, 1.0, 3.0])
     expected = np.mean(
-        temperatures**2
-        * np_kl(np_log_softmax(target, temperatures), np_log_softmax(student, temperatures))
+        temperatures**2 * np_kl(np_log_softmax(target, temperatures), np_log_softmax(student, temperatures))
     )
     loss = kd(student, target, [0, 1, 2], alpha=1.0, temperature=temperatures)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     # a row's own temperature softens that row only: rows 0 and 2 alone give their own terms
     for row in (0, 2):
-        alone = kd(student[row:row + 1], target[row:row + 1], temperature=temperatures[row:row + 1])
-        assert alone.item() == pytest.approx(np_kd_term(student[row:row + 1], target[row:row + 1],
-                                                        temperatures[row]), rel=1e-12)
+        alone = kd(student[row : row + 1], target[row : row + 1], temperature=temperatures[row : row + 1])
+        assert alone.item() == pytest.approx(
+            np_kd_term(student[row : row + 1], target[row : row + 1], temperatures[row]), rel=1e-12
+        )
 
 
 def test_kd_loss_divides_the_summed_kl_by_the_batch_size_not_by_batch_times_classes():

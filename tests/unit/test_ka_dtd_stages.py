@@ -1,4 +1,5 @@
 """The `adjust` and `temperature` stages over zarr stores: values, counts, chunking, schedulers."""
+
 from __future__ import annotations
 
 import json
@@ -15,17 +16,31 @@ N, C = 997, 7
 
 def make_logits_store(path, logits: np.ndarray, labels: np.ndarray, chunk_rows: int) -> None:
     views, samples, classes = logits.shape
-    arrays = {"logits": ArraySpec(logits.shape, str(logits.dtype), 1), "labels": ArraySpec((samples,), "int64"),
-              "sample_index": ArraySpec((samples,), "int64"),
-              "view_params": ArraySpec((views, samples, 0), "int16", 1)}
-    attrs = {"split": "train", "dataset_fingerprint": "d" * 64, "num_classes": classes, "num_views": views,
-             "teacher": {"name": "t", "checkpoint_sha256": "c" * 64}}
+    arrays = {
+        "logits": ArraySpec(logits.shape, str(logits.dtype), 1),
+        "labels": ArraySpec((samples,), "int64"),
+        "sample_index": ArraySpec((samples,), "int64"),
+        "view_params": ArraySpec((views, samples, 0), "int16", 1),
+    }
+    attrs = {
+        "split": "train",
+        "dataset_fingerprint": "d" * 64,
+        "num_classes": classes,
+        "num_views": views,
+        "teacher": {"name": "t", "checkpoint_sha256": "c" * 64},
+    }
     with StoreWriter(path, kind="logits", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer:
         for chunk in writer.pending_chunks():
             rows = writer.rows(chunk)
-            writer.write_chunk(chunk, {"logits": logits[:, rows], "labels": labels[rows],
-                                       "sample_index": np.arange(rows.start, rows.stop),
-                                       "view_params": np.zeros((views, rows.stop - rows.start, 0), np.int16)})
+            writer.write_chunk(
+                chunk,
+                {
+                    "logits": logits[:, rows],
+                    "labels": labels[rows],
+                    "sample_index": np.arange(rows.start, rows.stop),
+                    "view_params": np.zeros((views, rows.stop - rows.start, 0), np.int16),
+                },
+            )
         writer.finalize()
 
 
@@ -43,8 +58,14 @@ def teacher(tmp_path):
 def _run_adjust(tmp_path, logits, labels, method, chunk_rows, name="a", scheduler=None):
     make_logits_store(tmp_path / f"{name}-logits.zarr", logits, labels, chunk_rows)
     out = tmp_path / f"{name}-adjusted-{method}.zarr"
-    summary = adjust.run(AdjustConfig(epsilon=0.2), method=method, logits_path=tmp_path / f"{name}-logits.zarr",
-                         out=out, metrics_out=tmp_path / f"{name}-{method}.json", scheduler=scheduler)
+    summary = adjust.run(
+        AdjustConfig(epsilon=0.2),
+        method=method,
+        logits_path=tmp_path / f"{name}-logits.zarr",
+        out=out,
+        metrics_out=tmp_path / f"{name}-{method}.json",
+        scheduler=scheduler,
+    )
     return open_store(out, kind="adjusted"), summary
 
 
@@ -101,9 +122,14 @@ def test_temperature_matches_the_formula_computed_independently_in_numpy(tmp_pat
     logits, labels = teacher
     make_logits_store(tmp_path / "logits.zarr", logits, labels, 100)
     config = TemperatureConfig(base_temperature=4.0, beta=2.0, min_temperature=2.0, max_temperature=6.0)
-    summary = temperature.run(config, logits_path=tmp_path / "logits.zarr", out=tmp_path / "dtd.zarr",
-                              metrics_out=tmp_path / "dtd.json", histogram_out=tmp_path / "h.json",
-                              plot_out=tmp_path / "h.png")
+    summary = temperature.run(
+        config,
+        logits_path=tmp_path / "logits.zarr",
+        out=tmp_path / "dtd.zarr",
+        metrics_out=tmp_path / "dtd.json",
+        histogram_out=tmp_path / "h.json",
+        plot_out=tmp_path / "h.png",
+    )
     store = open_store(tmp_path / "dtd.zarr", kind="dtd")
     t = logits[0].astype(np.float64)
     p = np.exp(t - t.max(1, keepdims=True))
@@ -112,7 +138,9 @@ def test_temperature_matches_the_formula_computed_independently_in_numpy(tmp_pat
     tau = np.clip(4.0 + (omega.mean() - omega) * 2.0, 2.0, 6.0)
     np.testing.assert_allclose(store.read("omega_teacher")[0], omega, rtol=1e-5)
     np.testing.assert_allclose(store.read("static_temperature")[0], tau, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(store.read("teacher_entropy")[0], -(p * np.log(p)).sum(1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        store.read("teacher_entropy")[0], -(p * np.log(p)).sum(1), rtol=1e-4, atol=1e-6
+    )
     top2 = np.sort(p, axis=1)[:, -2:]
     np.testing.assert_allclose(store.read("teacher_margin")[0], top2[:, 1] - top2[:, 0], atol=1e-5)
     assert summary["static_temperature_mean"] == pytest.approx(tau.mean(), rel=1e-5)
@@ -126,10 +154,12 @@ def test_a_distributed_scheduler_gives_the_same_store_as_local_threads(tmp_path,
     distributed = pytest.importorskip("distributed")
     logits, labels = teacher
     local, _ = _run_adjust(tmp_path, logits, labels, "ps", chunk_rows=100, name="local")
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster:
-        remote, _ = _run_adjust(tmp_path, logits, labels, "ps", chunk_rows=100, name="remote",
-                                scheduler=cluster.scheduler_address)
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        remote, _ = _run_adjust(
+            tmp_path, logits, labels, "ps", chunk_rows=100, name="remote", scheduler=cluster.scheduler_address
+        )
     assert local.read("target_logits").tobytes() == remote.read("target_logits").tobytes()
 
 
@@ -137,14 +167,20 @@ def test_adjust_refuses_a_store_that_is_not_a_logit_store(tmp_path, teacher):
     logits, labels = teacher
     _run_adjust(tmp_path, logits, labels, "ps", chunk_rows=100)
     with pytest.raises(StoreError, match="'logits' store is expected"):
-        adjust.run(AdjustConfig(), method="ps", logits_path=tmp_path / "a-adjusted-ps.zarr",
-                   out=tmp_path / "x.zarr", metrics_out=tmp_path / "x.json")
+        adjust.run(
+            AdjustConfig(),
+            method="ps",
+            logits_path=tmp_path / "a-adjusted-ps.zarr",
+            out=tmp_path / "x.zarr",
+            metrics_out=tmp_path / "x.json",
+        )
     assert not (tmp_path / "x.zarr").exists()
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
 def test_student_train_refuses_a_dtd_store_whose_static_temperature_is_not_positive_on_load(
-        tmp_path, teacher, bad):
+    tmp_path, teacher, bad
+):
     # The KD loss checks nothing per step, so a temperature <= 0 must stop at load time, naming the store.
     import torch
     import zarr
@@ -153,21 +189,37 @@ def test_student_train_refuses_a_dtd_store_whose_static_temperature_is_not_posit
     from stages.views import training_augmentation
 
     def load_lessons(path, **kwargs):
-        stores, _, _ = open_lessons(path, **kwargs, augmentation=training_augmentation((28, 28, 1)),
-                                    max_bytes=1 << 30)
+        stores, _, _ = open_lessons(
+            path, **kwargs, augmentation=training_augmentation((28, 28, 1)), max_bytes=1 << 30
+        )
         return stores.epoch(0, 0)[0], None, None
+
     from tests.reliability.conftest import as_written
 
     logits, labels = teacher
     make_logits_store(tmp_path / "logits.zarr", logits, labels, 256)
-    temperature.run(TemperatureConfig(), logits_path=tmp_path / "logits.zarr", out=tmp_path / "dtd.zarr",
-                    metrics_out=tmp_path / "t.json", histogram_out=tmp_path / "h.json")
-    manifest = {"dataset": "x", "num_classes": C, "splits": {"train": {"fingerprint": "d" * 64, "num_samples": N}}}
-    lessons, _, _ = load_lessons(tmp_path, adjust="none", dtd="static", manifest=manifest, device=torch.device("cpu"))
+    temperature.run(
+        TemperatureConfig(),
+        logits_path=tmp_path / "logits.zarr",
+        out=tmp_path / "dtd.zarr",
+        metrics_out=tmp_path / "t.json",
+        histogram_out=tmp_path / "h.json",
+    )
+    manifest = {
+        "dataset": "x",
+        "num_classes": C,
+        "splits": {"train": {"fingerprint": "d" * 64, "num_samples": N}},
+    }
+    lessons, _, _ = load_lessons(
+        tmp_path, adjust="none", dtd="static", manifest=manifest, device=torch.device("cpu")
+    )
     assert bool((lessons.static_temperature > 0).all())
     array = zarr.open_array(tmp_path / "dtd.zarr" / "static_temperature", mode="r+")
     array[0, 300] = bad
     as_written(tmp_path / "dtd.zarr")  # as if the store had been written so (the digest check passes)
-    with pytest.raises(StoreError, match=r"static_temperature has NaN/inf or values <= 0 in 1 rows \(first: "
-                                         r"sample 300, view 0\).*rebuild it"):
+    with pytest.raises(
+        StoreError,
+        match=r"static_temperature has NaN/inf or values <= 0 in 1 rows \(first: "
+        r"sample 300, view 0\).*rebuild it",
+    ):
         load_lessons(tmp_path, adjust="none", dtd="static", manifest=manifest, device=torch.device("cpu"))

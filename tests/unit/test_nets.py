@@ -125,7 +125,9 @@ def test_student_cnn_tiny_costs_at_most_a_third_of_teacher_cnn_small() -> None:
     teacher = count_multiply_adds(build_net("cnn_small", 10, 1, 28), (1, 28, 28))
     student = count_multiply_adds(build_net("cnn_tiny", 10, 1, 28), (1, 28, 28))
     assert 3 * student <= teacher
-    assert count_parameters(build_net("cnn_tiny", 10, 1, 28)) < count_parameters(build_net("cnn_small", 10, 1, 28))
+    assert count_parameters(build_net("cnn_tiny", 10, 1, 28)) < count_parameters(
+        build_net("cnn_small", 10, 1, 28)
+    )
 
 
 def test_unknown_name_raises_with_the_closest_known_name_and_the_full_list() -> None:

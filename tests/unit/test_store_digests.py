@@ -1,4 +1,5 @@
 """A student's dvc dep on its stores: the digest of exactly the stores it reads (stage store_digests)."""
+
 from __future__ import annotations
 
 import itertools
@@ -16,32 +17,56 @@ from stages.views import training_augmentation
 from storage import StoreError
 
 
-def _experiment(name: str, teacher: str | None = "t", kd: bool = True, adjust: str = "none",
-                dtd: str = "off", teacher_mode: str = "offline") -> SimpleNamespace:
-    return SimpleNamespace(name=name, teacher=teacher, kd=kd, adjust=adjust, dtd=dtd, teacher_mode=teacher_mode)
+def _experiment(
+    name: str,
+    teacher: str | None = "t",
+    kd: bool = True,
+    adjust: str = "none",
+    dtd: str = "off",
+    teacher_mode: str = "offline",
+) -> SimpleNamespace:
+    return SimpleNamespace(
+        name=name, teacher=teacher, kd=kd, adjust=adjust, dtd=dtd, teacher_mode=teacher_mode
+    )
 
 
 def _stores(root: Path) -> Path:
     """stores/t and stores/other, each with every store a student may read (a chunk file each)."""
-    for teacher, store in itertools.product(("t", "other"), ("logits", "test-logits", "adjusted-ps",
-                                                             "adjusted-lsr", "dtd")):
+    for teacher, store in itertools.product(
+        ("t", "other"), ("logits", "test-logits", "adjusted-ps", "adjusted-lsr", "dtd")
+    ):
         (root / teacher / f"{store}.zarr" / "c").mkdir(parents=True)
         (root / teacher / f"{store}.zarr" / "zarr.json").write_text(f'{{"{teacher}": "{store}"}}')
         (root / teacher / f"{store}.zarr" / "c" / "0").write_bytes(b"\x00\x01")
     return root
 
 
-@pytest.mark.parametrize("experiment, names", [
-    (_experiment("ce", kd=False), ["test-logits.zarr"]),  # the agreement metrics read the teacher's test logits
-    (_experiment("ce", teacher=None, kd=False), []),
-    (_experiment("kd"), ["logits.zarr", "test-logits.zarr"]),
-    (_experiment("kd_ps_flsw", adjust="ps", dtd="flsw"), ["adjusted-ps.zarr", "logits.zarr", "test-logits.zarr"]),
-    (_experiment("kd_lsr_static", adjust="lsr", dtd="static"),
-     ["adjusted-lsr.zarr", "dtd.zarr", "logits.zarr", "test-logits.zarr"]),
-])
+@pytest.mark.parametrize(
+    "experiment, names",
+    [
+        (
+            _experiment("ce", kd=False),
+            ["test-logits.zarr"],
+        ),  # the agreement metrics read the teacher's test logits
+        (_experiment("ce", teacher=None, kd=False), []),
+        (_experiment("kd"), ["logits.zarr", "test-logits.zarr"]),
+        (
+            _experiment("kd_ps_flsw", adjust="ps", dtd="flsw"),
+            ["adjusted-ps.zarr", "logits.zarr", "test-logits.zarr"],
+        ),
+        (
+            _experiment("kd_lsr_static", adjust="lsr", dtd="static"),
+            ["adjusted-lsr.zarr", "dtd.zarr", "logits.zarr", "test-logits.zarr"],
+        ),
+    ],
+)
 def test_a_student_reads_its_teachers_test_logits_and_for_kd_the_stores_its_settings_name(experiment, names):
-    assert stores_read(teacher=experiment.teacher, kd=experiment.kd, adjust=experiment.adjust,
-                       dtd=experiment.dtd) == names
+    assert (
+        stores_read(
+            teacher=experiment.teacher, kd=experiment.kd, adjust=experiment.adjust, dtd=experiment.dtd
+        )
+        == names
+    )
 
 
 def test_the_digest_changes_only_when_a_store_the_student_reads_changes(tmp_path):
@@ -69,8 +94,9 @@ def test_the_digest_changes_only_when_a_store_the_student_reads_changes(tmp_path
 
 
 def test_a_student_without_a_teacher_digests_no_store(tmp_path):
-    summary = run(_experiment("ce", teacher=None, kd=False), stores_root=tmp_path / "absent",
-                  out=tmp_path / "ce.json")
+    summary = run(
+        _experiment("ce", teacher=None, kd=False), stores_root=tmp_path / "absent", out=tmp_path / "ce.json"
+    )
     assert summary == {"teacher": None, "stores": {}}
     assert json.loads((tmp_path / "ce.json").read_text()) == summary
 
@@ -112,20 +138,31 @@ class _FakeStore:
         return np.zeros((1, 4), bool) if name == "fixed_target" else np.zeros((1, 4, 3), np.float32)
 
 
-@pytest.mark.parametrize("adjust, dtd", itertools.product(("none", "ps", "lsr"), ("off", "static", "flsw", "cwsm")))
+@pytest.mark.parametrize(
+    "adjust, dtd", itertools.product(("none", "ps", "lsr"), ("off", "static", "flsw", "cwsm"))
+)
 def test_the_kd_stores_digested_are_the_stores_the_student_opens(monkeypatch, adjust, dtd):
     opened: list[str] = []
     monkeypatch.setattr(lessons, "open_store", lambda path, **_: _FakeStore(path, opened))
     manifest = {"splits": {"train": {"fingerprint": "f", "num_samples": 4}}, "num_classes": 3, "dataset": "d"}
-    lessons.open_lessons(Path("stores/t"), adjust=adjust, dtd=dtd, manifest=manifest,
-                         augmentation=training_augmentation((28, 28, 1)), max_bytes=1 << 30,
-                         device=torch.device("cpu"))
+    lessons.open_lessons(
+        Path("stores/t"),
+        adjust=adjust,
+        dtd=dtd,
+        manifest=manifest,
+        augmentation=training_augmentation((28, 28, 1)),
+        max_bytes=1 << 30,
+        device=torch.device("cpu"),
+    )
     # run() opens test-logits.zarr itself whenever there is a teacher.
     assert sorted([*opened, "test-logits.zarr"]) == stores_read(teacher="t", kd=True, adjust=adjust, dtd=dtd)
 
 
 def test_an_online_student_digests_only_the_test_store_that_names_its_checkpoint(tmp_path):
     stores = _stores(tmp_path / "stores")
-    summary = run(_experiment("kd_online", adjust="ps", dtd="flsw", teacher_mode="online"), stores_root=stores,
-                  out=tmp_path / "o.json")
+    summary = run(
+        _experiment("kd_online", adjust="ps", dtd="flsw", teacher_mode="online"),
+        stores_root=stores,
+        out=tmp_path / "o.json",
+    )
     assert sorted(summary["stores"]) == ["test-logits.zarr"]

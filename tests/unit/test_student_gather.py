@@ -1,4 +1,5 @@
 """The student gathers each sample's lessons by sample_index, whatever the batch order."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,9 @@ def _lessons(seed: int = 0) -> Lessons:
     targets = torch.from_numpy(rng.normal(size=(N, C)).astype(np.float32)) * 3
     fixed = torch.from_numpy(rng.random(N) < 0.2)
     static = torch.from_numpy(rng.uniform(1, 8, N).astype(np.float32))
-    return Lessons(target_logits=targets, fixed_target=fixed, teacher_logits=targets.clone(),
-                   static_temperature=static)
+    return Lessons(
+        target_logits=targets, fixed_target=fixed, teacher_logits=targets.clone(), static_temperature=static
+    )
 
 
 def test_kd_batch_loss_uses_the_rows_named_by_sample_index_in_any_order():
@@ -28,13 +30,33 @@ def test_kd_batch_loss_uses_the_rows_named_by_sample_index_in_any_order():
     index = torch.from_numpy(rng.permutation(N)[:64])
     student = torch.randn(64, C)
     labels = torch.randint(0, C, (64,))
-    got = kd_batch_loss(student, labels, index, lessons=lessons, alpha=0.7, dtd="static",
-                        temperature_config=TemperatureConfig())
-    want = kd_loss(student, lessons.target_logits[index], labels, alpha=0.7,
-                   temperature=lessons.static_temperature[index], fixed_target=lessons.fixed_target[index])
+    got = kd_batch_loss(
+        student,
+        labels,
+        index,
+        lessons=lessons,
+        alpha=0.7,
+        dtd="static",
+        temperature_config=TemperatureConfig(),
+    )
+    want = kd_loss(
+        student,
+        lessons.target_logits[index],
+        labels,
+        alpha=0.7,
+        temperature=lessons.static_temperature[index],
+        fixed_target=lessons.fixed_target[index],
+    )
     assert torch.equal(got, want)
-    wrong = kd_batch_loss(student, labels, torch.arange(64), lessons=lessons, alpha=0.7, dtd="static",
-                          temperature_config=TemperatureConfig())
+    wrong = kd_batch_loss(
+        student,
+        labels,
+        torch.arange(64),
+        lessons=lessons,
+        alpha=0.7,
+        dtd="static",
+        temperature_config=TemperatureConfig(),
+    )
     assert not torch.allclose(got, wrong)
 
 
@@ -46,9 +68,18 @@ def test_shuffling_a_batch_permutes_nothing_but_the_order():
     perm = torch.randperm(64)
     config = TemperatureConfig()
     for dtd in ("off", "static", "flsw", "cwsm"):
-        a = kd_batch_loss(student, labels, index, lessons=lessons, alpha=0.9, dtd=dtd, temperature_config=config)
-        b = kd_batch_loss(student[perm], labels[perm], index[perm], lessons=lessons, alpha=0.9, dtd=dtd,
-                          temperature_config=config)
+        a = kd_batch_loss(
+            student, labels, index, lessons=lessons, alpha=0.9, dtd=dtd, temperature_config=config
+        )
+        b = kd_batch_loss(
+            student[perm],
+            labels[perm],
+            index[perm],
+            lessons=lessons,
+            alpha=0.9,
+            dtd=dtd,
+            temperature_config=config,
+        )
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -71,19 +102,40 @@ def test_a_fixed_target_temperature_applies_to_lsr_rows_only_for_the_student_sid
     log_q = np.where(fixed[:, None], _log_softmax(t), _log_softmax(t / tau))
     kl = (np.exp(log_q) * (log_q - _log_softmax(s / tau))).sum(axis=1)
     want = float((tau[:, 0] ** 2 * kl).sum() / 64)
-    got = kd_batch_loss(student, labels, index, lessons=lessons, alpha=1.0, dtd="off",
-                        temperature_config=TemperatureConfig(), fixed_target_temperature=1.0)
+    got = kd_batch_loss(
+        student,
+        labels,
+        index,
+        lessons=lessons,
+        alpha=1.0,
+        dtd="off",
+        temperature_config=TemperatureConfig(),
+        fixed_target_temperature=1.0,
+    )
     assert float(got) == pytest.approx(want, rel=1e-5)
-    default = kd_batch_loss(student, labels, index, lessons=lessons, alpha=1.0, dtd="off",
-                            temperature_config=TemperatureConfig())
+    default = kd_batch_loss(
+        student, labels, index, lessons=lessons, alpha=1.0, dtd="off", temperature_config=TemperatureConfig()
+    )
     assert float(default) != pytest.approx(want, rel=1e-3)  # DESIGN §4 default: τ0 on every row
     # With per-sample temperatures (static DTD) the non-fixed rows keep their own τ.
-    static = kd_batch_loss(student, labels, index, lessons=lessons, alpha=1.0, dtd="static",
-                           temperature_config=TemperatureConfig(), fixed_target_temperature=1.0)
-    expected = kd_loss(student, lessons.target_logits[index], labels, alpha=1.0,
-                       temperature=torch.where(lessons.fixed_target[index], 1.0,
-                                               lessons.static_temperature[index]),
-                       fixed_target=lessons.fixed_target[index])
+    static = kd_batch_loss(
+        student,
+        labels,
+        index,
+        lessons=lessons,
+        alpha=1.0,
+        dtd="static",
+        temperature_config=TemperatureConfig(),
+        fixed_target_temperature=1.0,
+    )
+    expected = kd_loss(
+        student,
+        lessons.target_logits[index],
+        labels,
+        alpha=1.0,
+        temperature=torch.where(lessons.fixed_target[index], 1.0, lessons.static_temperature[index]),
+        fixed_target=lessons.fixed_target[index],
+    )
     torch.testing.assert_close(static, expected)
 
 
@@ -93,8 +145,7 @@ def test_the_shuffled_ffcv_loader_returns_each_image_with_its_own_sample_index_a
     images[:, 0, 1, 0] = np.arange(N) // 256
     labels = (np.arange(N) * 7) % C
     write_beton(tmp_path / "train.beton", images, labels, num_workers=1)
-    loader = make_loader(tmp_path / "train.beton", batch_size=32, shuffle=True,
-                         num_workers=1, seed=3)
+    loader = make_loader(tmp_path / "train.beton", batch_size=32, shuffle=True, num_workers=1, seed=3)
     seen = []
     for batch_images, batch_labels, sample_index in loader:
         decoded = batch_images[:, 0, 0, 0].long() + 256 * batch_images[:, 0, 0, 1].long()
@@ -112,8 +163,7 @@ def test_more_loader_workers_than_cores_are_capped_with_a_warning(tmp_path, capl
     images = np.zeros((40, 28, 28, 1), np.uint8)
     write_beton(tmp_path / "t.beton", images, np.arange(40) % C, num_workers=1)
     with caplog.at_level("WARNING", logger="storage.beton"):
-        loader = make_loader(tmp_path / "t.beton", batch_size=8, shuffle=False,
-                             num_workers=10_000)
+        loader = make_loader(tmp_path / "t.beton", batch_size=8, shuffle=False, num_workers=10_000)
         rows = sum(len(index) for _, _, index in loader)
     cores = len(os.sched_getaffinity(0))
     assert rows == 40 and f"num_workers 10000 is more than the {cores} cores available" in caplog.text
@@ -129,15 +179,17 @@ def test_the_shuffled_loader_orders_each_epoch_by_its_key_and_seeds_never_share_
     write_beton(tmp_path / "t.beton", images, np.arange(n) % C, num_workers=1)
     orders = {}
     for seed in (0, 1):
-        loader = make_loader(tmp_path / "t.beton", batch_size=batch, shuffle=True,
-                             num_workers=1, seed=seed, drop_last=True)
+        loader = make_loader(
+            tmp_path / "t.beton", batch_size=batch, shuffle=True, num_workers=1, seed=seed, drop_last=True
+        )
         for epoch in range(3):
             order = torch.cat([index.clone() for _, _, index in loader]).numpy()
             assert np.array_equal(order, epoch_order(seed, epoch, np.arange(n)))
             orders[seed, epoch] = tuple(order)
     assert len(set(orders.values())) == 6  # seed 1 epoch e differs from seed 0 epoch e + 1
     # The key is explicit: a fresh loader started at epoch 2 (a resume) sees epoch 2's order.
-    resumed = make_loader(tmp_path / "t.beton", batch_size=batch, shuffle=True,
-                          num_workers=1, seed=1, drop_last=True)
+    resumed = make_loader(
+        tmp_path / "t.beton", batch_size=batch, shuffle=True, num_workers=1, seed=1, drop_last=True
+    )
     resumed.next_epoch = 2
     assert tuple(torch.cat([index.clone() for _, _, index in resumed]).numpy()) == orders[1, 2]

@@ -1,4 +1,5 @@
 """Keyed views: pad-and-crop + flip geometry, drawn from explicit keys."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -111,7 +112,9 @@ def test_resized_crops_fit_the_image_and_follow_torchvision():
     rrc = training_augmentation((64, 96, 3))
     params = rrc.sample((1, 2), np.arange(2000, dtype=np.int64))
     top, left, height, width, flip = params.T.astype(int)
-    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 64).all() and (left + width <= 96).all()
+    assert (
+        (top >= 0).all() and (left >= 0).all() and (top + height <= 64).all() and (left + width <= 96).all()
+    )
     area = height * width / (64 * 96)
     assert area.min() >= 0.07 and area.max() <= 1.0 and 0.4 < flip.mean() < 0.6
     assert np.array_equal(params, rrc.sample((1, 2), np.arange(2000, dtype=np.int64)))
