@@ -159,6 +159,22 @@ def create_work_dir(path: str | Path) -> Path:
     return path
 
 
+_HELD_LOCKS: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (ffcv's and dask's worker pools), close the inherited lock descriptors:
+    a flock belongs to the open file, so a child that outlived the writer's `with` block would
+    otherwise keep `<out>.lock` held and refuse the next run as "another process is writing"."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextlib.contextmanager
 def exclusive_lock(out: str | Path) -> Iterator[None]:
     """Hold `<out>.lock` for the duration; raise OutputError at once if another process holds it.
@@ -194,8 +210,10 @@ def exclusive_lock(out: str | Path) -> Iterator[None]:
                 f"{out}: another process is writing this output (lock {lock_path} is held); "
                 "wait for it to finish or stop it",
             ) from exc
+        _HELD_LOCKS.add(fd)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # releases the flock; the file stays (unlinking it would race a waiter)
 
 

@@ -35,7 +35,10 @@ def test_dvc_repro_runs_every_stage_and_writes_the_report(built: Path):
     assert teacher["test_top1"] > 0.6
     ps = json.loads((project / "metrics" / "adjust" / "cnn_small-ps.json").read_text())
     train_rows = round(TRAIN_SAMPLES * (1 - VAL_FRACTION))  # the val rows are never rewritten
-    assert ps["rewritten_views"] == round((1 - ps["teacher_train_accuracy"]) * train_rows)
+    store = json.loads((project / "stores" / "cnn_small" / "logits.zarr" / "zarr.json").read_text())
+    num_views = store["attributes"]["num_views"]
+    assert num_views == 2 and store["attributes"]["view_spec"]["views"] == "all"  # the demo's flip views
+    assert ps["rewritten_views"] == round((1 - ps["teacher_train_accuracy"]) * train_rows * num_views)
 
 
 def test_a_second_dvc_repro_runs_nothing(built_copy: Path):

@@ -401,3 +401,29 @@ def test_teacher_dump_checks_the_test_output_before_it_dumps_and_publishes_the_t
     )
     assert "did not create" in line and notes.read_text() == USER_TEXT
     assert leftovers(stores / "logits.zarr") == []  # no new train store beside an old test store
+
+
+def test_a_forked_child_that_outlives_the_writer_does_not_keep_its_output_locked(tmp_path):
+    # ffcv's and dask's pools fork; a child still alive after the writer's `with` block must not
+    # hold `<out>.lock`, or the next run is refused as "another process is writing this output".
+    import os
+    import signal
+    import time
+
+    from storage.atomic import exclusive_lock
+
+    out = tmp_path / "out"
+    ready, started = os.pipe()
+    with exclusive_lock(out):
+        child = os.fork()
+        if child == 0:  # a lingering pool worker (the fork hooks have run once it runs)
+            os.write(started, b"1")
+            time.sleep(30)
+            os._exit(0)
+        assert os.read(ready, 1) == b"1"
+    try:
+        with exclusive_lock(out):  # the writer is done: its lock is free although the child lives
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
