@@ -118,6 +118,12 @@ class Params:
                 )
             check_arch(exp.arch, f"student_train.experiments.{name}")
             dump = self.teacher_dump
+            if offline and dump.views != "none" and not exp.augment:
+                raise ConfigError(
+                    f"student_train.augment: false, but teacher_dump.views: {dump.views} stores views "
+                    f"that only an augmenting student reads (experiment {name}); set "
+                    "student_train.augment: true, or teacher_dump.views: none"
+                )
             if offline and dump.views == "scheduled" and exp.augment:
                 missing = sorted(set(self.student_train.seeds) - set(dump.seeds))
                 if missing or exp.epochs > dump.epochs:

@@ -121,6 +121,11 @@ class TeacherDumpConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "teacher_dump", ("batch_size", "chunk_size", "epochs"))
+        if self.num_views is not None and self.num_views > 10_000:
+            raise ConfigError(
+                f"teacher_dump.num_views: {self.num_views} views of every image is beyond what a "
+                "store can hold (at most 10000); lower it"
+            )
         if self.views == "sample" and (self.num_views is None or self.num_views < 1):
             raise ConfigError(
                 f"teacher_dump.num_views: views: sample needs num_views (an integer >= 1), "

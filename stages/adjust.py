@@ -25,7 +25,7 @@ from torch import Tensor
 
 from stages.functional import InvalidLogitsError, compute_dtype, teacher_is_wrong
 from stages.parallel import block_rows, dask_scheduler, one_torch_thread, prefixed
-from stages.views import augmentation_from_spec
+from stages.views import StoredViews, stored_views_of
 from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.atomic import ensure_parents
 from storage.versions import library_versions
@@ -213,14 +213,12 @@ def _adjust_block(
     return packed.reshape(views, rows, num_classes + 4).numpy()
 
 
-def plain_view_index(view_spec: dict[str, Any] | None) -> int | None:
+def plain_view_index(views: StoredViews) -> int | None:
     """The index of the plain image among a store's views: 0 for a V = 1 store of the plain image,
     its place in the enumerated set for `views: all`, None when the store does not hold it."""
-    if not view_spec or view_spec.get("views", "none") == "none":
+    if views.mode == "none":
         return 0
-    if view_spec["views"] != "all":
-        return None
-    return augmentation_from_spec(view_spec).plain_view()
+    return views.augmentation.plain_view() if views.mode == "all" else None
 
 
 def adjustment_summary(counts: dict[str, Any], total_views: int) -> dict[str, Any]:
@@ -286,7 +284,7 @@ def run(
     chunk_rows = source.chunk_rows
     logits = da.from_zarr(logits_array)
     labels_da = da.from_array(labels, chunks=(chunk_rows,))
-    plain = plain_view_index(source.attrs.get("view_spec"))
+    plain = plain_view_index(stored_views_of(source))
     packed = da.map_blocks(
         _adjust_block,
         logits,

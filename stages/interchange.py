@@ -7,6 +7,8 @@ class count, sample_index or labels do not match the prepared dataset.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from stages.teacher_dump import VIEW_SPEC
+from stages.views import StoredViews, ViewError
 from storage import ArraySpec, StoreError, StoreWriter
 from storage.h5 import H5Error, H5Source
 from storage.manifest import file_sha256, read_labels, read_prepared
@@ -135,6 +138,23 @@ def import_logits(
             )
         else:
             view_params_spec = ArraySpec(view_params_ds.shape, str(view_params_ds.dtype), sample_axis=1)
+        if num_views < 1:
+            raise H5Error(f"{h5_file}: 'logits' hold no view (V = 0); export at least one view per sample")
+        if num_views > 1:  # several views: they must be views lessons can rebuild, checked before writing
+            spec = source.attr("view_spec", None)
+            if isinstance(spec, str):  # a foreign file's JSON text (refused below when it is not)
+                with contextlib.suppress(ValueError):
+                    spec = json.loads(spec)
+            try:
+                views = StoredViews.from_spec(spec)
+                if view_params_ds is None:
+                    raise ViewError("a multi-view file needs its 'view_params' (V, N, P)")
+                views.check_params(np.asarray(source.read("view_params")))
+            except ViewError as exc:
+                raise H5Error(
+                    f"{h5_file}: {num_views} views per sample, but {exc}; export the views with the "
+                    "view_spec and view_params lessons writes (lessons export of a multi-view store)"
+                ) from exc
         file_rows = [
             np.arange(start, min(start + chunk_rows, num_samples))
             for start in range(0, num_samples, max(chunk_rows, 1))

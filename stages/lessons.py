@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stages.views import Augmentation, StoredViews, ViewError
+from stages.views import Augmentation, StoredViews, ViewError, stored_views_of
 from storage import StoreError, open_store
 from storage.soft_labels import SoftLabelStore, checked_reads
 
@@ -166,7 +166,7 @@ def check_views(store: SoftLabelStore, augmentation: Augmentation, *, where: str
         ViewError: a multi-view store read by a student without augmentation, or a store whose
             `view_spec` names another augmentation — one line naming the key and the fix.
     """
-    views = StoredViews.from_spec(store.attrs.get("view_spec") or {"kind": "identity"})
+    views = stored_views_of(store)
     if "logits" in store and store.array("logits").shape[0] != views.num_views:
         raise StoreError(
             f"{store.path}: view_spec says {views.num_views} views but logits hold "

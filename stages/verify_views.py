@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from stages.training import channel_stats, load_checkpoint, normalize
-from stages.views import StoredViews
+from stages.views import stored_views_of
 from storage import StoreError, open_store
 from storage.beton import make_loader
 from storage.manifest import file_sha256, read_prepared
@@ -60,12 +60,13 @@ def run(
     split = store.attrs.get("split", "train")
     store.expect(dataset_fingerprint=manifest["splits"][split]["fingerprint"], against=str(data_dir))
     sha256 = file_sha256(checkpoint)
-    if store.attrs["teacher"]["checkpoint_sha256"] != sha256:
+    teacher = store.attrs.get("teacher")
+    if not isinstance(teacher, dict) or teacher.get("checkpoint_sha256") != sha256:
         raise StoreError(
             f"{store_path}: was dumped from another checkpoint than {checkpoint} (sha256 differs); "
             "name the checkpoint it came from (stores/<teacher> ↔ checkpoints/teachers/<teacher>.pt)"
         )
-    views = StoredViews.from_spec(store.attrs.get("view_spec") or {"kind": "identity"})
+    views = stored_views_of(store)
     num_views, num_samples = store.array("logits").shape[:2]
     rng = np.random.default_rng(seed)
     count = min(samples, num_views * num_samples)

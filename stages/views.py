@@ -30,6 +30,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from storage.errors import LessonsError
+from storage.soft_labels import StoreError
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -317,6 +318,20 @@ def augmentation_from_spec(spec: dict[str, Any]) -> Augmentation:
 ViewMode = Literal["none", "all", "scheduled", "sample"]
 
 
+def stored_views_of(store: Any) -> StoredViews:
+    """The StoredViews of a store (its `view_spec`, checked against its `view_params`).
+
+    Raises:
+        StoreError: naming the store, when either is not what lessons writes.
+    """
+    try:
+        views = StoredViews.from_spec(store.attrs.get("view_spec") or {"kind": "identity"})
+        views.check_params(np.asarray(store.array("view_params")[...]))
+    except ViewError as exc:
+        raise StoreError(f"{store.path}: {exc}; the store was not written by lessons: rebuild it") from exc
+    return views
+
+
 @dataclass(frozen=True)
 class StoredViews:
     """Which views of each image a store holds on its V axis (`teacher_dump.views`), and which of
@@ -398,18 +413,75 @@ class StoredViews:
         return spec
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> StoredViews:
-        """Inverse of `spec`. A store written before views existed (no `views` key, V = 1) is `none`."""
-        augmentation = augmentation_from_spec(spec)
-        mode = spec.get("views", "none")
-        return cls(
-            mode,
-            augmentation,
-            int(spec.get("num_views", 1)),
-            tuple(spec.get("seeds", ())),
-            int(spec.get("epochs", 0)),
-            int(spec.get("seed", 0)),
-        )
+    def from_spec(cls, spec: Any) -> StoredViews:
+        """Inverse of `spec`. A store written before views existed (no `views` key, V = 1) is `none`.
+
+        Raises:
+            ViewError: `spec` is not a view_spec lessons wrote (not a mapping, an unknown kind or
+                mode, a missing or malformed entry).
+        """
+        if not isinstance(spec, dict):
+            raise ViewError(f"view_spec must be a mapping as lessons writes it, got {spec!r}")
+        try:
+            augmentation = augmentation_from_spec(spec)
+            mode = spec.get("views", "none")
+            if mode not in ("none", "all", "scheduled", "sample"):
+                raise ViewError(f"view_spec views {mode!r} is not none, all, scheduled or sample")
+            return cls(
+                mode,
+                augmentation,
+                int(spec.get("num_views", 1)),
+                tuple(int(seed) for seed in spec.get("seeds", ())),
+                int(spec.get("epochs", 0)),
+                int(spec.get("seed", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ViewError):
+                raise
+            raise ViewError(
+                f"view_spec {spec!r} is not one lessons wrote ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def check_params(self, view_params: np.ndarray) -> None:
+        """Refuse stored `view_params` (V, N, P) that this view set cannot have produced.
+
+        Raises:
+            ViewError: V differs from `num_views`, P from the augmentation's parameters, or a
+                value lies outside its range (an offset beyond the padding, a flag other than
+                0/1, a crop outside the image).
+        """
+        names = self.augmentation.param_names
+        if (
+            view_params.ndim != 3
+            or view_params.shape[0] != self.num_views
+            or view_params.shape[2] != len(names)
+        ):
+            raise ViewError(
+                f"view_params have shape {view_params.shape}, but the view_spec says ({self.num_views}, N, "
+                f"{len(names)}) {list(names)}"
+            )
+        if not view_params.size:
+            return
+        values = view_params.astype(np.int64)
+        height, width = self.augmentation.image_size
+        if self.augmentation.kind == "pad_crop_flip":
+            top = 2 * self.augmentation.padding
+            bad = bool((values[..., :2] < 0).any() or (values[..., :2] > top).any())
+        else:
+            top_, left, crop_h, crop_w = (values[..., i] for i in range(4))
+            bad = bool(
+                (top_ < 0).any()
+                or (left < 0).any()
+                or (crop_h < 1).any()
+                or (crop_w < 1).any()
+                or (top_ + crop_h > height).any()
+                or (left + crop_w > width).any()
+            )
+        flips = values[..., -1]
+        if bad or ((flips != 0) & (flips != 1)).any() or (not self.augmentation.flip and flips.any()):
+            raise ViewError(
+                f"view_params hold values outside the {self.augmentation.kind} views of the view_spec"
+            )
 
     def view_params(self, sample_index: np.ndarray) -> np.ndarray:
         """The params of every stored view of each sample: (V, B, P) int16 (the dump's input)."""

@@ -72,10 +72,25 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ManifestError(f"{path}: no dataset manifest; run `lessons prepare-data` first") from exc
     except (OSError, ValueError) as exc:
         raise ManifestError(f"{path}: unreadable manifest ({exc}); rerun `lessons prepare-data`") from exc
+    if not isinstance(manifest, dict):
+        raise ManifestError(
+            f"{path}: not a dataset manifest (a JSON {type(manifest).__name__}); rerun `lessons prepare-data`"
+        )
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise ManifestError(
             f"{path}: manifest version {manifest.get('manifest_version')!r}, "
             f"expected {MANIFEST_VERSION}; rerun `lessons prepare-data`"
+        )
+    required = ("dataset", "num_classes", "image_shape", "pixel_mean", "pixel_std", "splits")
+    missing = [key for key in required if key not in manifest]
+    if (
+        missing
+        or not isinstance(manifest["splits"], dict)
+        or not {"train", "test"} <= set(manifest["splits"])
+    ):
+        raise ManifestError(
+            f"{path}: the manifest lacks {missing or ['splits.train/test']}; it was edited or "
+            "truncated: rerun `lessons prepare-data`"
         )
     return manifest
 

@@ -619,6 +619,11 @@ class SoftLabelStore:
                 )
         if self.kind == "logits":
             want = (self.attrs.get("num_views"), n, self.attrs.get("num_classes"))
+            if not (isinstance(want[0], int) and want[0] >= 1):
+                raise StoreError(
+                    f"{self.path}: num_views is {want[0]!r}; a store holds at least one view of "
+                    "each sample: rebuild it"
+                )
             shape = self.array("logits").shape
             if tuple(shape) != want:
                 raise StoreError(
@@ -675,7 +680,15 @@ def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
         raise StoreError(f"{path}: the store is incomplete (never finalized); rebuild it")
     if kind is not None and attrs.get("kind") != kind:
         raise StoreError(f"{path}: a {attrs.get('kind')!r} store where a {kind!r} store is expected")
-    _check_chunks(path, group)
+    try:  # an array's metadata that is not zarr's (edited, truncated) must not become a traceback
+        _check_chunks(path, group)
+    except (ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
+        if isinstance(exc, StoreError):
+            raise
+        raise StoreError(
+            f"{path}: an array's metadata cannot be read ({type(exc).__name__}); the store is "
+            f"damaged: {_rebuild_hint(attrs)}"
+        ) from exc
     _check_digest(path, group, attrs)
     return SoftLabelStore(path, group)
 

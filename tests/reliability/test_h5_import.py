@@ -6,6 +6,7 @@ import must neither load them into memory nor fail on them.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
+from stages.views import StoredViews, training_augmentation
 from storage import open_store
 from tests.reliability.conftest import (
     NUM_TRAIN,
@@ -151,13 +153,17 @@ def test_shuffled_rows_with_a_sample_index_are_imported_in_sample_order(tmp_path
     logits, labels = store.read("logits"), store.read("labels")
     perm = np.random.default_rng(3).permutation(NUM_TRAIN)
     views = np.stack([logits[0], logits[0] * 2])  # (2, N, C): two views, each its own values
-    view_params = np.arange(2 * NUM_TRAIN * 3, dtype=np.int16).reshape(2, NUM_TRAIN, 3)
+    # two random flip views per image (views: sample), so the view_params differ row by row
+    plan = StoredViews.plan("sample", training_augmentation((28, 28, 1)), num_views=2, seed=0)
+    view_params = plan.view_params(np.arange(NUM_TRAIN))
+    assert len({tuple(row) for row in view_params[0].tolist()}) == 2
     path = tmp_path / "shuffled.h5"
     with h5py.File(path, "w") as f:
         f["logits"] = views[:, perm].astype(np.float32)
         f["labels"] = labels[perm]
         f["sample_index"] = perm
         f["view_params"] = view_params[:, perm]
+        f.attrs["view_spec"] = json.dumps(plan.spec())
     out = tmp_path / "logits.zarr"
     ok(cli(pipeline.params_path, "import-logits", path, "--data", pipeline.data, "--out", out))
     imported = open_store(out)

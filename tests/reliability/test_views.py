@@ -517,3 +517,95 @@ def test_random_resized_crop_data_stores_sampled_views_that_replay_and_train(tmp
         )
     )
     assert 0.0 <= json.loads((tmp_path / "s.json").read_text())["test_top1"] <= 1.0
+
+
+def test_a_student_without_augmentation_and_a_multi_view_dump_are_refused_by_check_params(pipeline, tmp_path):
+    params = write_params(
+        tmp_path / "p.yaml", pipeline.params, teacher_dump={"views": "all"}, student_train={"augment": False}
+    )
+    one_line_error(cli(params, "check-params"), "student_train.augment", "teacher_dump.views: none")
+    huge = write_params(
+        tmp_path / "h.yaml", pipeline.params, teacher_dump={"views": "sample", "num_views": 100_000_000_000}
+    )
+    one_line_error(cli(huge, "check-params"), "teacher_dump.num_views", "lower it")
+
+
+def _edited_copy(views: Views, tmp_path: Path) -> Path:
+    stores = tmp_path / "stores"
+    shutil.copytree(views.stores, stores, ignore=shutil.ignore_patterns("*.lock"))
+    return stores
+
+
+@pytest.mark.parametrize("edit", ["view_spec_text", "view_params_out_of_range", "array_metadata_not_json"])
+def test_a_store_edited_after_it_was_written_is_one_line_for_every_reader(views, pipeline, tmp_path, edit):
+    import zarr
+
+    stores = _edited_copy(views, tmp_path)
+    logits = stores / "t" / "logits.zarr"
+    if edit == "view_spec_text":
+        group = zarr.open_group(logits, mode="r+")
+        group.attrs["view_spec"] = "all"
+    elif edit == "view_params_out_of_range":
+        array = zarr.open_array(logits / "view_params", mode="r+")
+        block = array[...]
+        block[1, 5, 0] = 50  # a crop offset beyond the 28x28 image's padding of 0
+        array[...] = block
+        as_written(logits)
+    else:
+        (logits / "logits" / "zarr.json").write_text("{nope")
+    one_line_error(_student(views.params, pipeline, stores, tmp_path, "kd"), str(logits))
+    one_line_error(
+        cli(
+            views.params,
+            "verify-views",
+            logits,
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--samples",
+            "8",
+        ),
+        str(logits),
+    )
+
+
+def test_a_manifest_that_is_not_one_is_one_line(pipeline, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(pipeline.data, data, ignore=shutil.ignore_patterns("*.lock"))
+    (data / "manifest.json").write_text("[]")
+    one_line_error(
+        cli(
+            pipeline.params_path,
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--out",
+            tmp_path / "s" / "l.zarr",
+            "--test-out",
+            tmp_path / "s" / "t.zarr",
+        ),
+        "manifest.json",
+        "prepare-data",
+    )
+
+
+def test_a_multi_view_import_without_lessons_views_is_refused_before_anything_is_written(pipeline, tmp_path):
+    import h5py
+
+    logits = open_store(pipeline.teacher_stores / "logits.zarr").read("logits")
+    path = tmp_path / "views.h5"
+    with h5py.File(path, "w") as f:
+        f["logits"] = np.concatenate([logits, logits]).astype(np.float32)  # V = 2, but no view_params
+        f["sample_index"] = np.arange(NUM_TRAIN)
+    out = tmp_path / "imported.zarr"
+    one_line_error(
+        cli(pipeline.params_path, "import-logits", path, "--data", pipeline.data, "--out", out),
+        "2 views per sample",
+        "view_spec",
+    )
+    assert not out.exists()
