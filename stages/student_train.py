@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -235,6 +235,15 @@ def explain_nonfinite_kd_loss(
     return f"{facts} and logits within ±{limit:g}, which should be finite; rerun with -v and report it"
 
 
+class Supervision(TypedDict):
+    """The loss settings of one experiment, as `kd_batch_loss` and `explain_nonfinite_kd_loss` take them."""
+
+    alpha: float
+    dtd: DtdMode
+    temperature_config: TemperatureConfig
+    fixed_target_temperature: float | None
+
+
 class OnlineTeacher:
     """The teacher checkpoint run in eval mode on every batch the student sees (`teacher_mode:
     online`, the baseline offline lessons must match; Beyer et al. 2022's consistent teacher).
@@ -412,18 +421,16 @@ def run(
                 return current["lessons"], index
             return online.lessons(labels), torch.arange(labels.shape[0])
 
+        supervision = Supervision(
+            alpha=experiment.alpha,
+            dtd=experiment.dtd,
+            temperature_config=temperature_config,
+            fixed_target_temperature=experiment.fixed_target_temperature,
+        )
+
         def kd_loss_fn(logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
             lessons, rows = batch_lessons(labels, index)
-            return kd_batch_loss(
-                logits,
-                labels,
-                rows,
-                lessons=lessons,
-                alpha=experiment.alpha,
-                dtd=experiment.dtd,
-                temperature_config=temperature_config,
-                fixed_target_temperature=experiment.fixed_target_temperature,
-            )
+            return kd_batch_loss(logits, labels, rows, lessons=lessons, **supervision)
 
         def explain_kd(logits: Tensor, labels: Tensor, index: Tensor) -> str:
             lessons, rows = batch_lessons(labels, index)
@@ -432,10 +439,7 @@ def run(
                 labels,
                 rows,
                 lessons=lessons,
-                alpha=experiment.alpha,
-                dtd=experiment.dtd,
-                temperature_config=temperature_config,
-                fixed_target_temperature=experiment.fixed_target_temperature,
+                **supervision,
                 where=where,
                 lr=experiment.lr,
             )
