@@ -33,6 +33,17 @@ def replay_tolerance(stored: np.ndarray, dtype: str) -> float:
     return (2.0**-11 * peak if dtype == "float16" else 0.0) + 1e-3
 
 
+def _pairs(store: Any, name: str, pair_view: np.ndarray, pair_sample: np.ndarray) -> np.ndarray:
+    """`store[name][v, n]` for each pair (sorted by n), every chunk of rows read once."""
+    array, step = store.array(name), store.chunk_rows
+    out = np.empty((pair_view.shape[0], *array.shape[2:]), dtype=array.dtype)
+    for start in np.unique(pair_sample // step) * step:
+        mine = np.flatnonzero((pair_sample >= start) & (pair_sample < start + step))
+        block = np.asarray(array[:, start : start + step])  # (V, rows, ...): one chunk, all views
+        out[mine] = block[pair_view[mine], pair_sample[mine] - start]
+    return out
+
+
 def run(
     store_path: str | Path,
     *,
@@ -74,10 +85,8 @@ def run(
     pair_view, pair_sample = flat // num_samples, flat % num_samples
     order = np.argsort(pair_sample, kind="stable")
     pair_view, pair_sample = pair_view[order], pair_sample[order]
-    stored = np.stack(
-        [store.array("logits")[v, n] for v, n in zip(pair_view, pair_sample, strict=True)]
-    ).astype(np.float32)
-    params = np.stack([store.array("view_params")[v, n] for v, n in zip(pair_view, pair_sample, strict=True)])
+    stored = _pairs(store, "logits", pair_view, pair_sample).astype(np.float32)
+    params = _pairs(store, "view_params", pair_view, pair_sample)
     model, _ = load_checkpoint(checkpoint, manifest=manifest)
     model.to(device).eval()
     mean, std = channel_stats(manifest, device)

@@ -188,13 +188,13 @@ class Augmentation:
         """
         if self.kind == "identity":
             return np.zeros((1, 0), dtype=np.int16)
-        offsets = np.arange(2 * self.padding + 1)
-        flips = np.arange(2 if self.flip else 1)
-        grid = np.stack(np.meshgrid(offsets, offsets, flips, indexing="ij"), axis=-1).reshape(-1, 3)
         if self.kind != "pad_crop_flip":
             raise ViewError(
                 f"{self.kind} views are sampled, not enumerable: use views: sample with num_views"
             )
+        offsets = np.arange(2 * self.padding + 1)
+        flips = np.arange(2 if self.flip else 1)
+        grid = np.stack(np.meshgrid(offsets, offsets, flips, indexing="ij"), axis=-1).reshape(-1, 3)
         return grid.astype(np.int16)
 
     def plain_view(self) -> int | None:
@@ -266,9 +266,7 @@ class Augmentation:
         Returns:
             (B, C, H, W), same dtype.
         """
-        view_params = torch.as_tensor(
-            np.asarray(view_params) if isinstance(view_params, np.ndarray) else view_params
-        )
+        view_params = torch.as_tensor(view_params)
         if self.kind == "identity":
             return images
         if self.kind == "pad_crop_flip":
