@@ -107,15 +107,7 @@ class LessonStores:
         rows = np.arange(pick.shape[0])
         if source.values is not None:
             return source.values[pick, rows]
-        array = source.store.array(source.name)
-        step = source.store.chunk_rows
-        out = np.empty((pick.shape[0], *array.shape[2:]), dtype=array.dtype)
-        with checked_reads(source.store.path):
-            for start in range(0, pick.shape[0], step):
-                stop = min(start + step, pick.shape[0])
-                block = np.asarray(array[:, start:stop])  # (V, rows, ...): whole chunks, read once
-                out[start:stop] = block[pick[start:stop], np.arange(stop - start)]
-        return out
+        return source.store.read_pairs(source.name, pick, rows)
 
     def epoch(self, seed: int, epoch: int, *, where: str = "student") -> tuple[Lessons, np.ndarray | None]:
         """The Lessons of (seed, epoch) and the (N, P) int16 view params of the student's images
@@ -129,8 +121,12 @@ class LessonStores:
         num_samples = self.view_params.store.num_samples
         pick = self.views.pick(seed, epoch, np.arange(num_samples, dtype=np.int64), where=where)
         tensors: dict[str, Tensor | None] = {"teacher_logits": None, "static_temperature": None}
+        gathered: dict[tuple[Path, str], np.ndarray] = {}  # logits serve as targets and for FLSW: read once
         for key, source in self.sources.items():
-            values = self.gather(source, pick)
+            at = (source.store.path, source.name)
+            if at not in gathered:
+                gathered[at] = self.gather(source, pick)
+            values = gathered[at]
             if key != "fixed_target":
                 values = _finite(values.astype(np.float32), source, pick)
             tensors[key] = torch.from_numpy(values).to(self.device)

@@ -33,17 +33,6 @@ def replay_tolerance(stored: np.ndarray, dtype: str) -> float:
     return (2.0**-11 * peak if dtype == "float16" else 0.0) + 1e-3
 
 
-def _pairs(store: Any, name: str, pair_view: np.ndarray, pair_sample: np.ndarray) -> np.ndarray:
-    """`store[name][v, n]` for each pair (sorted by n), every chunk of rows read once."""
-    array, step = store.array(name), store.chunk_rows
-    out = np.empty((pair_view.shape[0], *array.shape[2:]), dtype=array.dtype)
-    for start in np.unique(pair_sample // step) * step:
-        mine = np.flatnonzero((pair_sample >= start) & (pair_sample < start + step))
-        block = np.asarray(array[:, start : start + step])  # (V, rows, ...): one chunk, all views
-        out[mine] = block[pair_view[mine], pair_sample[mine] - start]
-    return out
-
-
 def run(
     store_path: str | Path,
     *,
@@ -85,8 +74,8 @@ def run(
     pair_view, pair_sample = flat // num_samples, flat % num_samples
     order = np.argsort(pair_sample, kind="stable")
     pair_view, pair_sample = pair_view[order], pair_sample[order]
-    stored = _pairs(store, "logits", pair_view, pair_sample).astype(np.float32)
-    params = _pairs(store, "view_params", pair_view, pair_sample)
+    stored = store.read_pairs("logits", pair_view, pair_sample).astype(np.float32)
+    params = store.read_pairs("view_params", pair_view, pair_sample)
     model, _ = load_checkpoint(checkpoint, manifest=manifest)
     model.to(device).eval()
     mean, std = channel_stats(manifest, device)

@@ -566,6 +566,26 @@ class SoftLabelStore:
         with checked_reads(self.path):
             return np.asarray(self.array(name)[view])
 
+    def read_pairs(self, name: str, view: np.ndarray, sample: np.ndarray) -> np.ndarray:
+        """`name[view[i], sample[i]]` for each pair i of a (V, N, ...) array, reading every chunk of
+        rows that holds a pair once, in row order (a store never needs random reads).
+
+        Args:
+            view, sample: (K,) int64; `sample` ascending.
+        Returns:
+            (K, ...) in the array's dtype.
+        Raises:
+            StoreError: no such array, or a chunk fails its checksum.
+        """
+        array, step = self.array(name), self.chunk_rows
+        out = np.empty((view.shape[0], *array.shape[2:]), dtype=array.dtype)
+        with checked_reads(self.path):
+            for start in np.unique(sample // step) * step:
+                mine = slice(*np.searchsorted(sample, [start, start + step]))
+                block = np.asarray(array[:, start : start + step])  # (V, rows, ...): all views
+                out[mine] = block[view[mine], sample[mine] - start]
+        return out
+
     def expect(self, *, against: str = "what it is used with", **expected: Any) -> None:
         """Refuse the store when an attribute differs from what it is combined with.
 

@@ -287,11 +287,12 @@ def test_a_scheduled_store_serves_its_seeds_and_refuses_others_in_one_line(pipel
     )
 
 
-def test_streamed_and_in_memory_lessons_give_identical_epochs(views, pipeline):
+@pytest.mark.parametrize("adjust, dtd", [("ps", "static"), ("none", "flsw")])
+def test_streamed_and_in_memory_lessons_give_identical_epochs(views, pipeline, adjust, dtd):
     manifest = read_prepared(pipeline.data)
     common = dict(
-        adjust="ps",
-        dtd="static",
+        adjust=adjust,
+        dtd=dtd,
         manifest=manifest,
         augmentation=training_augmentation((28, 28, 1)),
         device=torch.device("cpu"),
@@ -302,8 +303,10 @@ def test_streamed_and_in_memory_lessons_give_identical_epochs(views, pipeline):
     for epoch in range(3):
         (a, pa), (b, pb) = memory.epoch(3, epoch), streamed.epoch(3, epoch)
         assert np.array_equal(pa, pb)
-        for field in ("target_logits", "fixed_target", "static_temperature"):
-            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        for field in ("target_logits", "fixed_target", "teacher_logits", "static_temperature"):
+            one, other = getattr(a, field), getattr(b, field)
+            assert (one is None) == (other is None) and (one is None or torch.equal(one, other)), field
+        assert (a.teacher_logits is not None) == (dtd == "flsw")
     picks = memory.views.pick(3, 0, np.arange(NUM_TRAIN))
     assert 0 < picks.mean() < 1  # both views drawn
 
