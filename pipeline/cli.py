@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from pipeline.config import AdjustMethod, ConfigError, Params, load_params
+from pipeline.launch import launch, report_rank_error
 from pipeline.log import configure_logging
 from storage.atomic import OutputError
 from storage.errors import LessonsError
@@ -36,8 +37,10 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
         except LessonsError as exc:
             if ctx.obj.get("verbose"):
                 raise
-            message = exc.strerror if isinstance(exc, OutputError) else str(exc)
-            raise click.ClickException(" ".join(str(message).split())) from exc
+            message = " ".join(str(exc.strerror if isinstance(exc, OutputError) else exc).split())
+            if report_rank_error(message):  # a rank of `pipeline.launch`: it prints the line
+                ctx.exit(1)
+            raise click.ClickException(message) from exc
 
     return wrapper
 
@@ -58,12 +61,33 @@ def _device(name: str) -> Any:
 
 
 def _ready_torch() -> None:
-    """Import ffcv first (it resets torch's threads), then give torch every core."""
+    """Import ffcv first (it resets torch's threads), then give torch every core (a torchrun
+    rank: its share of them)."""
     import ffcv  # noqa: F401
+    import torch
 
-    from pipeline.seeding import use_all_cores
+    from stages.distributed import ranks_from_env
 
-    use_all_cores()
+    torch.set_num_threads(ranks_from_env().threads())
+
+
+def _relaunch(ctx: click.Context, nproc: int, device: Any, *, key: str, what: str, **options: Any) -> bool:
+    """Run this command as `nproc` torchrun ranks when `nproc` > 1 and this process is not a
+    rank yet (`pipeline.launch`). Returns whether it did (the command is then finished)."""
+    from stages.distributed import ranks_from_env
+
+    if nproc <= 1 or ranks_from_env().distributed:
+        return False
+    argv = ["--params", ctx.obj["params_path"], *(["-v"] if ctx.obj.get("verbose") else [])]
+    argv.append(ctx.info_name or "")
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif value is not None:
+            argv += [flag, str(value)]
+    launch(nproc, argv, device=device, key=key, what=what)
+    return True
 
 
 class _UsageError(click.ClickException):
@@ -210,8 +234,14 @@ def teacher_dump_command(
     """Run the teacher once and write its logits to zarr stores (resumes an interrupted dump)."""
     _ready_torch()
     from stages import teacher_dump
+    from stages.distributed import ranks_from_env
 
     config = _params(ctx).teacher_dump
+    device = _device(config.device)
+    options = dict(teacher=teacher, data=data_dir, checkpoint=checkpoint, out=train_out, test_out=test_out)
+    if _relaunch(ctx, config.nproc, device, key="teacher_dump.nproc", what=train_out, **options):
+        click.echo(f"teacher {teacher}: logits in {train_out} and {test_out} ({config.nproc} processes)")
+        return
     report = teacher_dump.run(
         config,
         teacher=teacher,
@@ -219,8 +249,10 @@ def teacher_dump_command(
         checkpoint=checkpoint,
         train_out=train_out,
         test_out=test_out,
-        device=_device(config.device),
+        device=device,
     )
+    if not ranks_from_env().main:
+        return
     click.echo(
         f"teacher {teacher}: logits in {train_out} and {test_out} ({report['images_per_s']:.0f} img/s)"
     )
@@ -237,7 +269,9 @@ def teacher_dump_command(
 @click.option("--out", required=True, type=click.Path(), help="Adjusted store to write.")
 @click.option("--metrics-out", required=True, type=click.Path(dir_okay=False))
 @click.option(
-    "--scheduler", default=None, help="dask.distributed scheduler address (default: local threads)."
+    "--scheduler",
+    default=None,
+    help="dask.distributed scheduler address (default: the section's `scheduler`, else local threads).",
 )
 @click.pass_context
 @friendly
@@ -273,7 +307,9 @@ def adjust_command(
 @click.option("--histogram-out", required=True, type=click.Path(dir_okay=False))
 @click.option("--plot-out", default=None, type=click.Path(dir_okay=False), help="PNG histogram.")
 @click.option(
-    "--scheduler", default=None, help="dask.distributed scheduler address (default: local threads)."
+    "--scheduler",
+    default=None,
+    help="dask.distributed scheduler address (default: the section's `scheduler`, else local threads).",
 )
 @click.pass_context
 @friendly

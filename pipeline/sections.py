@@ -118,9 +118,13 @@ class TeacherDumpConfig:
     seeds: tuple[int, ...] = (0,)  # the student seeds a scheduled store serves
     epochs: int = 1  # the student epochs a scheduled store serves
     seed: int = 0  # the key of the K sampled views, for views: sample
+    # torchrun ranks on this host (DESIGN §6): > 1 runs the dump as that many processes, each
+    # forwarding its share of the chunks (one per CUDA device on GPU). The store is byte-identical
+    # whatever nproc, so dvc does not track it (dvc.yaml lists this section's other keys).
+    nproc: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "teacher_dump", ("batch_size", "chunk_size", "epochs"))
+        _positive(self, "teacher_dump", ("batch_size", "chunk_size", "epochs", "nproc"))
         if self.num_views is not None and self.num_views > 10_000:
             raise ConfigError(
                 f"teacher_dump.num_views: {self.num_views} views of every image is beyond what a "
@@ -155,8 +159,12 @@ class AdjustConfig:
 
     methods: tuple[AdjustMethod, ...] = ("ps", "lsr")
     epsilon: float = 0.1  # LSR smoothing mass, in (0, 1)
+    # A dask.distributed scheduler address (tcp://host:8786) to run on, or null for local threads;
+    # `lessons adjust --scheduler` overrides it. The store is the same either way (not a dvc dep).
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
+        _check_scheduler(self.scheduler, "adjust.scheduler")
         if not 0.0 < self.epsilon < 1.0:
             raise ConfigError(f"adjust.epsilon: must lie in (0, 1), got {self.epsilon}")
         if len(set(self.methods)) != len(self.methods):
@@ -198,8 +206,11 @@ class TemperatureConfig:
     min_temperature: float = 1.0
     max_temperature: float = 8.0
     histogram_bins: int = 40
+    # A dask.distributed scheduler address, or null for local threads (as adjust.scheduler).
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
+        _check_scheduler(self.scheduler, "temperature.scheduler")
         if not 0.0 < self.min_temperature <= self.base_temperature <= self.max_temperature:
             raise ConfigError(
                 "temperature: need 0 < min_temperature <= base_temperature <= max_temperature, each in "
@@ -277,6 +288,13 @@ def _check_schedule(obj: Any, section: str) -> None:
     if not 0.0 < obj.gamma <= 1.0:
         raise ConfigError(
             f"{section}.gamma: the lr factor at each milestone must lie in (0, 1], got {obj.gamma}"
+        )
+
+
+def _check_scheduler(address: str | None, key: str) -> None:
+    if address is not None and (not address.strip() or any(c.isspace() for c in address)):
+        raise ConfigError(
+            f"{key}: {address!r} is not a scheduler address; give one such as tcp://10.0.0.5:8786, or null"
         )
 
 

@@ -255,7 +255,8 @@ def run(
 
     Args:
         config: AdjustConfig (epsilon). method: ps | lsr | none.
-        scheduler: None for dask's local threaded scheduler, or a `dask.distributed` address.
+        scheduler: a `dask.distributed` address, else `config.scheduler`; None for both: dask's
+            local threaded scheduler.
     Raises:
         StoreError: the input is missing, unfinished, or not a train-split logit store, or its
             arrays disagree with its attributes or its sample_index is not the canonical order.
@@ -331,7 +332,7 @@ def run(
             "top_class_changed": (packed[..., num_classes + 3] > 0.5).sum(),
         }
     with (
-        dask_scheduler(scheduler) as dask_sched,
+        dask_scheduler(scheduler or config.scheduler) as dask_sched,
         StoreWriter(out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer,
         prefixed(str(logits_path), InvalidLogitsError),
         checked_reads(logits_path),

@@ -12,14 +12,16 @@ would and the stores are byte-identical.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
+from stages.distributed import Ranks, barrier, from_main, gather, process_group
 from stages.progress import progress
 from stages.training import channel_stats, load_checkpoint, normalize
 from stages.views import StoredViews, training_augmentation
@@ -109,19 +111,24 @@ def dump_split(
     std: torch.Tensor,
     device: torch.device,
     views: StoredViews | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
-    """Forward every pending chunk of one split and write it; returns timing figures.
+    """Forward every pending chunk of one split and write it; returns this rank's timing figures.
+
+    Under torchrun (`ranks`, DESIGN §6), rank 0 locks the store, creates or resumes `.partial`
+    and lists the pending chunks; rank r of K forwards and writes pending[r], pending[r + K], …
+    with their completion marks; after a barrier rank 0 publishes. A chunk's bytes depend only
+    on its rows, so the store is the same whatever K, and a dump killed under K ranks resumes
+    under any other K.
 
     On CPU the model is switched to channels-last memory format (in place) and fed channels-last
     batches: oneDNN's convolutions are up to 2.6x faster on them for this project's nets, never
     slower (bench/README.md), and the logits agree with NCHW ones to float rounding.
     """
+    ranks = ranks or Ranks()
     num_classes = attrs["num_classes"]
     views = views or StoredViews("none", training_augmentation(attrs["teacher"]["image_shape"], False))
     num_views, num_params = views.num_views, len(views.augmentation.param_names)
-    channels_last = device.type == "cpu"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     arrays = {
         "logits": ArraySpec((num_views, num_samples, num_classes), config.dtype, sample_axis=1),
         "labels": ArraySpec((num_samples,), "int64"),
@@ -130,64 +137,118 @@ def dump_split(
     }
     timing = {"load_s": 0.0, "forward_s": 0.0, "write_s": 0.0, "rows": 0, "views": 0}
     chunk_rows = dump_chunk_rows(config, num_views, num_classes)
-    with StoreWriter(out, kind="logits", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer:
-        pending = writer.pending_chunks()
-        if pending:
-            indices = np.concatenate([np.arange(writer.rows(c).start, writer.rows(c).stop) for c in pending])
-            loader = make_loader(beton, batch_size=config.batch_size, shuffle=False, indices=indices)
-            batches = iter(
-                progress(
-                    loader,
-                    desc=f"dump {out.parent.name}/{out.name}",
-                    total=len(loader),
-                    unit="view",
-                    unit_scale=config.batch_size * num_views,
-                    log=logger,
-                )
+
+    def writer(role: Literal["sole", "main", "follower"]) -> StoreWriter:
+        return StoreWriter(out, kind="logits", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows, role=role)
+
+    with contextlib.ExitStack() as stack:
+        opened: list[StoreWriter] = []
+
+        def prepare() -> list[int]:  # rank 0: lock, then create or resume `.partial`
+            opened.append(stack.enter_context(writer("main" if ranks.distributed else "sole")))
+            return opened[0].pending_chunks()
+
+        # One list, made before any rank writes: every rank takes its share of the same chunks.
+        pending = from_main(ranks, prepare)
+        if not ranks.main:
+            opened.append(stack.enter_context(writer("follower")))
+        mine = pending[ranks.rank :: ranks.world_size]
+        if mine:
+            _forward_chunks(
+                model,
+                opened[0],
+                mine,
+                beton=beton,
+                config=config,
+                mean=mean,
+                std=std,
+                device=device,
+                views=views,
+                timing=timing,
+                threads=ranks.threads(),
+                show=ranks.main,
             )
-            for chunk in pending:
-                rows = writer.rows(chunk)
-                sample_index_rows = np.arange(rows.start, rows.stop, dtype=np.int64)
-                view_params = views.view_params(sample_index_rows)  # (V, rows, P)
-                logits = np.empty((num_views, rows.stop - rows.start, num_classes), dtype=np.float32)
-                labels = np.empty(rows.stop - rows.start, dtype=np.int64)
-                filled = 0
-                while filled < logits.shape[1]:
-                    tick = time.perf_counter()
-                    images, batch_labels, sample_index = next(batches)
-                    got = sample_index.numpy() - rows.start
-                    if not np.array_equal(got, np.arange(filled, filled + got.shape[0])):
-                        raise RuntimeError(f"{beton}: loader returned rows out of order")
-                    tock = time.perf_counter()
-                    images = images.to(device)
-                    batch = slice(filled, filled + got.shape[0])
-                    for view in range(num_views):
-                        with torch.no_grad():  # inference tensors would break ffcv buffers
-                            inputs = normalize(
-                                views.augmentation.apply(images, view_params[view, batch]), mean, std
-                            )
-                            if channels_last:
-                                inputs = inputs.contiguous(memory_format=torch.channels_last)
-                            logits[view, batch] = model(inputs).float().cpu().numpy()
-                    timing["forward_s"] += time.perf_counter() - tock
-                    timing["load_s"] += tock - tick
-                    labels[batch] = batch_labels.numpy()
-                    filled += got.shape[0]
-                tick = time.perf_counter()
-                writer.write_chunk(
-                    chunk,
-                    {
-                        "logits": logits,
-                        "labels": labels,
-                        "sample_index": sample_index_rows,
-                        "view_params": view_params,
-                    },
-                )
-                timing["write_s"] += time.perf_counter() - tick
-                timing["rows"] += logits.shape[1]
-                timing["views"] += logits.shape[0] * logits.shape[1]
-        writer.finalize()
+        barrier()  # every rank's chunks are written and marked
+        if ranks.main:
+            opened[0].finalize()
     return timing
+
+
+def _forward_chunks(
+    model: torch.nn.Module,
+    writer: StoreWriter,
+    chunks: list[int],
+    *,
+    beton: Path,
+    config: TeacherDumpConfig,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    views: StoredViews,
+    timing: dict[str, float],
+    threads: int,
+    show: bool,
+) -> None:
+    """Forward `chunks` (ascending) batch by batch from each chunk's first row and write each one."""
+    num_views = views.num_views
+    num_classes = writer.arrays["logits"].shape[2]
+    channels_last = device.type == "cpu"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    indices = np.concatenate([np.arange(writer.rows(c).start, writer.rows(c).stop) for c in chunks])
+    loader = make_loader(
+        beton, batch_size=config.batch_size, shuffle=False, indices=indices, torch_threads=threads
+    )
+    out = writer.out
+    batches = iter(
+        progress(
+            loader,
+            desc=f"dump {out.parent.name}/{out.name}",
+            total=len(loader),
+            unit="view",
+            unit_scale=config.batch_size * num_views,
+            log=logger if show else logging.getLogger(f"{__name__}.rank"),
+        )
+    )
+    for chunk in chunks:
+        rows = writer.rows(chunk)
+        sample_index_rows = np.arange(rows.start, rows.stop, dtype=np.int64)
+        view_params = views.view_params(sample_index_rows)  # (V, rows, P)
+        logits = np.empty((num_views, rows.stop - rows.start, num_classes), dtype=np.float32)
+        labels = np.empty(rows.stop - rows.start, dtype=np.int64)
+        filled = 0
+        while filled < logits.shape[1]:
+            tick = time.perf_counter()
+            images, batch_labels, sample_index = next(batches)
+            got = sample_index.numpy() - rows.start
+            if not np.array_equal(got, np.arange(filled, filled + got.shape[0])):
+                raise RuntimeError(f"{beton}: loader returned rows out of order")
+            tock = time.perf_counter()
+            images = images.to(device)
+            batch = slice(filled, filled + got.shape[0])
+            for view in range(num_views):
+                with torch.no_grad():  # inference tensors would break ffcv buffers
+                    inputs = normalize(views.augmentation.apply(images, view_params[view, batch]), mean, std)
+                    if channels_last:
+                        inputs = inputs.contiguous(memory_format=torch.channels_last)
+                    logits[view, batch] = model(inputs).float().cpu().numpy()
+            timing["forward_s"] += time.perf_counter() - tock
+            timing["load_s"] += tock - tick
+            labels[batch] = batch_labels.numpy()
+            filled += got.shape[0]
+        tick = time.perf_counter()
+        writer.write_chunk(
+            chunk,
+            {
+                "logits": logits,
+                "labels": labels,
+                "sample_index": sample_index_rows,
+                "view_params": view_params,
+            },
+        )
+        timing["write_s"] += time.perf_counter() - tick
+        timing["rows"] += logits.shape[1]
+        timing["views"] += logits.shape[0] * logits.shape[1]
 
 
 def run(
@@ -202,14 +263,43 @@ def run(
 ) -> dict[str, Any]:
     """Dump the logits of teacher `teacher` over both splits.
 
+    Run as one process, or as every rank of a torchrun job (`teacher_dump.nproc`, DESIGN §6):
+    each rank forwards its share of the chunks on its own device, and rank 0 publishes.
+
     Args:
         config: TeacherDumpConfig. checkpoint: the teacher checkpoint (from teacher_train).
-        train_out / test_out: the two store paths.
+        train_out / test_out: the two store paths. device: the resolved device (a CUDA job puts
+            rank r on `cuda:<local rank>`).
     Returns:
-        {"train": timing, "test": timing, "images_per_s": float}.
+        {"train": timing, "test": timing, "images_per_s": float}, the timings summed over ranks.
     Raises:
-        ManifestError, CheckpointError, StoreError (NaN/inf or float16 overflow), OutputError.
+        ManifestError, CheckpointError, StoreError (NaN/inf or float16 overflow), OutputError,
+        RankError (rank 0 refused the output, e.g. another job holds its lock).
     """
+    with process_group(device) as ranks:
+        return _run(
+            config,
+            teacher=teacher,
+            data_dir=data_dir,
+            checkpoint=checkpoint,
+            train_out=train_out,
+            test_out=test_out,
+            device=ranks.device(device),
+            ranks=ranks,
+        )
+
+
+def _run(
+    config: TeacherDumpConfig,
+    *,
+    teacher: str,
+    data_dir: str | Path,
+    checkpoint: str | Path,
+    train_out: str | Path,
+    test_out: str | Path,
+    device: torch.device,
+    ranks: Ranks,
+) -> dict[str, Any]:
     data_dir = Path(data_dir)
     manifest = read_prepared(data_dir)
     views = stored_views(config, manifest["image_shape"])  # a bad view setting: refused before any work
@@ -247,7 +337,9 @@ def run(
             std=std,
             device=device,
             views=split_views,
+            ranks=ranks,
         )
+        report[split] = {key: sum(t[key] for t in gather(ranks, report[split])) for key in report[split]}
     elapsed = time.perf_counter() - started
     rows = report["train"]["views"] + report["test"]["views"]
     report["images_per_s"] = rows / max(elapsed, 1e-9)

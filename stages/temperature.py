@@ -279,7 +279,9 @@ def run(
     (ω^T = 1/(max softmax(t) + 1e-3)) and `static_temperature`
     (τ^T = clamp(τ0 + (mean_dataset ω^T − ω^T)·β, τmin, τmax)); the dataset-level mean, std,
     min, max and quantiles of ω^T and τ^T in the attributes and in `metrics_out`; a histogram
-    of τ^T as DVC plot data (`histogram_out`) and, if `plot_out` is given, as a PNG.
+    of τ^T as DVC plot data (`histogram_out`) and, if `plot_out` is given, as a PNG. dask runs
+    on the `dask.distributed` cluster at `scheduler`, else at `config.scheduler`, else on local
+    threads; the store is the same on each.
 
     The statistics describe the teacher as dumped (before KA), so one dtd.zarr serves every KA
     method. Chunks of N follow the input's; peak memory does not grow with N.
@@ -335,7 +337,7 @@ def run(
     arrays["sample_index"] = ArraySpec((samples,), "int64")
     started = time.perf_counter()
     with (
-        dask_scheduler(scheduler) as dask_sched,
+        dask_scheduler(scheduler or config.scheduler) as dask_sched,
         StoreWriter(out, kind="dtd", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer,
         prefixed(str(logits_path), InvalidLogitsError),
         checked_reads(logits_path),

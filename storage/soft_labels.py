@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -192,6 +192,10 @@ class StoreWriter:
         arrays: name -> ArraySpec; all must share the same N.
         attrs: store attributes (JSON-able, no timestamps).
         chunk_rows: rows of N per chunk (the unit of writing and of resume).
+        role: `sole` (one writer), or for the ranks of a torchrun job (DESIGN §6) `main` (rank 0:
+            holds the lock, creates `.partial`, publishes; never deletes `.partial` on failure,
+            as other ranks write into it) and `follower` (other ranks: no lock; open the
+            `.partial` rank 0 made, write chunks, never publish).
     Raises:
         OutputError: `out` is being written by another process, or is not writable.
         StoreError: inconsistent array specs.
@@ -205,8 +209,10 @@ class StoreWriter:
         arrays: Mapping[str, ArraySpec],
         attrs: Mapping[str, Any],
         chunk_rows: int,
+        role: Literal["sole", "main", "follower"] = "sole",
     ) -> None:
         self.out = Path(out)
+        self.role = role
         refuse_foreign_output(self.out, "zarr.json", "a zarr store")
         if self.out.is_dir():
             try:
@@ -240,7 +246,7 @@ class StoreWriter:
             }
         )
         self.num_chunks = -(-self.num_samples // self.chunk_rows)
-        self._lock = exclusive_lock(self.out)
+        self._lock = contextlib.nullcontext() if role == "follower" else exclusive_lock(self.out)
         self._group: zarr.Group | None = None
         self._written: set[str] = set()
 
@@ -256,7 +262,12 @@ class StoreWriter:
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
-            if exc_info[0] is not None and self.partial.exists() and not self.completed_chunks():
+            if (
+                self.role == "sole"
+                and exc_info[0] is not None
+                and self.partial.exists()
+                and not self.completed_chunks()
+            ):
                 # A failed write that finished no chunk holds nothing worth resuming: leave no
                 # partial output behind (bad input, a full disk), only the work of marked chunks.
                 shutil.rmtree(self.partial, ignore_errors=True)
@@ -273,6 +284,18 @@ class StoreWriter:
         plan = self._plan()
         plan_file = self.partial / _MARKS / "plan.json"
         created = False
+        if self.role == "follower":
+            try:
+                same = owns_work_dir(self.partial) and json.loads(plan_file.read_text()) == _jsonable(plan)
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                raise StoreError(
+                    f"{self.partial}: rank 0 has not prepared this store for these settings; "
+                    "start every rank with the same command and params"
+                )
+            self._group = zarr.open_group(self.partial, mode="r+")
+            return
         try:
             if owns_work_dir(self.partial):
                 try:
@@ -463,6 +486,8 @@ class StoreWriter:
             StoreError: some chunks were never written.
         """
         assert self._group is not None
+        if self.role == "follower":
+            raise StoreError(f"{self.out}: only rank 0 publishes a store")
         pending = self.pending_chunks()
         if pending:
             raise StoreError(

@@ -306,6 +306,12 @@ def fields_read(source: ast.AST, variable: str, cls: type) -> set[str]:
     return read
 
 
+# Keys that choose where a stage runs, not what it writes: the output is byte-identical whatever
+# their value (tests/reliability/test_distributed.py for nproc, tests/unit/test_ka_dtd_stages.py
+# for a dask.distributed scheduler), so changing one must not rerun the stage: never listed.
+WHERE_ONLY = {"teacher_dump.nproc", "adjust.scheduler", "temperature.scheduler"}
+
+
 def params_read(stage: str) -> set[str]:
     keys: set[str] = set()
     for file, function, variable, cls, key_of in READS[stage]:
@@ -313,7 +319,7 @@ def params_read(stage: str) -> set[str]:
         source = next(n for n in tree.body if getattr(n, "name", None) == function) if function else tree
         for field in fields_read(source, variable, cls):
             keys |= key_of(field)
-    return keys
+    return keys - WHERE_ONLY
 
 
 def params_listed(stage: str) -> set[str]:
