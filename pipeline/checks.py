@@ -14,7 +14,8 @@ def check_environment(params: Params) -> None:
 
     Checks: at least one teacher and one student experiment (dvc's matrix stages need them);
     the dataset root (`data.root` or the dataset's default) exists; every teacher
-    `checkpoint:` file exists; no `device: cuda` without a visible CUDA device.
+    `checkpoint:` file exists; no `device: cuda` without a visible CUDA device; no `nproc` above
+    the CUDA devices (a CUDA job) or CPU cores (a CPU one) of this host.
 
     Raises:
         ConfigError: the first problem found.
@@ -61,3 +62,13 @@ def check_environment(params: Params) -> None:
                 f"{cuda_keys[0]}: cuda, but no CUDA device is visible on this machine; use auto "
                 "(CUDA when present, else CPU) or cpu"
             )
+    from pipeline.launch import LaunchError, check_nproc
+    from pipeline.seeding import resolve_device
+
+    ranks = (("teacher_dump.nproc", params.teacher_dump.nproc, params.teacher_dump.device),)
+    for key, nproc, device in ranks:
+        if nproc > 1:
+            try:
+                check_nproc(nproc, resolve_device(device), key=key)
+            except LaunchError as exc:
+                raise ConfigError(str(exc)) from exc

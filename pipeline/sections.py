@@ -122,6 +122,9 @@ class TeacherDumpConfig:
     # forwarding its share of the chunks (one per CUDA device on GPU). The store is byte-identical
     # whatever nproc, so dvc does not track it (dvc.yaml lists this section's other keys).
     nproc: int = 1
+    # The teacher's forward under torch.autocast (GPU: ~2x the views/s on tensor cores): the
+    # logits then differ from float32 ones by the autocast dtype's rounding, and are recorded so.
+    autocast: Literal["none", "bfloat16", "float16"] = "none"
 
     def __post_init__(self) -> None:
         _positive(self, "teacher_dump", ("batch_size", "chunk_size", "epochs", "nproc"))

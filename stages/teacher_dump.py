@@ -77,9 +77,11 @@ def store_attrs(
     checkpoint_sha256: str,
     dtype: str,
     views: StoredViews | None = None,
+    autocast: str = "none",
 ) -> dict[str, Any]:
-    """The attributes of a teacher logit store (no timestamps or host names)."""
-    return {
+    """The attributes of a teacher logit store (no timestamps or host names). A forward under
+    autocast is recorded as the teacher's `forward_autocast` (absent for float32)."""
+    attrs = {
         "split": split,
         "dataset": manifest["dataset"],
         "dataset_fingerprint": manifest["splits"][split]["fingerprint"],
@@ -97,6 +99,9 @@ def store_attrs(
         },
         "versions": library_versions(),
     }
+    if autocast != "none":
+        attrs["teacher"]["forward_autocast"] = autocast
+    return attrs
 
 
 def dump_split(
@@ -121,9 +126,12 @@ def dump_split(
     on its rows, so the store is the same whatever K, and a dump killed under K ranks resumes
     under any other K.
 
-    On CPU the model is switched to channels-last memory format (in place) and fed channels-last
-    batches: oneDNN's convolutions are up to 2.6x faster on them for this project's nets, never
-    slower (bench/README.md), and the logits agree with NCHW ones to float rounding.
+    The model is switched to channels-last memory format (in place) and fed channels-last batches:
+    oneDNN's convolutions are up to 2.6x faster on them for this project's nets, never slower
+    (bench/README.md), and cuDNN's tensor-core kernels want them. The forward runs under
+    `torch.inference_mode` and, with `teacher_dump.autocast`, under bfloat16 or float16 autocast
+    (the float16 store's range check still applies to what comes out: a float16 overflow is inf,
+    refused with one line). On CUDA the loader's batches go through pinned memory.
     """
     ranks = ranks or Ranks()
     num_classes = attrs["num_classes"]
@@ -192,9 +200,13 @@ def _forward_chunks(
     """Forward `chunks` (ascending) batch by batch from each chunk's first row and write each one."""
     num_views = views.num_views
     num_classes = writer.arrays["logits"].shape[2]
-    channels_last = device.type == "cpu"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
+    cuda = device.type == "cuda"
+    autocast = (
+        torch.autocast(device.type, dtype=getattr(torch, config.autocast))
+        if config.autocast != "none"
+        else contextlib.nullcontext()
+    )
     indices = np.concatenate([np.arange(writer.rows(c).start, writer.rows(c).stop) for c in chunks])
     loader = make_loader(
         beton, batch_size=config.batch_size, shuffle=False, indices=indices, torch_threads=threads
@@ -224,13 +236,13 @@ def _forward_chunks(
             if not np.array_equal(got, np.arange(filled, filled + got.shape[0])):
                 raise RuntimeError(f"{beton}: loader returned rows out of order")
             tock = time.perf_counter()
-            images = images.to(device)
+            images = images.pin_memory().to(device, non_blocking=True) if cuda else images.to(device)
             batch = slice(filled, filled + got.shape[0])
             for view in range(num_views):
-                with torch.no_grad():  # inference tensors would break ffcv buffers
+                with torch.no_grad():  # not inference_mode: inference tensors would break ffcv buffers
                     inputs = normalize(views.augmentation.apply(images, view_params[view, batch]), mean, std)
-                    if channels_last:
-                        inputs = inputs.contiguous(memory_format=torch.channels_last)
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode(), autocast:
                     logits[view, batch] = model(inputs).float().cpu().numpy()
             timing["forward_s"] += time.perf_counter() - tock
             timing["load_s"] += tock - tick
@@ -325,6 +337,7 @@ def _run(
             checkpoint_sha256=sha256,
             dtype=config.dtype,
             views=split_views,
+            autocast=config.autocast,
         )
         report[split] = dump_split(
             model,

@@ -25,12 +25,20 @@ from storage.manifest import file_sha256, read_prepared
 logger = logging.getLogger(__name__)
 
 
-def replay_tolerance(stored: np.ndarray, dtype: str) -> float:
+# A forward under autocast rounds every layer's output to the autocast dtype; replayed in other
+# batch compositions, its logits move by a few of that dtype's ulps at the largest |logit|
+# (8 significant bits for bfloat16, 11 for float16): allow 4 ulps.
+AUTOCAST_RELATIVE = {"bfloat16": 2.0**-6, "float16": 2.0**-9}
+
+
+def replay_tolerance(stored: np.ndarray, dtype: str, autocast: str = "none") -> float:
     """The largest |Δ logit| a faithful store may show: float16 storage rounds to 11 significant
     bits (a relative half-ulp of 2^-11 at the largest |logit| replayed), plus 1e-3 for float32
-    forward-pass rounding (other batch compositions, channels-last kernels)."""
+    forward-pass rounding (other batch compositions, channels-last kernels), plus, for a dump
+    under autocast, `AUTOCAST_RELATIVE` of the largest |logit|."""
     peak = float(np.abs(stored).max()) if stored.size else 0.0
-    return (2.0**-11 * peak if dtype == "float16" else 0.0) + 1e-3
+    storage = 2.0**-11 * peak if dtype == "float16" else 0.0
+    return storage + AUTOCAST_RELATIVE.get(autocast, 0.0) * peak + 1e-3
 
 
 def run(
@@ -87,15 +95,18 @@ def run(
     for batch_images, _, sample_index in loader:
         for image, n in zip(batch_images, sample_index.tolist(), strict=True):
             images[n] = image.clone()
+    autocast = str(teacher.get("forward_autocast", "none"))
     replayed = np.empty_like(stored)
     for start in range(0, count, 256):
         rows = slice(start, min(start + 256, count))
         batch = torch.stack([images[int(n)] for n in pair_sample[rows]]).to(device)
         with torch.no_grad():
             inputs = normalize(views.augmentation.apply(batch, params[rows]), mean, std)
-            replayed[rows] = model(inputs).float().cpu().numpy()
+            dtype = getattr(torch, autocast, None)
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast != "none"):
+                replayed[rows] = model(inputs).float().cpu().numpy()
     max_abs_diff = float(np.abs(replayed - stored).max())
-    tolerance = replay_tolerance(stored, store.attrs.get("logits_dtype", "float16"))
+    tolerance = replay_tolerance(stored, store.attrs.get("logits_dtype", "float16"), autocast)
     result = {
         "pairs": int(count),
         "views": int(num_views),

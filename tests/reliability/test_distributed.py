@@ -155,3 +155,41 @@ def test_more_ranks_than_cores_is_one_line_before_anything_starts(tmp_path, pipe
     args = _dump_args(pipeline, tmp_path)
     one_line_error(cli(params, *args), "teacher_dump.nproc", f"at most {cores}")
     assert not (tmp_path / "stores").exists()
+
+
+@pytest.mark.slow  # a dump and a replay (~15 s)
+def test_a_bfloat16_autocast_dump_is_recorded_stays_near_float32_and_replays(tmp_path, pipeline):
+    import numpy as np
+
+    params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_dump={"autocast": "bfloat16"})
+    ok(cli(params, *_dump_args(pipeline, tmp_path)))
+    store = open_store(tmp_path / "stores" / "t" / "logits.zarr")
+    reference = open_store(pipeline.teacher_stores / "logits.zarr")
+    assert store.attrs["teacher"]["forward_autocast"] == "bfloat16"
+    assert "forward_autocast" not in reference.attrs["teacher"]
+    got, want = store.read("logits").astype(np.float32), reference.read("logits").astype(np.float32)
+    peak = float(np.abs(want).max())
+    difference = float(np.abs(got - want).max())
+    assert 0 < difference <= 2.0**-6 * peak + 2.0**-11 * peak  # rounded, by bfloat16's few ulps
+    result = ok(
+        cli(
+            params,
+            "verify-views",
+            tmp_path / "stores" / "t" / "logits.zarr",
+            "--data",
+            pipeline.data,
+            "--checkpoint",
+            pipeline.checkpoint,
+            "--samples",
+            "64",
+        )
+    )
+    assert result.output.strip().endswith(": ok")
+
+
+def test_check_params_refuses_more_dump_ranks_than_cores(tmp_path, pipeline):
+    cores = len(os.sched_getaffinity(0))
+    params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_dump={"nproc": cores + 1})
+    one_line_error(cli(params, "check-params"), "teacher_dump.nproc", f"at most {cores}")
+    params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_dump={"nproc": cores})
+    ok(cli(params, "check-params"))
