@@ -340,6 +340,35 @@ def temperature_command(
     )
 
 
+@main.command("ensemble")
+@click.option("--ensemble", "name", required=True, help="Name in ensemble.ensembles.")
+@click.option(
+    "--stores",
+    "stores_root",
+    default="stores",
+    show_default=True,
+    type=click.Path(),
+    help="Folder holding one store folder per teacher; writes <stores>/<ensemble>/.",
+)
+@click.option(
+    "--scheduler", default=None, help="dask.distributed scheduler address (default: local threads)."
+)
+@click.pass_context
+@friendly
+def ensemble_command(ctx: click.Context, name: str, stores_root: str, scheduler: str | None) -> None:
+    """Teacher ensemble: combine the members' logit stores (train and test) into one teacher."""
+    from stages import ensemble
+
+    params = _params(ctx)
+    params.check_ensembles()
+    summaries = ensemble.run(params.ensemble, name=name, stores_root=stores_root, scheduler=scheduler)
+    for file, summary in summaries.items():
+        members = ", ".join(f"{k} {v:.4f}" for k, v in summary["member_top1"].items())
+        click.echo(
+            f"{Path(stores_root) / name / file}: top-1 {summary['ensemble_top1']:.4f} (members {members})"
+        )
+
+
 @main.command("student-train")
 @click.option("--experiment", required=True, help="Name in student_train.experiments.")
 @click.option(
@@ -392,10 +421,11 @@ def student_train_command(
     if seed is not None and seed not in params.student_train.seeds:
         raise ConfigError(f"--seed {seed}: not in student_train.seeds {list(params.student_train.seeds)}")
     resolved = params.student_train.experiment(experiment, seed)
-    if resolved.teacher is not None and resolved.teacher not in params.teacher_train.teachers:
+    if resolved.teacher is not None and resolved.teacher not in params.teacher_names():
         raise ConfigError(
             f"student_train.experiments.{experiment}.teacher: no teacher named "
-            f"{resolved.teacher!r}; known: {sorted(params.teacher_train.teachers)}"
+            f"{resolved.teacher!r}; known: {sorted(params.teacher_names())} (teacher_train.teachers "
+            "and ensemble.ensembles)"
         )
     stores_dir = Path(stores_root) / resolved.teacher if resolved.teacher is not None else None
     metrics = student_train.run(

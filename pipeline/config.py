@@ -34,6 +34,9 @@ from pipeline.sections import (
     DataConfig,
     Device,
     DtdMode,
+    EnsembleCombine,
+    EnsembleConfig,
+    EnsembleSpec,
     PrepareDataConfig,
     ReportConfig,
     TeacherConfig,
@@ -55,6 +58,9 @@ __all__ = [
     "DataConfig",
     "Device",
     "DtdMode",
+    "EnsembleCombine",
+    "EnsembleConfig",
+    "EnsembleSpec",
     "ExperimentConfig",
     "Params",
     "PrepareDataConfig",
@@ -83,6 +89,7 @@ class Params:
     teacher_dump: TeacherDumpConfig = field(default_factory=TeacherDumpConfig)
     adjust: AdjustConfig = field(default_factory=AdjustConfig)
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     student_train: StudentTrainConfig = field(default_factory=StudentTrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -103,12 +110,20 @@ class Params:
 
         for name, teacher in self.teacher_train.teachers.items():
             check_arch(teacher.arch, f"teacher_train.teachers.{name}.arch")
+        self.check_ensembles()
         for name in self.student_train.experiments:
             exp = self.student_train.experiment(name)  # seeds change nothing else; all were checked
-            if exp.kd and exp.teacher not in self.teacher_train.teachers:
+            if exp.kd and exp.teacher not in (*self.teacher_train.teachers, *self.ensemble.ensembles):
                 raise ConfigError(
                     f"student_train.experiments.{name}.teacher: no teacher named {exp.teacher!r} in "
-                    f"teacher_train.teachers (known: {', '.join(self.teacher_train.teachers)})"
+                    f"teacher_train.teachers (known: {', '.join(self.teacher_train.teachers)}) or "
+                    f"ensemble.ensembles (known: {', '.join(self.ensemble.ensembles) or 'none'})"
+                )
+            if exp.kd and exp.teacher_mode == "online" and exp.teacher in self.ensemble.ensembles:
+                raise ConfigError(
+                    f"student_train.experiments.{name}.teacher_mode: online runs one teacher "
+                    f"checkpoint, but {exp.teacher!r} is an ensemble (ensemble.ensembles); use "
+                    "teacher_mode: offline"
                 )
             offline = exp.kd and exp.teacher_mode == "offline"  # an online student reads no KA store
             if offline and exp.adjust != "none" and exp.adjust not in self.adjust.methods:
@@ -135,6 +150,29 @@ class Params:
                         "teacher_dump.epochs to the longest student run, or use views: all"
                     )
         return list(self.student_train.experiments)
+
+    def check_ensembles(self) -> None:
+        """Every ensemble combines teachers of `teacher_train.teachers` and is not named like one.
+
+        Raises:
+            ConfigError: naming the ensemble and the teacher at fault.
+        """
+        for name, spec in self.ensemble.ensembles.items():
+            if name in self.teacher_train.teachers:
+                raise ConfigError(
+                    f"ensemble.ensembles.{name}: a teacher of teacher_train.teachers has that name "
+                    "(both would write stores/<name>/); rename the ensemble"
+                )
+            for teacher in spec.teachers:
+                if teacher not in self.teacher_train.teachers:
+                    raise ConfigError(
+                        f"ensemble.ensembles.{name}.teachers: no teacher named {teacher!r} in "
+                        f"teacher_train.teachers (known: {', '.join(self.teacher_train.teachers)})"
+                    )
+
+    def teacher_names(self) -> list[str]:
+        """The names an experiment's `teacher` may take: the teachers, then the ensembles."""
+        return [*self.teacher_train.teachers, *self.ensemble.ensembles]
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -174,6 +174,51 @@ class AdjustConfig:
             raise ConfigError(f"adjust.methods: each method once, got {list(self.methods)}")
 
 
+EnsembleCombine = Literal["log_prob", "prob"]  # mean of log-probabilities (geometric) or of probabilities
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """One entry of `ensemble.ensembles`: the teachers an ensemble combines, and how.
+
+    The stored logits are τ·log q, q the ensemble distribution at τ = `temperature`
+    (stages/functional.py `ensemble_logits`; README "Teacher ensembles" says what τ means for a
+    student's KD temperature).
+    """
+
+    teachers: tuple[str, ...]  # names in teacher_train.teachers, at least two, each once
+    combine: EnsembleCombine = "log_prob"
+    temperature: float = 1.0  # τ at which the teachers' distributions are combined
+
+    def __post_init__(self) -> None:
+        if len(self.teachers) < 2:
+            raise ConfigError(
+                f"ensemble.ensembles.teachers: an ensemble combines at least two teachers, got "
+                f"{list(self.teachers)}; list two or more names of teacher_train.teachers"
+            )
+        if len(set(self.teachers)) != len(self.teachers):
+            raise ConfigError(
+                f"ensemble.ensembles.teachers: each teacher once, got {list(self.teachers)}; "
+                "remove the duplicate"
+            )
+        check_temperature(self.temperature, "ensemble.ensembles.temperature")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Section `ensemble`: teacher ensembles by name; each becomes `stores/<name>/` (`lessons
+    ensemble --ensemble <name>`) and an experiment names it as its `teacher`."""
+
+    ensembles: dict[str, EnsembleSpec] = field(default_factory=dict)
+
+    def ensemble(self, name: str) -> EnsembleSpec:
+        if name not in self.ensembles:
+            raise ConfigError(
+                f"ensemble.ensembles: no ensemble named {name!r}; known: {sorted(self.ensembles)}"
+            )
+        return self.ensembles[name]
+
+
 # Where the KD loss L = (1−α)·CE + α·τ²·KL(q ‖ p^τ) (stages/functional.py) and its gradient are
 # finite in float32 (measured with adversarial rows: student max where the teacher is min).
 # With float16-max logits (±65504) the hard float32 limits are τ ≈ 3.85e-34 (below, logits/τ

@@ -11,6 +11,7 @@ upcast first), or in float64 when an input is float64, so tests can check golden
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -179,3 +180,55 @@ def kd_loss(
     kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(1)  # (B,) nats
     kd = (tau[:, 0] ** 2 * kl).sum() / kl.shape[0]  # batchmean
     return (1 - alpha) * F.cross_entropy(student, labels) + alpha * kd
+
+
+def ensemble_logits(teacher_logits: Tensor, *, combine: str, temperature: float) -> Tensor:
+    """One row of logits per sample for an ensemble of S teachers: τ·log q, q combined at τ.
+
+    With p_s = softmax(z_s / τ) the distribution of teacher s at temperature τ:
+      * `log_prob`: q ∝ exp(mean_s log p_s), the normalised geometric mean (a product of
+        experts); it equals softmax(mean_s z_s / τ), so its stored row τ·log q is the mean
+        logit row shifted per row, and softmax(stored / T) is the geometric-mean ensemble at
+        every temperature T, not only at τ.
+      * `prob`: q = mean_s p_s, the arithmetic mean (a uniform mixture). softmax(stored / T)
+        is that mixture only at T = τ; at T ≠ τ it is the mixture at τ re-tempered (q^{τ/T},
+        normalised). Build it at the temperature the students distil with.
+    Hinton et al. 2015 (arXiv:1503.02531) §1 name both means of an ensemble's predictive
+    distributions as soft targets; the arithmetic mean is the deep-ensemble prediction of
+    Lakshminarayanan et al. 2017 (arXiv:1612.01474) §2.4. Each teacher row is shifted by its
+    max before dividing by τ (no overflow at small τ); math in float32 (float64 for float64
+    input); the mean over teachers is taken in the order given (callers that need bytes
+    independent of the order sort the teachers first).
+
+    Args:
+        teacher_logits: (S, N, C) floating, finite, S >= 1, C >= 1: teacher s's logits of
+            sample n (the same views of the same samples for every s).
+        combine: `log_prob` or `prob`.
+        temperature: τ, finite and > 0.
+    Returns:
+        (N, C) float32 (float64 for float64 input): τ·log q; every row is a valid logit row
+        with max <= 0 (up to rounding) and Σ_c exp(row / τ) = 1, so softmax(row / τ) = q.
+    Raises:
+        InvalidLogitsError: not (S, N, C) floating with S, C >= 1, or NaN/inf logits.
+        ValueError: an unknown `combine`, or τ not finite and > 0.
+    """
+    if combine not in ("log_prob", "prob"):
+        raise ValueError(f"combine: must be log_prob or prob, got {combine!r}")
+    temperature = float(temperature)
+    if not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature: the ensemble's τ must be finite and > 0, got {temperature}")
+    if not isinstance(teacher_logits, Tensor) or teacher_logits.ndim != 3 or teacher_logits.shape[0] < 1:
+        raise InvalidLogitsError(
+            f"teacher_logits: expected an (S, N, C) tensor with S >= 1 teachers, got "
+            f"{tuple(getattr(teacher_logits, 'shape', ()))}; stack the teachers on axis 0"
+        )
+    teachers, samples, num_classes = teacher_logits.shape
+    logits = check_logits(teacher_logits.reshape(teachers * samples, num_classes), "teacher_logits")
+    logits = logits.reshape(teachers, samples, num_classes)  # (S, N, C) float32|64
+    shifted = (logits - logits.amax(dim=2, keepdim=True)) / temperature  # (S, N, C), max 0
+    log_p = F.log_softmax(shifted, dim=2)  # (S, N, C) log p_s
+    if combine == "log_prob":
+        log_q = F.log_softmax(log_p.mean(dim=0), dim=1)  # (N, C) normalised geometric mean
+    else:
+        log_q = torch.logsumexp(log_p, dim=0) - math.log(teachers)  # (N, C) log of the mean
+    return temperature * log_q

@@ -388,6 +388,13 @@ def run(
     elif experiment.kd:
         raise StoreError(f"experiment {experiment.name}: kd needs the teacher's stores")
     online: OnlineTeacher | None = None
+    online_ensemble = teacher is not None and teacher.get("arch") == "ensemble"
+    if experiment.kd and experiment.teacher_mode == "online" and teacher is not None and online_ensemble:
+        raise StoreError(
+            f"{where}: teacher_mode online runs one teacher checkpoint, but {stores_dir} holds an "
+            f"ensemble of {len(teacher.get('members', []))} teachers (lessons ensemble); use "
+            "teacher_mode: offline"
+        )
     if experiment.kd and experiment.teacher_mode == "online":
         if teacher_checkpoint is None:
             raise StoreError(

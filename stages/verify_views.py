@@ -67,8 +67,14 @@ def run(
     manifest = read_prepared(data_dir)
     split = store.attrs.get("split", "train")
     store.expect(dataset_fingerprint=manifest["splits"][split]["fingerprint"], against=str(data_dir))
-    sha256 = file_sha256(checkpoint)
     teacher = store.attrs.get("teacher")
+    if isinstance(teacher, dict) and teacher.get("arch") == "ensemble":
+        names = ", ".join(str(m.get("name")) for m in teacher.get("members", []))
+        raise StoreError(
+            f"{store_path}: an ensemble of teachers {names} (lessons ensemble), which no one "
+            "checkpoint replays; verify each member's own store against its checkpoint instead"
+        )
+    sha256 = file_sha256(checkpoint)
     if not isinstance(teacher, dict) or teacher.get("checkpoint_sha256") != sha256:
         raise StoreError(
             f"{store_path}: was dumped from another checkpoint than {checkpoint} (sha256 differs); "

@@ -804,6 +804,8 @@ def _rebuild_hint(attrs: dict[str, Any]) -> str:
     name = teacher.get("name")
     if attrs.get("kind") == "logits" and teacher.get("arch") == "external":
         return "rebuild it: rerun lessons import-logits"
+    if attrs.get("kind") == "logits" and teacher.get("arch") == "ensemble":
+        return f"rebuild it: lessons ensemble --ensemble {name}"
     stage = {
         "logits": f"teacher_dump@{name}",
         "adjusted": f"adjust@{name}-{attrs.get('method')}",
