@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import ConfigError, Params
-from pipeline.datasets import DatasetError, data_root, default_root
+from pipeline.datasets import DatasetError, count_classes, data_root, default_root
 
 
 def check_environment(params: Params) -> None:
@@ -15,7 +15,8 @@ def check_environment(params: Params) -> None:
     Checks: at least one teacher and one student experiment (dvc's matrix stages need them);
     the dataset root (`data.root` or the dataset's default) exists; every teacher
     `checkpoint:` file exists; no `device: cuda` without a visible CUDA device; no `nproc` above
-    the CUDA devices (a CUDA job) or CPU cores (a CPU one) of this host.
+    the CUDA devices (a CUDA job) or CPU cores (a CPU one) of this host; with
+    `teacher_dump.layout: topk`, K is below the dataset's class count C.
 
     Raises:
         ConfigError: the first problem found.
@@ -38,6 +39,17 @@ def check_environment(params: Params) -> None:
         data_root(params.data)
     except DatasetError as exc:
         raise ConfigError(f"data.root: {exc}") from exc
+    dump = params.teacher_dump
+    if dump.layout == "topk" and dump.topk is not None:
+        try:
+            num_classes = count_classes(params.data)
+        except DatasetError as exc:
+            raise ConfigError(f"data.root: {exc}") from exc
+        if dump.topk >= num_classes:
+            raise ConfigError(
+                f"teacher_dump.topk: K = {dump.topk} but {params.data.name} has C = {num_classes} "
+                "classes; a top-k store keeps K < C of them: lower topk, or use layout: dense"
+            )
     for name, teacher in params.teacher_train.teachers.items():
         if teacher.checkpoint is not None and not Path(teacher.checkpoint).expanduser().is_file():
             shown = Path(teacher.checkpoint)

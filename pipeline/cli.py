@@ -604,7 +604,7 @@ def export_command(store: str, h5_file: str) -> None:
     from storage import open_store
     from storage.h5 import export_h5
 
-    export_h5(open_store(store), h5_file)
+    export_h5(open_store(store, layouts=("dense", "topk")), h5_file)  # any store, as it is
     click.echo(f"{h5_file}: exported {store}")
 
 

@@ -125,9 +125,23 @@ class TeacherDumpConfig:
     # The teacher's forward under torch.autocast (GPU: ~2x the views/s on tensor cores): the
     # logits then differ from float32 ones by the autocast dtype's rounding, and are recorded so.
     autocast: Literal["none", "bfloat16", "float16"] = "none"
+    # What each stored view keeps (DESIGN §9): dense (all C logits) or topk (the K largest logits,
+    # their class ids and the full row's log-sum-exp; for large C: 2·K + 2·K + 4 bytes a view).
+    layout: Literal["dense", "topk"] = "dense"
+    topk: int | None = None  # K, for layout: topk; 1 <= K < C (C checked by check-params)
 
     def __post_init__(self) -> None:
         _positive(self, "teacher_dump", ("batch_size", "chunk_size", "epochs", "nproc"))
+        if self.layout == "topk" and (self.topk is None or self.topk < 1):
+            raise ConfigError(
+                f"teacher_dump.topk: layout: topk needs topk (an integer K >= 1, below the class "
+                f"count), got {self.topk}; set topk: K, e.g. 10"
+            )
+        if self.layout != "topk" and self.topk is not None:
+            raise ConfigError(
+                f"teacher_dump.topk: only read with layout: topk (layout is {self.layout}); "
+                "remove it or set layout: topk"
+            )
         if self.num_views is not None and self.num_views > 10_000:
             raise ConfigError(
                 f"teacher_dump.num_views: {self.num_views} views of every image is beyond what a "

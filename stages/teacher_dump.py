@@ -1,7 +1,9 @@
 """Stage `teacher_dump`: run a teacher once, in eval mode, and store its logits (DESIGN.md §3).
 
 Writes `stores/<teacher>/logits.zarr` (train split) and `stores/<teacher>/test-logits.zarr`
-(test split, for agreement metrics): `logits` (V, N, C), `labels` (N,), `sample_index` (N,),
+(test split, for agreement metrics): `logits` (V, N, C) — or, with `teacher_dump.layout: topk`,
+the train split as `topk_values`/`topk_indices` (V, N, K) and `lse` (V, N) (DESIGN §9; the test
+split stays dense) — `labels` (N,), `sample_index` (N,),
 `view_params` (V, N, P) and `view_spec`: the views `teacher_dump.views` asks for (DESIGN §5;
 `stages.views.StoredViews`), built by the same `Augmentation.apply` the student trains with. The
 test split always holds the plain image (V = 1): it is only compared with the student's test
@@ -23,12 +25,15 @@ import torch
 
 from stages.distributed import Ranks, barrier, from_main, gather, process_group
 from stages.progress import progress
+from stages.topk import topk_compress, topk_index_dtype
 from stages.training import channel_stats, load_checkpoint, normalize
 from stages.views import StoredViews, training_augmentation
 from storage import ArraySpec, StoreWriter
 from storage.atomic import check_folder_output
 from storage.beton import make_loader
+from storage.errors import SettingsError
 from storage.manifest import file_sha256, read_prepared
+from storage.soft_labels import check_values
 from storage.versions import library_versions
 
 if TYPE_CHECKING:
@@ -78,10 +83,14 @@ def store_attrs(
     dtype: str,
     views: StoredViews | None = None,
     autocast: str = "none",
+    topk: int | None = None,
 ) -> dict[str, Any]:
     """The attributes of a teacher logit store (no timestamps or host names). A forward under
-    autocast is recorded as the teacher's `forward_autocast` (absent for float32)."""
-    attrs = {
+    autocast is recorded as the teacher's `forward_autocast` (absent for float32); `topk`: K of a
+    top-k store (attributes `layout: topk`, `topk: K`), None for a dense one (no `layout`)."""
+    layout = {} if topk is None else {"layout": "topk", "topk": topk}
+    attrs: dict[str, Any] = {
+        **layout,
         "split": split,
         "dataset": manifest["dataset"],
         "dataset_fingerprint": manifest["splits"][split]["fingerprint"],
@@ -137,8 +146,20 @@ def dump_split(
     num_classes = attrs["num_classes"]
     views = views or StoredViews("none", training_augmentation(attrs["teacher"]["image_shape"], False))
     num_views, num_params = views.num_views, len(views.augmentation.param_names)
+    topk = attrs.get("topk") if attrs.get("layout") == "topk" else None
+    if topk is None:
+        rows_arrays = {
+            "logits": ArraySpec((num_views, num_samples, num_classes), config.dtype, sample_axis=1)
+        }
+    else:  # DESIGN §9: the K largest logits, their class ids and the full row's log-sum-exp
+        index_dtype = str(topk_index_dtype(num_classes)).removeprefix("torch.")
+        rows_arrays = {
+            "topk_values": ArraySpec((num_views, num_samples, topk), config.dtype, sample_axis=1),
+            "topk_indices": ArraySpec((num_views, num_samples, topk), index_dtype, sample_axis=1),
+            "lse": ArraySpec((num_views, num_samples), "float32", sample_axis=1),
+        }
     arrays = {
-        "logits": ArraySpec((num_views, num_samples, num_classes), config.dtype, sample_axis=1),
+        **rows_arrays,
         "labels": ArraySpec((num_samples,), "int64"),
         "sample_index": ArraySpec((num_samples,), "int64"),
         "view_params": ArraySpec((num_views, num_samples, num_params), "int16", sample_axis=1),
@@ -199,7 +220,8 @@ def _forward_chunks(
 ) -> None:
     """Forward `chunks` (ascending) batch by batch from each chunk's first row and write each one."""
     num_views = views.num_views
-    num_classes = writer.arrays["logits"].shape[2]
+    num_classes = int(writer.attrs["num_classes"])
+    topk = writer.attrs.get("topk") if writer.attrs.get("layout") == "topk" else None
     model.to(memory_format=torch.channels_last)
     cuda = device.type == "cuda"
     autocast = (
@@ -252,7 +274,7 @@ def _forward_chunks(
         writer.write_chunk(
             chunk,
             {
-                "logits": logits,
+                **_packed_rows(logits, config.dtype, topk, where=f"{out}: logits"),
                 "labels": labels,
                 "sample_index": sample_index_rows,
                 "view_params": view_params,
@@ -261,6 +283,26 @@ def _forward_chunks(
         timing["write_s"] += time.perf_counter() - tick
         timing["rows"] += logits.shape[1]
         timing["views"] += logits.shape[0] * logits.shape[1]
+
+
+def _packed_rows(logits: np.ndarray, dtype: str, topk: int | None, *, where: str) -> dict[str, np.ndarray]:
+    """A chunk's (V, rows, C) float32 logits as the store holds them: `logits` (dense), or the
+    top-k arrays of the logits rounded to the store dtype (so the kept values are bit for bit a
+    dense store's top-k, and the lse that of the rows a dense store would hold).
+
+    Raises:
+        StoreError: NaN/inf, or a value beyond float16 range for a float16 store.
+    """
+    if topk is None:
+        return {"logits": logits}
+    check_values(logits, dtype, where=where)  # float16 overflow named before rounding to inf
+    rounded = torch.from_numpy(logits.astype(dtype).astype(np.float32))  # (V, rows, C)
+    values, indices, lse = topk_compress(rounded, topk)
+    return {
+        "topk_values": values.numpy().astype(dtype),
+        "topk_indices": indices.numpy(),
+        "lse": lse.numpy(),
+    }
 
 
 def run(
@@ -315,6 +357,11 @@ def _run(
     data_dir = Path(data_dir)
     manifest = read_prepared(data_dir)
     views = stored_views(config, manifest["image_shape"])  # a bad view setting: refused before any work
+    if config.layout == "topk" and config.topk is not None and config.topk >= manifest["num_classes"]:
+        raise SettingsError(
+            f"teacher_dump.topk: K = {config.topk} but {data_dir} has C = {manifest['num_classes']} "
+            "classes; a top-k store keeps K < C of them: lower topk, or use layout: dense"
+        )
     for out in (train_out, test_out):  # both, before the train split is dumped and published
         check_folder_output(out, "zarr.json", "a zarr store")
     model, meta = load_checkpoint(checkpoint, manifest=manifest)
@@ -338,6 +385,8 @@ def _run(
             dtype=config.dtype,
             views=split_views,
             autocast=config.autocast,
+            # The test split stays dense: it is small (V = 1) and serves agreement metrics.
+            topk=config.topk if split == "train" and config.layout == "topk" else None,
         )
         report[split] = dump_split(
             model,

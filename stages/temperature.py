@@ -15,6 +15,7 @@ All math runs in float32 (float64 for float64 input) whatever the storage dtype.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from stages.functional import InvalidLogitsError, check_logits, compute_dtype
 from stages.parallel import block_rows, dask_scheduler, one_torch_thread, prefixed
+from stages.topk import topk_target_log_probs, topk_to_dense
 from storage import ArraySpec, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.atomic import ensure_parents
 from storage.versions import library_versions
@@ -204,6 +206,52 @@ def teacher_statistics(teacher_logits: Tensor) -> dict[str, Tensor]:
         "teacher_margin": margin,
         "teacher_logit_norm": norm,
         "omega_teacher": omega,
+    }
+
+
+def topk_teacher_statistics(
+    topk_values: Tensor, topk_indices: Tensor, lse: Tensor, num_classes: int
+) -> dict[str, Tensor]:
+    """`teacher_statistics` from top-k rows (DESIGN §4 DTD, §9).
+
+    Exact: `teacher_max_prob` = exp(v_1 − lse), `omega_teacher` = 1/(max prob + 1e-3) and
+    `teacher_margin` = exp(v_1 − lse) − exp(v_2 − lse) (K >= 2; the max prob when C = 1; when
+    K = 1 < C the second probability is bounded by min(exp(v_1 − lse), tail mass), which is
+    used). Approximate, with the tail spread uniformly (`topk_to_dense`): `teacher_entropy`
+    (an upper bound: the uniform tail has the largest entropy for its mass) and
+    `teacher_logit_norm` (the tail logits are unknown; each is taken as the uniform one).
+
+    Args:
+        topk_values: (B, K) float, sorted descending. topk_indices: (B, K) int. lse: (B,) float.
+        num_classes: C >= K.
+    Returns:
+        A dict of (B,) tensors in the compute dtype, the keys of `STATISTICS`.
+    """
+    dtype = compute_dtype(topk_values, lse)
+    values, lse = topk_values.to(dtype), lse.to(dtype)
+    log_q = topk_target_log_probs(values, topk_indices, lse, num_classes)  # (B, K[+1]) exact at τ=1
+    q = log_q.exp()
+    max_prob = q[:, 0]
+    if values.shape[1] >= 2:
+        margin = max_prob - q[:, 1]
+    elif num_classes == 1:
+        margin = max_prob.clone()
+    else:
+        margin = max_prob - torch.minimum(max_prob, q[:, -1])
+    tail_count = num_classes - values.shape[1]
+    plogp = torch.where(q > 0, q * log_q, torch.zeros_like(q))  # (B, K[+1])
+    if tail_count:  # the rest bucket's mass spread over C − K classes adds m·log(C − K)
+        plogp[:, -1] = plogp[:, -1] - q[:, -1] * math.log(tail_count)
+    entropy = (-plogp.sum(dim=1)).clamp_min(0.0) + 0.0
+    dense = topk_to_dense(values, topk_indices, lse, num_classes)  # (B, C)
+    scale = dense.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    norm = torch.linalg.vector_norm(dense / scale, dim=1) * scale.squeeze(1)
+    return {
+        "teacher_max_prob": max_prob,
+        "teacher_entropy": entropy,
+        "teacher_margin": margin,
+        "teacher_logit_norm": norm,
+        "omega_teacher": 1.0 / (max_prob + CONFIDENCE_EPS),
     }
 
 

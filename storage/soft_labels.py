@@ -4,7 +4,9 @@ Schema (DESIGN.md §3). Every store is one zarr group whose arrays all share the
 and are chunked along N only, with the same chunk rows, so one writer owns whole chunks:
 
     logits.zarr      logits (V, N, C) float16|float32, labels (N,) int64, sample_index (N,) int64,
-                     view_params (V, N, P) int16
+                     view_params (V, N, P) int16; or, with attrs `layout: topk`, `topk: K`
+                     (DESIGN §9), topk_values (V, N, K) float16|float32, topk_indices (V, N, K)
+                     int16 (int32 if C > 32767) and lse (V, N) float32 in place of logits
     adjusted-M.zarr  target_logits (V, N, C), fixed_target (V, N) bool, rewritten (V, N) bool,
                      sample_index (N,) int64
     dtd.zarr         teacher_* statistics, omega_teacher, static_temperature (V, N) float32,
@@ -669,12 +671,22 @@ class SoftLabelStore:
                     f"{self.path}: num_views is {want[0]!r}; a store holds at least one view of "
                     "each sample: rebuild it"
                 )
-            shape = self.array("logits").shape
-            if tuple(shape) != want:
-                raise StoreError(
-                    f"{self.path}: logits have shape {tuple(shape)} but the attributes "
-                    f"say (num_views, N, num_classes) = {want}; rebuild the store"
-                )
+            if self.attrs.get("layout", "dense") == "topk":
+                k = self.attrs.get("topk")
+                expected = {
+                    "topk_values": (want[0], n, k),
+                    "topk_indices": (want[0], n, k),
+                    "lse": (want[0], n),
+                }
+            else:
+                expected = {"logits": want}
+            for name, shape_wanted in expected.items():
+                shape = self.array(name).shape
+                if tuple(shape) != shape_wanted:
+                    raise StoreError(
+                        f"{self.path}: {name} has shape {tuple(shape)} but the attributes "
+                        f"say {shape_wanted} (num_views, N, ...); rebuild the store"
+                    )
             self.expect_sample_index(np.arange(n, dtype=np.int64), against="the canonical order 0..N-1")
 
 
@@ -693,14 +705,21 @@ def _short(value: Any) -> str:
     return text if len(text) <= 24 else text[:20] + "...'"
 
 
-def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
+def open_store(
+    path: str | Path, *, kind: str | None = None, layouts: tuple[str, ...] = ("dense",)
+) -> SoftLabelStore:
     """Open a finished store read-only and check its schema.
 
+    Args:
+        path: the store folder. kind: the store kind expected (None: any).
+        layouts: the row layouts the caller reads (attribute `layout`, "dense" when absent):
+            a consumer that needs every logit of a row keeps the default and so refuses a
+            top-k store (DESIGN §9) before reading or writing anything.
     Raises:
         StoreError: the folder is missing, only a `.partial` exists, it is not a zarr group, it
-            was written by another schema version, it is incomplete, it is of another kind, a
-            chunk file of a (non-bool) array is missing, a chunk fails its checksum, or its arrays
-            no longer match the content digest recorded when it was written.
+            was written by another schema version, it is incomplete, it is of another kind or
+            layout, a chunk file of a (non-bool) array is missing, a chunk fails its checksum,
+            or its arrays no longer match the content digest recorded when it was written.
     """
     path = Path(path)
     if not path.exists():
@@ -725,6 +744,15 @@ def open_store(path: str | Path, *, kind: str | None = None) -> SoftLabelStore:
         raise StoreError(f"{path}: the store is incomplete (never finalized); rebuild it")
     if kind is not None and attrs.get("kind") != kind:
         raise StoreError(f"{path}: a {attrs.get('kind')!r} store where a {kind!r} store is expected")
+    layout = attrs.get("layout", "dense")
+    if layout not in layouts:
+        if layout == "topk":
+            raise StoreError(
+                f"{path}: a top-k store (layout: topk, topk: {attrs.get('topk')}) but this command "
+                "needs dense logits (every class of a row); set teacher_dump.layout: dense and "
+                "rerun the dump (dvc repro teacher_dump), or give it a dense store"
+            )
+        raise StoreError(f"{path}: a store of layout {layout!r} where {' or '.join(layouts)} is expected")
     try:  # an array's metadata that is not zarr's (edited, truncated) must not become a traceback
         _check_chunks(path, group)
     except (ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError

@@ -46,6 +46,7 @@ __all__ = [
     "Split",
     "Dataset",
     "available_datasets",
+    "count_classes",
     "data_root",
     "default_root",
     "load_dataset",
@@ -221,6 +222,20 @@ def data_root(config: DataConfig) -> Path:
         shown = root if root.is_absolute() else f"{root} (from {Path.cwd()})"
         raise DatasetError(f"{config.name}: {shown} does not exist; {entry.hint}")
     return root
+
+
+def count_classes(config: DataConfig) -> int:
+    """The class count C of the dataset `config` names, from its class names (no image is read).
+
+    Raises:
+        DatasetError: unknown name, root unset or missing, or files the loader cannot read.
+    """
+    try:
+        return len(_entry(config.name).loader(data_root(config))[0])
+    except DatasetError as exc:
+        raise DatasetError(
+            exc.args[0] if str(exc).startswith(config.name) else f"{config.name}: {exc}"
+        ) from exc
 
 
 def load_dataset(config: DataConfig) -> Dataset:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-SCRIPTS = ["student_step", "teacher_dump", "ka_dtd", "loader", "storage_size"]
+SCRIPTS = ["student_step", "teacher_dump", "ka_dtd", "loader", "storage_size", "topk"]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -119,12 +119,24 @@ def _check_storage_size(result: dict) -> None:
         assert row["extrapolated_50000"]["raw_logits_bytes"] == 162 * 50000 * row["num_classes"] * 2
 
 
+def _check_topk(result: dict) -> None:
+    rows = result["rows"]
+    generated = {(r["num_classes"], r["topk"]) for r in rows if r["source"] == "generated"}
+    assert generated == {(c, k) for c in (100, 1000) for k in (5, 10, 20)}
+    for row in rows:
+        assert row["raw_bytes_per_view"] == 4 * row["topk"] + 4
+        assert 0 < row["bytes_per_view"] <= row["raw_bytes_per_view"] * 1.2
+        assert row["kl_tau1"] >= 0 and row["kl_tau4"] >= 0 and 0 < row["tail_mass"] < 1
+    assert result["target"]["verdict"] in ("pass", "miss")
+
+
 CHECKS = {
     "student_step": _check_student_step,
     "teacher_dump": _check_teacher_dump,
     "ka_dtd": _check_ka_dtd,
     "loader": _check_loader,
     "storage_size": _check_storage_size,
+    "topk": _check_topk,
 }
 
 
