@@ -240,8 +240,7 @@ def teacher_dump_command(
     device = _device(config.device)
     options = dict(teacher=teacher, data=data_dir, checkpoint=checkpoint, out=train_out, test_out=test_out)
     if _relaunch(ctx, config.nproc, device, key="teacher_dump.nproc", what=train_out, **options):
-        click.echo(f"teacher {teacher}: logits in {train_out} and {test_out} ({config.nproc} processes)")
-        return
+        return  # rank 0 printed the result line
     report = teacher_dump.run(
         config,
         teacher=teacher,
@@ -251,10 +250,13 @@ def teacher_dump_command(
         test_out=test_out,
         device=device,
     )
-    if not ranks_from_env().main:
+    ranks = ranks_from_env()
+    if not ranks.main:
         return
+    shared = f", {ranks.world_size} processes" if ranks.distributed else ""
     click.echo(
-        f"teacher {teacher}: logits in {train_out} and {test_out} ({report['images_per_s']:.0f} img/s)"
+        f"teacher {teacher}: logits in {train_out} and {test_out} "
+        f"({report['images_per_s']:.0f} img/s{shared})"
     )
 
 

@@ -54,11 +54,14 @@ def ranks_env(monkeypatch):
 
 
 @pytest.mark.slow  # 2 torchrun ranks (~40 s)
-def test_a_two_rank_dump_writes_the_one_process_store_byte_for_byte(tmp_path, pipeline, ranks_env):
+def test_a_two_rank_dump_writes_the_one_process_store_byte_for_byte(tmp_path, pipeline, ranks_env, capfd):
     params = write_params(tmp_path / "params.yaml", pipeline.params, teacher_dump={"nproc": 2})
     args = _dump_args(pipeline, tmp_path)
-    result = ok(cli(params, *args))
-    assert "2 processes" in result.output
+    capfd.readouterr()
+    ok(cli(params, *args))
+    ranks_said = capfd.readouterr()  # the ranks' own stdout and stderr (child processes)
+    assert ranks_said.out.count("teacher t: logits in") == 1 and "2 processes" in ranks_said.out
+    assert ranks_said.err.count("dumped 320 views") == 1  # rank 0 logs for the job, rank 1 is quiet
     out = tmp_path / "stores" / "t"
     for name in ("logits.zarr", "test-logits.zarr"):
         assert tree_digest(out / name) == tree_digest(pipeline.teacher_stores / name), name
