@@ -1,4 +1,5 @@
-"""Pure tensor math shared by the stages: input checks, teacher wrongness and the KD loss.
+"""Pure tensor math shared by the stages: input checks, teacher wrongness, the KD loss and the
+logit-KD family an experiment's `loss` picks (dkd, ls, ttm; `distillation_loss`).
 
 Everything here is tensor in, tensor out: no I/O, no global state. The formulas are those of
 DESIGN §4 for *Preparing Lessons: Improve Knowledge Distillation with Better Supervision*
