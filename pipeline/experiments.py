@@ -15,6 +15,7 @@ from pipeline.sections import (
     ConfigError,
     Device,
     DtdMode,
+    KdLoss,
     _check_optimizer,
     _check_schedule,
     _check_seed,
@@ -43,10 +44,42 @@ class ExperimentConfig:
     # offline: targets from the stores; online: the teacher checkpoint runs on each batch (the
     # baseline the stores must match; KA and DTD applied on the fly by the same functions).
     teacher_mode: Literal["offline", "online"] = "offline"
+    # The distillation term (README "The logit-KD family"), mixed with CE by alpha as KD is: kd
+    # (Hinton), dkd (Decoupled KD, arXiv:2203.08679), ls (KD on z-scored logits,
+    # arXiv:2403.01427), ttm (transformed teacher matching, arXiv:2402.11148).
+    loss: KdLoss = "kd"
+    dkd_alpha: float = 1.0  # DKD's TCKD weight (loss: dkd only)
+    dkd_beta: float = 8.0  # DKD's NCKD weight, the paper's CIFAR-100 setting (loss: dkd only)
 
 
 #: `student_train` keys an experiment may set for itself (null = the shared value).
 OVERRIDABLE = ("arch", "epochs", "batch_size", "lr", "alpha")
+
+
+def _check_loss(exp: ExperimentConfig, where: str) -> None:
+    """Refuse a `loss` that cannot run with the experiment's other keys (one line naming the key)."""
+    if exp.loss != "kd" and not exp.kd:
+        raise ConfigError(
+            f"{where}.loss: {exp.loss} distils a teacher, but kd is false (a cross-entropy student); "
+            "set kd: true, or remove loss"
+        )
+    if exp.loss == "dkd" and exp.adjust == "lsr":
+        raise ConfigError(
+            f"{where}.loss: dkd is undefined on the fixed-target rows of adjust: lsr (a smoothed "
+            "label, no teacher logits to decouple); use adjust: ps or none with dkd, or loss: kd, "
+            "ls or ttm with lsr"
+        )
+    if exp.loss == "ttm" and exp.fixed_target_temperature is not None:
+        raise ConfigError(
+            f"{where}.fixed_target_temperature: ttm never softens the student (τ = 1 on its side), so "
+            "fixed rows have no student temperature to set; remove the key, or use loss: kd or ls"
+        )
+    for key in ("dkd_alpha", "dkd_beta"):
+        value = getattr(exp, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{where}.{key}: must be a finite number >= 0, got {value}")
+        if exp.loss != "dkd" and value != getattr(ExperimentConfig, key):
+            raise ConfigError(f"{where}.{key}: only read with loss: dkd (got loss: {exp.loss}); remove it")
 
 
 @dataclass(frozen=True)
@@ -90,6 +123,7 @@ class StudentTrainConfig:
                 )
             if value is not None:
                 check_temperature(value, f"student_train.experiments.{name}.fixed_target_temperature")
+            _check_loss(exp, f"student_train.experiments.{name}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(
                 f"student_train.seeds: must be a non-empty list of distinct integers, got {list(self.seeds)}"
@@ -146,6 +180,9 @@ class StudentTrainConfig:
             dtd=exp.dtd,
             fixed_target_temperature=fixed_target_temperature,
             teacher_mode=exp.teacher_mode,
+            loss=exp.loss,
+            dkd_alpha=exp.dkd_alpha,
+            dkd_beta=exp.dkd_beta,
             arch=pick("arch"),
             epochs=pick("epochs"),
             batch_size=pick("batch_size"),
@@ -176,6 +213,9 @@ class ResolvedExperiment:
     dtd: DtdMode
     fixed_target_temperature: float | None
     teacher_mode: Literal["offline", "online"]
+    loss: KdLoss
+    dkd_alpha: float
+    dkd_beta: float
     arch: str
     epochs: int
     batch_size: int

@@ -14,6 +14,9 @@ from storage.errors import LessonsError
 Device = Literal["auto", "cpu", "cuda"]
 AdjustMethod = Literal["ps", "lsr", "none"]  # Knowledge Adjustment: probability shift, label smoothing, off
 DtdMode = Literal["off", "static", "flsw", "cwsm"]  # an experiment's `dtd` key (README: DTD's names)
+# An experiment's `loss` key: Hinton's KD, Decoupled KD, logit standardization, transformed
+# teacher matching (README "The logit-KD family"; stages.functional).
+KdLoss = Literal["kd", "dkd", "ls", "ttm"]
 
 
 class ConfigError(LessonsError, ValueError):

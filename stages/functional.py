@@ -1,4 +1,5 @@
-"""Pure tensor math shared by the stages: input checks, teacher wrongness and the KD loss.
+"""Pure tensor math shared by the stages: input checks, teacher wrongness, the KD loss and the
+logit-KD family an experiment's `loss` picks (dkd, ls, ttm; `distillation_loss`).
 
 Everything here is tensor in, tensor out: no I/O, no global state. The formulas are those of
 DESIGN §4 for *Preparing Lessons: Improve Knowledge Distillation with Better Supervision*
@@ -145,6 +146,25 @@ def teacher_is_wrong(teacher_logits: Tensor, labels: Tensor) -> Tensor:
     return label_logit < logits.amax(dim=1)
 
 
+def _softening_inputs(
+    student_logits: Tensor, target_logits: Tensor, temperature: float | Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(student (B, C), detached target (B, C), detached τ (B|1, 1)) in the compute dtype."""
+    dtype = compute_dtype(student_logits, target_logits)  # float32|64
+    student = student_logits.to(dtype)  # (B, C)
+    target = target_logits.detach().to(device=student.device, dtype=dtype)  # (B, C)
+    tau = torch.as_tensor(temperature, dtype=dtype, device=student.device).detach().reshape(-1, 1)  # (B|1, 1)
+    return student, target, tau
+
+
+def _kd_rows(student: Tensor, target: Tensor, tau: Tensor, fixed_target: Tensor) -> Tensor:
+    """(B,) KL(q_b ‖ p_b) in nats, both sides softened by τ_b except fixed-target rows' target."""
+    log_p = F.log_softmax((student - student.detach().amax(1, keepdim=True)) / tau, dim=1)  # (B, C)
+    soft = torch.where(fixed_target.unsqueeze(1), target, (target - target.amax(1, keepdim=True)) / tau)
+    log_q = F.log_softmax(soft, dim=1)  # (B, C)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(1)  # (B,) nats
+
+
 def kd_loss(
     student_logits: Tensor,
     target_logits: Tensor,
@@ -170,14 +190,8 @@ def kd_loss(
     Returns:
         Scalar tensor, nats, >= 0: float32, or float64 if an input is float64.
     """
-    dtype = compute_dtype(student_logits, target_logits)  # float32|64
-    student = student_logits.to(dtype)  # (B, C)
-    target = target_logits.detach().to(device=student.device, dtype=dtype)  # (B, C)
-    tau = torch.as_tensor(temperature, dtype=dtype, device=student.device).detach().reshape(-1, 1)  # (B|1, 1)
-    log_p = F.log_softmax((student - student.detach().amax(1, keepdim=True)) / tau, dim=1)  # (B, C)
-    soft = torch.where(fixed_target.unsqueeze(1), target, (target - target.amax(1, keepdim=True)) / tau)
-    log_q = F.log_softmax(soft, dim=1)  # (B, C)
-    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(1)  # (B,) nats
+    student, target, tau = _softening_inputs(student_logits, target_logits, temperature)
+    kl = _kd_rows(student, target, tau, fixed_target)  # (B,) nats
     kd = (tau[:, 0] ** 2 * kl).sum() / kl.shape[0]  # batchmean
     return (1 - alpha) * F.cross_entropy(student, labels) + alpha * kd
 
@@ -232,3 +246,241 @@ def ensemble_logits(teacher_logits: Tensor, *, combine: str, temperature: float)
     else:
         log_q = torch.logsumexp(log_p, dim=0) - math.log(teachers)  # (N, C) log of the mean
     return temperature * log_q
+
+
+# --- the logit-KD family (issue 13): each a drop-in for kd_loss, selected by an experiment's `loss` ---
+
+
+def _kl_rows(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """(B,) Σ_c q_c·(log q_c − log p_c) from (B, K) log-probabilities; a class with q_c = 0
+    (log q_c = −inf, e.g. a masked one) adds 0, never 0·(−inf) = NaN."""
+    terms = log_q.exp() * (log_q - log_p)  # (B, K)
+    return torch.where(torch.isneginf(log_q), torch.zeros_like(terms), terms).sum(1)
+
+
+def dkd_parts(
+    student_logits: Tensor, target_logits: Tensor, labels: Tensor, *, temperature: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-row TCKD and NCKD of Decoupled KD (Zhao et al., CVPR 2022, arXiv:2203.08679 §3.1).
+
+    With p = softmax(s/τ), q = softmax(t/τ) and y the label: TCKD = KL(b^q ‖ b^p) over the binary
+    (target, non-target) split b = (p_y, 1 − p_y) (Eq. 3-4), NCKD = KL(q̂ ‖ p̂) over the C − 1
+    non-target classes renormalised, p̂_c = p_c / (1 − p_y) (Eq. 2). Their Eq. (5) identity holds
+    exactly: KL(q ‖ p) = TCKD + (1 − q_y)·NCKD. Everything is taken from log-softmax (never a log
+    of a probability sum), the label's column masked to −inf for NCKD, so a tiny τ or a confident
+    teacher gives no NaN.
+
+    Args:
+        student_logits: (B, C) float, C >= 2. target_logits: (B, C) float, finite (detached).
+        labels: (B,) int64 in [0, C). temperature: a float or (B,) float tensor, every τ > 0.
+    Returns:
+        (tckd, nckd): two (B,) tensors, nats, >= 0, unscaled (no τ²), in the compute dtype.
+    """
+    student, target, tau = _softening_inputs(student_logits, target_logits, temperature)
+    is_label = F.one_hot(labels.long(), student.shape[1]).bool()  # (B, C)
+    soft_student = (student - student.detach().amax(1, keepdim=True)) / tau  # (B, C)
+    soft_target = (target - target.amax(1, keepdim=True)) / tau  # (B, C)
+
+    def binary(soft: Tensor) -> Tensor:  # (B, 2): log b_target, log b_rest
+        log_probs = F.log_softmax(soft, dim=1)  # (B, C)
+        log_rest = torch.logsumexp(log_probs.masked_fill(is_label, -math.inf), dim=1)  # (B,)
+        return torch.stack([log_probs.gather(1, labels.long().unsqueeze(1)).squeeze(1), log_rest], dim=1)
+
+    tckd = _kl_rows(binary(soft_target), binary(soft_student))  # (B,)
+    log_p_rest = F.log_softmax(soft_student.masked_fill(is_label, -math.inf), dim=1)  # (B, C), −inf at y
+    log_q_rest = F.log_softmax(soft_target.masked_fill(is_label, -math.inf), dim=1)  # (B, C)
+    nckd = _kl_rows(log_q_rest, log_p_rest)  # (B,)
+    return tckd, nckd
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    target_logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    temperature: float | Tensor,
+    dkd_alpha: float,
+    dkd_beta: float,
+) -> Tensor:
+    """(1−α)·CE + α·mean_b τ_b²·(α_DKD·TCKD_b + β_DKD·NCKD_b): Decoupled KD (Zhao et al., CVPR
+    2022, arXiv:2203.08679, Eq. 7), TCKD and NCKD from `dkd_parts`.
+
+    The τ² scaling of both parts is the reference implementation's (mdistiller,
+    `mdistiller/distillers/DKD.py`), which also mixes as CE + DKD (CE weight 1); here the
+    experiment's α mixes CE and DKD as for every loss of the family, so the paper's recipe is
+    α = 0.5 with the whole loss doubled. mdistiller also ramps the DKD term linearly from 0 over
+    the first 20 epochs (`min(epoch / warmup, 1)`, a code detail not in Eq. 7); that warm-up is
+    not implemented here. The paper's CIFAR-100 setting is α_DKD = 1, β_DKD = 8, τ = 4
+    (mdistiller's cfg.py defaults; its per-pair configs were not checked here). DKD needs the teacher's
+    logits on every row: KA-LSR's fixed-target rows are refused where the config is loaded.
+
+    Args:
+        student_logits: (B, C) float, C >= 2. target_logits: (B, C) float, finite (KA-PS rows
+            welcome). labels: (B,) int64 in [0, C). alpha: in [0, 1].
+        temperature: a float or (B,) float tensor (DTD's τ_x), every τ > 0.
+        dkd_alpha: α_DKD >= 0, the TCKD weight. dkd_beta: β_DKD >= 0, the NCKD weight.
+    Returns:
+        Scalar tensor, nats, >= 0: float32, or float64 if an input is float64.
+    """
+    tckd, nckd = dkd_parts(student_logits, target_logits, labels, temperature=temperature)  # (B,) each
+    student, _, tau = _softening_inputs(student_logits, target_logits, temperature)
+    dkd = (tau[:, 0] ** 2 * (dkd_alpha * tckd + dkd_beta * nckd)).sum() / tckd.shape[0]  # batchmean
+    return (1 - alpha) * F.cross_entropy(student, labels) + alpha * dkd
+
+
+def standardize_logits(logits: Tensor) -> Tensor:
+    """Z-score each row: Z(z) = (z − mean_c z) / (std_c z + 1e-7) (Sun et al., CVPR 2024,
+    arXiv:2403.01427, Algorithm 1; the base temperature divides afterwards, in the KL).
+
+    std is Bessel-corrected (divides by C − 1) with 1e-7 added, as in the authors' code
+    (`normalize` in sunshangquan/logit-standardization-KD); the paper writes σ without saying
+    which, and the two differ by the constant factor sqrt(C / (C − 1)) that τ absorbs. The
+    gradient flows through the mean and std (the student's side).
+
+    Args:
+        logits: (B, C) float, C >= 2.
+    Returns:
+        (B, C), same dtype: every row has mean 0 and (Bessel) std 1 up to the 1e-7; a constant
+        row becomes zeros. Invariant to z -> a·z + b for any a > 0.
+    """
+    mean = logits.mean(dim=1, keepdim=True)  # (B, 1)
+    std = logits.std(dim=1, keepdim=True)  # (B, 1), divides by C - 1
+    return (logits - mean) / (std + 1e-7)
+
+
+def ls_loss(
+    student_logits: Tensor,
+    target_logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    temperature: float | Tensor,
+    fixed_target: Tensor,
+) -> Tensor:
+    """(1−α)·CE(s) + α·mean_b τ_b²·KL(softmax(Z(t_b)/τ_b) ‖ softmax(Z(s_b)/τ_b)): KD on
+    logit-standardized logits (Sun et al., CVPR 2024, arXiv:2403.01427, §3.3 and Algorithm 1).
+
+    Z (`standardize_logits`) pre-processes both sides before the softened KL; CE stays on the
+    plain student logits, as in the authors' code. The student need only match the teacher's
+    logits up to a positive scale and shift: s = a·t + b (a > 0) gives a KD term of 0. τ is the
+    paper's base temperature (τ0, or DTD's per-sample τ_x); the authors' CIFAR-100 script
+    defaults to 2 with KD weight 9, beside a CE weight of 1 or 0.1 depending on the version of
+    their cfg.py (unconfirmed as the paper's setting). A fixed-target (KA-LSR) row holds a
+    smoothed label, not logits, so it is not standardized: it is matched as in `kd_loss`
+    (target as is, student at that row's τ, weight τ²); on such a row the term is a
+    label-smoothed CE, which LS keeps on plain logits anyway.
+
+    Args:
+        student_logits: (B, C) float, C >= 2. target_logits: (B, C) float, finite.
+        labels: (B,) int64 in [0, C). alpha: in [0, 1].
+        temperature: a float or (B,) float tensor, every τ > 0. fixed_target: (B,) bool.
+    Returns:
+        Scalar tensor, nats, >= 0: float32, or float64 if an input is float64.
+    """
+    student, target, tau = _softening_inputs(student_logits, target_logits, temperature)
+    fixed = fixed_target.unsqueeze(1)  # (B, 1)
+    student_in = torch.where(fixed, student, standardize_logits(student))  # (B, C)
+    target_in = torch.where(fixed, target, standardize_logits(target))  # (B, C)
+    kl = _kd_rows(student_in, target_in, tau, fixed_target)  # (B,) nats
+    ls = (tau[:, 0] ** 2 * kl).sum() / kl.shape[0]  # batchmean
+    return (1 - alpha) * F.cross_entropy(student, labels) + alpha * ls
+
+
+def ttm_loss(
+    student_logits: Tensor,
+    target_logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    temperature: float | Tensor,
+    fixed_target: Tensor,
+) -> Tensor:
+    """(1−α)·CE + α·mean_b τ_b·KL(softmax(t_b/τ_b) ‖ softmax(s_b)): Transformed Teacher Matching
+    (Zheng & Yang, ICLR 2024, arXiv:2402.11148, Eq. 2 and Eq. 19).
+
+    Only the teacher is transformed (softmax(t/τ) is the power transform p^{1/τ} renormalised,
+    their §3.1); the student is taken at τ = 1. The paper's loss is CE + β·KL with no τ² factor;
+    (1−α)·(CE + β·KL) with β = α·τ/(1−α) is this function, which is their Eq. (19): the β that
+    keeps KD's balance for the same α (α 0.9, τ 4 gives their β = 36 of Fig. 1). The tuned
+    per-pair β of their Table 8 differ (e.g. γ = 1/τ = 0.1 with β near 100; their table is
+    garbled in the copy read here, so those values are unconfirmed). Reaching a given β needs
+    α = β/(β + τ) and the loss scaled by 1/(1−α). The target side depends on the teacher alone, so
+    it is fully precomputable: `ttm_loss` on rows holding log softmax(t/τ) marked fixed equals
+    `ttm_loss` on t. A fixed-target (KA-LSR) row is used as is (no transform) with weight τ_b
+    (student-train passes τ = 1 there: KL(q ‖ softmax(s)), as `kd_loss` does).
+
+    Args:
+        student_logits: (B, C) float. target_logits: (B, C) float, finite.
+        labels: (B,) int64 in [0, C). alpha: in [0, 1].
+        temperature: a float or (B,) float tensor, every τ > 0. fixed_target: (B,) bool.
+    Returns:
+        Scalar tensor, nats, >= 0: float32, or float64 if an input is float64. Its KD term is 0
+        exactly when softmax(s_b) = softmax(t_b/τ_b).
+    """
+    student, target, tau = _softening_inputs(student_logits, target_logits, temperature)
+    log_p = F.log_softmax(student, dim=1)  # (B, C), the student unsoftened
+    soft = torch.where(fixed_target.unsqueeze(1), target, (target - target.amax(1, keepdim=True)) / tau)
+    log_q = F.log_softmax(soft, dim=1)  # (B, C), the transformed teacher
+    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(1)  # (B,) nats
+    ttm = (tau[:, 0] * kl).sum() / kl.shape[0]  # batchmean
+    return (1 - alpha) * F.cross_entropy(student, labels) + alpha * ttm
+
+
+#: The values of an experiment's `loss` key (README "The logit-KD family").
+LOSSES = ("kd", "dkd", "ls", "ttm")
+
+
+def distillation_loss(
+    loss: str,
+    student_logits: Tensor,
+    target_logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    temperature: float | Tensor,
+    fixed_target: Tensor,
+    dkd_alpha: float = 1.0,
+    dkd_beta: float = 8.0,
+) -> Tensor:
+    """The loss an experiment's `loss` key names: `kd_loss`, `dkd_loss`, `ls_loss` or `ttm_loss`.
+
+    Args:
+        loss: one of `LOSSES`. dkd_alpha, dkd_beta: read by dkd only, whose `fixed_target` must
+            be all False (KA-LSR with dkd is refused where the config is loaded).
+        Others: as `kd_loss`.
+    Returns:
+        Scalar tensor, nats.
+    Raises:
+        ValueError: an unknown `loss`.
+    """
+    if loss == "kd":
+        return kd_loss(
+            student_logits,
+            target_logits,
+            labels,
+            alpha=alpha,
+            temperature=temperature,
+            fixed_target=fixed_target,
+        )
+    if loss == "dkd":
+        return dkd_loss(
+            student_logits,
+            target_logits,
+            labels,
+            alpha=alpha,
+            temperature=temperature,
+            dkd_alpha=dkd_alpha,
+            dkd_beta=dkd_beta,
+        )
+    if loss in ("ls", "ttm"):
+        family = ls_loss if loss == "ls" else ttm_loss
+        return family(
+            student_logits,
+            target_logits,
+            labels,
+            alpha=alpha,
+            temperature=temperature,
+            fixed_target=fixed_target,
+        )
+    raise ValueError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")

@@ -57,6 +57,9 @@ EXPERIMENT_KEYS = (
     "dtd",
     "fixed_target_temperature",
     "teacher_mode",
+    "loss",
+    "dkd_alpha",
+    "dkd_beta",
     "arch",
     "epochs",
     "lr",
@@ -92,6 +95,7 @@ class ExperimentRow:
     settings: str = ""  # what this experiment sets differently from the shared defaults
     teacher_mode: str = "offline"  # online: the teacher ran on every batch (the baseline of the stores)
     images_per_s: float | None = None  # training images per second, mean over seeds
+    kd_label: str = "yes"  # the KD column: "yes" (Hinton's KD) or the logit-KD loss with its weights
 
     @property
     def n(self) -> int:
@@ -213,6 +217,12 @@ def student_record(metrics: Mapping[str, Any], config: Mapping[str, Any] | None)
             )
         },
         "teacher_mode": resolved.get("teacher_mode", "offline"),
+        # records written before the `loss` key were kd; DKD's weights only where they are read
+        "loss": resolved.get("loss") or "kd",
+        **{
+            key: resolved.get(key) if resolved.get("loss") == "dkd" else None
+            for key in ("dkd_alpha", "dkd_beta")
+        },
         "experiment": config.get("experiment"),
         "seed": config.get("seed"),
         "teacher": teacher.get("name") if isinstance(teacher, Mapping) else teacher,
@@ -227,6 +237,18 @@ def _adjust_label(record: Mapping[str, Any]) -> str:
     if record.get("fixed_target_temperature") not in (None, 1.0):  # 1.0: the default (DESIGN §4)
         label += f" (fixed rows at τ {float(record['fixed_target_temperature']):g})"
     return label
+
+
+def _loss_label(record: Mapping[str, Any]) -> str:
+    """The KD column: "no" for a CE student, "yes" for KD (Hinton), else the loss, e.g. "dkd (α 1, β 8)"."""
+    if not record.get("kd", False):
+        return "no"
+    loss = str(record.get("loss") or "kd")
+    if loss == "kd":
+        return "yes"
+    if loss == "dkd":
+        return f"dkd (α {_format_value(record.get('dkd_alpha'))}, β {_format_value(record.get('dkd_beta'))})"
+    return loss
 
 
 def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[ExperimentRow]:
@@ -285,6 +307,7 @@ def aggregate_experiments(students: Sequence[Mapping[str, Any]]) -> list[Experim
                 settings=settings_label(first),
                 teacher_mode=str(first.get("teacher_mode") or "offline"),
                 images_per_s=_mean_of(records, "images_per_s"),
+                kd_label=_loss_label(first),
             )
         )
     return rows
@@ -320,8 +343,8 @@ def online_table(rows: Sequence[ExperimentRow]) -> Table:
                 for r in rows
                 if r.teacher_mode == "offline"
                 and r.kd
-                and (r.teacher, r.adjust, r.dtd, r.settings)
-                == (online.teacher, online.adjust, online.dtd, online.settings)
+                and (r.teacher, r.kd_label, r.adjust, r.dtd, r.settings)
+                == (online.teacher, online.kd_label, online.adjust, online.dtd, online.settings)
             ),
             None,
         )
@@ -476,7 +499,7 @@ def student_table(
                 row.experiment,
                 str(row.n),
                 row.teacher or MISSING,
-                "yes" if row.kd else "no",
+                row.kd_label if row.kd else "no",
                 row.adjust,
                 row.dtd,
                 format_percent(teacher_acc),

@@ -13,7 +13,9 @@ eval mode on the very batch the student sees, and KA and DTD are applied to its 
 fly by the same functions the stages run (`knowledge_adjustment`, `kd_batch_loss`).
 
 Loss (DESIGN §4, arXiv:1911.07471 §3): L = (1−α)·CE(s, y) + α·(1/B)·Σ τ_x²·KL(q_x ‖ p^{τ_x}(s)),
-with τ_x from `dtd`: off (τ0), static (teacher-only τ^T), flsw or cwsm (online, batch mean).
+with τ_x from `dtd`: off (τ0), static (teacher-only τ^T), flsw or cwsm (online, batch mean). The
+experiment's `loss` swaps the distillation term for another of the logit-KD family (dkd, ls,
+ttm; `stages.functional.distillation_loss`) on the same targets and temperatures.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import Tensor
 
 import nets
 from stages.adjust import knowledge_adjustment
-from stages.functional import kd_loss
+from stages.functional import distillation_loss
 from stages.lessons import Lessons, LessonStores, open_lessons
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
 from stages.training import (
@@ -127,6 +129,9 @@ def kd_batch_loss(
     dtd: DtdMode,
     temperature_config: TemperatureConfig,
     fixed_target_temperature: float | None = None,
+    loss: str = "kd",
+    dkd_alpha: float = 1.0,
+    dkd_beta: float = 8.0,
 ) -> Tensor:
     """The KD loss of one batch with targets gathered by `sample_index` (pure; DESIGN §4).
 
@@ -138,6 +143,8 @@ def kd_batch_loss(
             softened by the row's τ_x and its KL weighted by τ_x²), or a τ > 0 used instead on
             fixed-target (KA-LSR) rows only, for the student's softmax and the τ² weight alike
             (1.0: the student's plain distribution matched to the smoothed label, weight 1).
+        loss: the experiment's `loss` (kd | dkd | ls | ttm), with `dkd_alpha` and `dkd_beta`
+            for dkd (`stages.functional.distillation_loss`).
     Returns:
         scalar loss.
     """
@@ -149,7 +156,17 @@ def kd_batch_loss(
         temperature_config=temperature_config,
         fixed_target_temperature=fixed_target_temperature,
     )
-    return kd_loss(student_logits, targets, labels, alpha=alpha, temperature=temperature, fixed_target=fixed)
+    return distillation_loss(
+        loss,
+        student_logits,
+        targets,
+        labels,
+        alpha=alpha,
+        temperature=temperature,
+        fixed_target=fixed,
+        dkd_alpha=dkd_alpha,
+        dkd_beta=dkd_beta,
+    )
 
 
 def explain_nonfinite_kd_loss(
@@ -162,6 +179,9 @@ def explain_nonfinite_kd_loss(
     dtd: DtdMode,
     temperature_config: TemperatureConfig,
     fixed_target_temperature: float | None = None,
+    loss: str = "kd",
+    dkd_alpha: float = 1.0,
+    dkd_beta: float = 8.0,
     where: str = "student_train",
     lr: float | None = None,
 ) -> str:
@@ -176,7 +196,8 @@ def explain_nonfinite_kd_loss(
 
     Args:
         student_logits: (B, C) float, the batch's logits. labels: (B,) int64. sample_index: (B,).
-        lessons, alpha, dtd, temperature_config, fixed_target_temperature: as `kd_batch_loss`.
+        lessons, alpha, dtd, temperature_config, fixed_target_temperature, loss, dkd_alpha,
+            dkd_beta: as `kd_batch_loss`.
         where: the experiment's params key, e.g. "student_train.experiments.kd".
         lr: the experiment's learning rate, quoted in the message.
     Returns:
@@ -203,12 +224,23 @@ def explain_nonfinite_kd_loss(
     if not bool(torch.isfinite(ce)):
         peak = student_logits.abs().amax().item()
         return f"the student diverged (the CE term is {ce.item()}, its logits reach ±{peak:.3g}); {lower_lr}"
-    kd = kd_loss(student_logits, targets, labels, alpha=1.0, temperature=temperature, fixed_target=fixed)
+    kd = distillation_loss(
+        loss,
+        student_logits,
+        targets,
+        labels,
+        alpha=1.0,
+        temperature=temperature,
+        fixed_target=fixed,
+        dkd_alpha=dkd_alpha,
+        dkd_beta=dkd_beta,
+    )
     taus = torch.as_tensor(temperature, dtype=torch.float64).reshape(-1)
     coldest, hottest = taus.min().item(), taus.max().item()
+    term = "KD" if loss == "kd" else loss.upper()
     facts = (
-        f"the KD term (weight alpha={alpha:g}) is {kd.item()}, the CE term {ce.item():.4g}, with dtd={dtd} "
-        f"and temperatures in [{coldest:.3g}, {hottest:.3g}]"
+        f"the {term} term (weight alpha={alpha:g}) is {kd.item()}, the CE term {ce.item():.4g}, "
+        f"with dtd={dtd} and temperatures in [{coldest:.3g}, {hottest:.3g}]"
     )
     if not low <= coldest <= hottest <= high:
         if fixed_target_temperature is not None and not low <= fixed_target_temperature <= high:
@@ -242,6 +274,9 @@ class Supervision(TypedDict):
     dtd: DtdMode
     temperature_config: TemperatureConfig
     fixed_target_temperature: float | None
+    loss: str
+    dkd_alpha: float
+    dkd_beta: float
 
 
 class OnlineTeacher:
@@ -352,6 +387,11 @@ def run(
     num_test = manifest["splits"]["test"]["num_samples"]
     num_val = manifest["splits"]["val"]["num_samples"] if "val" in manifest["splits"] else 0
     where = f"student_train.experiments.{experiment.name}"
+    if experiment.kd and experiment.loss == "dkd" and experiment.adjust == "lsr":  # as the config refuses
+        raise StoreError(
+            f"{where}.loss: dkd is undefined on the fixed-target rows of the KA-LSR store "
+            "(adjusted-lsr.zarr); use adjust: ps or none with dkd, or loss: kd, ls or ttm with lsr"
+        )
     augmentation = training_augmentation(image_shape, experiment.augment)
     lesson_stores: LessonStores | None = None
     teacher, teacher_test = None, None
@@ -433,6 +473,9 @@ def run(
             dtd=experiment.dtd,
             temperature_config=temperature_config,
             fixed_target_temperature=experiment.fixed_target_temperature,
+            loss=experiment.loss,
+            dkd_alpha=experiment.dkd_alpha,
+            dkd_beta=experiment.dkd_beta,
         )
 
         def kd_loss_fn(logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:

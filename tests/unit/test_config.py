@@ -118,6 +118,44 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
             {"teacher_train": {"teachers": {"t": {"arch": "x", "milestones": [1.0]}}}},
             "teacher_train.teachers.milestones: must be increasing fractions",
         ),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "loss": "dist"}}}},
+            "student_train.experiments.a.loss: must be one of ['kd', 'dkd', 'ls', 'ttm'], got 'dist'",
+        ),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "loss": "dkd", "adjust": "lsr"}}}},
+            "student_train.experiments.a.loss: dkd is undefined on the fixed-target rows of adjust: lsr",
+        ),
+        (
+            {"student_train": {"experiments": {"a": {"kd": False, "loss": "ttm"}}}},
+            "student_train.experiments.a.loss: ttm distils a teacher, but kd is false",
+        ),
+        (
+            {
+                "student_train": {
+                    "experiments": {
+                        "a": {"teacher": "t", "loss": "ttm", "adjust": "lsr", "fixed_target_temperature": 2}
+                    }
+                }
+            },
+            "student_train.experiments.a.fixed_target_temperature: ttm never softens the student",
+        ),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "dkd_beta": 4.0}}}},
+            "student_train.experiments.a.dkd_beta: only read with loss: dkd (got loss: kd)",
+        ),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "loss": "dkd", "dkd_alpha": -1}}}},
+            "student_train.experiments.a.dkd_alpha: must be a finite number >= 0, got -1",
+        ),
+        (
+            {
+                "student_train": {
+                    "experiments": {"a": {"teacher": "t", "loss": "dkd", "dkd_beta": float("nan")}}
+                }
+            },
+            "student_train.experiments.a.dkd_beta: must be a finite number, got nan",
+        ),
     ],
 )
 def test_bad_params_raise_one_error_naming_the_section_and_key(raw, message):
@@ -289,3 +327,25 @@ def test_an_alpha_outside_zero_one_is_refused_on_load_since_the_kd_loss_checks_n
     ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             from_dict(Params, raw, "")
+
+
+def test_the_loss_defaults_to_kd_and_each_family_member_resolves_with_its_keys():
+    params = from_dict(
+        Params,
+        {
+            "student_train": {
+                "experiments": {
+                    "kd": {"teacher": "t"},
+                    "dkd": {"teacher": "t", "loss": "dkd", "adjust": "ps", "dtd": "flsw", "dkd_beta": 2},
+                    "ls_lsr": {"teacher": "t", "loss": "ls", "adjust": "lsr"},
+                    "ttm_lsr": {"teacher": "t", "loss": "ttm", "adjust": "lsr", "dtd": "static"},
+                }
+            }
+        },
+        "",
+    )
+    resolved = {name: params.student_train.experiment(name) for name in ("kd", "dkd", "ls_lsr", "ttm_lsr")}
+    assert (resolved["kd"].loss, resolved["kd"].dkd_alpha, resolved["kd"].dkd_beta) == ("kd", 1.0, 8.0)
+    assert (resolved["dkd"].loss, resolved["dkd"].dkd_alpha, resolved["dkd"].dkd_beta) == ("dkd", 1.0, 2.0)
+    # ls and ttm take KA-LSR: its fixed rows are matched with the plain student, weight 1
+    assert resolved["ls_lsr"].fixed_target_temperature == resolved["ttm_lsr"].fixed_target_temperature == 1.0

@@ -82,6 +82,38 @@ def test_the_ka_column_names_an_overridden_fixed_row_temperature():
     assert column(header, body, "KA") == {"kd_lsr": "lsr", "kd_lsr_t2": "lsr (fixed rows at τ 2)"}
 
 
+def test_the_kd_column_names_the_logit_kd_loss_and_dkds_weights():
+    from stages.report import student_record
+
+    def written(name: str, **config) -> dict:  # a run's metrics and its config record
+        resolved = {"kd": name != "ce", "adjust": "none", "dtd": "off", **config}
+        return student_record({"test_top1": 0.8}, {"experiment": name, "seed": 0, "config": resolved})
+
+    header, body = table(
+        [
+            written("ce"),
+            written("kd", loss="kd", dkd_alpha=1.0, dkd_beta=8.0),
+            written("old_kd"),  # written before the loss key existed
+            written("dkd", loss="dkd", dkd_alpha=1.0, dkd_beta=8.0),
+            written("ttm", loss="ttm", dkd_alpha=1.0, dkd_beta=8.0),
+            student("ls", 0.8, loss="ls"),
+        ]
+    )
+    assert column(header, body, "KD") == {
+        "ce": "no",
+        "kd": "yes",
+        "old_kd": "yes",
+        "dkd": "dkd (α 1, β 8)",
+        "ttm": "ttm",
+        "ls": "ls",
+    }
+
+
+def test_runs_of_one_experiment_with_different_losses_are_rejected():
+    with pytest.raises(Exception, match="runs differ in loss"):
+        aggregate_experiments([student("x", 0.8, seed=0, loss="kd"), student("x", 0.8, seed=1, loss="ttm")])
+
+
 def test_online_experiments_sit_beside_their_offline_twin():
     rows = aggregate_experiments(
         [

@@ -193,3 +193,38 @@ def test_the_shuffled_loader_orders_each_epoch_by_its_key_and_seeds_never_share_
     )
     resumed.next_epoch = 2
     assert tuple(torch.cat([index.clone() for _, _, index in resumed]).numpy()) == orders[1, 2]
+
+
+def test_the_experiments_loss_picks_the_family_member_on_the_gathered_rows_and_temperatures():
+    # dkd (no fixed rows: KA-LSR is refused with it), ls and ttm on the rows sample_index names,
+    # static DTD's per-sample τ, and τ = 1 on fixed rows for ls/ttm as for kd.
+    from stages.functional import dkd_loss, ls_loss, ttm_loss
+
+    lessons = _lessons(4)
+    index = torch.from_numpy(np.random.default_rng(7).permutation(N)[:64])
+    student = torch.randn(64, C, generator=torch.Generator().manual_seed(8)) * 2
+    labels = torch.randint(0, C, (64,), generator=torch.Generator().manual_seed(9))
+    targets, fixed, static = (
+        lessons.target_logits[index],
+        lessons.fixed_target[index],
+        lessons.static_temperature[index],
+    )
+    settings = dict(lessons=lessons, alpha=0.8, dtd="static", temperature_config=TemperatureConfig())
+    no_fixed = Lessons(
+        target_logits=lessons.target_logits,
+        fixed_target=torch.zeros(N, dtype=torch.bool),
+        teacher_logits=lessons.teacher_logits,
+        static_temperature=lessons.static_temperature,
+    )
+    dkd = kd_batch_loss(
+        student, labels, index, **{**settings, "lessons": no_fixed}, loss="dkd", dkd_alpha=0.5, dkd_beta=2.0
+    )
+    want = dkd_loss(student, targets, labels, alpha=0.8, temperature=static, dkd_alpha=0.5, dkd_beta=2.0)
+    assert torch.equal(dkd, want)
+    per_row = torch.where(fixed, 1.0, static)
+    for name, family in (("ls", ls_loss), ("ttm", ttm_loss)):
+        got = kd_batch_loss(student, labels, index, **settings, fixed_target_temperature=1.0, loss=name)
+        want = family(student, targets, labels, alpha=0.8, temperature=per_row, fixed_target=fixed)
+        assert torch.equal(got, want), name
+    values = [float(kd_batch_loss(student, labels, index, **settings, loss=n)) for n in ("kd", "ls", "ttm")]
+    assert len({*values, float(dkd)}) == 4  # four different losses, not one under four names
