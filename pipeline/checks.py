@@ -6,14 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import ConfigError, Params
-from pipeline.datasets import DatasetError, count_classes, data_root, default_root
+from pipeline.datasets import DatasetError, check_layout, count_classes, default_root
 
 
 def check_environment(params: Params) -> None:
     """Refuse a params.yaml that cannot run on this machine, with one line naming the key.
 
     Checks: at least one teacher and one student experiment (dvc's matrix stages need them);
-    the dataset root (`data.root` or the dataset's default) exists; every teacher
+    the dataset root (`data.root` or the dataset's default) exists, with the files and folders
+    of its layout for `cifar100`, `cinic10` and `tinyimagenet` (`check_layout`); every teacher
     `checkpoint:` file exists; no `device: cuda` without a visible CUDA device; no `nproc` above
     the CUDA devices (a CUDA job) or CPU cores (a CPU one) of this host; with
     `teacher_dump.layout: topk`, K is below the dataset's class count C.
@@ -36,7 +37,7 @@ def check_environment(params: Params) -> None:
     except DatasetError as exc:
         raise ConfigError(f"data.name: {exc}") from exc
     try:
-        data_root(params.data)
+        check_layout(params.data)  # the root exists and, for a fixed layout, its files do
     except DatasetError as exc:
         raise ConfigError(f"data.root: {exc}") from exc
     dump = params.teacher_dump

@@ -9,14 +9,17 @@ every machine:
 | `fashion_mnist` | IDX files `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` | IDX file order  |
 | `cifar10`       | torchvision's `cifar-10-batches-py/` pickles      | batch 1..5 then rows        |
 | `cifar100`      | torchvision's `cifar-100-python/` pickles (fine labels) | file row order        |
+| `cinic10`       | CINIC-10's `train/<class>/*.png`, `test/<class>/*.png` | (class, file name)  |
+| `tinyimagenet`  | `tiny-imagenet-200/` (`wnids.txt`; `val/` is the test split) | (wnid, file name) |
 | `npz`           | a `.npz` file: packed JPEG bytes or uint8 arrays  | npz row order               |
 | `imagefolder`   | `train/<class>/*`, `val|test/<class>/*`, or Tiny ImageNet | (class name, file name) |
 
 A `sample_index` is a position in that order *after* subsetting (`balanced_subset`) and, when
 `data.validation_fraction` > 0, after the `val` rows (`validation_split`) are taken out of the
 train split: the train split keeps its remaining rows in canonical order. Nothing is ever
-downloaded. Each source has its own module (`idx`, `cifar`, `npz`, `imagefolder`) returning
-`source.Source`s; adding a dataset is one such loader plus one `_REGISTRY` entry.
+downloaded. Each source has its own module (`idx`, `cifar`, `npz`, `imagefolder`, `cinic`,
+`tinyimagenet`) returning `source.Source`s; adding a dataset is one such loader plus one
+`_REGISTRY` entry (with, where the layout is fixed, a cheap `layout` check for `check_layout`).
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.datasets.cifar import load_cifar
+from pipeline.datasets.cifar import check_cifar_layout, load_cifar
+from pipeline.datasets.cinic import check_cinic10_layout, load_cinic10
 from pipeline.datasets.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
 from pipeline.datasets.imagefolder import load_imagefolder
 from pipeline.datasets.npz import load_npz
 from pipeline.datasets.source import DatasetError, Source
 from pipeline.datasets.subsets import VALIDATION_STREAM, balanced_subset, validation_split
+from pipeline.datasets.tinyimagenet import load_tinyimagenet, tinyimagenet_wnids
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ __all__ = [
     "Split",
     "Dataset",
     "available_datasets",
+    "check_layout",
     "count_classes",
     "data_root",
     "default_root",
@@ -158,6 +164,9 @@ class _Entry(NamedTuple):
     loader: Callable[[Path], tuple[tuple[str, ...], Source, Source]]
     default_root: str | None
     hint: str  # how to get the data, for "missing" errors
+    # A cheap check of a fixed on-disk layout (files and folders exist; no image is read), for
+    # `check_layout`; None: only the root's existence is checked before the loader runs.
+    layout: Callable[[Path], object] | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -176,6 +185,19 @@ _REGISTRY: dict[str, _Entry] = {
         lambda root: load_cifar(root, hundred=True),
         None,
         "download CIFAR-100 yourself and set data.root to the folder holding cifar-100-python/",
+        lambda root: check_cifar_layout(root, hundred=True),
+    ),
+    "cinic10": _Entry(
+        load_cinic10,
+        None,
+        "download CINIC-10 yourself and set data.root to the folder holding train/ valid/ test/",
+        check_cinic10_layout,
+    ),
+    "tinyimagenet": _Entry(
+        load_tinyimagenet,
+        None,
+        "download Tiny ImageNet yourself and set data.root to its tiny-imagenet-200/ folder",
+        tinyimagenet_wnids,
     ),
     "npz": _Entry(load_npz, None, "set data.root to a .npz file (see shared/data/README.md)"),
     "imagefolder": _Entry(
@@ -222,6 +244,26 @@ def data_root(config: DataConfig) -> Path:
         shown = root if root.is_absolute() else f"{root} (from {Path.cwd()})"
         raise DatasetError(f"{config.name}: {shown} does not exist; {entry.hint}")
     return root
+
+
+def check_layout(config: DataConfig) -> None:
+    """Check, without reading any image, that the dataset `config` names is laid out as its
+    loader expects (`lessons check-params` runs this before any stage).
+
+    Datasets with a fixed layout (`cifar100`, `cinic10`, `tinyimagenet`) check that their files
+    and folders exist; the others only that the root does.
+    Raises:
+        DatasetError: unknown name, root unset or missing, or a missing file or folder (named,
+            with the fix).
+    """
+    root = data_root(config)
+    layout = _entry(config.name).layout
+    if layout is None:
+        return
+    try:
+        layout(root)
+    except DatasetError as exc:
+        raise DatasetError(f"{config.name}: {exc}") from exc
 
 
 def count_classes(config: DataConfig) -> int:

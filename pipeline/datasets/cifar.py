@@ -13,17 +13,13 @@ from pipeline.datasets.source import DatasetError, Source, array_source
 logger = logging.getLogger(__name__)
 
 
-def load_cifar(root: Path, hundred: bool) -> tuple[tuple[str, ...], Source, Source]:
-    """Read torchvision's CIFAR layout by the file list torchvision itself declares.
+def check_cifar_layout(root: Path, hundred: bool) -> None:
+    """Check that every pickle torchvision's layout declares is a file under `root` (none is read).
 
-    torchvision's `CIFAR10(root, download=False)` refuses any file whose md5 differs from the
-    official release, so it cannot read a re-packed or generated copy. This reads the same pickles
-    the same way (`pickle.load(encoding="latin1")`, `labels` or else `fine_labels`, CHW -> HWC),
-    checks their structure instead, and only logs a warning on an md5 mismatch. Like torchvision,
-    it unpickles: only point it at files you trust.
+    Raises:
+        DatasetError: naming the first missing file, the files expected and the fix.
     """
     from torchvision.datasets import CIFAR10, CIFAR100
-    from torchvision.datasets.utils import check_integrity
 
     spec = CIFAR100 if hundred else CIFAR10
     folder = root / spec.base_folder
@@ -37,6 +33,23 @@ def load_cifar(root: Path, hundred: bool) -> tuple[tuple[str, ...], Source, Sour
             "(torchvision layout) and set data.root to the folder holding "
             f"{spec.base_folder}/"
         )
+
+
+def load_cifar(root: Path, hundred: bool) -> tuple[tuple[str, ...], Source, Source]:
+    """Read torchvision's CIFAR layout by the file list torchvision itself declares.
+
+    torchvision's `CIFAR10(root, download=False)` refuses any file whose md5 differs from the
+    official release, so it cannot read a re-packed or generated copy. This reads the same pickles
+    the same way (`pickle.load(encoding="latin1")`, `labels` or else `fine_labels`, CHW -> HWC),
+    checks their structure instead, and only logs a warning on an md5 mismatch. Like torchvision,
+    it unpickles: only point it at files you trust.
+    """
+    from torchvision.datasets import CIFAR10, CIFAR100
+    from torchvision.datasets.utils import check_integrity
+
+    check_cifar_layout(root, hundred)
+    spec = CIFAR100 if hundred else CIFAR10
+    folder = root / spec.base_folder
 
     def unpickle(name: str) -> dict:
         try:

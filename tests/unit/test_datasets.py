@@ -511,7 +511,15 @@ def test_tiny_imagenet_annotation_for_a_missing_image_is_refused(tmp_path):
 
 
 def test_registry_lists_every_dataset_and_their_default_roots():
-    assert available_datasets() == ["cifar10", "cifar100", "fashion_mnist", "imagefolder", "npz"]
+    assert available_datasets() == [
+        "cifar10",
+        "cifar100",
+        "cinic10",
+        "fashion_mnist",
+        "imagefolder",
+        "npz",
+        "tinyimagenet",
+    ]
     assert default_root("npz") is None
 
 
