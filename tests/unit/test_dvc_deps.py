@@ -380,3 +380,25 @@ def test_a_student_depends_on_no_store_folder_only_on_the_digest_of_the_stores_i
         assert [d for d in deps if d.split("/")[0] in ("stores", "digests")] == [f"digests/{experiment}.json"]
     for experiment in experiments:  # the digest stage reads the stores (and reruns in seconds)
         assert "stores" in resolved[f"store_digests@{experiment}"]
+
+
+@pytest.mark.parametrize(
+    "params_file",
+    ["params.yaml", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("params/*.yaml"))],
+)
+def test_every_params_key_a_stage_lists_is_set_in_params_yaml_and_in_each_preset(params_file):
+    """dvc refuses to run a stage whose listed key the params file does not set, so a key listed
+    one by one (teacher_dump's, to leave out `nproc`) must be written in every file users run."""
+    content = yaml.safe_load((ROOT / params_file).read_text())
+    missing = []
+    for stage in _dvc_stages().values():
+        for entry in stage.get("params", []):
+            if "${" in entry:
+                continue
+            node: Any = content
+            for part in entry.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(entry)
+                    break
+                node = node[part]
+    assert not missing, f"{params_file} does not set {sorted(set(missing))}"
