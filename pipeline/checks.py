@@ -78,7 +78,10 @@ def check_environment(params: Params) -> None:
     from pipeline.launch import LaunchError, check_nproc
     from pipeline.seeding import resolve_device
 
-    ranks = (("teacher_dump.nproc", params.teacher_dump.nproc, params.teacher_dump.device),)
+    ranks = (
+        ("teacher_dump.nproc", params.teacher_dump.nproc, params.teacher_dump.device),
+        ("student_train.nproc", params.student_train.nproc, params.student_train.device),
+    )
     for key, nproc, device in ranks:
         if nproc > 1:
             try:

@@ -9,6 +9,7 @@ traceback); any other exception is a bug and shows its traceback.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -71,7 +72,16 @@ def _ready_torch() -> None:
     torch.set_num_threads(ranks_from_env().threads())
 
 
-def _relaunch(ctx: click.Context, nproc: int, device: Any, *, key: str, what: str, **options: Any) -> bool:
+def _relaunch(
+    ctx: click.Context,
+    nproc: int,
+    device: Any,
+    *,
+    key: str,
+    what: str,
+    kept: str | None = None,
+    **options: Any,
+) -> bool:
     """Run this command as `nproc` torchrun ranks when `nproc` > 1 and this process is not a
     rank yet (`pipeline.launch`). Returns whether it did (the command is then finished)."""
     from stages.distributed import ranks_from_env
@@ -86,7 +96,7 @@ def _relaunch(ctx: click.Context, nproc: int, device: Any, *, key: str, what: st
             argv.append(flag if value else "--no-" + name.replace("_", "-"))
         elif value is not None:
             argv += [flag, str(value)]
-    launch(nproc, argv, device=device, key=key, what=what)
+    launch(nproc, argv, device=device, key=key, what=what, **({} if kept is None else {"kept": kept}))
     return True
 
 
@@ -429,6 +439,27 @@ def student_train_command(
             f"{resolved.teacher!r}; known: {sorted(params.teacher_names())} (teacher_train.teachers "
             "and ensemble.ensembles)"
         )
+    device = _device(resolved.device)
+    options = dict(
+        experiment=experiment,
+        seed=seed,
+        data=data_dir,
+        stores=stores_root,
+        checkpoint_out=checkpoint_out,
+        metrics_out=metrics_out,
+        curve_out=curve_out,
+        resume=resume,
+        teacher_checkpoints=teacher_checkpoints,
+    )
+    kept = "the training state of finished epochs is kept: run the same command again to resume"
+    if _relaunch(
+        ctx, resolved.nproc, device, key="student_train.nproc", what=checkpoint_out, kept=kept, **options
+    ):
+        top1 = json.loads(Path(metrics_out).read_text())["test_top1"]
+        click.echo(
+            f"student {experiment}: test top-1 {top1:.4f} -> {metrics_out} ({resolved.nproc} processes)"
+        )
+        return
     stores_dir = Path(stores_root) / resolved.teacher if resolved.teacher is not None else None
     metrics = student_train.run(
         resolved,
@@ -438,7 +469,7 @@ def student_train_command(
         checkpoint_out=checkpoint_out,
         metrics_out=metrics_out,
         curve_out=curve_out,
-        device=_device(resolved.device),
+        device=device,
         resume=resume,
         data_config=params.data,
         overrides=params.student_train.overrides(experiment),
@@ -447,6 +478,8 @@ def student_train_command(
         else Path(teacher_checkpoints) / f"{resolved.teacher}.pt",
         epsilon=params.adjust.epsilon,
     )
+    if not metrics:  # a rank other than 0: rank 0 reports
+        return
     click.echo(f"student {experiment}: test top-1 {metrics['test_top1']:.4f} -> {metrics_out}")
 
 

@@ -103,10 +103,32 @@ class StudentTrainConfig:
     # Lessons larger than this (bytes, all arrays a student reads) are streamed from the stores
     # once per epoch in chunk order instead of held in memory (DESIGN §5).
     max_lesson_bytes: int = 4 * 1024**3
+    # Processes training each student (DESIGN §6): > 1 runs it as that many torchrun ranks under
+    # DistributedDataParallel (one per CUDA device on GPU), each on batch_size / nproc images of
+    # every step. The result depends on it (float rounding; BatchNorm statistics per rank), so dvc
+    # tracks it. Under your own torchrun (several hosts) set it to the job's world size.
+    nproc: int = 1
+    # Mixed precision on CUDA (bf16 autocast where the GPU has it, else fp16 with a GradScaler);
+    # no effect on CPU, where students train in float32 as ever.
+    amp: bool = True
     experiments: dict[str, ExperimentConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _positive(self, "student_train", ("epochs", "batch_size", "lr", "num_workers", "max_lesson_bytes"))
+        _positive(
+            self, "student_train", ("epochs", "batch_size", "lr", "num_workers", "max_lesson_bytes", "nproc")
+        )
+        for key, batch_size in [
+            ("student_train.batch_size", self.batch_size),
+            *(
+                (f"student_train.experiments.{name}.batch_size", exp.batch_size)
+                for name, exp in self.experiments.items()
+            ),
+        ]:
+            if batch_size is not None and batch_size > 0 and batch_size % self.nproc:
+                raise ConfigError(
+                    f"{key}: {batch_size} is not divisible by student_train.nproc {self.nproc} (each "
+                    f"process takes batch_size / nproc images of every step); use a multiple of {self.nproc}"
+                )
         _check_optimizer(self, "student_train")
         _check_schedule(self, "student_train")
         for name, exp in self.experiments.items():
@@ -198,6 +220,8 @@ class StudentTrainConfig:
             num_workers=self.num_workers,
             device=self.device,
             max_lesson_bytes=self.max_lesson_bytes,
+            nproc=self.nproc,
+            amp=self.amp,
         )
         return resolved  # every field was checked on load (shared values and overrides alike)
 
@@ -231,3 +255,5 @@ class ResolvedExperiment:
     num_workers: int
     device: Device
     max_lesson_bytes: int
+    nproc: int
+    amp: bool

@@ -51,13 +51,22 @@ def check_nproc(nproc: int, device: torch.device, *, key: str) -> None:
         )
 
 
-def launch(nproc: int, argv: Sequence[str], *, device: torch.device, key: str, what: str) -> None:
+def launch(
+    nproc: int,
+    argv: Sequence[str],
+    *,
+    device: torch.device,
+    key: str,
+    what: str,
+    kept: str = "the work of finished chunks is kept: run the same command again (any nproc) to resume",
+) -> None:
     """Run `python -m pipeline <argv>` as `nproc` ranks of one torchrun job on this host.
 
     Args:
         nproc: ranks to start (>= 2). argv: the `lessons` arguments each rank runs.
         device: the stage's resolved device (CUDA: one rank per device). key: the params key that
-            set `nproc` (for messages). what: the stage's output, named in messages.
+            set `nproc` (for messages). what: the stage's output, named in messages. kept: what
+            a rank's death leaves and how to resume, for that message.
     Raises:
         LaunchError: `nproc` above the devices or cores, or a rank failed: its one-line error, or
             the signal it died of.
@@ -90,9 +99,7 @@ def launch(nproc: int, argv: Sequence[str], *, device: torch.device, key: str, w
             message = failure.message if isinstance(failure.message, str) else ""
             if failure.exitcode < 0 or not message or message.startswith("To enable traceback"):
                 raise LaunchError(
-                    f"rank {rank} of {nproc} died (exit status {failure.exitcode}); {what}: the "
-                    "work of finished chunks is kept: run the same command again (any nproc) "
-                    "to resume"
+                    f"rank {rank} of {nproc} died (exit status {failure.exitcode}); {what}: {kept}"
                 ) from None
             raise LaunchError(message) from None
         finally:

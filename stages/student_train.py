@@ -35,6 +35,7 @@ from torch import Tensor
 
 import nets
 from stages.adjust import knowledge_adjustment
+from stages.distributed import Ranks, barrier, process_group
 from stages.functional import distillation_loss
 from stages.lessons import Lessons, LessonStores, open_lessons
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
@@ -58,6 +59,7 @@ from stages.training import (
 from stages.views import training_augmentation
 from storage import StoreError, atomic_write_json, open_store
 from storage.beton import make_loader
+from storage.errors import SettingsError
 from storage.manifest import file_sha256, read_prepared
 
 if TYPE_CHECKING:
@@ -336,7 +338,6 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
     }
 
 
-@owns_outputs
 def run(
     experiment: ResolvedExperiment,
     *,
@@ -373,11 +374,63 @@ def run(
             shared values (recorded for the report's settings column; default: none known).
         teacher_checkpoint: the teacher's checkpoint, read only with `teacher_mode: online`.
         epsilon: KA-LSR's smoothing mass (`adjust.epsilon`), read only online with adjust lsr.
+    Run as one process, or as every rank of a torchrun job of `experiment.nproc` ranks
+    (DESIGN §6; `lessons student-train` starts them): each rank trains on its share of every
+    step's batch under DistributedDataParallel (see `stages.training.fit`), and rank 0 alone
+    locks and writes the outputs. With `experiment.amp` on CUDA the steps run in mixed precision.
+
     Returns:
-        the metrics dict (numbers only).
+        the metrics dict (numbers only); {} on ranks other than 0.
     Raises:
-        ManifestError, StoreError (stale or misaligned stores), UnknownArchitectureError.
+        ManifestError, StoreError (stale or misaligned stores), UnknownArchitectureError,
+        SettingsError (a job of another size than `student_train.nproc`), RankError (rank 0
+        refused the outputs, e.g. another run holds their lock).
     """
+    with process_group(device) as ranks:
+        if experiment.nproc != ranks.world_size:
+            raise SettingsError(
+                f"student_train.nproc is {experiment.nproc}, but this job has {ranks.world_size} "
+                f"process(es); run `lessons student-train` (it starts the ranks), or torchrun with "
+                f"{experiment.nproc} ranks in all, or set student_train.nproc: {ranks.world_size}"
+            )
+        metrics = _train(
+            experiment,
+            temperature_config=temperature_config,
+            data_dir=data_dir,
+            stores_dir=stores_dir,
+            checkpoint_out=checkpoint_out,
+            metrics_out=metrics_out,
+            curve_out=curve_out,
+            device=ranks.device(device),
+            resume=resume,
+            data_config=data_config,
+            overrides=overrides,
+            teacher_checkpoint=teacher_checkpoint,
+            epsilon=epsilon,
+            ranks=ranks,
+        )
+        barrier()  # every rank ends once rank 0 has written the outputs
+        return metrics
+
+
+@owns_outputs
+def _train(
+    experiment: ResolvedExperiment,
+    *,
+    temperature_config: TemperatureConfig,
+    data_dir: str | Path,
+    stores_dir: str | Path | None,
+    checkpoint_out: str | Path,
+    metrics_out: str | Path,
+    curve_out: str | Path,
+    device: torch.device,
+    resume: bool,
+    data_config: DataConfig | None,
+    overrides: dict[str, Any] | None,
+    teacher_checkpoint: str | Path | None,
+    epsilon: float,
+    ranks: Ranks,
+) -> dict[str, Any]:
     data_dir, checkpoint_out = Path(data_dir), Path(checkpoint_out)
     manifest = read_prepared(data_dir)
     image_shape = tuple(manifest["image_shape"])
@@ -517,21 +570,28 @@ def run(
         augment=experiment.augment,
         image_shape=image_shape,
         batch_size=experiment.batch_size,
+        amp=experiment.amp,
     )
     train_loader = make_loader(
         data_dir / "train.beton",
-        batch_size=experiment.batch_size,
+        batch_size=experiment.batch_size // ranks.world_size,  # divisible: checked on load
         shuffle=True,
         seed=experiment.seed,
         drop_last=True,
         num_workers=experiment.num_workers,
+        shard=(ranks.rank, ranks.world_size) if ranks.distributed else None,
+        torch_threads=ranks.threads() if ranks.distributed else None,
     )
-    test_loader = make_loader(
-        data_dir / "test.beton", batch_size=512, shuffle=False, num_workers=experiment.num_workers
+    test_loader = (  # rank 0 alone evaluates
+        make_loader(
+            data_dir / "test.beton", batch_size=512, shuffle=False, num_workers=experiment.num_workers
+        )
+        if ranks.main
+        else None
     )
     val_loader = (
         make_loader(data_dir / "val.beton", batch_size=512, shuffle=False, num_workers=experiment.num_workers)
-        if num_val
+        if num_val and ranks.main
         else None
     )
     temperature_used = {  # the temperature keys the student's loss reads (not histogram_bins)
@@ -575,7 +635,10 @@ def run(
         num_val=num_val,
         epoch_views=epoch_views,
         on_inputs=None if online is None else online.observe,
+        ranks=ranks,
     )
+    if not ranks.main:
+        return {}
     test_logits, test_labels = result["test_logits"], result["test_labels"]
     metrics: dict[str, Any] = {
         **(

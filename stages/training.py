@@ -8,6 +8,7 @@ fingerprint. Its sha256 identifies the teacher in every store written from it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 import nets
+from stages.distributed import Ranks, from_main, gather
 from stages.progress import progress
 from stages.views import Augmentation, training_augmentation
 from storage.atomic import OutputError, atomic_write_bytes, ensure_parents, exclusive_lock
@@ -50,18 +52,38 @@ def owns_outputs(run: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a training stage's `run`: create the folders of `checkpoint_out`, `metrics_out`
     and `curve_out` first and hold `<checkpoint_out>.lock` for the whole run, so an unwritable
     output fails before any training and a second run writing the same outputs is refused at
-    once (OutputError) instead of interleaving training states and result files."""
+    once (OutputError) instead of interleaving training states and result files.
+
+    Under torchrun (a `ranks` keyword, passed on to `run`), rank 0 alone creates, locks and
+    checks the outputs, since it alone writes them; the other ranks wait for its verdict and
+    stop with its one-line error (RankError) when it refused them."""
 
     @functools.wraps(run)
     def locked(
-        *args: Any, checkpoint_out: str | Path, metrics_out: str | Path, curve_out: str | Path, **kwargs: Any
+        *args: Any,
+        checkpoint_out: str | Path,
+        metrics_out: str | Path,
+        curve_out: str | Path,
+        ranks: Ranks | None = None,
+        **kwargs: Any,
     ) -> Any:
-        ensure_parents(checkpoint_out, metrics_out, curve_out)
-        with exclusive_lock(checkpoint_out):
-            refuse_foreign_checkpoint(checkpoint_out)
-            read_training_state(training_state_path(checkpoint_out))  # refuses a file lessons did not write
+        with contextlib.ExitStack() as stack:
+
+            def claim() -> None:
+                ensure_parents(checkpoint_out, metrics_out, curve_out)
+                stack.enter_context(exclusive_lock(checkpoint_out))
+                refuse_foreign_checkpoint(checkpoint_out)
+                # refuses a file lessons did not write
+                read_training_state(training_state_path(checkpoint_out))
+
+            from_main(ranks or Ranks(), claim)
             return run(
-                *args, checkpoint_out=checkpoint_out, metrics_out=metrics_out, curve_out=curve_out, **kwargs
+                *args,
+                checkpoint_out=checkpoint_out,
+                metrics_out=metrics_out,
+                curve_out=curve_out,
+                **({} if ranks is None else {"ranks": ranks}),
+                **kwargs,
             )
 
     return locked
@@ -324,6 +346,39 @@ def load_checkpoint(
     return model.eval(), meta
 
 
+class Precision:
+    """Mixed precision for training steps (`student_train.amp`): on CUDA, the forward under
+    `torch.autocast` in bfloat16 where the GPU has it, else float16 with a `GradScaler` (whose
+    skipped steps on overflow are its own business); elsewhere, or disabled, plain float32 steps.
+    Losses are computed from float32 logits either way (STYLE: math in float32)."""
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled = enabled and device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.enabled and self.dtype == torch.float16 else None
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of a training forward: autocast on CUDA, nothing otherwise."""
+        return torch.autocast("cuda", dtype=self.dtype) if self.enabled else contextlib.nullcontext()
+
+    def step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward and optimiser step (through the GradScaler with float16)."""
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
 Explain = Callable[[Tensor, Tensor, Tensor], str]
 """(logits, labels, sample_index) -> why the loss of this batch is not finite and which knob fixes
 it, one sentence; called only once the loss already is NaN/inf (never on the normal path)."""
@@ -366,6 +421,7 @@ def train_epoch(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
     explain: Explain | None = None,
+    precision: Precision | None = None,
 ) -> tuple[float, int, int]:
     """One pass over `loader`, per-step learning rate.
 
@@ -376,6 +432,7 @@ def train_epoch(
         explain: says which part of the loss is not finite and which knob to change; called
             only on a NaN/inf loss (or when `loss_fn` refuses NaN/inf logits), so it costs nothing
             per step. None: a plain cross-entropy net whose knob is the learning rate.
+        precision: mixed precision on CUDA (`Precision`); None: float32 steps.
     Returns:
         (mean loss, number of samples seen, global step at the end).
     Raises:
@@ -383,6 +440,7 @@ def train_epoch(
             cause and the knob.
     """
     explain = explain or explain_cross_entropy("net", "the learning rate")
+    precision = precision or Precision(False, device)
     model.train()
     total_loss, seen = 0.0, 0
     for images, labels, sample_index in loader:
@@ -390,7 +448,9 @@ def train_epoch(
             group["lr"] = lr_at(step)
         inputs = prepare(images.to(device, non_blocking=True), sample_index)
         labels = labels.to(device, non_blocking=True)
-        logits = model(inputs)
+        with precision.autocast():
+            logits = model(inputs)
+        logits = logits.float()  # the loss in float32 (the same tensor when it already is)
         try:
             loss = loss_fn(logits, labels, sample_index)
         except ValueError as exc:  # e.g. DTD weights refusing NaN student logits: name the real cause
@@ -404,8 +464,7 @@ def train_epoch(
                 f"loss is {loss.item()} at step {step}: {explain(logits.detach(), labels, sample_index)}"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.step(loss, optimizer)
         batch = labels.shape[0]
         total_loss += loss.item() * batch
         seen += batch
@@ -432,10 +491,12 @@ class Fit:
         augment: bool = True,
         image_shape: tuple[int, int, int],
         batch_size: int,
+        amp: bool = False,
     ) -> None:
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.schedule, self.milestones, self.gamma, self.seed = schedule, tuple(milestones), gamma, seed
         self.augment, self.image_shape, self.batch_size = augment, tuple(image_shape), batch_size
+        self.amp = amp  # mixed precision on CUDA (`Precision`); batch_size: the global batch
 
     @property
     def augmentation(self) -> Augmentation:
@@ -466,6 +527,7 @@ def fit(
     num_val: int = 0,
     epoch_views: Callable[[int], np.ndarray | None] | None = None,
     on_inputs: Callable[[Tensor], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Train `model` for `fit_config.epochs` epochs, evaluating on the val split (when
     `val_loader` is given) and the test split after each.
@@ -483,30 +545,55 @@ def fit(
     whose teacher targets a multi-view store holds). `on_inputs` sees every normalised input
     batch before the student does (an online teacher's forward).
 
+    Under torchrun (`ranks`, DESIGN §6) every rank calls `fit` with a `train_loader` sharded to
+    its share of each epoch (`storage.beton.shard_order`), and `fit` wraps the model in
+    DistributedDataParallel (gloo on CPU, nccl on CUDA): gradients are averaged over the ranks,
+    so a step trains on the one-process run's global batch. What differs from one process,
+    besides float rounding: BatchNorm normalises each rank's own share of the batch (DDP
+    broadcasts rank 0's running statistics), and a loss with batch statistics (DTD cwsm/flsw
+    temperatures) sees that share. Rank 0 alone evaluates, logs and saves the training state; a
+    resumed run loads the state rank 0 reads on every rank. The curve's train_loss is the mean
+    over all ranks' images.
+
     Returns:
         {"curve": [{"epoch", "train_loss", ("val_top1", "val_top5",) "test_top1", "test_top5",
          "lr", "elapsed_s"}...], "wall_s", "images_per_s" (training steps only), "test_logits"
          (N_test, C) float32, "test_labels", and with a val split "val_logits" (N_val, C) and
-         "val_labels"}.
+         "val_labels"}. On ranks other than 0 the logits are None and the curve is not kept
+        (rank 0's result is the run's).
     """
+    ranks = ranks or Ranks()
+    precision = Precision(fit_config.amp, device)
     augmentation = fit_config.augmentation
     steps_per_epoch = max(1, len(train_loader))
     total_steps = fit_config.epochs * steps_per_epoch
     optimizer = sgd(model, fit_config.lr, fit_config.momentum, fit_config.weight_decay)
     curve: list[dict[str, Any]] = []
     start_epoch, step, elapsed_s, train_time_s, train_seen = 0, 0, 0.0, 0.0, 0
-    state = None
-    if resume and state_path is not None:
-        state = read_training_state(state_path, device)
-        if state is not None and state.get("run_key") != run_key:
+
+    def saved_state() -> dict[str, Any] | None:  # rank 0's, sent to every rank (on CPU, then)
+        if not (resume and state_path is not None):
+            return None
+        saved = read_training_state(state_path, "cpu" if ranks.distributed else device)
+        if saved is not None and saved.get("run_key") != run_key:
             logger.warning("%s: ignoring %s, saved by a run with other settings", desc, state_path)
-            state = None
+            saved = None
+        return saved
+
+    state = from_main(ranks, saved_state)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        precision.load_state_dict(state.get("scaler", {}))
         start_epoch, step, curve = state["epoch"], state["step"], list(state["curve"])
         elapsed_s, train_time_s, train_seen = state["elapsed_s"], state["train_time_s"], state["train_seen"]
-        logger.info("%s: resuming after epoch %d of %d", desc, start_epoch, fit_config.epochs)
+        if ranks.main:
+            logger.info("%s: resuming after epoch %d of %d", desc, start_epoch, fit_config.epochs)
+    net: nn.Module = model
+    if ranks.distributed:  # after the state is loaded: DDP starts every rank from rank 0's weights
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     train_loader.next_epoch = start_epoch  # epoch e is ordered by storage.beton.epoch_order(seed, e)
 
     def prepare(images: Tensor, sample_index: Tensor, epoch: int, params: np.ndarray | None) -> Tensor:
@@ -536,10 +623,10 @@ def fit(
             total=steps_per_epoch,
             unit="img",
             unit_scale=fit_config.batch_size,
-            log=logger,
+            log=logger if ranks.main else logging.getLogger(f"{__name__}.rank"),
         )
         train_loss, seen, step = train_epoch(
-            model,
+            net,
             batches,
             optimizer,
             loss_fn=loss_fn,
@@ -548,8 +635,18 @@ def fit(
             step=step,
             device=device,
             explain=explain,
+            precision=precision,
         )
+        if ranks.distributed:  # the epoch's loss and images over every rank's share
+            shares = gather(ranks, (train_loss * seen, seen))
+            seen = sum(n for _, n in shares)
+            train_loss = sum(total for total, _ in shares) / max(seen, 1)
         train_s = time.perf_counter() - started
+        if not ranks.main:
+            elapsed_s += train_s
+            train_time_s += train_s
+            train_seen += seen
+            continue
         if val_loader is not None:
             val_logits, val_labels = predict(model, val_loader, num_val, mean, std, device)
         test_logits, test_labels = predict(model, test_loader, num_test, mean, std, device)
@@ -596,13 +693,14 @@ def fit(
                     "train_seen": train_seen,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    **({"scaler": precision.state_dict()} if precision.scaler is not None else {}),
                 },
                 buffer,
             )
             atomic_write_bytes(state_path, buffer.getvalue())
         if on_epoch is not None:
             on_epoch(row)
-    if test_logits is None:  # resumed after the last epoch: evaluate the restored weights
+    if test_logits is None and ranks.main:  # resumed after the last epoch: evaluate the restored weights
         test_logits, test_labels = predict(model, test_loader, num_test, mean, std, device)
         if val_loader is not None:
             val_logits, val_labels = predict(model, val_loader, num_val, mean, std, device)

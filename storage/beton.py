@@ -166,13 +166,34 @@ def epoch_order(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
     return rng.permutation(indices)
 
 
-def _keyed_random_order(loader: Any) -> Any:
-    """An ffcv traversal order whose epoch permutations come from `epoch_order`."""
+def shard_order(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s share of an epoch `order` under data parallelism (DESIGN §6).
+
+    The order is cut into global batches of `batch_size`·`world_size` consecutive rows (a tail
+    short of a whole global batch is dropped, as `drop_last` drops it); rank r takes the r-th
+    `batch_size` rows of each. So at every step the ranks' batches together are the one-process
+    run's batch of that step, and no row is seen by two ranks.
+
+    Args:
+        order: (N,) int rows in epoch order. batch_size: rows per rank per step, >= 1.
+        rank: in [0, world_size).
+    Returns:
+        (S·batch_size,) int, S = N // (batch_size·world_size) steps.
+    """
+    global_batch = batch_size * world_size
+    steps = order.shape[0] // global_batch
+    return order[: steps * global_batch].reshape(steps, world_size, batch_size)[:, rank].reshape(-1)
+
+
+def _keyed_random_order(loader: Any, shard: tuple[int, int] | None = None) -> Any:
+    """An ffcv traversal order whose epoch permutations come from `epoch_order`; with `shard`
+    (rank, world_size), that rank's `shard_order` of each."""
     from ffcv.traversal_order.base import TraversalOrder
 
     class KeyedRandom(TraversalOrder):
         def sample_order(self, epoch: int) -> np.ndarray:
-            return epoch_order(int(self.seed), epoch, np.asarray(self.indices))
+            order = epoch_order(int(self.seed), epoch, np.asarray(self.indices))
+            return order if shard is None else shard_order(order, self.loader.batch_size, *shard)
 
     return KeyedRandom(loader)
 
@@ -187,6 +208,7 @@ def make_loader(
     drop_last: bool = False,
     torch_threads: int | None = None,
     indices: Any = None,
+    shard: tuple[int, int] | None = None,
 ) -> Any:
     """An ffcv `Loader` yielding (images uint8 (B, C, H, W), labels int64 (B,), sample_index (B,)).
 
@@ -194,7 +216,9 @@ def make_loader(
     come as stored: the trainer augments them on its side from explicit keys (stages/views.py).
     Batch buffers are reused by ffcv between iterations: clone what you keep.
 
-    `indices` restricts the loader to those rows (in that order when not shuffled).
+    `indices` restricts the loader to those rows (in that order when not shuffled). `shard`
+    (rank, world_size), shuffled with `drop_last` only: this rank's share of every epoch's order
+    (`shard_order`; `batch_size` is then the per-rank batch).
     `torch_threads` (default: every core this process may use) is re-applied after the loader
     is built and each time an epoch starts, since ffcv resets torch's thread count then (to
     `num_workers` threads).
@@ -208,6 +232,8 @@ def make_loader(
     from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
     path = Path(path)
+    if shard is not None and not (shuffle and drop_last):
+        raise ValueError("a sharded loader is a training loader: shuffle and drop_last")
     if not path.is_file():
         raise BetonError(f"{path}: no beton; run `lessons prepare-data` first")
     image_ops: list[Any] = [NDArrayDecoder(), ToTensor(), ToTorchImage(channels_last=False)]
@@ -238,7 +264,7 @@ def make_loader(
         torch_threads=threads,
     )
     if shuffle:  # ffcv's RANDOM order draws from seed + epoch: replace it by a keyed one
-        loader.loader.traversal_order = _keyed_random_order(loader.loader)
+        loader.loader.traversal_order = _keyed_random_order(loader.loader, shard)
         loader.loader.first_traversal_order = loader.loader.next_traversal_order()
     torch.set_num_threads(threads)  # ffcv reset it
     return loader

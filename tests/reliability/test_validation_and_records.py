@@ -276,9 +276,12 @@ def test_the_config_records_beside_the_metrics_hold_the_names_and_the_resolved_c
     assert student["config"] == json.loads(json.dumps(dataclasses.asdict(resolved)))
     assert student["config"]["momentum"] == 0.9 and student["config"]["weight_decay"] == 5e-4  # defaults
     assert student["overrides"] == {"epochs": 2, "lr": 0.02}
-    # The temperature keys the student's loss reads (histogram_bins is the temperature stage's alone).
+    # The temperature keys the student's loss reads (histogram_bins and the dask scheduler are the
+    # temperature stage's alone).
     assert student["temperature"] == {
-        k: v for k, v in dataclasses.asdict(TemperatureConfig()).items() if k != "histogram_bins"
+        k: v
+        for k, v in dataclasses.asdict(TemperatureConfig()).items()
+        if k not in ("histogram_bins", "scheduler")
     }
     assert student["teacher"] == {
         "name": "t",
@@ -299,7 +302,11 @@ def test_checkpoints_carry_their_fully_resolved_configuration(val_pipeline: ValP
     assert student["experiment"] == "kd" and student["overrides"] == {"epochs": 2, "lr": 0.02}
     assert student["config"] == dataclasses.asdict(params.student_train.experiment("kd", 0))
     assert (
-        TemperatureConfig(**student["temperature"], histogram_bins=params.temperature.histogram_bins)
+        TemperatureConfig(
+            **student["temperature"],
+            histogram_bins=params.temperature.histogram_bins,
+            scheduler=params.temperature.scheduler,
+        )
         == params.temperature
     )
     assert DataConfig(**student["data"]) == params.data

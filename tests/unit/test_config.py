@@ -66,6 +66,17 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
         ({"student_train": {"momentum": -1}}, "student_train.momentum: must lie in [0, 1), got -1"),
         ({"student_train": {"weight_decay": -1}}, "student_train.weight_decay: must be >= 0, got -1"),
         ({"student_train": {"num_workers": -1}}, "student_train.num_workers: must be positive, got -1"),
+        ({"student_train": {"nproc": 0}}, "student_train.nproc: must be positive, got 0"),
+        ({"student_train": {"nproc": True}}, "student_train.nproc"),
+        ({"student_train": {"amp": "yes"}}, "student_train.amp"),
+        (
+            {"student_train": {"nproc": 4, "batch_size": 30}},
+            "student_train.batch_size: 30 is not divisible by student_train.nproc 4",
+        ),
+        (
+            {"student_train": {"nproc": 2, "experiments": {"a": {"kd": False, "batch_size": 33}}}},
+            "student_train.experiments.a.batch_size: 33 is not divisible by student_train.nproc 2",
+        ),
         ({"prepare_data": {"num_workers": 0}}, "prepare_data.num_workers: must be positive, got 0"),
         (
             {"teacher_train": {"teachers": {"t": {"arch": "x", "weight_decay": -1}}}},

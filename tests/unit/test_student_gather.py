@@ -228,3 +228,35 @@ def test_the_experiments_loss_picks_the_family_member_on_the_gathered_rows_and_t
         assert torch.equal(got, want), name
     values = [float(kd_batch_loss(student, labels, index, **settings, loss=n)) for n in ("kd", "ls", "ttm")]
     assert len({*values, float(dkd)}) == 4  # four different losses, not one under four names
+
+
+def test_sharded_loaders_split_every_global_batch_of_the_keyed_order_between_the_ranks(tmp_path):
+    """DDP (DESIGN §6): at each step the ranks' batches together are the one-process batch of
+    that step, no row goes to two ranks, each epoch by its key, and a resume starts mid-run."""
+    from storage.beton import epoch_order
+
+    n, batch, world = 70, 8, 2  # 4 steps of 16 rows; the last 6 rows of each epoch are dropped
+    images = np.zeros((n, 28, 28, 1), np.uint8)
+    write_beton(tmp_path / "t.beton", images, np.arange(n) % C, num_workers=1)
+
+    def loader(rank: int, epoch: int = 0):
+        made = make_loader(
+            tmp_path / "t.beton",
+            batch_size=batch // world,
+            shuffle=True,
+            num_workers=1,
+            seed=5,
+            drop_last=True,
+            shard=(rank, world),
+        )
+        made.next_epoch = epoch
+        return made
+
+    for epoch in (0, 2):
+        shares = [[index.clone() for _, _, index in loader(rank, epoch)] for rank in range(world)]
+        assert len(loader(0, epoch)) == len(shares[0]) == len(shares[1]) == n // batch
+        one_process = epoch_order(5, epoch, np.arange(n))[: n // batch * batch].reshape(-1, batch)
+        for step, expected in enumerate(one_process):
+            together = torch.cat([shares[0][step], shares[1][step]]).numpy()
+            assert np.array_equal(together, expected)
+        assert len(np.intersect1d(torch.cat(shares[0]).numpy(), torch.cat(shares[1]).numpy())) == 0
