@@ -46,7 +46,7 @@ params = {
                      "device": "auto", "autocast": "bfloat16", "nproc": nproc},
     "student_train": {
         "arch": "resnet8", "epochs": student_epochs, "batch_size": batch, "lr": 0.2,
-        "num_workers": 8, "device": "auto", "seeds": [0],
+        "num_workers": 8, "device": "auto", "seeds": [0], "nproc": nproc, "amp": True,
         "experiments": {
             "ce": {"kd": False},
             "kd": {"teacher": "resnet20", "adjust": "none", "dtd": "off"},
