@@ -36,6 +36,7 @@ from stages.adjust import knowledge_adjustment
 from stages.functional import kd_loss
 from stages.lessons import Lessons, LessonStores, open_lessons
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
+from stages.topk import TopkRows, topk_kd_loss, topk_teacher_logits_estimate
 from stages.training import (
     Explain,
     Fit,
@@ -64,6 +65,32 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def distillation_loss(
+    student_logits: Tensor,
+    targets: Tensor | TopkRows,
+    labels: Tensor,
+    *,
+    alpha: float,
+    temperature: float | Tensor,
+    fixed_target: Tensor,
+) -> Tensor:
+    """`kd_loss` over dense (B, C) targets, `topk_kd_loss` over top-k ones (DESIGN §4, §9)."""
+    if isinstance(targets, TopkRows):
+        return topk_kd_loss(
+            student_logits,
+            targets.values,
+            targets.indices,
+            targets.lse,
+            labels,
+            alpha=alpha,
+            temperature=temperature,
+            fixed_target=fixed_target,
+        )
+    return kd_loss(
+        student_logits, targets, labels, alpha=alpha, temperature=temperature, fixed_target=fixed_target
+    )
+
+
 def batch_supervision(
     student_logits: Tensor,
     sample_index: Tensor,
@@ -72,18 +99,20 @@ def batch_supervision(
     dtd: DtdMode,
     temperature_config: TemperatureConfig,
     fixed_target_temperature: float | None = None,
-) -> tuple[Tensor, Tensor, float | Tensor]:
+) -> tuple[Tensor | TopkRows, Tensor, float | Tensor]:
     """The targets, fixed-target mask and temperatures of one batch (pure; DESIGN §4).
 
     Args:
         student_logits: (B, C) float (DTD flsw/cwsm weigh it, detached). sample_index: (B,) int64.
         lessons, dtd, temperature_config, fixed_target_temperature: see `kd_batch_loss`.
     Returns:
-        (target_logits (B, C), fixed_target (B,) bool, temperature: a float τ0 or (B,) τ_x).
+        (target_logits (B, C), or `TopkRows` of B rows from a top-k store; fixed_target (B,)
+        bool; temperature: a float τ0 or (B,) τ_x). FLSW from a top-k store weighs the teacher
+        logits `topk_teacher_logits_estimate` fills in (an estimate outside the top k).
     Raises:
         ValueError: an unknown dtd mode, or NaN/inf DTD weights (from NaN/inf student logits).
     """
-    index = sample_index.to(lessons.target_logits.device)
+    index = sample_index.to(lessons.fixed_target.device)
     targets = lessons.target_logits[index]
     fixed = lessons.fixed_target[index]
     clamp = dict(
@@ -99,9 +128,12 @@ def batch_supervision(
         temperature = lessons.static_temperature[index]
     elif dtd == "flsw":
         assert lessons.teacher_logits is not None
-        weights = flsw_weights(
-            student_logits.detach(), lessons.teacher_logits[index], temperature_config.gamma
-        )
+        teacher = lessons.teacher_logits[index]  # (B, C), or B top-k rows
+        if isinstance(teacher, TopkRows):
+            teacher = topk_teacher_logits_estimate(
+                teacher.values, teacher.indices, teacher.lse, teacher.num_classes
+            )
+        weights = flsw_weights(student_logits.detach(), teacher, temperature_config.gamma)
         temperature = dynamic_temperature(weights, **clamp)
     elif dtd == "cwsm":
         temperature = dynamic_temperature(cwsm_weights(student_logits.detach()), **clamp)
@@ -132,7 +164,8 @@ def kd_batch_loss(
 
     Args:
         student_logits: (B, C) float. labels: (B,) int64. sample_index: (B,) int64 on any device.
-        lessons: the experiment's supervision. dtd: off | static | flsw | cwsm.
+        lessons: the experiment's supervision (dense or top-k targets: `kd_loss` or
+            `topk_kd_loss`). dtd: off | static | flsw | cwsm.
         temperature_config: TemperatureConfig (τ0, β, γ, clamp range).
         fixed_target_temperature: None (DESIGN §4: a fixed-target row's student side is
             softened by the row's τ_x and its KL weighted by τ_x²), or a τ > 0 used instead on
@@ -149,7 +182,9 @@ def kd_batch_loss(
         temperature_config=temperature_config,
         fixed_target_temperature=fixed_target_temperature,
     )
-    return kd_loss(student_logits, targets, labels, alpha=alpha, temperature=temperature, fixed_target=fixed)
+    return distillation_loss(
+        student_logits, targets, labels, alpha=alpha, temperature=temperature, fixed_target=fixed
+    )
 
 
 def explain_nonfinite_kd_loss(
@@ -203,7 +238,9 @@ def explain_nonfinite_kd_loss(
     if not bool(torch.isfinite(ce)):
         peak = student_logits.abs().amax().item()
         return f"the student diverged (the CE term is {ce.item()}, its logits reach ±{peak:.3g}); {lower_lr}"
-    kd = kd_loss(student_logits, targets, labels, alpha=1.0, temperature=temperature, fixed_target=fixed)
+    kd = distillation_loss(
+        student_logits, targets, labels, alpha=1.0, temperature=temperature, fixed_target=fixed
+    )
     taus = torch.as_tensor(temperature, dtype=torch.float64).reshape(-1)
     coldest, hottest = taus.min().item(), taus.max().item()
     facts = (
@@ -226,7 +263,7 @@ def explain_nonfinite_kd_loss(
                 "between them)"
             )
         return f"{facts}, outside [{low:g}, {high:g}] where the KD loss is finite in float32; {fix}"
-    target_peak = targets.abs().amax().item()
+    target_peak = (targets.values if isinstance(targets, TopkRows) else targets).abs().amax().item()
     if target_peak > limit:
         return (
             f"{facts}: the teacher's stored logits reach ±{target_peak:.3g}, beyond ±{limit:g}; "
