@@ -25,6 +25,7 @@ from torch import Tensor
 
 from stages.functional import InvalidLogitsError, compute_dtype, teacher_is_wrong
 from stages.parallel import block_rows, dask_scheduler, one_torch_thread, prefixed
+from stages.topk import topk_label_smoothing, topk_probability_shift, topk_teacher_is_wrong
 from stages.views import StoredViews, stored_views_of
 from storage import ArraySpec, StoreError, StoreWriter, atomic_write_json, checked_reads, open_store
 from storage.atomic import ensure_parents
@@ -131,6 +132,95 @@ def knowledge_adjustment(
     return AdjustedTargets(target_logits, wrong, wrong.clone(), wrong.clone())
 
 
+@dataclass(frozen=True, eq=False)
+class TopkAdjustedTargets:
+    """KA on one block of top-k rows (DESIGN §9; the top-k form of `AdjustedTargets`).
+
+    Attributes:
+        topk_values: (N, K), the input's dtype; the kept target logits (log q on LSR rows).
+        topk_indices: (N, K), the input's dtype; their class ids, distinct per row.
+        lse: (N,) float32; the log-sum-exp of the full target row (the source's on right and
+            PS rows, that of the stored LSR row — rounded log q on the support, ε/C on the rest —
+            on LSR rows).
+        fixed_target, rewritten, wrong: (N,) bool, as in `AdjustedTargets`.
+    """
+
+    topk_values: Tensor
+    topk_indices: Tensor
+    lse: Tensor
+    fixed_target: Tensor
+    rewritten: Tensor
+    wrong: Tensor
+
+
+def topk_knowledge_adjustment(
+    topk_values: Tensor,
+    topk_indices: Tensor,
+    lse: Tensor,
+    labels: Tensor,
+    method: AdjustMethod,
+    num_classes: int,
+    epsilon: float = 0.1,
+) -> TopkAdjustedTargets:
+    """KA on top-k rows (paper §3.1, DESIGN §4, §9): `knowledge_adjustment` for a top-k store.
+
+    PS moves class ids only (`stages.topk.topk_probability_shift`: values and lse unchanged,
+    exact at τ = 1 in the rest-bucket form, the label joining the support when it was outside).
+    LSR (`stages.topk.topk_label_smoothing`) writes log q on the support of a wrong row, rounded
+    to the input dtype as the dense path rounds its rows, and the lse of that stored row with
+    ε/C on each of the C − K classes outside it, so the rest bucket holds exactly the dense LSR
+    row's tail mass; such rows are fixed targets. "none" copies.
+
+    Args:
+        topk_values: (N, K) floating, finite, sorted descending. topk_indices: (N, K) int,
+            distinct per row, in [0, C). lse: (N,) floating, finite. labels: (N,) int in [0, C).
+        method: ps | lsr | none. num_classes: C >= K. epsilon: LSR mass in (0, 1), for "lsr".
+    Returns:
+        TopkAdjustedTargets; right rows are bit-exact copies of the input.
+    Raises:
+        InvalidLogitsError: NaN/inf values or lse, class ids or labels outside [0, C).
+        ValueError: an unknown method, or epsilon outside (0, 1) for "lsr".
+    """
+    if method not in ("ps", "lsr", "none"):
+        raise ValueError(f"method: expected one of 'ps', 'lsr', 'none', got {method!r}")
+    if method == "lsr":
+        epsilon = _check_epsilon(epsilon)
+    finite = torch.isfinite(topk_values.float()).all(dim=1) & torch.isfinite(lse.float())  # (N,)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero(as_tuple=True)[0]
+        raise InvalidLogitsError(
+            f"topk_values/lse: NaN or inf in {bad.numel()} of {finite.shape[0]} rows (first at row "
+            f"{int(bad[0])}); re-run the teacher dump, or store float32 if float16 overflowed"
+        )
+    for name, ids in (("topk_indices", topk_indices), ("labels", labels)):
+        outside = (ids < 0) | (ids >= num_classes)
+        if bool(outside.any()):
+            row = int(outside.nonzero(as_tuple=True)[0][0])
+            raise InvalidLogitsError(
+                f"{name}: a class id outside [0, {num_classes}) at row {row}; rebuild the store"
+            )
+    wrong = topk_teacher_is_wrong(topk_values.float(), topk_indices, labels)  # (N,)
+    nothing = torch.zeros_like(wrong)
+    lse = lse.float()
+    if method == "none":
+        copies = (topk_values.clone(), topk_indices.clone(), lse.clone())
+        return TopkAdjustedTargets(*copies, nothing, nothing.clone(), wrong)
+    if method == "ps":
+        shifted, rewritten = topk_probability_shift(topk_values, topk_indices, labels)
+        return TopkAdjustedTargets(topk_values.clone(), shifted, lse.clone(), nothing, rewritten, wrong)
+    smoothed, indices, _, rewritten = topk_label_smoothing(
+        topk_values, topk_indices, labels, num_classes, epsilon
+    )
+    values = smoothed.to(topk_values.dtype)  # (N, K), rounded as the store holds it
+    row_lse = torch.logsumexp(values.double(), dim=1)  # (N,) the support's share
+    tail_count = num_classes - values.shape[1]
+    if tail_count:  # each of the C − K classes outside the support holds ε/C, rounded likewise
+        off = torch.tensor(math.log(epsilon / num_classes), dtype=torch.float64).to(values.dtype).double()
+        row_lse = torch.logaddexp(row_lse, off + math.log(tail_count))
+    target_lse = torch.where(rewritten, row_lse.float(), lse)
+    return TopkAdjustedTargets(values, indices, target_lse, rewritten, rewritten.clone(), wrong)
+
+
 def probability_shift(teacher_logits: Tensor, labels: Tensor) -> Tensor:
     """Swap the predicted and true class logits where the teacher is wrong (KA-PS, paper §3.1).
 
@@ -213,6 +303,60 @@ def _adjust_block(
     return packed.reshape(views, rows, num_classes + 4).numpy()
 
 
+def _adjust_topk_block(
+    topk_values: np.ndarray,
+    topk_indices: np.ndarray,
+    lse: np.ndarray,
+    labels: np.ndarray,
+    *,
+    method: AdjustMethod,
+    epsilon: float,
+    num_classes: int,
+    plain: int | None = None,
+    block_info: Any = None,
+) -> np.ndarray:
+    """One (V, n, K) block of top-k rows, lse (V, n, 1), labels (1, n, 1) -> packed (V, n, 2K + 5)
+    float32: target values, target class ids, target lse, then the four masks of `_adjust_block`
+    (float32 holds float16 values and class ids below 2^24 exactly)."""
+    views, rows, k = topk_values.shape
+
+    def flat(array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).reshape(views * rows, -1)  # (V·n, ·)
+
+    flat_labels = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1)).repeat(views)  # (V·n,)
+    with one_torch_thread():
+        try:
+            adjusted = topk_knowledge_adjustment(
+                flat(topk_values),
+                flat(topk_indices),
+                flat(lse)[:, 0],
+                flat_labels,
+                method,
+                num_classes,
+                epsilon,
+            )
+        except InvalidLogitsError as exc:  # say where in the store (rows below are block-relative)
+            raise InvalidLogitsError(f"{block_rows(block_info)}{exc}") from exc
+        top = flat(topk_indices)[:, 0].long().reshape(views, rows)  # (V, n): sorted rows, first max
+        changed = top != top[plain] if plain is not None else torch.zeros_like(top, dtype=torch.bool)
+        columns = [
+            adjusted.topk_values.float(),
+            adjusted.topk_indices.float(),
+            *(
+                m.float()[:, None]
+                for m in (
+                    adjusted.lse,
+                    adjusted.fixed_target,
+                    adjusted.rewritten,
+                    adjusted.wrong,
+                    changed.reshape(-1),
+                )
+            ),
+        ]
+        packed = torch.cat(columns, dim=1)  # (V·n, 2K + 5)
+    return packed.reshape(views, rows, 2 * k + 5).numpy()
+
+
 def plain_view_index(views: StoredViews) -> int | None:
     """The index of the plain image among a store's views: 0 for a V = 1 store of the plain image,
     its place in the enumerated set for `views: all`, None when the store does not hold it."""
@@ -252,6 +396,10 @@ def run(
     (V, N, C, the input's dtype), `fixed_target` (V, N) bool, `rewritten` (V, N) bool, with the
     input's fingerprint, teacher and counts in the attributes, and the counts as JSON metrics
     (numbers only; the method, epsilon, teacher and per-class counts in `<stem>-config.json`).
+    From a top-k store (DESIGN §9) the targets stay top-k (`topk_knowledge_adjustment`):
+    `target_topk_values`/`target_topk_indices` (V, N, K) in the input's dtypes and `target_lse`
+    (V, N) float32 in place of `target_logits`, attributes `layout: topk`, `topk: K`; the same
+    masks and metrics (a label outside the support counts as the teacher being wrong).
 
     Args:
         config: AdjustConfig (epsilon). method: ps | lsr | none.
@@ -267,15 +415,17 @@ def run(
     if method not in ("ps", "lsr", "none"):
         raise ValueError(f"adjust: unknown method {method!r}; use ps, lsr or none")
     ensure_parents(metrics_out)  # an unwritable metrics path fails before any work
-    source = open_store(logits_path, kind="logits")
+    source = open_store(logits_path, kind="logits", layouts=("dense", "topk"))
     source.check_layout()
     if source.attrs.get("split") != "train":
         raise StoreError(
             f"{logits_path}: a {source.attrs.get('split')!r}-split logit store; KA rewrites "
             "the train split's targets: pass the teacher's logits.zarr"
         )
-    logits_array = source.array("logits")
-    views, samples, num_classes = logits_array.shape
+    topk = source.attrs.get("topk") if source.attrs.get("layout") == "topk" else None
+    rows_name = "logits" if topk is None else "topk_values"
+    views, samples = source.array(rows_name).shape[:2]
+    num_classes = int(source.attrs["num_classes"])
     labels = source.read("labels")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise InvalidLogitsError(
@@ -283,23 +433,51 @@ def run(
             "rebuild it from the prepared dataset"
         )
     chunk_rows = source.chunk_rows
-    logits = da.from_zarr(logits_array)
     labels_da = da.from_array(labels, chunks=(chunk_rows,))
     plain = plain_view_index(stored_views_of(source))
-    packed = da.map_blocks(
-        _adjust_block,
-        logits,
-        labels_da[None, :, None],
-        method=method,
-        epsilon=config.epsilon,
-        plain=plain if views > 1 else None,
-        dtype=np.float32,
-        chunks=(logits.chunks[0], logits.chunks[1], (num_classes + 4,)),
-    )
-    dtype = str(logits_array.dtype)
+    dtype = str(source.array(rows_name).dtype)
+    settings = dict(method=method, epsilon=config.epsilon, plain=plain if views > 1 else None)
+    if topk is None:  # dense rows: target_logits (V, N, C)
+        logits = da.from_zarr(source.array("logits"))
+        width = num_classes
+        packed = da.map_blocks(
+            _adjust_block,
+            logits,
+            labels_da[None, :, None],
+            **settings,
+            dtype=np.float32,
+            chunks=(logits.chunks[0], logits.chunks[1], (width + 4,)),
+        )
+        targets: dict[str, tuple[Any, tuple[int, ...], str]] = {
+            "target_logits": (packed[..., :width], (views, samples, num_classes), dtype)
+        }
+    else:  # top-k rows (DESIGN §9): target_topk_values/target_topk_indices (V, N, K), target_lse (V, N)
+        values = da.from_zarr(source.array("topk_values"))
+        indices = da.from_zarr(source.array("topk_indices")).rechunk(values.chunks)
+        lse = da.from_zarr(source.array("lse")).rechunk(values.chunks[:2])
+        width = 2 * topk + 1
+        packed = da.map_blocks(
+            _adjust_topk_block,
+            values,
+            indices,
+            lse[..., None],
+            labels_da[None, :, None],
+            **settings,
+            num_classes=num_classes,
+            dtype=np.float32,
+            chunks=(values.chunks[0], values.chunks[1], (width + 4,)),
+        )
+        index_dtype = str(source.array("topk_indices").dtype)
+        targets = {
+            "target_topk_values": (packed[..., :topk], (views, samples, topk), dtype),
+            "target_topk_indices": (packed[..., topk : 2 * topk], (views, samples, topk), index_dtype),
+            "target_lse": (packed[..., 2 * topk], (views, samples), "float32"),
+        }
     attrs: dict[str, Any] = {
         key: source.attrs[key]
         for key in (
+            "layout",
+            "topk",
             "split",
             "dataset",
             "dataset_fingerprint",
@@ -318,18 +496,18 @@ def run(
     )
     arrays = {
         "sample_index": ArraySpec((samples,), "int64"),
-        "target_logits": ArraySpec((views, samples, num_classes), dtype, sample_axis=1),
+        **{name: ArraySpec(shape, kind, sample_axis=1) for name, (_, shape, kind) in targets.items()},
         "fixed_target": ArraySpec((views, samples), "bool", sample_axis=1),
         "rewritten": ArraySpec((views, samples), "bool", sample_axis=1),
     }
     started = time.perf_counter()
-    rewritten = packed[..., num_classes + 1] > 0.5
-    wrong = packed[..., num_classes + 2] > 0.5  # (V, N)
+    rewritten = packed[..., width + 1] > 0.5
+    wrong = packed[..., width + 2] > 0.5  # (V, N)
     view_reductions = {}
     if plain is not None and views > 1:  # the plain image is one of the stored views (views: all)
         view_reductions = {
             "right_plain_wrong_some_view": (~wrong[plain] & wrong.any(axis=0)).sum(),
-            "top_class_changed": (packed[..., num_classes + 3] > 0.5).sum(),
+            "top_class_changed": (packed[..., width + 3] > 0.5).sum(),
         }
     with (
         dask_scheduler(scheduler or config.scheduler) as dask_sched,
@@ -340,8 +518,8 @@ def run(
         counts = writer.write_dask(
             {
                 "sample_index": da.from_array(source.read("sample_index"), chunks=(chunk_rows,)),
-                "target_logits": packed[..., :num_classes],
-                "fixed_target": packed[..., num_classes] > 0.5,
+                **{name: value for name, (value, _, _) in targets.items()},
+                "fixed_target": packed[..., width] > 0.5,
                 "rewritten": rewritten,
             },
             scheduler=dask_sched,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stages.topk import TopkRows
 from stages.views import Augmentation, StoredViews, ViewError, stored_views_of
 from storage import StoreError, open_store
 from storage.soft_labels import SoftLabelStore, checked_reads
@@ -32,15 +33,17 @@ logger = logging.getLogger(__name__)
 class Lessons:
     """One epoch's per-sample supervision, indexed by sample_index, on one device.
 
-    target_logits: (N, C) float32 (KA-adjusted teacher logits, or log q for fixed rows).
+    target_logits: (N, C) float32 (KA-adjusted teacher logits, or log q for fixed rows); from a
+        top-k store (DESIGN §9), the same as `TopkRows` (N rows of K).
     fixed_target: (N,) bool (LSR rows: use softmax(target) without softening).
-    teacher_logits: (N, C) float32, the teacher as dumped (for FLSW), or None.
+    teacher_logits: (N, C) float32, the teacher as dumped (for FLSW), `TopkRows` from a top-k
+        store, or None.
     static_temperature: (N,) float32 τ^T, or None.
     """
 
-    target_logits: Tensor
+    target_logits: Tensor | TopkRows
     fixed_target: Tensor
-    teacher_logits: Tensor | None
+    teacher_logits: Tensor | TopkRows | None
     static_temperature: Tensor | None
 
 
@@ -90,6 +93,10 @@ class LessonStores:
     def num_views(self) -> int:
         return self.views.num_views
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.view_params.store.attrs["num_classes"])
+
     def check_covers(self, seed: int, epochs: int, *, where: str = "student") -> None:
         """Refuse, before any training, a run whose (seed, epoch) the stores do not hold.
 
@@ -126,15 +133,21 @@ class LessonStores:
             at = (source.store.path, source.name)
             if at not in gathered:
                 gathered[at] = self.gather(source, pick)
-            values = gathered[at]
-            if key != "fixed_target":
-                values = _finite(values.astype(np.float32), source, pick)
-            tensors[key] = torch.from_numpy(values).to(self.device)
+            read = gathered[at]
+            if key.endswith(".indices"):  # top-k class ids
+                read = _class_ids(read, source, pick)
+            elif key != "fixed_target":
+                read = _finite(read.astype(np.float32), source, pick)
+            tensors[key] = torch.from_numpy(read).to(self.device)
         if "fixed_target" not in self.sources:
-            target = tensors["target_logits"]
-            assert target is not None
-            tensors["fixed_target"] = torch.zeros(target.shape[0], dtype=torch.bool, device=self.device)
-        lessons = Lessons(**tensors)  # type: ignore[arg-type]
+            tensors["fixed_target"] = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
+        fields: dict[str, Any] = {key: value for key, value in tensors.items() if "." not in key}
+        for field in ("target_logits", "teacher_logits"):  # (N, K) + (N, K) + (N,) -> TopkRows
+            if f"{field}.values" in tensors:
+                values, indices, lse = (tensors[f"{field}.{part}"] for part in ("values", "indices", "lse"))
+                assert values is not None and indices is not None and lse is not None
+                fields[field] = TopkRows(values, indices, lse, self.num_classes)
+        lessons = Lessons(**fields)
         params = None if self.views.mode == "none" else self.gather(self.view_params, pick)
         return lessons, params
 
@@ -153,6 +166,20 @@ def _finite(values: np.ndarray, source: _Source, pick: np.ndarray) -> np.ndarray
             "was changed after it was written: rebuild it"
         )
     return values
+
+
+def _class_ids(values: np.ndarray, source: _Source, pick: np.ndarray) -> np.ndarray:
+    """(N, K) top-k class ids as int64, refused when one lies outside [0, C) (a changed store)."""
+    num_classes = int(source.store.attrs["num_classes"])
+    bad = ((values < 0) | (values >= num_classes)).any(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise StoreError(
+            f"{source.store.path}: {source.name} has class ids outside [0, {num_classes}) in "
+            f"{rows.size} rows (first: sample {int(rows[0])}, view {int(pick[rows[0]])}); lessons "
+            "never writes them, so the store was changed after it was written: rebuild it"
+        )
+    return values.astype(np.int64)
 
 
 def check_views(store: SoftLabelStore, augmentation: Augmentation, *, where: str) -> StoredViews:
@@ -199,6 +226,7 @@ def open_lessons(
 
     Reads `logits.zarr`, `adjusted-<adjust>.zarr` (unless adjust is none) and `dtd.zarr` (for dtd
     static); the raw logits are loaded only when the loss reads them (adjust none, or dtd flsw).
+    A top-k `logits.zarr` (DESIGN §9) and its top-k `adjusted-<adjust>.zarr` give `TopkRows`.
 
     Returns:
         (the LessonStores on `device` — in memory when they fit `max_bytes`, else streamed —, the
@@ -213,25 +241,35 @@ def open_lessons(
     expected = dict(dataset_fingerprint=train["fingerprint"], num_classes=manifest["num_classes"])
     dataset = f"the prepared dataset ({manifest['dataset']})"
     logits_path = store_dir / "logits.zarr"
-    logits_store = open_store(logits_path, kind="logits")
+    logits_store = open_store(logits_path, kind="logits", layouts=("dense", "topk"))
     logits_store.expect(**expected, split="train", against=dataset)
     logits_store.expect_sample_index(np.arange(train["num_samples"], dtype=np.int64), against=dataset)
     views = check_views(logits_store, augmentation, where=where)
     teacher = logits_store.attrs["teacher"]
     digests = {logits_path.name: logits_store.content_digest}
+    topk = logits_store.attrs.get("layout") == "topk"
+
+    def rows(store: SoftLabelStore, field: str, prefix: str) -> dict[str, _Source]:
+        """The sources of a field's rows: `<prefix>logits`, or a top-k store's three arrays."""
+        if not topk:
+            return {field: _Source(store, f"{prefix}logits")}
+        parts = {"values": "topk_values", "indices": "topk_indices", "lse": "lse"}
+        return {f"{field}.{part}": _Source(store, f"{prefix}{name}") for part, name in parts.items()}
+
     sources: dict[str, _Source] = {}
     if adjust == "none":
-        sources["target_logits"] = _Source(logits_store, "logits")
+        sources.update(rows(logits_store, "target_logits", ""))
     else:
-        adjusted = open_store(store_dir / f"adjusted-{adjust}.zarr", kind="adjusted")
+        adjusted_path = store_dir / f"adjusted-{adjust}.zarr"
+        adjusted = open_store(adjusted_path, kind="adjusted", layouts=("dense", "topk"))
         adjusted.expect(**expected, method=adjust, against=dataset)
         adjusted.expect(teacher=teacher, against=str(logits_path))
         adjusted.expect_source(logits_store)
         digests[adjusted.path.name] = adjusted.content_digest
-        sources["target_logits"] = _Source(adjusted, "target_logits")
+        sources.update(rows(adjusted, "target_logits", "target_"))
         sources["fixed_target"] = _Source(adjusted, "fixed_target")
     if dtd == "flsw":
-        sources["teacher_logits"] = _Source(logits_store, "logits")
+        sources.update(rows(logits_store, "teacher_logits", ""))
     if dtd == "static":
         dtd_store = open_store(store_dir / "dtd.zarr", kind="dtd")
         dtd_store.expect(**expected, against=dataset)

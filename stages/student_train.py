@@ -39,6 +39,7 @@ from stages.distributed import Ranks, barrier, process_group
 from stages.functional import distillation_loss
 from stages.lessons import Lessons, LessonStores, open_lessons
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
+from stages.topk import TopkRows, topk_kd_loss, topk_teacher_logits_estimate
 from stages.training import (
     Explain,
     Fit,
@@ -68,6 +69,57 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def lesson_loss(
+    loss: str,
+    student_logits: Tensor,
+    targets: Tensor | TopkRows,
+    labels: Tensor,
+    *,
+    alpha: float,
+    temperature: float | Tensor,
+    fixed_target: Tensor,
+    dkd_alpha: float = 1.0,
+    dkd_beta: float = 8.0,
+) -> Tensor:
+    """The experiment's `loss` over dense (B, C) targets (`stages.functional.distillation_loss`),
+    or `topk_kd_loss` over top-k ones (DESIGN §4, §9; top-k targets serve `loss: kd` only, which
+    `run` checks before training).
+
+    Raises:
+        SettingsError: top-k targets with a loss other than kd.
+    """
+    if isinstance(targets, TopkRows):
+        if loss != "kd":
+            raise SettingsError(TOPK_LOSS_ERROR.format(loss=loss))
+        return topk_kd_loss(
+            student_logits,
+            targets.values,
+            targets.indices,
+            targets.lse,
+            labels,
+            alpha=alpha,
+            temperature=temperature,
+            fixed_target=fixed_target,
+        )
+    return distillation_loss(
+        loss,
+        student_logits,
+        targets,
+        labels,
+        alpha=alpha,
+        temperature=temperature,
+        fixed_target=fixed_target,
+        dkd_alpha=dkd_alpha,
+        dkd_beta=dkd_beta,
+    )
+
+
+TOPK_LOSS_ERROR = (
+    "loss: {loss} needs every teacher logit, and the teacher's store is top-k (teacher_dump.layout: "
+    "topk); use loss: kd with it, or dump the teacher with layout: dense"
+)
+
+
 def batch_supervision(
     student_logits: Tensor,
     sample_index: Tensor,
@@ -76,18 +128,20 @@ def batch_supervision(
     dtd: DtdMode,
     temperature_config: TemperatureConfig,
     fixed_target_temperature: float | None = None,
-) -> tuple[Tensor, Tensor, float | Tensor]:
+) -> tuple[Tensor | TopkRows, Tensor, float | Tensor]:
     """The targets, fixed-target mask and temperatures of one batch (pure; DESIGN §4).
 
     Args:
         student_logits: (B, C) float (DTD flsw/cwsm weigh it, detached). sample_index: (B,) int64.
         lessons, dtd, temperature_config, fixed_target_temperature: see `kd_batch_loss`.
     Returns:
-        (target_logits (B, C), fixed_target (B,) bool, temperature: a float τ0 or (B,) τ_x).
+        (target_logits (B, C), or `TopkRows` of B rows from a top-k store; fixed_target (B,)
+        bool; temperature: a float τ0 or (B,) τ_x). FLSW from a top-k store weighs the teacher
+        logits `topk_teacher_logits_estimate` fills in (an estimate outside the top k).
     Raises:
         ValueError: an unknown dtd mode, or NaN/inf DTD weights (from NaN/inf student logits).
     """
-    index = sample_index.to(lessons.target_logits.device)
+    index = sample_index.to(lessons.fixed_target.device)
     targets = lessons.target_logits[index]
     fixed = lessons.fixed_target[index]
     clamp = dict(
@@ -103,9 +157,12 @@ def batch_supervision(
         temperature = lessons.static_temperature[index]
     elif dtd == "flsw":
         assert lessons.teacher_logits is not None
-        weights = flsw_weights(
-            student_logits.detach(), lessons.teacher_logits[index], temperature_config.gamma
-        )
+        teacher = lessons.teacher_logits[index]  # (B, C), or B top-k rows
+        if isinstance(teacher, TopkRows):
+            teacher = topk_teacher_logits_estimate(
+                teacher.values, teacher.indices, teacher.lse, teacher.num_classes
+            )
+        weights = flsw_weights(student_logits.detach(), teacher, temperature_config.gamma)
         temperature = dynamic_temperature(weights, **clamp)
     elif dtd == "cwsm":
         temperature = dynamic_temperature(cwsm_weights(student_logits.detach()), **clamp)
@@ -139,7 +196,8 @@ def kd_batch_loss(
 
     Args:
         student_logits: (B, C) float. labels: (B,) int64. sample_index: (B,) int64 on any device.
-        lessons: the experiment's supervision. dtd: off | static | flsw | cwsm.
+        lessons: the experiment's supervision (dense or top-k targets: `kd_loss` or
+            `topk_kd_loss`). dtd: off | static | flsw | cwsm.
         temperature_config: TemperatureConfig (τ0, β, γ, clamp range).
         fixed_target_temperature: None (DESIGN §4: a fixed-target row's student side is
             softened by the row's τ_x and its KL weighted by τ_x²), or a τ > 0 used instead on
@@ -158,7 +216,7 @@ def kd_batch_loss(
         temperature_config=temperature_config,
         fixed_target_temperature=fixed_target_temperature,
     )
-    return distillation_loss(
+    return lesson_loss(
         loss,
         student_logits,
         targets,
@@ -226,7 +284,7 @@ def explain_nonfinite_kd_loss(
     if not bool(torch.isfinite(ce)):
         peak = student_logits.abs().amax().item()
         return f"the student diverged (the CE term is {ce.item()}, its logits reach ±{peak:.3g}); {lower_lr}"
-    kd = distillation_loss(
+    kd = lesson_loss(
         loss,
         student_logits,
         targets,
@@ -260,7 +318,7 @@ def explain_nonfinite_kd_loss(
                 "between them)"
             )
         return f"{facts}, outside [{low:g}, {high:g}] where the KD loss is finite in float32; {fix}"
-    target_peak = targets.abs().amax().item()
+    target_peak = (targets.values if isinstance(targets, TopkRows) else targets).abs().amax().item()
     if target_peak > limit:
         return (
             f"{facts}: the teacher's stored logits reach ±{target_peak:.3g}, beyond ±{limit:g}; "
@@ -463,6 +521,9 @@ def _train(
                 where=where,
             )
             lesson_stores.check_covers(experiment.seed, experiment.epochs, where=where)
+            layout = open_store(stores_dir / "logits.zarr", kind="logits", layouts=("dense", "topk"))
+            if experiment.loss != "kd" and layout.attrs.get("layout") == "topk":
+                raise SettingsError(f"{where}: " + TOPK_LOSS_ERROR.format(loss=experiment.loss))
         test_store = open_store(stores_dir / "test-logits.zarr", kind="logits")
         test_store.expect(
             dataset_fingerprint=manifest["splits"]["test"]["fingerprint"],

@@ -275,6 +275,32 @@ def _statistics_block(logits: np.ndarray, block_info: Any = None) -> np.ndarray:
     return packed.reshape(views, rows, len(STATISTICS)).numpy()
 
 
+def _topk_statistics_block(
+    topk_values: np.ndarray,
+    topk_indices: np.ndarray,
+    lse: np.ndarray,
+    *,
+    num_classes: int,
+    block_info: Any = None,
+) -> np.ndarray:
+    """(V, n, K) top-k rows and lse (V, n, 1) -> (V, n, 5) float32: `topk_teacher_statistics`."""
+    views, rows, k = topk_values.shape
+    values = torch.from_numpy(np.ascontiguousarray(topk_values)).reshape(views * rows, k).float()
+    indices = torch.from_numpy(np.ascontiguousarray(topk_indices)).reshape(views * rows, k)
+    row_lse = torch.from_numpy(np.ascontiguousarray(lse)).reshape(views * rows).float()
+    finite = torch.isfinite(values).all(dim=1) & torch.isfinite(row_lse)  # (V·n,)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero(as_tuple=True)[0]
+        raise InvalidLogitsError(
+            f"{block_rows(block_info)}topk_values/lse: NaN or inf in {bad.numel()} of "
+            f"{finite.shape[0]} rows (first at row {int(bad[0])}); re-run the teacher dump"
+        )
+    with one_torch_thread():
+        stats = topk_teacher_statistics(values, indices, row_lse, num_classes)
+        packed = torch.stack([stats[name].float() for name in STATISTICS], dim=1)  # (V·n, 5)
+    return packed.reshape(views, rows, len(STATISTICS)).numpy()
+
+
 def _temperature_block(omega: np.ndarray, *, reference_mean: float, config: TemperatureConfig) -> np.ndarray:
     weights = torch.from_numpy(np.ascontiguousarray(omega)).reshape(-1)
     temperature = dynamic_temperature(
@@ -332,7 +358,9 @@ def run(
     threads; the store is the same on each.
 
     The statistics describe the teacher as dumped (before KA), so one dtd.zarr serves every KA
-    method. Chunks of N follow the input's; peak memory does not grow with N.
+    method. Chunks of N follow the input's; peak memory does not grow with N. From a top-k store
+    (DESIGN §9) they come from `topk_teacher_statistics` (max prob, margin, ω^T and so τ^T exact;
+    entropy and logit norm estimated with a uniform tail), same schema, attribute `source_layout`.
 
     Raises:
         StoreError: the input is missing, unfinished or not a logit store, or its arrays disagree
@@ -343,18 +371,30 @@ def run(
 
     # Unwritable metrics/plot paths fail before any work (not after the store is written).
     ensure_parents(metrics_out, histogram_out, *([plot_out] if plot_out is not None else []))
-    source = open_store(logits_path, kind="logits")
+    source = open_store(logits_path, kind="logits", layouts=("dense", "topk"))
     source.check_layout()
-    logits_array = source.array("logits")
-    views, samples, _ = logits_array.shape
     chunk_rows = source.chunk_rows
-    logits = da.from_zarr(logits_array)
-    packed = da.map_blocks(
-        _statistics_block,
-        logits,
-        dtype=np.float32,
-        chunks=(logits.chunks[0], logits.chunks[1], (len(STATISTICS),)),
-    )
+    topk = source.attrs.get("topk") if source.attrs.get("layout") == "topk" else None
+    if topk is None:
+        logits = da.from_zarr(source.array("logits"))
+        packed = da.map_blocks(
+            _statistics_block,
+            logits,
+            dtype=np.float32,
+            chunks=(logits.chunks[0], logits.chunks[1], (len(STATISTICS),)),
+        )
+    else:  # DESIGN §9: the statistics of the top-k rows (`topk_teacher_statistics`)
+        values = da.from_zarr(source.array("topk_values"))
+        packed = da.map_blocks(
+            _topk_statistics_block,
+            values,
+            da.from_zarr(source.array("topk_indices")).rechunk(values.chunks),
+            da.from_zarr(source.array("lse")).rechunk(values.chunks[:2])[..., None],
+            num_classes=int(source.attrs["num_classes"]),
+            dtype=np.float32,
+            chunks=(values.chunks[0], values.chunks[1], (len(STATISTICS),)),
+        )
+    views, samples = packed.shape[:2]
     attrs: dict[str, Any] = {
         key: source.attrs[key]
         for key in (
@@ -368,6 +408,8 @@ def run(
         )
         if key in source.attrs
     }
+    if topk is not None:  # entropy and logit norm are then estimates (`topk_teacher_statistics`)
+        attrs["source_layout"] = {"layout": "topk", "topk": topk}
     attrs.update(
         source=source.as_source(),
         versions=library_versions(),

@@ -31,6 +31,7 @@ Pure tensor functions (no I/O); math in float32, or float64 when an input is flo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -214,6 +215,58 @@ def topk_to_dense(topk_values: Tensor, topk_indices: Tensor, lse: Tensor, num_cl
         uniform = torch.zeros_like(tail)  # no class is left to fill
     dense = uniform.unsqueeze(1).expand(-1, num_classes).clone()  # (B, C)
     return dense.scatter_(1, topk_indices.long(), values)
+
+
+def topk_teacher_logits_estimate(
+    topk_values: Tensor, topk_indices: Tensor, lse: Tensor, num_classes: int
+) -> Tensor:
+    """Dense teacher logits estimated from top-k rows, for FLSW's cosine (DESIGN §4 "FLSW", §9).
+
+    FLSW's ω = (1 − cos(s, t))^γ needs all C teacher logits, and the C − K outside the support
+    are not stored: each is taken as u = log(m / (C − K)), the logit of an even tail with the
+    row's exact τ = 1 tail mass m (`tail_log_mass`). This is exact when the tail logits are
+    equal and otherwise an estimate (u >= their mean, by Jensen; u <= v_K, the smallest kept
+    value). Where rounding leaves no tail mass, m is taken as the largest mass that rounds to
+    none, eps·e^lse (a finite logit near the tail's true scale, unlike `topk_to_dense`, whose
+    smallest finite value would dominate a cosine).
+
+    Args:
+        topk_values: (B, K) float, finite, sorted descending. topk_indices: (B, K) int,
+            distinct per row, in [0, C). lse: (B,) float, finite. num_classes: C >= K.
+    Returns:
+        (B, C) in the compute dtype, finite; the kept classes hold `topk_values` exactly.
+    """
+    dtype = compute_dtype(topk_values, lse)
+    values, lse = topk_values.to(dtype), lse.to(dtype)
+    tail_count = num_classes - values.shape[1]
+    if tail_count:
+        tail = torch.maximum(
+            tail_log_mass(values, lse, num_classes), lse + math.log(torch.finfo(dtype).eps)
+        )  # (B,)
+        uniform = torch.minimum(tail - math.log(tail_count), values[:, -1])  # (B,) u
+    else:
+        uniform = torch.zeros_like(lse)  # no class is left to fill
+    dense = uniform.unsqueeze(1).expand(-1, num_classes).clone()  # (B, C)
+    return dense.scatter_(1, topk_indices.long(), values)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopkRows:
+    """Top-k rows of a store, one per sample, on one device (DESIGN §9).
+
+    Attributes:
+        values: (N, K) float32, sorted descending. indices: (N, K) int64, distinct per row, in
+            [0, C). lse: (N,) float32, the full row's log-sum-exp. num_classes: C.
+    """
+
+    values: Tensor
+    indices: Tensor
+    lse: Tensor
+    num_classes: int
+
+    def __getitem__(self, index: Tensor) -> TopkRows:
+        """The rows at `index` (B,) int64: a TopkRows of B rows."""
+        return TopkRows(self.values[index], self.indices[index], self.lse[index], self.num_classes)
 
 
 def topk_teacher_is_wrong(topk_values: Tensor, topk_indices: Tensor, labels: Tensor) -> Tensor:

@@ -3,8 +3,9 @@
 For a random sample of (view v, sample n) pairs of a logit store, the image is rebuilt from
 `view_params[v, n]` with the same `Augmentation.apply` the dump and the student use, the teacher
 checkpoint runs on it, and the largest |Δ logit| against `logits[v, n]` is reported (TinyViT ships
-such a check for its stored augmentations). A store whose views, images or teacher drifted from
-what its attributes say fails it.
+such a check for its stored augmentations); for a top-k store (DESIGN §9), against the kept
+`topk_values[v, n]` at their class ids and the row's `lse[v, n]`. A store whose views, images or
+teacher drifted from what its attributes say fails it.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def run(
     """
     device = device or torch.device("cpu")
     data_dir = Path(data_dir)
-    store = open_store(store_path, kind="logits")
+    store = open_store(store_path, kind="logits", layouts=("dense", "topk"))
     manifest = read_prepared(data_dir)
     split = store.attrs.get("split", "train")
     store.expect(dataset_fingerprint=manifest["splits"][split]["fingerprint"], against=str(data_dir))
@@ -81,14 +82,16 @@ def run(
             "name the checkpoint it came from (stores/<teacher> ↔ checkpoints/teachers/<teacher>.pt)"
         )
     views = stored_views_of(store)
-    num_views, num_samples = store.array("logits").shape[:2]
+    topk = store.attrs.get("layout") == "topk"
+    rows_name = "topk_values" if topk else "logits"
+    num_views, num_samples = store.array(rows_name).shape[:2]
     rng = np.random.default_rng(seed)
     count = min(samples, num_views * num_samples)
     flat = rng.choice(num_views * num_samples, size=count, replace=False)
     pair_view, pair_sample = flat // num_samples, flat % num_samples
     order = np.argsort(pair_sample, kind="stable")
     pair_view, pair_sample = pair_view[order], pair_sample[order]
-    stored = store.read_pairs("logits", pair_view, pair_sample).astype(np.float32)
+    stored = store.read_pairs(rows_name, pair_view, pair_sample).astype(np.float32)  # (count, C|K)
     params = store.read_pairs("view_params", pair_view, pair_sample)
     model, _ = load_checkpoint(checkpoint, manifest=manifest)
     model.to(device).eval()
@@ -102,7 +105,7 @@ def run(
         for image, n in zip(batch_images, sample_index.tolist(), strict=True):
             images[n] = image.clone()
     autocast = str(teacher.get("forward_autocast", "none"))
-    replayed = np.empty_like(stored)
+    replayed = np.empty((count, int(store.attrs["num_classes"])), dtype=np.float32)  # (count, C)
     for start in range(0, count, 256):
         rows = slice(start, min(start + 256, count))
         batch = torch.stack([images[int(n)] for n in pair_sample[rows]]).to(device)
@@ -111,6 +114,12 @@ def run(
             dtype = getattr(torch, autocast, None)
             with torch.autocast(device.type, dtype=dtype, enabled=autocast != "none"):
                 replayed[rows] = model(inputs).float().cpu().numpy()
+    if topk:  # the replayed logits at the kept class ids, and the full row's log-sum-exp
+        indices = store.read_pairs("topk_indices", pair_view, pair_sample).astype(np.int64)  # (count, K)
+        lse = store.read_pairs("lse", pair_view, pair_sample)  # (count,)
+        replayed_lse = torch.logsumexp(torch.from_numpy(replayed), dim=1).numpy()
+        replayed = np.concatenate([np.take_along_axis(replayed, indices, 1), replayed_lse[:, None]], axis=1)
+        stored = np.concatenate([stored, lse[:, None]], axis=1)  # (count, K + 1)
     max_abs_diff = float(np.abs(replayed - stored).max())
     tolerance = replay_tolerance(stored, store.attrs.get("logits_dtype", "float16"), autocast)
     result = {

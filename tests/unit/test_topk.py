@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.adjust import knowledge_adjustment
-from stages.functional import kd_loss
-from stages.temperature import teacher_statistics, topk_teacher_statistics
+from stages.adjust import knowledge_adjustment, topk_knowledge_adjustment
+from stages.functional import InvalidLogitsError, kd_loss
+from stages.temperature import flsw_weights, teacher_statistics, topk_teacher_statistics
 from stages.topk import (
     student_log_probs_on_support,
     topk_compress,
@@ -24,6 +24,7 @@ from stages.topk import (
     topk_probability_shift,
     topk_target_log_probs,
     topk_teacher_is_wrong,
+    topk_teacher_logits_estimate,
     topk_to_dense,
 )
 
@@ -239,3 +240,65 @@ def test_the_student_buckets_at_tau_one_are_its_exact_softmax_on_the_support_and
     dense = torch.log_softmax(student, dim=1)
     torch.testing.assert_close(log_p[:, :6], dense.gather(1, indices.long()), rtol=0, atol=1e-12)
     torch.testing.assert_close(log_p.exp().sum(1), torch.ones(4, dtype=torch.float64))
+
+
+def _bucket_probs_of_dense(target: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """(B, K + 1): softmax of dense target rows at `indices`, and the rest of each row's mass."""
+    kept = torch.softmax(target.double(), dim=1).gather(1, indices.long())
+    return torch.cat([kept, 1 - kept.sum(1, keepdim=True)], dim=1)
+
+
+@pytest.mark.parametrize("method", ["ps", "lsr"])
+def test_ka_on_float16_topk_rows_gives_the_dense_ka_targets_buckets(method):
+    teacher = _logits(300, 10, seed=14, dtype=torch.float16)
+    labels = torch.randint(10, (300,), generator=torch.Generator().manual_seed(2))
+    labels[::2] = teacher[::2].float().argmax(1)  # half the rows right
+    values, indices, lse = topk_compress(teacher, 3)
+    got = topk_knowledge_adjustment(values, indices, lse, labels, method, 10, 0.1)
+    dense = knowledge_adjustment(teacher, labels, method, 0.1)
+    assert got.topk_values.dtype == torch.float16 and got.topk_indices.dtype == torch.int16
+    assert got.rewritten.tolist() == dense.rewritten.tolist()
+    assert got.fixed_target.tolist() == dense.fixed_target.tolist() and 30 < int(got.rewritten.sum()) < 270
+    outside = ~(indices.long() == labels[:, None]).any(1)
+    assert bool((got.rewritten & outside).any())  # labels that join the support
+    buckets = topk_target_log_probs(got.topk_values, got.topk_indices, got.lse, 10).exp()
+    torch.testing.assert_close(
+        buckets.double(), _bucket_probs_of_dense(dense.target_logits, got.topk_indices), rtol=0, atol=1e-6
+    )
+    right = ~got.rewritten
+    assert torch.equal(got.topk_values[right], values[right]) and torch.equal(got.lse[right], lse[right])
+
+
+def test_ka_on_topk_rows_refuses_nan_values_and_class_ids_out_of_range():
+    values, indices, lse = topk_compress(_logits(4, 6, seed=15), 2)
+    labels = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(InvalidLogitsError, match="NaN or inf in 1 of 4 rows"):
+        topk_knowledge_adjustment(
+            values, indices, lse.index_fill(0, torch.tensor([2]), math.nan), labels, "ps", 6
+        )
+    with pytest.raises(InvalidLogitsError, match="topk_indices: a class id outside"):
+        topk_knowledge_adjustment(values, indices + 6, lse, labels, "ps", 6)
+
+
+def test_the_teacher_estimate_for_flsw_is_exact_when_the_tail_logits_are_equal():
+    teacher = _logits(50, 12, seed=16)
+    indices = topk_compress(teacher, 4)[1].long()
+    kept = torch.zeros_like(teacher, dtype=torch.bool).scatter_(1, indices, True)
+    floor = teacher.gather(1, indices).amin(1, keepdim=True) - 1.0  # (50, 1)
+    teacher = torch.where(kept, teacher, floor)  # the 8 others share one logit, below the kept 4
+    estimate = topk_teacher_logits_estimate(*topk_compress(teacher, 4), 12)
+    torch.testing.assert_close(estimate, teacher, rtol=0, atol=1e-9)
+    student = _logits(50, 12, seed=17)
+    torch.testing.assert_close(flsw_weights(student, estimate, 2.0), flsw_weights(student, teacher, 2.0))
+
+
+def test_the_teacher_estimate_for_flsw_stays_finite_and_below_the_kept_logits_when_no_tail_mass_is_left():
+    # the tail mass rounds to 0 in float32: the tail logits are at most lse + log(eps / (C − K)), and v_K
+    teacher = torch.tensor([[60.0, 59.0, -30.0, -35.0], [60.0, 40.0, -30.0, -35.0]], dtype=torch.float32)
+    values, indices, lse = topk_compress(teacher, 2)
+    assert topk_to_dense(values, indices, lse, 4)[0, 2].item() == torch.finfo(torch.float32).min
+    estimate = topk_teacher_logits_estimate(values, indices, lse, 4)
+    assert bool(torch.isfinite(estimate).all()) and torch.equal(estimate[:, :2], teacher[:, :2])
+    assert torch.equal(estimate[:, 2], estimate[:, 3])
+    bound = lse[0].item() + math.log(torch.finfo(torch.float32).eps / 2)  # 43.0
+    assert estimate[0, 2].item() == pytest.approx(bound, abs=1e-4) and estimate[1, 2].item() == 40.0

@@ -1,0 +1,196 @@
+"""Students from top-k stores against the dense store: test top-1 over seeds (DESIGN §9).
+
+Runs the pipeline's own commands (`lessons <stage>`, as dvc.yaml calls them) in a work folder:
+one teacher, one train-split dump per layout (dense, and `layout: topk` for each K), KA-PS on
+each, then every (experiment, layout, seed) student, and writes a table of test top-1 (mean ±
+sample std over seeds) and the agreement with the teacher.
+
+    python -m bench.topk_students --work /tmp/topk-fm     # Fashion-MNIST, 10 000 train images
+
+Each command's output is kept, so an interrupted run resumes where it stopped (finished
+students are not rerun). Nothing is tuned: every knob is the small recipe below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.common import RESULTS_DIR
+from bench.views_accuracy import lessons
+
+RECIPE: dict[str, Any] = {
+    "data": {"name": "fashion_mnist", "max_train_samples": 10000},
+    "teacher": {
+        "arch": "cnn_small",
+        "epochs": 2,
+        "batch_size": 128,
+        "lr": 0.05,
+        "weight_decay": 0.0005,
+        "schedule": "cosine",
+        "seed": 0,
+    },
+    "student": {"arch": "cnn_tiny", "epochs": 2},
+}
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "kd": {"teacher": "t", "adjust": "none", "dtd": "off"},
+    "kd_ps": {"teacher": "t", "adjust": "ps", "dtd": "off"},
+}
+
+
+def params_for(layout: str, seeds: list[int]) -> dict[str, Any]:
+    """params.yaml of one layout: "dense" or "topk<K>"."""
+    dump: dict[str, Any] = {"views": "all", "batch_size": 512}
+    if layout != "dense":
+        dump.update(layout="topk", topk=int(layout.removeprefix("topk")))
+    return {
+        "data": dict(RECIPE["data"]),
+        "teacher_train": {"teachers": {"t": dict(RECIPE["teacher"])}},
+        "teacher_dump": dump,
+        "adjust": {"methods": ["ps"]},
+        "student_train": {**RECIPE["student"], "seeds": seeds, "experiments": EXPERIMENTS},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--topk", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
+    args = parser.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    os.chdir(work)
+    layouts = ["dense", *(f"topk{k}" for k in args.topk)]
+    params = {}
+    for layout in layouts:
+        params[layout] = work / f"params-{layout}.yaml"
+        params[layout].write_text(yaml.safe_dump(params_for(layout, args.seeds), sort_keys=False))
+    data, checkpoint = work / "data", work / "checkpoints" / "t.pt"
+    if not (data / "manifest.json").exists():
+        lessons(params["dense"], "prepare-data", "--out", data, log=log)
+    if not checkpoint.exists():
+        lessons(
+            params["dense"],
+            "teacher-train",
+            "--teacher",
+            "t",
+            "--data",
+            data,
+            "--checkpoint-out",
+            checkpoint,
+            "--metrics-out",
+            work / "teacher.json",
+            "--curve-out",
+            work / "teacher-curve.json",
+            log=log,
+        )
+    timings: dict[str, float] = {}
+    for layout in layouts:
+        teacher = work / f"stores-{layout}" / "t"
+        if (teacher / "adjusted-ps.zarr").exists():
+            continue
+        started = time.perf_counter()
+        lessons(
+            params[layout],
+            "teacher-dump",
+            "--teacher",
+            "t",
+            "--data",
+            data,
+            "--checkpoint",
+            checkpoint,
+            "--out",
+            teacher / "logits.zarr",
+            "--test-out",
+            teacher / "test-logits.zarr",
+            log=log,
+        )
+        lessons(
+            params[layout],
+            "adjust",
+            "--method",
+            "ps",
+            "--logits",
+            teacher / "logits.zarr",
+            "--out",
+            teacher / "adjusted-ps.zarr",
+            "--metrics-out",
+            work / f"adjust-{layout}.json",
+            log=log,
+        )
+        timings[f"dump_adjust_{layout}_s"] = round(time.perf_counter() - started, 1)
+    for seed in args.seeds:
+        for experiment in args.experiments:
+            for layout in layouts:
+                out = work / "students" / f"{experiment}-{layout}-seed{seed}"
+                if (out / "metrics.json").exists():
+                    continue
+                out.mkdir(parents=True, exist_ok=True)
+                lessons(
+                    params[layout],
+                    "student-train",
+                    "--experiment",
+                    experiment,
+                    "--seed",
+                    seed,
+                    "--data",
+                    data,
+                    "--stores",
+                    work / f"stores-{layout}",
+                    "--checkpoint-out",
+                    out / "student.pt",
+                    "--metrics-out",
+                    out / "metrics.json",
+                    "--curve-out",
+                    out / "curve.json",
+                    log=log,
+                )
+    write_table(work, args.seeds, layouts, args.experiments)
+
+
+def write_table(work: Path, seeds: list[int], layouts: list[str], experiments: list[str]) -> None:
+    teacher = json.loads((work / "teacher.json").read_text())
+    record: dict[str, Any] = {"recipe": RECIPE, "seeds": seeds, "teacher": teacher, "runs": {}}
+    rows = []
+    for experiment in experiments:
+        for layout in layouts:
+            metrics = [
+                json.loads(p.read_text())
+                for seed in seeds
+                if (p := work / "students" / f"{experiment}-{layout}-seed{seed}" / "metrics.json").exists()
+            ]
+            if not metrics:
+                continue
+            top1 = [100 * m["test_top1"] for m in metrics]
+            agree = [100 * m["agreement_top1"] for m in metrics]
+            std = statistics.stdev(top1) if len(top1) > 1 else float("nan")
+            record["runs"][f"{experiment}/{layout}"] = {"test_top1": top1, "agreement_top1": agree}
+            rows.append(
+                f"| {experiment} | {layout} | {statistics.mean(top1):.2f} ± {std:.2f} | "
+                f"{' / '.join(f'{t:.2f}' for t in top1)} | {statistics.mean(agree):.2f} |"
+            )
+    lines = [
+        f"teacher test top-1 {100 * teacher['test_top1']:.2f}%; seeds {seeds}",
+        "",
+        "| experiment | store | test top-1 (%) mean ± std | per seed | agreement with teacher (%) |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+    (work / "table.md").write_text("\n".join(lines) + "\n")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "topk_students.json").write_text(json.dumps(record, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
