@@ -104,13 +104,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
         def lessons(nproc: int, *command: str) -> float:
             start = time.perf_counter()
-            subprocess.run(
+            done = subprocess.run(
                 [sys.executable, "-m", "pipeline", "--params", str(params(nproc)), *command],
                 cwd=work,
                 env=env,
-                check=True,
                 capture_output=True,
+                text=True,
             )
+            if done.returncode:
+                raise RuntimeError(f"lessons {command[0]} (nproc {nproc}) failed:\n{done.stderr[-3000:]}")
             return time.perf_counter() - start
 
         stores = work / "stores"
