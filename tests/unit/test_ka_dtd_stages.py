@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -161,6 +162,54 @@ def test_a_distributed_scheduler_gives_the_same_store_as_local_threads(tmp_path,
             tmp_path, logits, labels, "ps", chunk_rows=100, name="remote", scheduler=cluster.scheduler_address
         )
     assert local.read("target_logits").tobytes() == remote.read("target_logits").tobytes()
+
+
+def test_the_scheduler_key_in_params_runs_ka_and_dtd_on_that_cluster_and_the_option_wins(tmp_path, teacher):
+    distributed = pytest.importorskip("distributed")
+    from storage.errors import SettingsError
+
+    logits, labels = teacher
+    local, _ = _run_adjust(tmp_path, logits, labels, "ps", chunk_rows=100, name="local")
+    source = tmp_path / "local-logits.zarr"
+
+    def dtd(name: str, config: TemperatureConfig, scheduler: str | None = None):
+        temperature.run(
+            config,
+            logits_path=source,
+            out=tmp_path / f"{name}-dtd.zarr",
+            metrics_out=tmp_path / f"{name}-dtd.json",
+            histogram_out=tmp_path / f"{name}-h.json",
+            scheduler=scheduler,
+        )
+        return open_store(tmp_path / f"{name}-dtd.zarr", kind="dtd").read("static_temperature")
+
+    threads = dtd("threads", TemperatureConfig())
+    nobody = "tcp://127.0.0.1:9"  # nothing listens there: reading the key means trying it
+    with pytest.raises(SettingsError, match=re.escape(f"cannot reach the dask scheduler at {nobody}")):
+        adjust.run(
+            AdjustConfig(epsilon=0.2, scheduler=nobody),
+            method="ps",
+            logits_path=source,
+            out=tmp_path / "x.zarr",
+            metrics_out=tmp_path / "x.json",
+        )
+    assert not (tmp_path / "x.zarr").exists()
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        address = cluster.scheduler_address
+        adjust.run(
+            AdjustConfig(epsilon=0.2, scheduler=address),
+            method="ps",
+            logits_path=source,
+            out=tmp_path / "params-adjusted.zarr",
+            metrics_out=tmp_path / "params.json",
+        )
+        from_params = dtd("params", TemperatureConfig(scheduler=address))
+        from_option = dtd("option", TemperatureConfig(scheduler=nobody), scheduler=address)
+    remote = open_store(tmp_path / "params-adjusted.zarr", kind="adjusted")
+    assert local.read("target_logits").tobytes() == remote.read("target_logits").tobytes()
+    assert threads.tobytes() == from_params.tobytes() == from_option.tobytes()
 
 
 def test_adjust_refuses_a_store_that_is_not_a_logit_store(tmp_path, teacher):
