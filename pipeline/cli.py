@@ -9,7 +9,6 @@ traceback); any other exception is a bug and shows its traceback.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -249,6 +248,12 @@ def teacher_dump_command(
     config = _params(ctx).teacher_dump
     device = _device(config.device)
     options = dict(teacher=teacher, data=data_dir, checkpoint=checkpoint, out=train_out, test_out=test_out)
+    if config.nproc > 1 and not ranks_from_env().distributed:
+        from storage.atomic import exclusive_lock
+
+        for out in (train_out, test_out):  # another job writing them: refused before ranks start
+            with exclusive_lock(out):
+                pass
     if _relaunch(ctx, config.nproc, device, key="teacher_dump.nproc", what=train_out, **options):
         return  # rank 0 printed the result line
     report = teacher_dump.run(
@@ -428,6 +433,7 @@ def student_train_command(
     """Train a student from the precomputed lessons (KD + KA + DTD), or with plain CE."""
     _ready_torch()
     from stages import student_train
+    from stages.distributed import ranks_from_env
 
     params = _params(ctx)
     if seed is not None and seed not in params.student_train.seeds:
@@ -455,11 +461,7 @@ def student_train_command(
     if _relaunch(
         ctx, resolved.nproc, device, key="student_train.nproc", what=checkpoint_out, kept=kept, **options
     ):
-        top1 = json.loads(Path(metrics_out).read_text())["test_top1"]
-        click.echo(
-            f"student {experiment}: test top-1 {top1:.4f} -> {metrics_out} ({resolved.nproc} processes)"
-        )
-        return
+        return  # rank 0 printed the result line
     stores_dir = Path(stores_root) / resolved.teacher if resolved.teacher is not None else None
     metrics = student_train.run(
         resolved,
@@ -480,7 +482,9 @@ def student_train_command(
     )
     if not metrics:  # a rank other than 0: rank 0 reports
         return
-    click.echo(f"student {experiment}: test top-1 {metrics['test_top1']:.4f} -> {metrics_out}")
+    ranks = ranks_from_env()
+    shared = f" ({ranks.world_size} processes)" if ranks.distributed else ""
+    click.echo(f"student {experiment}: test top-1 {metrics['test_top1']:.4f} -> {metrics_out}{shared}")
 
 
 @main.command("store-digests")

@@ -141,6 +141,12 @@ class Params:
                     f"that only an augmenting student reads (experiment {name}); set "
                     "student_train.augment: true, or teacher_dump.views: none"
                 )
+            if offline and dump.layout == "topk" and exp.loss != "kd":
+                raise ConfigError(
+                    f"student_train.experiments.{name}.loss: {exp.loss} needs every teacher logit, "
+                    "and teacher_dump.layout: topk keeps the top-k; use loss: kd with top-k stores, "
+                    "or teacher_dump.layout: dense"
+                )
             if offline and dump.views == "scheduled" and exp.augment:
                 missing = sorted(set(self.student_train.seeds) - set(dump.seeds))
                 if missing or exp.epochs > dump.epochs:
@@ -314,7 +320,12 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
             raise ConfigError(f"{label}: missing required key {name!r}")
     try:
         return cls(**kwargs)
-    except ConfigError:
+    except ConfigError as exc:
+        # An entry of a named mapping (teacher_train.teachers.<name>, ensemble.ensembles.<name>)
+        # checks itself without knowing its name: put the name into the key its message names.
+        generic, text = where.rpartition(".")[0] + ".", str(exc)
+        if where.count(".") >= 2 and text.startswith(generic) and not text.startswith(where):
+            raise ConfigError(f"{where}.{text[len(generic) :]}") from exc
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{label}: {exc}") from exc

@@ -72,12 +72,16 @@ def launch(
             the signal it died of.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     check_nproc(nproc, device, key=key)
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # its failure report is ours to give
+    # The launcher's own reports (a failed or interrupted job) are ours to give, as one line;
+    # torch sets a level on each of its loggers, so each is quietened, not only their parent.
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="lessons-ranks-") as logs:
         config = LaunchConfig(
             min_nodes=1,
@@ -102,6 +106,9 @@ def launch(
                     f"rank {rank} of {nproc} died (exit status {failure.exitcode}); {what}: {kept}"
                 ) from None
             raise LaunchError(message) from None
+        except (SignalException, KeyboardInterrupt) as exc:  # Ctrl-C, or a kill of this launcher
+            signal_name = getattr(getattr(exc, "sigval", None), "name", "SIGINT")
+            raise LaunchError(f"interrupted ({signal_name}) with {nproc} processes; {what}: {kept}") from None
         finally:
             os.environ.pop(RANK_ERRORS, None)
 

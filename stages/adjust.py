@@ -510,7 +510,9 @@ def run(
             "top_class_changed": (packed[..., width + 3] > 0.5).sum(),
         }
     with (
-        dask_scheduler(scheduler or config.scheduler) as dask_sched,
+        dask_scheduler(
+            scheduler or config.scheduler, where="--scheduler" if scheduler else "adjust.scheduler"
+        ) as dask_sched,
         StoreWriter(out, kind="adjusted", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer,
         prefixed(str(logits_path), InvalidLogitsError),
         checked_reads(logits_path),

@@ -16,12 +16,13 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def dask_scheduler(address: str | None) -> Iterator[Any]:
+def dask_scheduler(address: str | None, where: str = "--scheduler") -> Iterator[Any]:
     """Yield the `scheduler=` value for dask calls.
 
     Args:
         address: None for the local threaded scheduler; else a scheduler address such as
             `tcp://10.0.0.5:8786` (needs the `distributed` extra), used for the duration.
+        where: what set the address (`--scheduler`, `adjust.scheduler`), named in errors.
     Raises:
         SettingsError: `distributed` is not installed or the scheduler cannot be reached.
     """
@@ -35,7 +36,10 @@ def dask_scheduler(address: str | None) -> Iterator[Any]:
     try:
         client = Client(address, timeout="10s", set_as_default=False)
     except OSError as exc:
-        raise SettingsError(f"cannot reach the dask scheduler at {address} ({exc})") from exc
+        raise SettingsError(
+            f"{where}: cannot reach the dask scheduler at {address} ({exc}); start it, or run on "
+            f"local threads by dropping {where}"
+        ) from exc
     logger.info("dask: using the cluster at %s", address)
     try:
         yield client

@@ -427,7 +427,9 @@ def run(
     arrays["sample_index"] = ArraySpec((samples,), "int64")
     started = time.perf_counter()
     with (
-        dask_scheduler(scheduler or config.scheduler) as dask_sched,
+        dask_scheduler(
+            scheduler or config.scheduler, where="--scheduler" if scheduler else "temperature.scheduler"
+        ) as dask_sched,
         StoreWriter(out, kind="dtd", arrays=arrays, attrs=attrs, chunk_rows=chunk_rows) as writer,
         prefixed(str(logits_path), InvalidLogitsError),
         checked_reads(logits_path),

@@ -468,6 +468,16 @@ class StoreWriter:
         except OSError as exc:
             raise OutputError(exc.errno, describe_os_error(exc, self.partial)) from exc
 
+    def _drop_torn_chunk_writes(self) -> None:
+        """Delete the temporary files of chunk writes that a killed writer left inside the arrays
+        (zarr writes `<chunk>.<random>.partial`, then renames it): the chunk itself was written
+        again, whole, on resume, and a stray file would change the content digest and the bytes
+        of the published store."""
+        for name in self.arrays:
+            for stray in (self.partial / name).rglob("*.partial"):
+                if stray.is_file():
+                    stray.unlink()
+
     def _array(self, name: str) -> zarr.Array:
         # Every chunk is written, even one that equals the fill value (zarr skips those by
         # default), so that `open_store` can take a missing chunk file for damage.
@@ -497,6 +507,7 @@ class StoreWriter:
                 f"(first: {pending[0]}); the store is left unfinished in {self.partial}"
             )
         try:
+            self._drop_torn_chunk_writes()
             self._group.attrs.update(
                 {
                     **self.attrs,

@@ -235,7 +235,7 @@ def _dump_args(pipeline, out: Path) -> tuple:
     )
 
 
-def test_a_ctrl_c_keeps_the_finished_chunk_and_a_stray_temporary_mark_does_not_break_the_resume(
+def test_a_ctrl_c_keeps_the_finished_chunk_and_stray_temporary_files_do_not_reach_the_store(
     tmp_path, pipeline, monkeypatch
 ):
     out = tmp_path / "logits.zarr"
@@ -244,6 +244,11 @@ def test_a_ctrl_c_keeps_the_finished_chunk_and_a_stray_temporary_mark_does_not_b
     assert not out.exists()
     assert [m.name for m in marks.iterdir()] == ["0"]
     (marks / ".1.x8k2_q0a").write_bytes(b"")  # what a kill inside atomic_write_bytes leaves
+    # ... and a kill inside zarr's chunk write (a torchrun rank killed mid-chunk, say): its
+    # temporary `<chunk>.<random>.partial` beside the chunks; the chunk is rewritten on resume.
+    torn = out.with_name(out.name + ".partial") / "labels" / "c" / "1.f14157c8d2.partial"
+    torn.parent.mkdir(parents=True, exist_ok=True)
+    torn.write_bytes(b"")
 
     result = ok(cli(pipeline.params_path, *_dump_args(pipeline, out)))
     assert f"resuming, 1 of {-(-NUM_TRAIN // CHUNK)} chunks already written" in result.output

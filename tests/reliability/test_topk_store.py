@@ -536,3 +536,21 @@ def test_a_loss_that_needs_every_teacher_logit_is_refused_on_a_topk_store_in_one
     )
     written = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))  # locks stay
     assert written == ["params.yaml"]
+
+
+def test_check_params_refuses_a_loss_other_than_kd_with_topk_stores(tmp_path):
+    params = base_params(make_npz(tmp_path / "x.npz"))
+    experiments = {"kd_dkd": {"teacher": "t", "adjust": "none", "dtd": "off", "loss": "dkd"}}
+    path = write_params(
+        tmp_path / "params.yaml",
+        params,
+        teacher_dump={"layout": "topk", "topk": 2},
+        student_train={"experiments": experiments},
+    )
+    one_line_error(
+        cli(path, "check-params", "--out", tmp_path / "check.json"),
+        "student_train.experiments.kd_dkd.loss",
+        "layout: topk",
+        "use loss: kd",
+    )
+    assert not (tmp_path / "check.json").exists()

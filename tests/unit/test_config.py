@@ -80,7 +80,7 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
         ({"prepare_data": {"num_workers": 0}}, "prepare_data.num_workers: must be positive, got 0"),
         (
             {"teacher_train": {"teachers": {"t": {"arch": "x", "weight_decay": -1}}}},
-            "teacher_train.teachers.weight_decay: must be >= 0",
+            "teacher_train.teachers.t.weight_decay: must be >= 0",
         ),
         (
             {"student_train": {"schedule": "step", "milestones": []}},
@@ -127,7 +127,11 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
         ),
         (
             {"teacher_train": {"teachers": {"t": {"arch": "x", "milestones": [1.0]}}}},
-            "teacher_train.teachers.milestones: must be increasing fractions",
+            "teacher_train.teachers.t.milestones: must be increasing fractions",
+        ),
+        (  # an entry of a named mapping is named in its own errors
+            {"ensemble": {"ensembles": {"pair": {"teachers": ["a"]}}}},
+            "ensemble.ensembles.pair.teachers: an ensemble combines at least two teachers",
         ),
         (
             {"student_train": {"experiments": {"a": {"teacher": "t", "loss": "dist"}}}},

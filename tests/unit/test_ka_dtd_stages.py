@@ -185,7 +185,9 @@ def test_the_scheduler_key_in_params_runs_ka_and_dtd_on_that_cluster_and_the_opt
 
     threads = dtd("threads", TemperatureConfig())
     nobody = "tcp://127.0.0.1:9"  # nothing listens there: reading the key means trying it
-    with pytest.raises(SettingsError, match=re.escape(f"cannot reach the dask scheduler at {nobody}")):
+    with pytest.raises(
+        SettingsError, match=re.escape(f"adjust.scheduler: cannot reach the dask scheduler at {nobody}")
+    ):
         adjust.run(
             AdjustConfig(epsilon=0.2, scheduler=nobody),
             method="ps",
