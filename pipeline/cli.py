@@ -9,7 +9,9 @@ traceback); any other exception is a bug and shows its traceback.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import click
 
 from pipeline.config import AdjustMethod, ConfigError, Params, load_params
-from pipeline.launch import launch, report_rank_error
+from pipeline.launch import RANK_ERRORS, launch, report_rank_error
 from pipeline.log import configure_logging
 from storage.atomic import OutputError
 from storage.errors import LessonsError
@@ -249,13 +251,16 @@ def teacher_dump_command(
     device = _device(config.device)
     options = dict(teacher=teacher, data=data_dir, checkpoint=checkpoint, out=train_out, test_out=test_out)
     if config.nproc > 1 and not ranks_from_env().distributed:
+        from pipeline.launch import check_nproc
         from storage.atomic import exclusive_lock
 
+        check_nproc(config.nproc, device, key="teacher_dump.nproc")  # before any lock file is made
         for out in (train_out, test_out):  # another job writing them: refused before ranks start
             with exclusive_lock(out):
                 pass
     if _relaunch(ctx, config.nproc, device, key="teacher_dump.nproc", what=train_out, **options):
-        return  # rank 0 printed the result line
+        click.echo(f"teacher {teacher}: logits in {train_out} and {test_out} ({config.nproc} processes)")
+        return
     report = teacher_dump.run(
         config,
         teacher=teacher,
@@ -266,7 +271,7 @@ def teacher_dump_command(
         device=device,
     )
     ranks = ranks_from_env()
-    if not ranks.main:
+    if not ranks.main or os.environ.get(RANK_ERRORS):  # the launching process prints the line
         return
     shared = f", {ranks.world_size} processes" if ranks.distributed else ""
     click.echo(
@@ -461,7 +466,11 @@ def student_train_command(
     if _relaunch(
         ctx, resolved.nproc, device, key="student_train.nproc", what=checkpoint_out, kept=kept, **options
     ):
-        return  # rank 0 printed the result line
+        top1 = json.loads(Path(metrics_out).read_text())["test_top1"]
+        click.echo(
+            f"student {experiment}: test top-1 {top1:.4f} -> {metrics_out} ({resolved.nproc} processes)"
+        )
+        return
     stores_dir = Path(stores_root) / resolved.teacher if resolved.teacher is not None else None
     metrics = student_train.run(
         resolved,
@@ -480,7 +489,7 @@ def student_train_command(
         else Path(teacher_checkpoints) / f"{resolved.teacher}.pt",
         epsilon=params.adjust.epsilon,
     )
-    if not metrics:  # a rank other than 0: rank 0 reports
+    if not metrics or os.environ.get(RANK_ERRORS):  # another rank, or the launching process, reports
         return
     ranks = ranks_from_env()
     shared = f" ({ranks.world_size} processes)" if ranks.distributed else ""
