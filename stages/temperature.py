@@ -198,8 +198,7 @@ def teacher_statistics(teacher_logits: Tensor) -> dict[str, Tensor]:
     else:
         max_prob = prob[:, 0]
         margin = max_prob.clone()
-    scale = logits.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
-    norm = torch.linalg.vector_norm(logits / scale, dim=1) * scale.squeeze(1)
+    norm = _row_norm(logits)
     return {
         "teacher_max_prob": max_prob,
         "teacher_entropy": entropy,
@@ -207,6 +206,13 @@ def teacher_statistics(teacher_logits: Tensor) -> dict[str, Tensor]:
         "teacher_logit_norm": norm,
         "omega_teacher": omega,
     }
+
+
+def _row_norm(logits: Tensor) -> Tensor:
+    """(B,) L2 norm of each (B, C) row, scaled by its max |logit| first so float16-range rows
+    neither overflow nor underflow when squared."""
+    scale = logits.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
+    return torch.linalg.vector_norm(logits / scale, dim=1) * scale.squeeze(1)
 
 
 def topk_teacher_statistics(
@@ -244,8 +250,7 @@ def topk_teacher_statistics(
         plogp[:, -1] = plogp[:, -1] - q[:, -1] * math.log(tail_count)
     entropy = (-plogp.sum(dim=1)).clamp_min(0.0) + 0.0
     dense = topk_to_dense(values, topk_indices, lse, num_classes)  # (B, C)
-    scale = dense.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    norm = torch.linalg.vector_norm(dense / scale, dim=1) * scale.squeeze(1)
+    norm = _row_norm(dense)
     return {
         "teacher_max_prob": max_prob,
         "teacher_entropy": entropy,
