@@ -32,8 +32,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import RESULTS_DIR
-from bench.views_accuracy import RECIPES, lessons
+from bench.views_accuracy import RECIPES, lessons, publish
 
 LOSSES = ("kd", "dkd", "ls", "ttm")
 # (row name, teacher, experiment settings) per group, in the order they run.
@@ -286,10 +285,7 @@ def write_table(root: Path, dataset: str, seeds: list[int], timings: dict[str, f
         "|---|---|---|---|---|---|",
         *rows,
     ]
-    (root / "table.md").write_text("\n".join(lines) + "\n")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"kd_family_{dataset}.json").write_text(json.dumps(record, indent=2))
-    print("\n".join(lines))
+    publish(root, f"kd_family_{dataset}", lines, record)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import RESULTS_DIR
-from bench.views_accuracy import lessons
+from bench.views_accuracy import data_and_teacher, lessons, publish
 
 RECIPE: dict[str, Any] = {
     "data": {"name": "fashion_mnist", "max_train_samples": 10000},
@@ -75,25 +74,7 @@ def main() -> None:
     for layout in layouts:
         params[layout] = work / f"params-{layout}.yaml"
         params[layout].write_text(yaml.safe_dump(params_for(layout, args.seeds), sort_keys=False))
-    data, checkpoint = work / "data", work / "checkpoints" / "t.pt"
-    if not (data / "manifest.json").exists():
-        lessons(params["dense"], "prepare-data", "--out", data, log=log)
-    if not checkpoint.exists():
-        lessons(
-            params["dense"],
-            "teacher-train",
-            "--teacher",
-            "t",
-            "--data",
-            data,
-            "--checkpoint-out",
-            checkpoint,
-            "--metrics-out",
-            work / "teacher.json",
-            "--curve-out",
-            work / "teacher-curve.json",
-            log=log,
-        )
+    data, checkpoint = data_and_teacher(params["dense"], work, log=log)
     timings: dict[str, float] = {}
     for layout in layouts:
         teacher = work / f"stores-{layout}" / "t"
@@ -186,10 +167,7 @@ def write_table(work: Path, seeds: list[int], layouts: list[str], experiments: l
         "|---|---|---|---|---|",
         *rows,
     ]
-    (work / "table.md").write_text("\n".join(lines) + "\n")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "topk_students.json").write_text(json.dumps(record, indent=2))
-    print("\n".join(lines))
+    publish(work, "topk_students", lines, record)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,40 @@ def lessons(params: Path, *args: Any, log: Path) -> None:
         raise SystemExit(f"lessons {args[0]} failed (exit {code}); see {log}")
 
 
+def data_and_teacher(params: Path, work: Path, *, log: Path) -> tuple[Path, Path]:
+    """Prepare `work/data` and train teacher `t` into `work/checkpoints/t.pt`, each unless
+    already there (a resumed run); returns (data folder, checkpoint)."""
+    data, checkpoint = work / "data", work / "checkpoints" / "t.pt"
+    if not (data / "manifest.json").exists():
+        lessons(params, "prepare-data", "--out", data, log=log)
+    if not checkpoint.exists():
+        lessons(
+            params,
+            "teacher-train",
+            "--teacher",
+            "t",
+            "--data",
+            data,
+            "--checkpoint-out",
+            checkpoint,
+            "--metrics-out",
+            work / "teacher.json",
+            "--curve-out",
+            work / "teacher-curve.json",
+            log=log,
+        )
+    return data, checkpoint
+
+
+def publish(work: Path, name: str, lines: list[str], record: dict[str, Any]) -> None:
+    """Write a recipe's table (`work/table.md`) and record (`bench/results/<name>.json`), and print
+    the table."""
+    (work / "table.md").write_text("\n".join(lines) + "\n")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(record, indent=2))
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=sorted(RECIPES), default="cifar10")
@@ -142,25 +176,7 @@ def main() -> None:
     for views in ("none", "all", "scheduled"):
         params[views] = work / f"params-{views}.yaml"
         params[views].write_text(yaml.safe_dump(params_for(recipe, args.seeds, views), sort_keys=False))
-    data, checkpoint = work / "data", work / "checkpoints" / "t.pt"
-    if not (data / "manifest.json").exists():
-        lessons(params["none"], "prepare-data", "--out", data, log=log)
-    if not checkpoint.exists():
-        lessons(
-            params["none"],
-            "teacher-train",
-            "--teacher",
-            "t",
-            "--data",
-            data,
-            "--checkpoint-out",
-            checkpoint,
-            "--metrics-out",
-            work / "teacher.json",
-            "--curve-out",
-            work / "teacher-curve.json",
-            log=log,
-        )
+    data, checkpoint = data_and_teacher(params["none"], work, log=log)
     timings: dict[str, float] = (
         json.loads((work / "dumps.json").read_text()) if (work / "dumps.json").exists() else {}
     )
@@ -280,10 +296,7 @@ def write_table(work: Path, dataset: str, seeds: list[int], timings: dict[str, f
             f"teacher train accuracy over views {100 * metrics['teacher_train_accuracy']:.2f}%",
         ]
         record[f"adjust_{views}"] = metrics
-    (work / "table.md").write_text("\n".join(lines) + "\n")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"views_accuracy_{dataset}.json").write_text(json.dumps(record, indent=2))
-    print("\n".join(lines))
+    publish(work, f"views_accuracy_{dataset}", lines, record)
 
 
 if __name__ == "__main__":
