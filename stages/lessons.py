@@ -90,6 +90,11 @@ class LessonStores:
                 source.values = loaded[key]
 
     @property
+    def topk(self) -> bool:
+        """Whether the targets are top-k rows (a `layout: topk` store, DESIGN §9), not dense ones."""
+        return "target_logits" not in self.sources
+
+    @property
     def num_views(self) -> int:
         return self.views.num_views
 

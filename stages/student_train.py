@@ -521,8 +521,7 @@ def _train(
                 where=where,
             )
             lesson_stores.check_covers(experiment.seed, experiment.epochs, where=where)
-            layout = open_store(stores_dir / "logits.zarr", kind="logits", layouts=("dense", "topk"))
-            if experiment.loss != "kd" and layout.attrs.get("layout") == "topk":
+            if experiment.loss != "kd" and lesson_stores.topk:
                 raise SettingsError(f"{where}: " + TOPK_LOSS_ERROR.format(loss=experiment.loss))
         test_store = open_store(stores_dir / "test-logits.zarr", kind="logits")
         test_store.expect(
