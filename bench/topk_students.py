@@ -6,6 +6,12 @@ each, then every (experiment, layout, seed) student, and writes a table of test 
 sample std over seeds) and the agreement with the teacher.
 
     python -m bench.topk_students --work /tmp/topk-fm     # Fashion-MNIST, 10 000 train images
+    python -m bench.topk_students --dataset cifar10 --topk 5 --work /tmp/topk-cifar
+
+`--dataset cifar10` is the CIFAR-10 recipe of bench/views_accuracy.py (5 000 train images,
+resnet20 teacher, resnet8 students) with views `none`, so its teacher, dense store and dense
+students are those of bench/kd_family.py's `t0` (same recipe, same seeds). K = 10 cannot exist
+there (K < C = 10): K = 5 keeps half the classes.
 
 Each command's output is kept, so an interrupted run resumes where it stopped (finished
 students are not rerun). Nothing is tuned: every knob is the small recipe below.
@@ -23,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from bench.views_accuracy import data_and_teacher, lessons, publish
+from bench.common import shared_data_dir
+from bench.views_accuracy import RECIPES, data_and_teacher, lessons, publish
 
 RECIPE: dict[str, Any] = {
     "data": {"name": "fashion_mnist", "max_train_samples": 10000},
@@ -37,35 +44,47 @@ RECIPE: dict[str, Any] = {
         "seed": 0,
     },
     "student": {"arch": "cnn_tiny", "epochs": 2},
+    "views": "all",
 }
+CIFAR10: dict[str, Any] = {
+    "data": {**RECIPES["cifar10"]["data"], "root": str(shared_data_dir() / "cifar10-jpeg.npz")},
+    "teacher": RECIPES["cifar10"]["teacher"],
+    "student": RECIPES["cifar10"]["student"],
+    "views": "none",
+    "chunk_size": RECIPES["cifar10"]["chunk_size"],
+}
+DATASETS = {"fashion_mnist": RECIPE, "cifar10": CIFAR10}
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "kd": {"teacher": "t", "adjust": "none", "dtd": "off"},
     "kd_ps": {"teacher": "t", "adjust": "ps", "dtd": "off"},
 }
 
 
-def params_for(layout: str, seeds: list[int]) -> dict[str, Any]:
-    """params.yaml of one layout: "dense" or "topk<K>"."""
-    dump: dict[str, Any] = {"views": "all", "batch_size": 512}
+def params_for(recipe: dict[str, Any], layout: str, seeds: list[int]) -> dict[str, Any]:
+    """params.yaml of one recipe and layout: "dense" or "topk<K>"."""
+    dump: dict[str, Any] = {"views": recipe["views"], "batch_size": 512}
+    if "chunk_size" in recipe:
+        dump["chunk_size"] = recipe["chunk_size"]
     if layout != "dense":
         dump.update(layout="topk", topk=int(layout.removeprefix("topk")))
     return {
-        "data": dict(RECIPE["data"]),
-        "teacher_train": {"teachers": {"t": dict(RECIPE["teacher"])}},
+        "data": dict(recipe["data"]),
+        "teacher_train": {"teachers": {"t": dict(recipe["teacher"])}},
         "teacher_dump": dump,
         "adjust": {"methods": ["ps"]},
-        "student_train": {**RECIPE["student"], "seeds": seeds, "experiments": EXPERIMENTS},
+        "student_train": {**recipe["student"], "seeds": seeds, "experiments": EXPERIMENTS},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="fashion_mnist")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--topk", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
     args = parser.parse_args()
-    work = args.work.resolve()
+    recipe, work = DATASETS[args.dataset], args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
     os.chdir(work)
@@ -73,7 +92,7 @@ def main() -> None:
     params = {}
     for layout in layouts:
         params[layout] = work / f"params-{layout}.yaml"
-        params[layout].write_text(yaml.safe_dump(params_for(layout, args.seeds), sort_keys=False))
+        params[layout].write_text(yaml.safe_dump(params_for(recipe, layout, args.seeds), sort_keys=False))
     data, checkpoint = data_and_teacher(params["dense"], work, log=log)
     timings: dict[str, float] = {}
     for layout in layouts:
@@ -136,12 +155,20 @@ def main() -> None:
                     out / "curve.json",
                     log=log,
                 )
-    write_table(work, args.seeds, layouts, args.experiments)
+    name = "topk_students" if args.dataset == "fashion_mnist" else f"topk_students_{args.dataset}"
+    write_table(work, name, recipe, args.seeds, layouts, args.experiments)
 
 
-def write_table(work: Path, seeds: list[int], layouts: list[str], experiments: list[str]) -> None:
+def write_table(
+    work: Path,
+    name: str,
+    recipe: dict[str, Any],
+    seeds: list[int],
+    layouts: list[str],
+    experiments: list[str],
+) -> None:
     teacher = json.loads((work / "teacher.json").read_text())
-    record: dict[str, Any] = {"recipe": RECIPE, "seeds": seeds, "teacher": teacher, "runs": {}}
+    record: dict[str, Any] = {"recipe": recipe, "seeds": seeds, "teacher": teacher, "runs": {}}
     rows = []
     for experiment in experiments:
         for layout in layouts:
@@ -167,7 +194,7 @@ def write_table(work: Path, seeds: list[int], layouts: list[str], experiments: l
         "|---|---|---|---|---|",
         *rows,
     ]
-    publish(work, "topk_students", lines, record)
+    publish(work, name, lines, record)
 
 
 if __name__ == "__main__":
