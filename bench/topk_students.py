@@ -11,7 +11,8 @@ sample std over seeds) and the agreement with the teacher.
 `--dataset cifar10` is the CIFAR-10 recipe of bench/views_accuracy.py (5 000 train images,
 resnet20 teacher, resnet8 students) with views `none`, so its teacher, dense store and dense
 students are those of bench/kd_family.py's `t0` (same recipe, same seeds). K = 10 cannot exist
-there (K < C = 10): K = 5 keeps half the classes.
+there (K < C = 10): K = 5 keeps half the classes. `--student-layouts topk5` trains only the
+top-k students when the dense ones already exist elsewhere (kd_family's `kd`/`kd_ps` rows of `t0`).
 
 Each command's output is kept, so an interrupted run resumes where it stopped (finished
 students are not rerun). Nothing is tuned: every knob is the small recipe below.
@@ -83,6 +84,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--topk", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
+    parser.add_argument(
+        "--student-layouts",
+        nargs="+",
+        default=None,
+        help="train students only from these layouts (dense, topk<K>); default: every layout",
+    )
     args = parser.parse_args()
     recipe, work = DATASETS[args.dataset], args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -131,7 +138,7 @@ def main() -> None:
         timings[f"dump_adjust_{layout}_s"] = round(time.perf_counter() - started, 1)
     for seed in args.seeds:
         for experiment in args.experiments:
-            for layout in layouts:
+            for layout in args.student_layouts or layouts:
                 out = work / "students" / f"{experiment}-{layout}-seed{seed}"
                 if (out / "metrics.json").exists():
                     continue
