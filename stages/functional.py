@@ -293,6 +293,28 @@ def dkd_parts(
     return tckd, nckd
 
 
+def dkd_warmup_weight(epoch: int, warmup_epochs: int) -> float:
+    """The weight of the DKD term in (0-based) `epoch`: min((epoch + 1) / warmup_epochs, 1), or 1
+    without a warm-up (`warmup_epochs` 0).
+
+    A linear ramp of the whole DKD term over the first `warmup_epochs` epochs, never of the CE
+    term, as the DKD authors' code runs it (mdistiller's `DKD.forward_train`: min(epoch / WARMUP,
+    1) with epochs counted from 1, WARMUP 20 in its CIFAR-100 configs). The paper (Zhao et al.,
+    CVPR 2022, arXiv:2203.08679) does not state it in its text: unconfirmed there. The student
+    applies it by scaling `dkd_alpha` and `dkd_beta` alike (`dkd_loss` is linear in both).
+
+    Args:
+        epoch: int >= 0, the epoch being trained (0 is the first). warmup_epochs: int >= 0.
+    Returns:
+        a float in (0, 1]; 1 from epoch `warmup_epochs` − 1 on.
+    Raises:
+        ValueError: a negative epoch or warmup_epochs.
+    """
+    if epoch < 0 or warmup_epochs < 0:
+        raise ValueError(f"epoch and warmup_epochs must be >= 0, got {epoch} and {warmup_epochs}")
+    return 1.0 if warmup_epochs == 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
 def dkd_loss(
     student_logits: Tensor,
     target_logits: Tensor,

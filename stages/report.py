@@ -60,6 +60,7 @@ EXPERIMENT_KEYS = (
     "loss",
     "dkd_alpha",
     "dkd_beta",
+    "dkd_warmup",
     "arch",
     "epochs",
     "lr",
@@ -220,9 +221,9 @@ def student_record(metrics: Mapping[str, Any], config: Mapping[str, Any] | None)
         # records written before the `loss` key were kd; DKD's weights only where they are read
         "loss": resolved.get("loss") or "kd",
         **{
-            key: resolved.get(key) if resolved.get("loss") == "dkd" else None
-            for key in ("dkd_alpha", "dkd_beta")
-        },
+            key: resolved.get(key, default) if resolved.get("loss") == "dkd" else None
+            for key, default in (("dkd_alpha", None), ("dkd_beta", None), ("dkd_warmup", 0))
+        },  # dkd records written before dkd_warmup ran without a warm-up
         "experiment": config.get("experiment"),
         "seed": config.get("seed"),
         "teacher": teacher.get("name") if isinstance(teacher, Mapping) else teacher,
@@ -247,7 +248,10 @@ def _loss_label(record: Mapping[str, Any]) -> str:
     if loss == "kd":
         return "yes"
     if loss == "dkd":
-        return f"dkd (α {_format_value(record.get('dkd_alpha'))}, β {_format_value(record.get('dkd_beta'))})"
+        warmup = record.get("dkd_warmup")  # records written before the key had none
+        ramp = f", warm-up {_format_value(warmup)} epochs" if warmup else ""
+        weights = f"α {_format_value(record.get('dkd_alpha'))}, β {_format_value(record.get('dkd_beta'))}"
+        return f"dkd ({weights}{ramp})"
     return loss
 
 

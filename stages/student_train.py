@@ -36,7 +36,7 @@ from torch import Tensor
 import nets
 from stages.adjust import knowledge_adjustment
 from stages.distributed import Ranks, barrier, process_group
-from stages.functional import distillation_loss
+from stages.functional import distillation_loss, dkd_warmup_weight
 from stages.lessons import Lessons, LessonStores, open_lessons
 from stages.temperature import cwsm_weights, dynamic_temperature, flsw_weights
 from stages.topk import TopkRows, topk_kd_loss, topk_teacher_logits_estimate
@@ -563,10 +563,21 @@ def _train(
             )
         store_digests = {Path(teacher_checkpoint).name: online.sha256}
 
+    if experiment.kd and experiment.dkd_warmup > experiment.epochs:
+        logger.warning(
+            "%s.dkd_warmup is %d epochs, longer than the run's %d: the DKD term never reaches its "
+            "full weight (it ends at %.3g)",
+            where,
+            experiment.dkd_warmup,
+            experiment.epochs,
+            dkd_warmup_weight(experiment.epochs - 1, experiment.dkd_warmup),
+        )
     current: dict[str, Lessons] = {}
+    dkd_weight = [1.0]  # this epoch's DKD warm-up weight (loss: dkd with dkd_warmup)
 
     def epoch_views(epoch: int) -> np.ndarray | None:
         """Gather the epoch's lessons (offline) and return the view params the student trains on."""
+        dkd_weight[0] = dkd_warmup_weight(epoch, experiment.dkd_warmup)
         if lesson_stores is None:
             return None
         current["lessons"], params = lesson_stores.epoch(experiment.seed, epoch, where=where)
@@ -591,9 +602,16 @@ def _train(
             dkd_beta=experiment.dkd_beta,
         )
 
+        def epoch_supervision() -> Supervision:
+            """`supervision` with DKD's weights scaled by this epoch's warm-up (1 without one)."""
+            scaled = supervision.copy()
+            scaled["dkd_alpha"] *= dkd_weight[0]
+            scaled["dkd_beta"] *= dkd_weight[0]
+            return scaled
+
         def kd_loss_fn(logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
             lessons, rows = batch_lessons(labels, index)
-            return kd_batch_loss(logits, labels, rows, lessons=lessons, **supervision)
+            return kd_batch_loss(logits, labels, rows, lessons=lessons, **epoch_supervision())
 
         def explain_kd(logits: Tensor, labels: Tensor, index: Tensor) -> str:
             lessons, rows = batch_lessons(labels, index)
@@ -602,7 +620,7 @@ def _train(
                 labels,
                 rows,
                 lessons=lessons,
-                **supervision,
+                **epoch_supervision(),
                 where=where,
                 lr=experiment.lr,
             )

@@ -114,3 +114,33 @@ def test_the_trainer_itself_refuses_a_resolved_dkd_experiment_on_ka_lsr(tmp_path
             device=torch.device("cpu"),
         )
     assert [p.name for p in (tmp_path / "out").iterdir()] in ([], ["s.pt.lock"])
+
+
+def test_a_dkd_warmup_scales_the_first_epochs_dkd_weights_exactly(tmp_path, pipeline: Pipeline):
+    # One epoch of dkd_warmup 4 trains at weight 1/4 (stages.functional.dkd_warmup_weight): bit
+    # for bit the student of dkd_alpha and dkd_beta a quarter of theirs without a warm-up.
+    import torch
+
+    base = {"teacher": "t", "adjust": "ps", "dtd": "off", "loss": "dkd"}
+    experiments = {
+        **pipeline.params["student_train"]["experiments"],
+        "dkd_warm": {**base, "dkd_alpha": 2.0, "dkd_beta": 8.0, "dkd_warmup": 4},
+        "dkd_quarter": {**base, "dkd_alpha": 0.5, "dkd_beta": 2.0},
+        "dkd_full": {**base, "dkd_alpha": 2.0, "dkd_beta": 8.0},
+    }
+    params = write_params(
+        tmp_path / "params.yaml", pipeline.params, student_train={"experiments": experiments}
+    )
+    states, losses = {}, {}
+    for name in ("dkd_warm", "dkd_quarter", "dkd_full"):
+        ok(_train(params, pipeline, tmp_path, name))
+        states[name] = torch.load(tmp_path / f"{name}.pt", map_location="cpu", weights_only=False)
+        losses[name] = json.loads((tmp_path / f"{name}-curve.json").read_text())[0]["train_loss"]
+    weights = {name: state["state_dict"] for name, state in states.items()}
+    assert weights["dkd_warm"].keys() == weights["dkd_quarter"].keys()
+    for key, value in weights["dkd_quarter"].items():
+        assert torch.equal(weights["dkd_warm"][key], value), key
+    assert any(not torch.equal(weights["dkd_full"][k], v) for k, v in weights["dkd_quarter"].items())
+    assert losses["dkd_warm"] == losses["dkd_quarter"] != losses["dkd_full"]
+    record = json.loads((tmp_path / "dkd_warm-config.json").read_text())
+    assert record["config"]["dkd_warmup"] == 4

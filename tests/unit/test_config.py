@@ -171,6 +171,18 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
             },
             "student_train.experiments.a.dkd_beta: must be a finite number, got nan",
         ),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "dkd_warmup": 20}}}},
+            "student_train.experiments.a.dkd_warmup: only read with loss: dkd (got loss: kd)",
+        ),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "loss": "dkd", "dkd_warmup": -1}}}},
+            "student_train.experiments.a.dkd_warmup: must be a number of epochs >= 0, got -1",
+        ),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "loss": "dkd", "dkd_warmup": 2.5}}}},
+            "student_train.experiments.a.dkd_warmup",
+        ),
     ],
 )
 def test_bad_params_raise_one_error_naming_the_section_and_key(raw, message):
@@ -362,5 +374,6 @@ def test_the_loss_defaults_to_kd_and_each_family_member_resolves_with_its_keys()
     resolved = {name: params.student_train.experiment(name) for name in ("kd", "dkd", "ls_lsr", "ttm_lsr")}
     assert (resolved["kd"].loss, resolved["kd"].dkd_alpha, resolved["kd"].dkd_beta) == ("kd", 1.0, 8.0)
     assert (resolved["dkd"].loss, resolved["dkd"].dkd_alpha, resolved["dkd"].dkd_beta) == ("dkd", 1.0, 2.0)
+    assert (resolved["kd"].dkd_warmup, resolved["dkd"].dkd_warmup) == (0, 0)  # no warm-up by default
     # ls and ttm take KA-LSR: its fixed rows are matched with the plain student, weight 1
     assert resolved["ls_lsr"].fixed_target_temperature == resolved["ttm_lsr"].fixed_target_temperature == 1.0

@@ -19,6 +19,7 @@ from stages.functional import (
     distillation_loss,
     dkd_loss,
     dkd_parts,
+    dkd_warmup_weight,
     kd_loss,
     ls_loss,
     standardize_logits,
@@ -151,6 +152,43 @@ def test_no_gradient_of_dkd_reaches_the_targets():
         dkd_beta=8.0,
     )
     assert not loss.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("epoch", "warmup", "weight"),
+    [
+        (0, 0, 1.0),  # no warm-up
+        (5, 0, 1.0),
+        (0, 20, 0.05),  # mdistiller's first epoch (its epoch 1): 1 / 20
+        (9, 20, 0.5),
+        (18, 20, 0.95),
+        (19, 20, 1.0),  # full weight from the 20th epoch on
+        (100, 20, 1.0),
+        (0, 1, 1.0),
+        (0, 3, 1 / 3),
+        (1, 3, 2 / 3),
+    ],
+)
+def test_the_dkd_warmup_weight_ramps_linearly_to_one_over_the_warmup_epochs(epoch, warmup, weight):
+    assert dkd_warmup_weight(epoch, warmup) == pytest.approx(weight, abs=1e-15)
+
+
+@pytest.mark.parametrize(("epoch", "warmup"), [(-1, 20), (0, -1)])
+def test_the_dkd_warmup_weight_refuses_a_negative_epoch_or_warmup(epoch, warmup):
+    with pytest.raises(ValueError, match="must be >= 0"):
+        dkd_warmup_weight(epoch, warmup)
+
+
+def test_scaling_both_dkd_weights_scales_the_dkd_term_alone_as_the_warmup_needs():
+    # The student applies the warm-up by scaling dkd_alpha and dkd_beta: that must be w·DKD with
+    # the CE term untouched (mdistiller: CE + min(epoch / warmup, 1)·DKD).
+    student, target, labels, tau, _ = (t64(x) for x in _case(13))
+    tckd, nckd = np_dkd_parts(student.numpy(), target.numpy(), labels.numpy(), tau.numpy())
+    term = float(np.mean(tau.numpy() ** 2 * (1.5 * tckd + 6.0 * nckd)))
+    ce = np_ce(student.numpy(), labels.numpy())
+    w = 0.25
+    got = dkd_loss(student, target, labels, alpha=0.6, temperature=tau, dkd_alpha=1.5 * w, dkd_beta=6.0 * w)
+    assert got.item() == pytest.approx(0.4 * ce + 0.6 * w * term, rel=1e-12)
 
 
 # --- ls ----------------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ def test_the_kd_column_names_the_logit_kd_loss_and_dkds_weights():
             written("kd", loss="kd", dkd_alpha=1.0, dkd_beta=8.0),
             written("old_kd"),  # written before the loss key existed
             written("dkd", loss="dkd", dkd_alpha=1.0, dkd_beta=8.0),
+            written("dkd_warm", loss="dkd", dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup=20),
             written("ttm", loss="ttm", dkd_alpha=1.0, dkd_beta=8.0),
             student("ls", 0.8, loss="ls"),
         ]
@@ -104,6 +105,7 @@ def test_the_kd_column_names_the_logit_kd_loss_and_dkds_weights():
         "kd": "yes",
         "old_kd": "yes",
         "dkd": "dkd (α 1, β 8)",
+        "dkd_warm": "dkd (α 1, β 8, warm-up 20 epochs)",
         "ttm": "ttm",
         "ls": "ls",
     }
