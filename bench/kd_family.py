@@ -205,10 +205,25 @@ class Work:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=sorted(RECIPES), default="fashion_mnist")
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(RECIPES),
+        default="fashion_mnist",
+        help="the recipe (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--work", type=Path, required=True, help="work folder: data, stores, students, log; a rerun resumes"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--groups",
+        nargs="+",
+        choices=list(GROUPS),
+        default=list(GROUPS),
+        help="groups of students, run in this order (default: %(default)s)",
+    )
     parser.add_argument("--table-only", action="store_true", help="Write the table from finished runs.")
     args = parser.parse_args()
     recipe, root = RECIPES[args.dataset], args.work.resolve()

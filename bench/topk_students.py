@@ -79,11 +79,31 @@ def params_for(recipe: dict[str, Any], layout: str, seeds: list[int]) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="fashion_mnist")
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--topk", type=int, nargs="+", default=[3, 5])
-    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="fashion_mnist",
+        help="the recipe (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--work", type=Path, required=True, help="work folder: data, stores, students, log; a rerun resumes"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--topk",
+        type=int,
+        nargs="+",
+        default=[3, 5],
+        help="K of each top-k store, K < C (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--experiments",
+        nargs="+",
+        default=list(EXPERIMENTS),
+        help="student experiments (default: %(default)s)",
+    )
     parser.add_argument(
         "--student-layouts",
         nargs="+",

@@ -606,7 +606,13 @@ def report_command(
         metrics_root=metrics_root,
         histograms_dir=histograms_dir,
     )
-    summary = report.run(params.report, **inputs, out_dir=out_dir, dataset=params.data.name)
+    summary = report.run(
+        params.report,
+        **inputs,
+        out_dir=out_dir,
+        dataset=params.data.name,
+        params_name=Path(ctx.obj["params_path"]).name,
+    )
     click.echo(f"Report: {summary}")
 
 

@@ -204,6 +204,15 @@ class _StrictLoader(yaml.SafeLoader):
 _DECIMAL = re.compile(r"([-+]?)(\d*)(?:\.(\d*))?(?:[eE]([-+]?)(\d+))?")
 
 
+def _as_yaml(value: Any) -> str:
+    """`value` as params.yaml spells it (null, true, false; text quoted), for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def _yaml_number_spelling(text: str) -> str | None:
     """How to write `text` so that PyYAML (YAML 1.1) reads it as a float, or None when Python's
     float() does not read a finite number in it either.
@@ -251,16 +260,16 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             # YAML 1.1 reads a bare off/on/no/yes as a boolean; DVC (YAML 1.2) reads a string.
             value = {False: "off", True: "on"}[value] if ("off" in args or "on" in args) else value
         if value not in args:
-            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {_as_yaml(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: must be a list, got {value!r}")
+            raise ConfigError(f"{where}: must be a list, got {_as_yaml(value)}")
         item_hint = args[0]
         return tuple(_convert(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: must be a mapping, got {value!r}")
+            raise ConfigError(f"{where}: must be a mapping, got {_as_yaml(value)}")
         key_hint, item_hint = args
         return {
             _convert(k, key_hint, where): _convert(v, item_hint, f"{where}.{k}") for k, v in value.items()
@@ -269,11 +278,11 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         return from_dict(hint, value, where)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+            raise ConfigError(f"{where}: must be true or false, got {_as_yaml(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: must be an integer, got {value!r}")
+            raise ConfigError(f"{where}: must be an integer, got {_as_yaml(value)}")
         return value
     if hint is float:
         if isinstance(value, str) and (spelling := _yaml_number_spelling(value)) is not None:
@@ -282,17 +291,17 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
                 f"the mantissa and a sign in the exponent, and no quotes); write {spelling}"
             )
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: must be a number, got {value!r}")
+            raise ConfigError(f"{where}: must be a number, got {_as_yaml(value)}")
         try:
             number = float(value)
         except OverflowError:  # an integer beyond the float range
             number = math.inf
         if not math.isfinite(number):  # .nan and .inf are YAML numbers, and no knob means them
-            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+            raise ConfigError(f"{where}: must be a finite number, got {_as_yaml(value)}")
         return number
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: must be a string, got {value!r}")
+            raise ConfigError(f"{where}: must be a string, got {_as_yaml(value)}")
         return value
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
 

@@ -81,12 +81,14 @@ def _check_loss(exp: ExperimentConfig, where: str) -> None:
         value = getattr(exp, key)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{where}.{key}: must be a finite number >= 0, got {value}")
-        if exp.loss != "dkd" and value != getattr(ExperimentConfig, key):
-            raise ConfigError(f"{where}.{key}: only read with loss: dkd (got loss: {exp.loss}); remove it")
     if exp.dkd_warmup < 0:
         raise ConfigError(f"{where}.dkd_warmup: must be a number of epochs >= 0, got {exp.dkd_warmup}")
-    if exp.loss != "dkd" and exp.dkd_warmup != ExperimentConfig.dkd_warmup:
-        raise ConfigError(f"{where}.dkd_warmup: only read with loss: dkd (got loss: {exp.loss}); remove it")
+    for key in ("dkd_alpha", "dkd_beta", "dkd_warmup"):
+        if exp.loss != "dkd" and getattr(exp, key) != getattr(ExperimentConfig, key):
+            student = f"loss: {exp.loss}" if exp.kd else "kd: false, a cross-entropy student"
+            raise ConfigError(
+                f"{where}.{key}: only read with loss: dkd (this experiment has {student}); remove it"
+            )
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,8 @@ class TeacherDumpConfig:
         if self.layout == "topk" and (self.topk is None or self.topk < 1):
             raise ConfigError(
                 f"teacher_dump.topk: layout: topk needs topk (an integer K >= 1, below the class "
-                f"count), got {self.topk}; set topk: K, e.g. 10"
+                f"count C), got {'null' if self.topk is None else self.topk}; set topk: K with 1 <= K < C "
+                "(e.g. 10 for C = 1000), or use layout: dense"
             )
         if self.layout != "topk" and self.topk is not None:
             raise ConfigError(

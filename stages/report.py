@@ -605,12 +605,14 @@ def summary_markdown(
     strays: Sequence[str | Path] = (),
     dataset_info: Mapping[str, Any] | None = None,
     shared: Mapping[str, Any] | None = None,
+    params_name: str = "params.yaml",
 ) -> str:
     """The whole `summary.md` text; sections without input are left out. `strays`: files of
     runs or teachers that params.yaml does not configure, named in one line (shown nowhere else).
     `dataset_info`: {"name", "num_classes", "splits": {split: size}} (a run's `dataset` record),
     shown as the split sizes and used for the near-chance rule. `shared`: the shared student
-    settings (`shared_settings`), named in the student table's legend."""
+    settings (`shared_settings`), named in the student table's legend. `params_name`: the params
+    file's name, as the strays line names it."""
     teachers, temperature = teachers or {}, temperature or {}
     parts = ["# Lessons report: knowledge distillation with KA and DTD (arXiv:1911.07471)"]
     if dataset_info and dataset_info.get("splits"):
@@ -631,7 +633,7 @@ def summary_markdown(
         parts.append(f"Dataset: {dataset}.")
     if strays:
         parts.append(
-            f"Not shown, as params.yaml does not configure them (left on disk): "
+            f"Not shown, as {params_name} does not configure them (left on disk): "
             f"{', '.join(f'`{path}`' for path in strays)}."
         )
     if teachers:
@@ -975,6 +977,7 @@ def run(
     curves: Sequence[str | Path] = (),
     dataset: str | None = None,
     strays: Sequence[str | Path] = (),
+    params_name: str = "params.yaml",
 ) -> Path:
     """Write `summary.md`, `accuracy.png`, `curves.png` and `temperature.png` into `out_dir`.
 
@@ -993,6 +996,7 @@ def run(
         dataset: dataset name for the summary; default: a `dataset` key of any metrics file.
         strays: files left out because params.yaml does not configure them (see
             `configured_inputs`): a warning, and one line of the summary names them.
+        params_name: the params file's name, as the warning and the summary name it.
     Returns:
         The path of `summary.md` (written last, after the PNGs).
     Raises:
@@ -1027,9 +1031,10 @@ def run(
     rows = order_rows(aggregate_experiments(records), config.baseline, config.kd_baseline)
     if strays:
         logger.warning(
-            "report: %d file(s) of experiments, seeds or teachers that params.yaml does not "
+            "report: %d file(s) of experiments, seeds or teachers that %s does not "
             "configure are left out of every table and plot (not deleted): %s",
             len(strays),
+            params_name,
             ", ".join(map(str, strays)),
         )
     known = {row.experiment for row in rows}
@@ -1094,6 +1099,7 @@ def run(
         strays=strays,
         dataset_info=dataset_info,
         shared=shared_settings(records),
+        params_name=params_name,
     )
     summary_path = out_dir / SUMMARY_NAME
     atomic_write_bytes(summary_path, summary.encode("utf-8"))

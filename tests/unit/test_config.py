@@ -39,7 +39,7 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
             {"data": {"max_train_samples": 0}},
             "data.max_train_samples: must be null or a positive integer, got 0",
         ),
-        ({"student_train": {"epochs": True}}, "student_train.epochs: must be an integer, got True"),
+        ({"student_train": {"epochs": True}}, "student_train.epochs: must be an integer, got true"),
         ({"student_train": {"seeds": [1, 1]}}, "student_train.seeds: must be a non-empty list of distinct"),
         ({"temperature": {"min_temperature": 0.0}}, "temperature: need 0 < min_temperature"),
         (
@@ -157,7 +157,7 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
         ),
         (
             {"student_train": {"experiments": {"a": {"teacher": "t", "dkd_beta": 4.0}}}},
-            "student_train.experiments.a.dkd_beta: only read with loss: dkd (got loss: kd)",
+            "student_train.experiments.a.dkd_beta: only read with loss: dkd (this experiment has loss: kd)",
         ),
         (
             {"student_train": {"experiments": {"a": {"teacher": "t", "loss": "dkd", "dkd_alpha": -1}}}},
@@ -173,7 +173,16 @@ def test_the_shipped_params_yaml_loads_and_names_six_student_experiments():
         ),
         (
             {"student_train": {"experiments": {"a": {"teacher": "t", "dkd_warmup": 20}}}},
-            "student_train.experiments.a.dkd_warmup: only read with loss: dkd (got loss: kd)",
+            "student_train.experiments.a.dkd_warmup: only read with loss: dkd (this experiment has loss: kd)",
+        ),
+        (
+            {"student_train": {"experiments": {"a": {"kd": False, "dkd_warmup": 2}}}},
+            "student_train.experiments.a.dkd_warmup: only read with loss: dkd (this experiment has kd: "
+            "false, a cross-entropy student); remove it",
+        ),
+        (
+            {"student_train": {"experiments": {"a": {"teacher": "t", "loss": "dkd", "dkd_warmup": None}}}},
+            "student_train.experiments.a.dkd_warmup: must be an integer, got null",
         ),
         (
             {"student_train": {"experiments": {"a": {"teacher": "t", "loss": "dkd", "dkd_warmup": -1}}}},

@@ -206,6 +206,16 @@ def test_summary_markdown_names_every_experiment_and_the_dataset():
     assert "| ce |" in text and "| kd_ps_flsw |" in text
 
 
+def test_the_strays_line_names_the_params_file_the_report_was_run_with():
+    rows = aggregate_experiments([student("ce", 0.8)])
+    default = summary_markdown(rows, baseline="ce", kd_baseline="kd", strays=["old.json"])
+    named = summary_markdown(
+        rows, baseline="ce", kd_baseline="kd", strays=["old.json"], params_name="small.yaml"
+    )
+    assert "Not shown, as params.yaml does not configure them (left on disk): `old.json`." in default
+    assert "Not shown, as small.yaml does not configure them (left on disk): `old.json`." in named
+
+
 # --- run ---------------------------------------------------------------------------------------
 
 
