@@ -16,7 +16,9 @@ import pytest
 
 from tests.e2e.conftest import run, sh
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+# 1800 s as test_dvc_repro.py: the first e2e test in collection order (this one) also pays for the
+# session's `built` repro (5 min beside other jobs), which pytest-timeout counts against it.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture
