@@ -204,8 +204,8 @@ def write_table(
                 for seed in seeds
                 if (p := work / "students" / f"{experiment}-{layout}-seed{seed}" / "metrics.json").exists()
             ]
-            if not metrics:
-                continue
+            if len(metrics) < len(seeds):
+                continue  # never a row with fewer seeds than asked (as kd_family)
             top1 = [100 * m["test_top1"] for m in metrics]
             agree = [100 * m["agreement_top1"] for m in metrics]
             std = statistics.stdev(top1) if len(top1) > 1 else float("nan")
