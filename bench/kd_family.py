@@ -22,7 +22,6 @@ each loss at its defaults (dkd α 1 β 8, τ = temperature.base_temperature 4, a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -32,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from bench.views_accuracy import RECIPES, lessons, publish
+from bench.views_accuracy import RECIPES, lessons, publish, recipe_parser
 
 LOSSES = ("kd", "dkd", "ls", "ttm")
 # (row name, teacher, experiment settings) per group, in the order they run.
@@ -204,19 +203,7 @@ class Work:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--dataset",
-        choices=sorted(RECIPES),
-        default="fashion_mnist",
-        help="the recipe (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--work", type=Path, required=True, help="work folder: data, stores, students, log; a rerun resumes"
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: %(default)s)"
-    )
+    parser = recipe_parser(__doc__.split("\n\n")[0], sorted(RECIPES))
     parser.add_argument(
         "--groups",
         nargs="+",

@@ -20,7 +20,6 @@ students are not rerun). Nothing is tuned: every knob is the small recipe below.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -31,7 +30,7 @@ from typing import Any
 import yaml
 
 from bench.common import shared_data_dir
-from bench.views_accuracy import RECIPES, data_and_teacher, lessons, publish
+from bench.views_accuracy import RECIPES, data_and_teacher, lessons, publish, recipe_parser
 
 RECIPE: dict[str, Any] = {
     "data": {"name": "fashion_mnist", "max_train_samples": 10000},
@@ -78,19 +77,7 @@ def params_for(recipe: dict[str, Any], layout: str, seeds: list[int]) -> dict[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--dataset",
-        choices=sorted(DATASETS),
-        default="fashion_mnist",
-        help="the recipe (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--work", type=Path, required=True, help="work folder: data, stores, students, log; a rerun resumes"
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: %(default)s)"
-    )
+    parser = recipe_parser(__doc__.split("\n\n")[0], sorted(DATASETS))
     parser.add_argument(
         "--topk",
         type=int,

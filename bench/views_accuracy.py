@@ -152,6 +152,22 @@ def data_and_teacher(params: Path, work: Path, *, log: Path) -> tuple[Path, Path
     return data, checkpoint
 
 
+def recipe_parser(description: str, datasets: list[str]) -> argparse.ArgumentParser:
+    """The recipe runners' common flags: --dataset (one of `datasets`, default fashion_mnist),
+    --work (required) and --seeds (default 0 1 2)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--dataset", choices=datasets, default="fashion_mnist", help="the recipe (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--work", type=Path, required=True, help="work folder: data, stores, students, log; a rerun resumes"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: %(default)s)"
+    )
+    return parser
+
+
 def publish(work: Path, name: str, lines: list[str], record: dict[str, Any]) -> None:
     """Write a recipe's table (`work/table.md`) and record (`bench/results/<name>.json`), and print
     the table."""
